@@ -1,0 +1,5 @@
+import sys
+
+from cryorefine.cli import main
+
+sys.exit(main())
