@@ -1,0 +1,479 @@
+"""Extract (or re-extract and re-centre) particles from micrographs, like relion_preprocess --extract.
+
+Coordinates come from per-micrograph files (--coord_suffix, optionally under --coord_dir), from a
+RELION-4 coordinate list (--coord_list), or from refined particles (--reextract_data_star, with
+--recenter or --reset_offsets). One stack per micrograph is written to <o>/<micrograph path>.mrcs and
+all particles to <o>/particles.star (RELION 3.1+ layout, image names relative to the current folder).
+Relative micrograph and coordinate paths are looked up in the current folder first, then beside the
+input STAR file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from cryorefine.errors import InputError, require
+from cryorefine.extract.extraction import ExtractParams, crosses_edge, extract_from_micrograph, output_angpix
+from cryorefine.extract.recenter import recenter
+from cryorefine.io.atomic import atomic_path
+
+# micrograph-table columns that describe the particle too (what RELION copies into particles.star)
+_MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
+                    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfBfactor", "rlnCtfScalefactor",
+                    "rlnPhaseShift")
+_CTF_DEFAULTS = {"rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0, "rlnPhaseShift": 0.0}
+# optics-table columns of micrographs that do not describe extracted particles
+_MIC_ONLY_OPTICS = ("rlnMicrographPixelSize",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """RELION relion_preprocess option spellings for extraction."""
+    p.add_argument("--i", required=True, help="micrographs STAR file (e.g. micrographs_ctf.star)")
+    p.add_argument("--o", required=True, help="output folder, e.g. Extract/job018/")
+    src = p.add_argument_group("coordinates (one of)")
+    src.add_argument("--coord_suffix", help="coordinate file = <coord_dir><micrograph without extension><suffix>")
+    src.add_argument("--coord_dir", default="", help="folder prefix of the coordinate files (with --coord_suffix)")
+    src.add_argument("--coord_list", help="STAR table of rlnMicrographName -> rlnMicrographCoordinates")
+    src.add_argument("--reextract_data_star", help="refined particles to re-extract (e.g. run_data.star)")
+    rc = p.add_argument_group("re-extraction")
+    rc.add_argument("--recenter", action="store_true", help="fold the refined offsets into the coordinates")
+    rc.add_argument("--recenter_x", type=float, default=0.0, help="reference point to centre on, x (ref px)")
+    rc.add_argument("--recenter_y", type=float, default=0.0, help="reference point to centre on, y (ref px)")
+    rc.add_argument("--recenter_z", type=float, default=0.0, help="reference point to centre on, z (ref px)")
+    rc.add_argument("--ref_angpix", type=float, default=-1.0,
+                    help="pixel size of the reference the recenter point refers to (default: particle pixel)")
+    rc.add_argument("--reset_offsets", action="store_true", help="set the origins to 0, coordinates unchanged")
+    ex = p.add_argument_group("extraction")
+    ex.add_argument("--extract_size", type=int, required=True, help="box on the micrograph (px, even)")
+    ex.add_argument("--scale", type=int, default=-1, help="rescale the boxes to this size (px, even)")
+    ex.add_argument("--norm", action="store_true", help="background mean 0, std 1 (after ramp removal)")
+    ex.add_argument("--bg_radius", type=int, default=-1,
+                    help="background radius (px of the output box); default floor(0.375*box)")
+    ex.add_argument("--no_ramp", action="store_true", help="do not subtract a background plane")
+    ex.add_argument("--invert_contrast", action="store_true", help="multiply by -1 (dark protein -> white)")
+    ex.add_argument("--float16", action="store_true", help="write stacks in MRC mode 12 (half precision)")
+    ex.add_argument("--skip_outside", action="store_true", help="drop particles whose box crosses the edge")
+    ex.add_argument("--skip_missing", action="store_true", help="warn and skip micrographs that are missing")
+    p.add_argument("--j", type=int, default=1, help="parallel worker processes (one micrograph each)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------------------------------
+# STAR / MRC access (H1's io module when it is there, starfile / mrcfile otherwise)
+
+
+def _read_star(path: str | os.PathLike) -> dict:
+    """All blocks of a STAR file: name -> DataFrame (loops) or dict (simple blocks)."""
+    try:
+        from cryorefine.io.star import read_star
+    except ImportError:
+        read_star = None
+    if read_star is not None:
+        return read_star(path)
+    import starfile
+    try:
+        return starfile.read(path, always_dict=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise InputError(f"{path}: cannot read STAR file ({exc})") from None
+
+
+def _write_particles_star(path: Path, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
+    """RELION 3.1+ particles STAR (data_optics + data_particles), written atomically."""
+    with atomic_path(path) as tmp:
+        import starfile
+        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+        text = tmp.read_text()
+        tmp.write_text("# version 30001\n" + text)
+
+
+def _write_stack(path: Path, images: np.ndarray, angpix: float, float16: bool) -> None:
+    """(n, N, N) stack as an MRC image stack (mode 2, or 12 with float16), header pixel size angpix."""
+    import mrcfile
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(images.astype(np.float16 if float16 else np.float32, copy=False))
+            mrc.set_image_stack()
+            mrc.voxel_size = angpix
+
+
+def _read_micrograph(path: str) -> np.ndarray:
+    """2D micrograph as float32 (a single-section 3D file is accepted)."""
+    import mrcfile
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read micrograph ({exc})") from None
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    require(data.ndim == 2, f"{path}: not a 2D micrograph (shape {data.shape})")
+    return data
+
+
+def _header_angpix(path: str) -> float:
+    """Pixel size from an MRC header (0 if unset)."""
+    import mrcfile
+    with mrcfile.open(path, permissive=True, header_only=True) as mrc:
+        return float(mrc.voxel_size.x)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _table(blocks: dict, names: tuple[str, ...], path: str) -> pd.DataFrame:
+    """The first loop among `names` (or the only loop) of a STAR file."""
+    for n in names:
+        if n in blocks and isinstance(blocks[n], pd.DataFrame):
+            return blocks[n]
+    loops = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
+    if len(loops) == 1:
+        return loops[0]
+    raise InputError(f"{path}: no data_{names[0]} table")
+
+
+def _resolve(name: str, base: Path) -> str:
+    """A relative path as RELION sees it (current folder), else beside the STAR file that names it."""
+    p = Path(name)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    alt = base / p
+    return str(alt) if alt.exists() else str(p)
+
+
+def _pipeline_post(name: str) -> PurePosixPath:
+    """RELION decomposePipelineFileName: the part after 'jobNNN/' (or the whole relative path)."""
+    parts = [x for x in PurePosixPath(name.replace("\\", "/")).parts if x not in ("/", "..", ".")]
+    for k, x in enumerate(parts):
+        if re.fullmatch(r"job\d{3,}", x) and k + 1 < len(parts):
+            parts = parts[k + 1:]
+            break
+    return PurePosixPath(*parts)
+
+
+def _mic_angpix(optics: pd.DataFrame | None, group: int, mic_path: str) -> float:
+    """Micrograph pixel size (A): optics rlnMicrographPixelSize, else rlnMicrographOriginalPixelSize, else header."""
+    if optics is not None and "rlnOpticsGroup" in optics:
+        row = optics[optics["rlnOpticsGroup"].astype(int) == group]
+        for label in ("rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"):
+            if len(row) and label in row:
+                return float(row[label].iloc[0])
+    apix = _header_angpix(mic_path) if os.path.exists(mic_path) else 0.0
+    require(apix > 0, f"{mic_path}: no micrograph pixel size (optics table or MRC header)")
+    return apix
+
+
+@dataclass
+class MicJob:
+    """One micrograph's work: where to read, where to write, which boxes."""
+
+    index: int
+    name: str
+    path: str
+    stack: str
+    angpix: float
+    coord_x: np.ndarray
+    coord_y: np.ndarray
+    rows: pd.DataFrame = field(repr=False)
+
+
+@dataclass
+class MicResult:
+    """What a worker reports back (small: no images)."""
+
+    index: int
+    keep: np.ndarray
+    n_edge: int
+
+
+def _coordinates_file(path: str) -> pd.DataFrame:
+    """rlnCoordinateX/Y table of a RELION coordinate file."""
+    blocks = _read_star(path)
+    loops = [b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnCoordinateX" in b]
+    require(bool(loops), f"{path}: no rlnCoordinateX/rlnCoordinateY table")
+    t = loops[0].reset_index(drop=True)
+    require("rlnCoordinateY" in t, f"{path}: no rlnCoordinateY column")
+    return t
+
+
+def _particles_for_coordinates(coords: pd.DataFrame, mic_row: pd.Series) -> pd.DataFrame:
+    """Coordinate rows plus the micrograph's name, optics group and CTF (RELION's particles.star columns)."""
+    t = coords.copy()
+    for label in _MIC_TO_PARTICLE:
+        if label in mic_row.index:
+            t[label] = mic_row[label]
+    if "rlnOpticsGroup" not in t:
+        t["rlnOpticsGroup"] = 1
+    for label, value in _CTF_DEFAULTS.items():
+        if label not in t and "rlnDefocusU" in t:
+            t[label] = value
+    return t
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, list[str]]:
+    """Per-micrograph jobs, output optics table, mode name, warnings (nothing is read but STAR files)."""
+    star = Path(args.i)
+    require(star.exists(), f"{args.i}: no such file")
+    blocks = _read_star(star)
+    mics = _table(blocks, ("micrographs",), args.i)
+    require("rlnMicrographName" in mics, f"{args.i}: no rlnMicrographName column")
+    names = mics["rlnMicrographName"].astype(str)
+    dup = names[names.duplicated()]
+    require(dup.empty, f"{args.i}: micrograph {dup.iloc[0] if len(dup) else ''} listed twice")
+    mic_optics = blocks.get("optics") if isinstance(blocks.get("optics"), pd.DataFrame) else None
+    out = Path(args.o)
+    warnings: list[str] = []
+    stacks: dict[str, str] = {}
+
+    # which boxes on which micrograph
+    per_mic: dict[str, pd.DataFrame] = {}
+    if args.reextract_data_star:
+        mode = "re-extraction"
+        pstar = Path(args.reextract_data_star)
+        require(pstar.exists(), f"{args.reextract_data_star}: no such file")
+        pblocks = _read_star(pstar)
+        parts = _table(pblocks, ("particles",), args.reextract_data_star)
+        for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
+            require(label in parts, f"{args.reextract_data_star}: no {label} column")
+        part_optics = pblocks.get("optics") if isinstance(pblocks.get("optics"), pd.DataFrame) else None
+        require(part_optics is not None, f"{args.reextract_data_star}: no data_optics table (RELION 3.1+ needed)")
+        if "rlnOpticsGroup" not in parts:
+            parts = parts.assign(rlnOpticsGroup=1)
+        known = set(names)
+        orphan = ~parts["rlnMicrographName"].astype(str).isin(known)
+        if orphan.any():
+            warnings.append(f"{int(orphan.sum())} particles are on micrographs not in {args.i}: not extracted")
+        parts = parts[~orphan]
+        for name, grp in parts.groupby(parts["rlnMicrographName"].astype(str), sort=False):
+            per_mic[name] = grp
+    else:
+        part_optics = None
+        if args.coord_list:
+            mode = "extraction (coordinate list)"
+            cl = Path(args.coord_list)
+            require(cl.exists(), f"{args.coord_list}: no such file")
+            ctab = _table(_read_star(cl), ("coordinate_files",), args.coord_list)
+            for label in ("rlnMicrographName", "rlnMicrographCoordinates"):
+                require(label in ctab, f"{args.coord_list}: no {label} column")
+            coord_files = dict(zip(ctab["rlnMicrographName"].astype(str), ctab["rlnMicrographCoordinates"].astype(str)))
+            base = cl.parent
+        else:
+            mode = "extraction (coordinate files)"
+            coord_files = {n: f"{args.coord_dir}{_pipeline_post(n).with_suffix('')}{args.coord_suffix}" for n in names}
+            base = star.parent
+        mic_rows = mics.set_index(names, drop=False)
+        n_nofile = 0
+        for name in names:
+            if name not in coord_files:
+                n_nofile += 1
+                continue
+            cpath = _resolve(coord_files[name], base)
+            if not os.path.exists(cpath):
+                n_nofile += 1
+                continue
+            coords = _coordinates_file(cpath)
+            per_mic[name] = _particles_for_coordinates(coords, mic_rows.loc[name])
+        if n_nofile:
+            warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
+
+    jobs: list[MicJob] = []
+    n_missing = 0
+    for index, row in mics.reset_index(drop=True).iterrows():
+        name = str(row["rlnMicrographName"])
+        if name not in per_mic or len(per_mic[name]) == 0:
+            continue
+        path = _resolve(name, star.parent)
+        if not os.path.exists(path):
+            if args.skip_missing:
+                n_missing += 1
+                warnings.append(f"micrograph {name} not found ({len(per_mic[name])} particles skipped)")
+                continue
+            raise InputError(f"{name}: micrograph file not found (listed in {args.i}; --skip_missing to skip it)")
+        group = int(row["rlnOpticsGroup"]) if "rlnOpticsGroup" in row.index else 1
+        angpix = _mic_angpix(mic_optics, group, path)
+        stack = (out / _pipeline_post(name)).with_suffix(".mrcs").as_posix()
+        require(stack not in stacks, f"{args.i}: micrographs {stacks.get(stack)} and {name} map to one stack {stack}")
+        stacks[stack] = name
+        rows = per_mic[name].reset_index(drop=True)
+        jobs.append(MicJob(index=int(index), name=name, path=path, stack=stack, angpix=angpix,
+                           coord_x=rows["rlnCoordinateX"].to_numpy(float), coord_y=rows["rlnCoordinateY"].to_numpy(float),
+                           rows=rows))
+    if part_optics is not None:
+        jobs = [_reextract_rows(job, part_optics, args) for job in jobs]
+        optics = _output_optics(part_optics, jobs, args, mic_optics)
+    else:
+        optics = _output_optics(mic_optics, jobs, args, mic_optics)
+    return jobs, optics, mode, warnings
+
+
+def _part_angpix(optics: pd.DataFrame, groups: np.ndarray, path: str) -> np.ndarray:
+    """Per-particle image pixel size (A) from the particles' optics table."""
+    require("rlnImagePixelSize" in optics, f"{path}: optics table has no rlnImagePixelSize")
+    lut = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnImagePixelSize"].astype(float)))
+    missing = sorted(set(groups.tolist()) - set(lut))
+    require(not missing, f"{path}: particles in optics group {missing[:1]} missing from data_optics")
+    return np.array([lut[g] for g in groups], dtype=np.float64)
+
+
+def _reextract_rows(job: MicJob, part_optics: pd.DataFrame, args: argparse.Namespace) -> MicJob:
+    """Apply --recenter / --reset_offsets to one micrograph's refined particles."""
+    rows = job.rows.copy()
+    n = len(rows)
+    if args.reset_offsets:
+        rows["rlnOriginXAngst"] = 0.0
+        rows["rlnOriginYAngst"] = 0.0
+    elif args.recenter:
+        get = lambda label: rows[label].to_numpy(float) if label in rows else np.zeros(n)  # noqa: E731
+        p_part = _part_angpix(part_optics, rows["rlnOpticsGroup"].to_numpy(int), args.reextract_data_star)
+        r = recenter(rows["rlnCoordinateX"].to_numpy(float), rows["rlnCoordinateY"].to_numpy(float),
+                     get("rlnOriginXAngst"), get("rlnOriginYAngst"), get("rlnAngleRot"), get("rlnAngleTilt"),
+                     get("rlnAnglePsi"), p_part, job.angpix,
+                     center_xyz=(args.recenter_x, args.recenter_y, args.recenter_z),
+                     ref_angpix=args.ref_angpix if args.ref_angpix > 0 else None)
+        rows["rlnCoordinateX"], rows["rlnCoordinateY"] = r.coord_x, r.coord_y
+        rows["rlnOriginXAngst"], rows["rlnOriginYAngst"] = r.origin_x_A, r.origin_y_A
+    job.rows = rows
+    job.coord_x = rows["rlnCoordinateX"].to_numpy(float)
+    job.coord_y = rows["rlnCoordinateY"].to_numpy(float)
+    return job
+
+
+def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse.Namespace,
+                   mic_optics: pd.DataFrame | None) -> pd.DataFrame:
+    """Optics of the extracted particles: image pixel size and box after rescaling, per group."""
+    scale = args.scale if args.scale > 0 else None
+    size = scale or args.extract_size
+    angpix_of: dict[int, float] = {}
+    mic_apix_of: dict[int, float] = {}
+    for job in jobs:
+        for g in np.unique(job.rows["rlnOpticsGroup"].to_numpy(int)):
+            a = output_angpix(job.angpix, args.extract_size, scale)
+            if g in angpix_of:
+                require(abs(angpix_of[g] - a) < 1e-6 * a,
+                        f"{args.i}: optics group {g} has micrographs of different pixel sizes")
+            angpix_of[int(g)] = a
+            mic_apix_of[int(g)] = job.angpix
+    if base is None:
+        base = pd.DataFrame({"rlnOpticsGroupName": [f"opticsGroup{g}" for g in sorted(angpix_of)],
+                             "rlnOpticsGroup": sorted(angpix_of)})
+    optics = base.copy()
+    optics = optics.drop(columns=[c for c in _MIC_ONLY_OPTICS if c in optics])
+    groups = optics["rlnOpticsGroup"].astype(int)
+    optics = optics[groups.isin(angpix_of)].reset_index(drop=True)
+    groups = optics["rlnOpticsGroup"].astype(int)
+    if "rlnMicrographOriginalPixelSize" not in optics:
+        optics["rlnMicrographOriginalPixelSize"] = [mic_apix_of[g] for g in groups]
+    optics["rlnImagePixelSize"] = [angpix_of[g] for g in groups]
+    optics["rlnImageSize"] = size
+    optics["rlnImageDimensionality"] = 2
+    optics["rlnCtfDataAreCtfPremultiplied"] = 0
+    return optics
+
+
+# ---------------------------------------------------------------------------------------------
+# work
+
+
+def _extract_one(job: MicJob, params: ExtractParams, float16: bool) -> MicResult:
+    """Worker: read one micrograph, box, process, write its stack; nothing else stays in memory."""
+    mic = _read_micrograph(job.path)
+    edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, mic.shape)
+    images, keep = extract_from_micrograph(mic, job.coord_x, job.coord_y, params)
+    del mic
+    if len(images):
+        _write_stack(Path(job.stack), images, output_angpix(job.angpix, params.extract_size, params.scale), float16)
+    return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()))
+
+
+def _light(job: MicJob) -> MicJob:
+    """The job without its metadata rows (what a worker process needs)."""
+    return MicJob(job.index, job.name, job.path, job.stack, job.angpix, job.coord_x, job.coord_y, pd.DataFrame())
+
+
+def _progress(total: int, enabled: bool):
+    """A rich progress bar on stderr (a no-op context when disabled)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def _validate(args: argparse.Namespace) -> ExtractParams:
+    """Option checks; every mistake is an InputError naming the option."""
+    sources = [bool(args.coord_suffix), bool(args.coord_list), bool(args.reextract_data_star)]
+    require(sum(sources) == 1, "--coord_suffix / --coord_list / --reextract_data_star: give exactly one")
+    require(args.extract_size > 0 and args.extract_size % 2 == 0,
+            f"--extract_size: must be a positive even number of pixels (got {args.extract_size})")
+    if args.scale != -1:
+        require(args.scale > 0 and args.scale % 2 == 0, f"--scale: must be a positive even number of pixels (got {args.scale})")
+    require(not (args.recenter and args.reset_offsets), "--recenter / --reset_offsets: give at most one")
+    require(not ((args.recenter or args.reset_offsets) and not args.reextract_data_star),
+            "--recenter / --reset_offsets: only with --reextract_data_star")
+    require(args.j >= 1, f"--j: must be at least 1 (got {args.j})")
+    params = ExtractParams(extract_size=args.extract_size, scale=args.scale if args.scale > 0 else None,
+                           norm=args.norm, bg_radius=args.bg_radius if args.bg_radius > 0 else None,
+                           ramp=not args.no_ramp, invert_contrast=args.invert_contrast, skip_outside=args.skip_outside)
+    if args.norm:
+        require(2 * params.out_bg_radius <= params.out_size and params.out_bg_radius > 0,
+                f"--bg_radius: {params.out_bg_radius} px does not fit a {params.out_size} px box (2*radius > box)")
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan from the STAR files, extract micrograph by micrograph (in --j processes), write particles.star."""
+    params = _validate(args)
+    jobs, optics, mode, warnings = _plan(args)
+    for w in warnings:
+        print(f"cryorefine extract: warning: {w}", file=sys.stderr)
+    require(bool(jobs), f"{args.i}: no particles to extract")
+    out = Path(args.o)
+    out.mkdir(parents=True, exist_ok=True)
+    by_index = {job.index: job for job in jobs}
+    results: dict[int, MicResult] = {}
+    show = not args.no_progress
+    with _progress(len(jobs), show) as bar:
+        task = bar.add_task("extract", total=len(jobs))
+        if args.j == 1:
+            for job in jobs:
+                results[job.index] = _extract_one(job, params, args.float16)
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=args.j) as pool:
+                futures = [pool.submit(_extract_one, _light(job), params, args.float16) for job in jobs]
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    results[res.index] = res
+                    bar.advance(task)
+
+    tables = []
+    n_edge = n_skipped = 0
+    for job in jobs:   # micrograph order of the input, particles in file order within each
+        res = results[job.index]
+        rows = job.rows[res.keep].reset_index(drop=True)
+        n_edge += res.n_edge
+        n_skipped += int((~res.keep).sum())
+        if len(rows) == 0:
+            continue
+        rows = rows.drop(columns=["rlnImageName"], errors="ignore")
+        rows.insert(0, "rlnImageName", [f"{k + 1:06d}@{job.stack}" for k in range(len(rows))])
+        tables.append(rows)
+    particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    star_out = out / "particles.star"
+    _write_particles_star(star_out, optics, particles)
+    size = params.out_size
+    apix = ", ".join(f"{a:.4f}" for a in optics["rlnImagePixelSize"])
+    print(f"cryorefine extract: {mode}: {len(particles)} particles from {len(jobs)} micrographs -> {star_out} "
+          f"(box {size} px, {apix} A/px{', float16' if args.float16 else ''})")
+    filled = 0 if args.skip_outside else n_edge
+    print(f"cryorefine extract: boxes crossing the micrograph edge: {filled} filled by edge replication, "
+          f"{n_skipped} skipped (--skip_outside)")
+    return 0

@@ -1,0 +1,355 @@
+"""`cryorefine extract`: windowing, re-centring, rescaling, normalisation, stacks and the CLI (mics set)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryorefine.cli import main
+from cryorefine.extract.extraction import (ExtractParams, background_mask, crosses_edge, default_bg_radius,
+                                           extract_from_micrograph, normalise_background, output_angpix,
+                                           resize_fourier, window_particles)
+from cryorefine.extract.recenter import recenter, relion_round
+from cryorefine.geometry.euler import euler_to_matrix
+
+MIC_APIX = 1.5
+
+
+def _run(tmp: Path, monkeypatch, *argv: str) -> int:
+    """Run the CLI in folder tmp (image names in the output are relative to it)."""
+    monkeypatch.chdir(tmp)
+    return main(["extract", "--no_progress", *argv])
+
+
+def _stack(star: Path) -> np.ndarray:
+    """All images of a particles.star, in its order (paths relative to the star's run folder)."""
+    parts = starfile.read(star)["particles"]
+    run_dir = star.parents[2]     # <run>/Extract/jobNNN/particles.star
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for name in parts["rlnImageName"]:
+        idx, path = name.split("@")
+        if path not in cache:
+            cache[path] = mrcfile.read(run_dir / path)
+        out.append(cache[path][int(idx) - 1])
+    return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def runs(mics_set, tmp_path_factory):
+    """The extraction jobs the tests look at, each run once (about 1-2 s each)."""
+    base = tmp_path_factory.mktemp("extract")
+    mp = pytest.MonkeyPatch()
+    m = str(mics_set)
+    jobs = {
+        # plain extraction like the simulator's reference (RELION GUI defaults: norm + invert)
+        "list": ["--coord_list", f"{m}/coordinates.star", "--extract_size", "128", "--norm", "--bg_radius", "48",
+                 "--invert_contrast"],
+        # the same from coordinate files next to the micrographs, float16, two processes
+        "suffix16": ["--coord_suffix", "_pick.star", "--extract_size", "128", "--norm", "--bg_radius", "48",
+                     "--invert_contrast", "--float16", "--j", "2"],
+        # refined particles, re-centred, binned to 3.0 A/px
+        "recenter64": ["--reextract_data_star", f"{m}/particles_mic_refined.star", "--recenter",
+                       "--extract_size", "128", "--scale", "64", "--norm", "--invert_contrast"],
+        "recenter128": ["--reextract_data_star", f"{m}/particles_mic_refined.star", "--recenter",
+                        "--extract_size", "128", "--norm", "--invert_contrast"],
+        "reset": ["--reextract_data_star", f"{m}/particles_mic_refined.star", "--reset_offsets",
+                  "--extract_size", "32"],
+    }
+    out = {}
+    try:
+        for k, (name, argv) in enumerate(jobs.items()):
+            rc = _run(base, mp, "--i", f"{m}/micrographs_ctf.star", "--o", f"Extract/job{k + 1:03d}/", *argv)
+            assert rc == 0, name
+            out[name] = base / f"Extract/job{k + 1:03d}/particles.star"
+    finally:
+        mp.undo()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# re-centring
+
+
+def test_relion_round_halves_away_from_zero():
+    assert relion_round([-2.5, -1.5, -0.4, 0.5, 1.5, 2.49]).tolist() == [-3, -2, 0, 1, 2, 2]
+
+
+def test_recenter_on_a_3d_point():
+    """--recenter_x/y/z: the box moves to where A·c lands, in micrograph pixels; remainder kept in the origin."""
+    # rot = 90, tilt = psi = 0: A = RELION Rz(90) sends (10, 0, 0) to (0, -10, 0)
+    r = recenter([500.0], [400.0], [0.0], [0.0], [90.0], [0.0], [0.0], 1.5, 1.5, center_xyz=(10.0, 0.0, 0.0))
+    assert r.coord_x[0] == pytest.approx(500.0) and r.coord_y[0] == pytest.approx(390.0)
+    assert abs(r.origin_x_A[0]) < 1e-9 and abs(r.origin_y_A[0]) < 1e-9
+    # general case: coordinate - origin/p_mic must equal the old centre + (A c)_xy (all in micrograph px)
+    rng = np.random.default_rng(0)
+    n = 50
+    rot, tilt, psi = rng.uniform(-180, 180, n), rng.uniform(0, 180, n), rng.uniform(-180, 180, n)
+    ox, oy = rng.uniform(-9, 9, n), rng.uniform(-9, 9, n)
+    cx, cy = rng.integers(100, 900, n).astype(float), rng.integers(100, 900, n).astype(float)
+    c = (7.0, -3.0, 12.0)
+    p_part, p_mic, ref_apix = 3.0, 1.5, 2.0      # particles binned 2x; point given in a 2.0 A/px reference
+    r = recenter(cx, cy, ox, oy, rot, tilt, psi, p_part, p_mic, center_xyz=c, ref_angpix=ref_apix)
+    a_c = np.einsum("nij,j->ni", euler_to_matrix(rot, tilt, psi), np.array(c) * ref_apix / p_part)
+    want_x = cx - ox / p_mic + a_c[:, 0] * p_part / p_mic
+    want_y = cy - oy / p_mic + a_c[:, 1] * p_part / p_mic
+    np.testing.assert_allclose(r.coord_x - r.origin_x_A / p_mic, want_x, atol=1e-9)
+    np.testing.assert_allclose(r.coord_y - r.origin_y_A / p_mic, want_y, atol=1e-9)
+    assert np.all(r.coord_x == np.round(r.coord_x)) and np.all(np.abs(r.origin_x_A / p_mic) <= 0.5)
+
+
+def test_recenter_puts_true_centre_in_the_box_centre(runs, mics_set):
+    """After --recenter: true centre within 0.5 micrograph px of (box centre - remaining origin); rest kept."""
+    out = starfile.read(runs["recenter64"])
+    parts, truth = out["particles"], starfile.read(mics_set / "truth_mic.star")
+    refined = starfile.read(mics_set / "particles_mic_refined.star")["particles"]
+    assert len(parts) == len(truth) == 800
+    assert (parts["rlnMicrographName"] == truth["rlnMicrographName"]).all()
+    # box centre on the micrograph = (int)coordinate (extraction convention)
+    box_x, box_y = np.trunc(parts["rlnCoordinateX"]), np.trunc(parts["rlnCoordinateY"])
+    ex = box_x - parts["rlnOriginXAngst"] / MIC_APIX - truth["rlnCoordinateX"]
+    ey = box_y - parts["rlnOriginYAngst"] / MIC_APIX - truth["rlnCoordinateY"]
+    assert np.abs(ex).max() < 0.5 and np.abs(ey).max() < 0.5
+    # the sub-pixel remainder stays (RELION does not zero it) and is at most half a micrograph pixel
+    assert np.abs(parts["rlnOriginXAngst"]).max() <= 0.5 * MIC_APIX + 1e-9
+    assert np.abs(parts["rlnOriginXAngst"]).max() > 0.1
+    # the picked boxes were off by up to 4 px + sub-pixel, now the integer part is gone
+    assert np.abs(refined["rlnCoordinateX"] - truth["rlnCoordinateX"]).max() > 3
+    for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnDefocusAngle", "rlnClassNumber"):
+        np.testing.assert_array_equal(parts[label].to_numpy(), refined[label].to_numpy())
+
+
+def test_reset_offsets_zero_origins_same_coordinates(runs, mics_set):
+    parts = starfile.read(runs["reset"])["particles"]
+    refined = starfile.read(mics_set / "particles_mic_refined.star")["particles"]
+    assert (parts["rlnOriginXAngst"] == 0).all() and (parts["rlnOriginYAngst"] == 0).all()
+    np.testing.assert_array_equal(parts["rlnCoordinateX"], refined["rlnCoordinateX"])
+    np.testing.assert_array_equal(parts["rlnCoordinateY"], refined["rlnCoordinateY"])
+
+
+# ------------------------------------------------------------------------------------------------
+# windowing and edges
+
+
+def _ramp_micrograph(ny=120, nx=150):
+    y, x = np.mgrid[0:ny, 0:nx]
+    return (x + 1000.0 * y).astype(np.float32)
+
+
+def test_window_centre_and_edge_replication():
+    """Pixel (int)coord sits at box index N//2; outside pixels take the nearest edge value (RELION)."""
+    mic = _ramp_micrograph()
+    cx = np.array([75.9, 2.0, 149.0, -3.0, 60.0])
+    cy = np.array([60.2, 50.0, 119.0, 10.0, 130.0])
+    boxes = window_particles(mic, cx, cy, 16)
+    assert boxes[0, 8, 8] == mic[60, 75]
+    padded = np.pad(mic, 40, mode="edge")
+    for k in range(len(cx)):
+        x0, y0 = int(cx[k]) - 8 + 40, int(cy[k]) - 8 + 40
+        np.testing.assert_array_equal(boxes[k], padded[y0:y0 + 16, x0:x0 + 16])
+    assert crosses_edge(cx, cy, 16, mic.shape).tolist() == [False, True, True, True, True]
+    # a box touching the last column from inside is not outside
+    assert not crosses_edge([150 - 8], [60], 16, mic.shape)[0]
+    assert crosses_edge([150 - 7], [60], 16, mic.shape)[0]
+
+
+def test_skip_outside_drops_only_edge_crossers():
+    mic = _ramp_micrograph()
+    cx, cy = np.array([75.0, 3.0, 143.0]), np.array([60.0, 60.0, 60.0])
+    params = ExtractParams(extract_size=16, skip_outside=True)
+    images, keep = extract_from_micrograph(mic, cx, cy, params)
+    assert keep.tolist() == [True, False, False] and images.shape == (1, 16, 16)
+    images, keep = extract_from_micrograph(mic, cx, cy, ExtractParams(extract_size=16))
+    assert keep.all() and images.shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# rescaling and normalisation
+
+
+def test_resize_fourier_keeps_band_limited_content():
+    """Fourier cropping: a cosine below the new Nyquist survives exactly (mean kept too)."""
+    n, m = 64, 32
+    y, x = np.mgrid[0:n, 0:n] - n // 2
+    img = 3.0 + np.cos(2 * np.pi * (5 * x + 3 * y) / n)
+    small = resize_fourier(img[None], m)[0]
+    ys, xs = np.mgrid[0:m, 0:m] - m // 2
+    np.testing.assert_allclose(small, 3.0 + np.cos(2 * np.pi * (5 * xs + 3 * ys) / m), atol=1e-5)
+    assert output_angpix(1.5, 128, 64) == 3.0 and default_bg_radius(64) == 24 and default_bg_radius(360) == 135
+
+
+def test_normalise_removes_ramp_on_noise():
+    """Noise + offset + steep plane -> whole noise box mean 0 / std 1 (within 0.05), plane gone."""
+    rng = np.random.default_rng(3)
+    n = 96
+    y, x = np.mgrid[0:n, 0:n] - n // 2
+    imgs = 7.0 + 0.2 * x - 0.15 * y + 3.0 * rng.standard_normal((20, n, n))
+    out = normalise_background(imgs, 36)
+    bg = background_mask(n, 36)
+    assert np.abs(out[:, bg].mean(1)).max() < 1e-5 and np.abs(out[:, bg].std(1) - 1).max() < 1e-5
+    assert np.abs(out.mean((1, 2))).max() < 0.05 and np.abs(out.std((1, 2)) - 1).max() < 0.05
+    assert np.abs(normalise_background(imgs, 36, ramp=False).std((1, 2)) - 1).min() > 0.1   # ramp left in
+
+
+def test_normalised_particles_background_stats(runs):
+    """Output background (independently computed mask) has mean 0 and std 1, at box 128 and after binning to 64."""
+    for key, box, radius in (("list", 128, 48), ("recenter64", 64, 24)):
+        imgs = _stack(runs[key]).astype(np.float64)
+        assert imgs.shape[1:] == (box, box)
+        c = np.arange(box) - box // 2
+        bg = (c[:, None] ** 2 + c[None, :] ** 2) > radius ** 2
+        assert np.abs(imgs[:, bg].mean(1)).max() < 0.05
+        assert np.abs(imgs[:, bg].std(1) - 1).max() < 0.05
+
+
+def test_matches_simulator_extraction(runs, mics_set):
+    """Our extraction of the picked coordinates correlates >= 0.999 with the simulator's RELION-style one."""
+    ours = _stack(runs["list"]).reshape(800, -1).astype(np.float64)
+    ref = mrcfile.read(mics_set / "Extract/particles_mic.mrcs").reshape(800, -1).astype(np.float64)
+    ours -= ours.mean(1, keepdims=True)
+    ref -= ref.mean(1, keepdims=True)
+    cc = (ours * ref).sum(1) / np.sqrt((ours ** 2).sum(1) * (ref ** 2).sum(1))
+    assert cc.min() >= 0.999
+
+
+def test_float16_and_parallel_equal_float32(runs):
+    """Mode-12 stacks from --j 2 equal the float32 --j 1 ones rounded to float16; image names and headers agree."""
+    a32, a16 = _stack(runs["list"]), _stack(runs["suffix16"])
+    assert a16.dtype == np.float16 and a32.dtype == np.float32
+    np.testing.assert_array_equal(a16, a32.astype(np.float16))
+    p32, p16 = starfile.read(runs["list"])["particles"], starfile.read(runs["suffix16"])["particles"]
+    assert [n.split("@")[0] for n in p32["rlnImageName"]] == [n.split("@")[0] for n in p16["rlnImageName"]]
+    stacks = sorted(glob.glob(str(runs["suffix16"].parent / "Micrographs" / "*.mrcs")))
+    assert len(stacks) == 20 and stacks[0].endswith("Micrographs/mic_0001.mrcs")
+    with mrcfile.open(stacks[0]) as mrc:
+        assert mrc.header.mode == 12 and mrc.voxel_size.x == pytest.approx(1.5)
+
+
+def test_rescaled_optics_table(runs):
+    """128 -> 64 from 1.5 A/px micrographs: optics pixel 3.0 A, box 64, original pixel 1.5; stacks say 3.0."""
+    out = starfile.read(runs["recenter64"])
+    opt = out["optics"].iloc[0]
+    assert opt["rlnImagePixelSize"] == pytest.approx(3.0) and int(opt["rlnImageSize"]) == 64
+    assert opt["rlnMicrographOriginalPixelSize"] == pytest.approx(1.5) and int(opt["rlnImageDimensionality"]) == 2
+    name = out["particles"]["rlnImageName"].iloc[0]
+    assert name == "000001@Extract/job003/Micrographs/mic_0001.mrcs"
+    with mrcfile.open(runs["recenter64"].parents[2] / name.split("@")[1]) as mrc:
+        assert mrc.voxel_size.x == pytest.approx(3.0) and mrc.data.shape == (40, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: user mistakes and missing inputs
+
+
+def _synthetic_project(tmp: Path, n_mics: int = 2) -> Path:
+    """Micrographs 200x160 with a few coordinates, some at or over the edge."""
+    (tmp / "Micrographs").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(n_mics):
+        name = f"Micrographs/m{k}.mrc"
+        with mrcfile.new(tmp / name, overwrite=True) as mrc:
+            mrc.set_data(rng.standard_normal((160, 200)).astype(np.float32))
+            mrc.voxel_size = 2.0
+        coords = pd.DataFrame({"rlnCoordinateX": [100.0, 5.0, 199.0, 100.0], "rlnCoordinateY": [80.0, 80.0, 80.0, 150.0]})
+        starfile.write({"": coords}, tmp / f"Micrographs/m{k}_pick.star", overwrite=True)
+        rows.append({"rlnMicrographName": name, "rlnOpticsGroup": 1, "rlnDefocusU": 15000.0, "rlnDefocusV": 14000.0,
+                     "rlnDefocusAngle": 30.0})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnMicrographPixelSize": [2.0]})
+    starfile.write({"optics": optics, "micrographs": pd.DataFrame(rows)}, tmp / "mics.star", overwrite=True)
+    return tmp / "mics.star"
+
+
+def test_edge_particles_filled_or_skipped(tmp_path, monkeypatch, capsys):
+    star = _synthetic_project(tmp_path)
+    common = ["--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32", "--norm"]
+    assert _run(tmp_path, monkeypatch, *common, "--o", "Extract/job001/") == 0
+    log = capsys.readouterr().out
+    assert "6 filled by edge replication, 0 skipped" in log
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    assert len(parts) == 8 and (parts["rlnDefocusU"] == 15000.0).all() and (parts["rlnCtfScalefactor"] == 1).all()
+    assert np.isfinite(_stack(tmp_path / "Extract/job001/particles.star")).all()
+    assert _run(tmp_path, monkeypatch, *common, "--skip_outside", "--o", "Extract/job002/") == 0
+    assert "0 filled by edge replication, 6 skipped" in capsys.readouterr().out
+    parts = starfile.read(tmp_path / "Extract/job002/particles.star")
+    parts = parts["particles"] if isinstance(parts, dict) else parts
+    assert len(parts) == 2 and (parts["rlnCoordinateX"] == 100).all()
+    opt = starfile.read(tmp_path / "Extract/job002/particles.star")["optics"].iloc[0]
+    assert opt["rlnImagePixelSize"] == pytest.approx(2.0) and opt["rlnMicrographOriginalPixelSize"] == pytest.approx(2.0)
+    assert "rlnMicrographPixelSize" not in starfile.read(tmp_path / "Extract/job002/particles.star")["optics"]
+
+
+def test_missing_micrograph_error_or_skip(tmp_path, monkeypatch, capsys):
+    star = _synthetic_project(tmp_path)
+    (tmp_path / "Micrographs/m1.mrc").unlink()
+    common = ["--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32"]
+    assert _run(tmp_path, monkeypatch, *common, "--o", "Extract/job001/") == 2
+    err = capsys.readouterr().err
+    assert "Micrographs/m1.mrc" in err and "not found" in err and "Traceback" not in err
+    assert not (tmp_path / "Extract/job001/particles.star").exists()
+    assert _run(tmp_path, monkeypatch, *common, "--skip_missing", "--o", "Extract/job002/") == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "Micrographs/m1.mrc" in captured.err
+    assert len(starfile.read(tmp_path / "Extract/job002/particles.star")["particles"]) == 4
+
+
+@pytest.mark.parametrize("bad, option", [(["--extract_size", "33"], "--extract_size"),
+                                         (["--extract_size", "32", "--scale", "15"], "--scale"),
+                                         (["--extract_size", "32", "--norm", "--bg_radius", "17"], "--bg_radius")])
+def test_bad_sizes_exit_2(tmp_path, monkeypatch, capsys, bad, option):
+    star = _synthetic_project(tmp_path, n_mics=1)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", *bad, "--o", "E/") == 2
+    err = capsys.readouterr().err
+    assert option in err and err.count("\n") == 1
+    assert not (tmp_path / "E").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# binning at extraction vs binning afterwards: same reconstruction
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _shell_fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    n = a.shape[0]
+    k = np.fft.fftfreq(n) * n
+    kx = np.arange(n // 2 + 1)
+    r = np.rint(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)).astype(int)
+    num = np.bincount(r.ravel(), (fa * fb.conj()).real.ravel())
+    den = np.sqrt(np.bincount(r.ravel(), (np.abs(fa) ** 2).ravel()) * np.bincount(r.ravel(), (np.abs(fb) ** 2).ravel()))
+    return (num / np.maximum(den, 1e-30))[: n // 2 + 1]
+
+
+@pytest.mark.skipif(not (_has("cryorefine.fourier.reconstruct_command") and _has("cryorefine.tools.image_handler")),
+                    reason="needs `cryorefine reconstruct` and `cryorefine image-handler`")
+def test_binning_at_extraction_equals_binning_afterwards(runs, tmp_path, monkeypatch):
+    """Reconstructions (true angles, CTF, D2) from box-64 extraction and from box-128 + image-handler agree to 7 A."""
+    monkeypatch.chdir(runs["recenter128"].parents[2])
+    binned = tmp_path / "binned.star"
+    assert main(["image-handler", "--i", str(runs["recenter128"]), "--rescale_angpix", "3.0", "--new_box", "64",
+                 "--o", str(binned)]) == 0
+    maps = {}
+    for key, star in (("extract64", runs["recenter64"]), ("handler64", binned)):
+        out = tmp_path / f"{key}.mrc"
+        assert main(["reconstruct", "--i", str(star), "--ctf", "--sym", "D2", "--o", str(out)]) == 0
+        with mrcfile.open(out) as mrc:
+            maps[key] = np.asarray(mrc.data, dtype=np.float64)
+            assert mrc.voxel_size.x == pytest.approx(3.0, rel=1e-3)
+    fsc = _shell_fsc(maps["extract64"], maps["handler64"])
+    last = int(64 * 3.0 / 7.0)           # shells out to 7 A
+    assert fsc[1:last + 1].min() >= 0.95, fsc[: last + 1]
