@@ -1,0 +1,126 @@
+"""Fourier shell correlation and resolution read-outs (RELION conventions, spec §0, §4.3, §12).
+
+Shells are r = round(|k|) in Fourier pixels of the N-box, r = 0 … N/2; resolution of shell r is N·p/r Å.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as sfft
+from numpy.typing import NDArray
+
+
+def _shell_index(shape: tuple[int, ...]) -> NDArray[np.int64]:
+    """round(|k|) for every element of the half-complex (rfftn) layout of a real array of `shape`."""
+    axes = [np.fft.fftfreq(n, 1.0 / n) for n in shape[:-1]] + [np.arange(shape[-1] // 2 + 1, dtype=np.float64)]
+    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
+    r2 = sum(g * g for g in grids)
+    return np.rint(np.sqrt(r2)).astype(np.int64)
+
+
+def fsc_ft(ft1: NDArray, ft2: NDArray, n: int | None = None) -> NDArray[np.float64]:
+    """FSC of two half-complex transforms ((..., N//2+1) rfftn layout of an N-box); shells 0..N/2, float64 sums.
+
+    Every stored element counts (like RELION's getFSC, the duplicated kx = 0 half included).
+    """
+    n = ft1.shape[0] if n is None else n
+    shape = tuple([n] * ft1.ndim)
+    r = _shell_index(shape).ravel()
+    nb = n // 2 + 1
+    keep = r < nb
+    r = r[keep]
+    a = np.asarray(ft1, dtype=np.complex128).ravel()[keep]
+    b = np.asarray(ft2, dtype=np.complex128).ravel()[keep]
+    num = np.bincount(r, (a * b.conj()).real, minlength=nb)
+    d1 = np.bincount(r, (a.real ** 2 + a.imag ** 2), minlength=nb)
+    d2 = np.bincount(r, (b.real ** 2 + b.imag ** 2), minlength=nb)
+    den = np.sqrt(d1 * d2)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def fsc(map1: NDArray, map2: NDArray) -> NDArray[np.float64]:
+    """FSC curve (N//2+1,) of two real 2D or 3D maps of equal cubic/square size."""
+    map1 = np.asarray(map1, dtype=np.float64)
+    map2 = np.asarray(map2, dtype=np.float64)
+    if map1.shape != map2.shape:
+        raise ValueError(f"fsc: shapes differ {map1.shape} vs {map2.shape}")
+    return fsc_ft(sfft.rfftn(map1, workers=-1), sfft.rfftn(map2, workers=-1), map1.shape[0])
+
+
+def shell_resolutions(box: int, angpix: float) -> NDArray[np.float64]:
+    """Resolution in Å of shells 0..box/2 (shell 0 = inf)."""
+    r = np.arange(box // 2 + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(r > 0, box * angpix / np.maximum(r, 1e-300), np.inf)
+
+
+def resolution_at(fsc_curve: NDArray, threshold: float, box: int, angpix: float) -> float:
+    """RELION style: resolution (Å) of the last shell before the curve first drops below `threshold`.
+
+    Shell 0 is skipped; a curve that never drops gives Nyquist; one below at shell 1 gives inf.
+    """
+    f = np.asarray(fsc_curve, dtype=np.float64)
+    below = np.nonzero(f[1:] < threshold)[0]
+    last = int(below[0]) if below.size else f.size - 1  # below[0] + 1 is the first shell under
+    return float(box * angpix / last) if last > 0 else float("inf")
+
+
+def crossing_resolution(fsc_curve: NDArray, threshold: float, box: int, angpix: float) -> float:
+    """Resolution (Å) where the curve first drops below `threshold`, linear between shells (as score.py)."""
+    f = np.asarray(fsc_curve, dtype=np.float64)
+    for i in range(1, f.size):
+        if f[i] < threshold:
+            x = i - 1 + (f[i - 1] - threshold) / (f[i - 1] - f[i]) if f[i - 1] != f[i] else float(i)
+            return float(box * angpix / x) if x > 0 else float("inf")
+    return 2.0 * angpix
+
+
+def randomise_phases_beyond(volume: NDArray, shell: int, rng: np.random.Generator) -> NDArray[np.float64]:
+    """Map with the phases of every Fourier component with round(|k|) ≥ shell replaced by uniform random ones."""
+    volume = np.asarray(volume, dtype=np.float64)
+    ft = sfft.rfftn(volume, workers=-1)
+    r = _shell_index(volume.shape)
+    sel = np.broadcast_to(r >= shell, ft.shape)
+    phases = rng.uniform(0.0, 2.0 * np.pi, size=int(sel.sum()))
+    ft[sel] = np.abs(ft[sel]) * np.exp(1j * phases)
+    return sfft.irfftn(ft, s=volume.shape, workers=-1)
+
+
+def first_shell_below(fsc_curve: NDArray, threshold: float) -> int:
+    """First shell r > 0 with FSC < threshold (len(curve) if it never drops)."""
+    f = np.asarray(fsc_curve)
+    below = np.nonzero(f[1:] < threshold)[0]
+    return int(below[0] + 1) if below.size else int(f.size)
+
+
+def phase_randomised_fsc(half1: NDArray, half2: NDArray, mask: NDArray, randomise_from: int,
+                         seed: int = 0) -> NDArray[np.float64]:
+    """FSC of the masked halves after randomising their phases from shell `randomise_from` on (§12 step 2)."""
+    rng = np.random.default_rng(seed)
+    r1 = randomise_phases_beyond(half1, randomise_from, rng)
+    r2 = randomise_phases_beyond(half2, randomise_from, rng)
+    return fsc(r1 * mask, r2 * mask)
+
+
+def masked_corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray, angpix: float,
+                         randomize_at_fsc: float = 0.8, seed: int = 0) -> dict[str, NDArray | int | float]:
+    """Postprocessing FSCs (spec §12 steps 1–3): unmasked, masked, phase-randomised masked, corrected ("true").
+
+    FSC_true = FSC_masked for r < r_rand + 2, else (FSC_masked − FSC_rand)/(1 − FSC_rand), r_rand = first shell
+    (> 0) where the unmasked FSC < randomize_at_fsc. Also returns r_rand and the 0.143 resolution of FSC_true.
+    """
+    half1 = np.asarray(half1, dtype=np.float64)
+    half2 = np.asarray(half2, dtype=np.float64)
+    mask = np.asarray(mask, dtype=np.float64)
+    box = half1.shape[0]
+    unmasked = fsc(half1, half2)
+    masked = fsc(half1 * mask, half2 * mask)
+    r_rand = min(first_shell_below(unmasked, randomize_at_fsc), box // 2)
+    rand = phase_randomised_fsc(half1, half2, mask, r_rand, seed)
+    true = masked.copy()
+    hi = np.arange(true.size) >= r_rand + 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = (masked - rand) / (1.0 - rand)
+    true[hi] = np.where(np.isfinite(corr[hi]), corr[hi], 0.0)
+    return {"fsc_unmasked": unmasked, "fsc_masked": masked, "fsc_random": rand, "fsc_true": true,
+            "randomise_from": r_rand, "resolution_A": resolution_at(true, 0.143, box, angpix)}
