@@ -1,0 +1,454 @@
+"""RELION STAR files: generic blocks, and particle tables with optics groups (RELION 3.0 files upgraded).
+
+Blocks are keyed by their name without the ``data_`` prefix (``data_optics`` -> ``"optics"``); a loop is a
+pandas DataFrame (columns are labels without the leading ``_``, e.g. ``rlnImageName``), a list is a dict.
+Numbers are written like RELION: integers as integers, floats with 6 decimals (scientific outside
+[1e-3, 1e6)), strings with spaces quoted, empty strings as ``""``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryorefine.errors import InputError, require
+from cryorefine.io.atomic import atomic_path
+
+STAR_VERSION = "50001"
+
+Block = pd.DataFrame | dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generic reading
+
+
+def _read_text(path: Path) -> str:
+    """The file's text (gzip allowed); InputError for a missing or unreadable file."""
+    require(path.exists(), f"{path}: no such file")
+    require(path.is_file(), f"{path}: not a file")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8", errors="replace")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+
+
+def _convert_scalar(token: str) -> int | float | str:
+    """A list value as int, float or str (quotes removed)."""
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        return token[1:-1]
+    try:
+        return int(token)
+    except ValueError:
+        pass
+    try:
+        return float(token)
+    except ValueError:
+        return token
+
+
+def _numeric_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Convert string columns that hold only numbers (e.g. with 'nan'/'inf') to float."""
+    for col in df.columns:
+        s = df[col]
+        if pd.api.types.is_numeric_dtype(s.dtype):
+            continue
+        try:
+            df[col] = pd.to_numeric(s)
+        except (ValueError, TypeError):
+            pass
+    return df
+
+
+def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], first_line: int) -> pd.DataFrame:
+    """The body lines of one loop -> DataFrame with `labels` as columns (types inferred)."""
+    if not lines:
+        return pd.DataFrame({lab: pd.Series(dtype=float) for lab in labels})
+    text = "\n".join(lines)
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=labels, index_col=False,
+                         keep_default_na=False, na_values=[], quotechar='"', dtype=None, engine="c")
+    except (pd.errors.ParserError, ValueError) as exc:
+        msg = str(exc).splitlines()[-1] if str(exc) else "unreadable"
+        raise InputError(f"{path}: data_{name} loop (from line {first_line}): {msg}") from None
+    require(len(df) == len(lines), f"{path}: data_{name} loop (from line {first_line}): unreadable rows")
+    # A row with fewer values than labels shows up as empty strings; only quoted "" is a real empty value.
+    if '""' not in text:
+        for col in df.columns:
+            s = df[col]
+            if not pd.api.types.is_numeric_dtype(s.dtype):
+                empty = (s == "").to_numpy()
+                if empty.any():
+                    row = int(np.argmax(empty))
+                    raise InputError(f"{path}: data_{name} loop row {row + 1} has fewer than {len(labels)} values")
+    return _numeric_columns(df)
+
+
+def read_star(path) -> dict[str, Block]:
+    """All blocks of a STAR file, in file order: name (without 'data_') -> DataFrame (loop) or dict (list)."""
+    path = Path(path)
+    text = _read_text(path)
+    blocks: dict[str, Block] = {}
+    lines = text.splitlines()
+    n = len(lines)
+    i = 0
+    current: str | None = None
+    while i < n:
+        line = lines[i].strip()
+        if not line or line.startswith("#"):
+            i += 1
+            continue
+        if line.startswith("data_"):
+            current = line[5:].split()[0] if len(line) > 5 else ""
+            blocks[current] = {}
+            i += 1
+            continue
+        require(current is not None, f"{path}: line {i + 1}: content before any data_ block")
+        if line.startswith("loop_"):
+            i += 1
+            labels: list[str] = []
+            while i < n:
+                s = lines[i].strip()
+                if not s or s.startswith("#"):
+                    i += 1
+                    continue
+                if s.startswith("_"):
+                    labels.append(s.split()[0][1:])
+                    i += 1
+                    continue
+                break
+            require(len(labels) > 0, f"{path}: data_{current}: loop_ without labels")
+            require(len(set(labels)) == len(labels), f"{path}: data_{current}: repeated label in loop")
+            first = i + 1
+            body: list[str] = []
+            while i < n:
+                s = lines[i].strip()
+                if s.startswith("data_") or s.startswith("loop_") or s.startswith("_"):
+                    break
+                if s and not s.startswith("#"):
+                    body.append(s)
+                i += 1
+            blocks[current] = _parse_loop(path, current, labels, body, first)
+            continue
+        if line.startswith("_"):
+            block = blocks[current]
+            require(isinstance(block, dict), f"{path}: line {i + 1}: key/value after a loop in data_{current}")
+            parts = line.split(None, 1)
+            key = parts[0][1:]
+            require(len(parts) == 2, f"{path}: line {i + 1}: label _{key} has no value")
+            value = parts[1].strip()
+            if value[:1] not in "\"'":
+                value = value.split()[0]
+            block[key] = _convert_scalar(value)
+            i += 1
+            continue
+        raise InputError(f"{path}: line {i + 1}: unexpected text {line[:40]!r}")
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generic writing
+
+
+def _format_floats(x: np.ndarray) -> list[str]:
+    """RELION-like float text: '%.6f', or '%.6e' for 0 < |x| < 1e-3 or |x| >= 1e6 (and for nan/inf)."""
+    a = np.abs(x)
+    fixed = np.isfinite(x) & ((a == 0) | ((a >= 1e-3) & (a < 1e6)))
+    out = np.empty(x.shape, dtype=object)
+    if fixed.any():
+        # vectorised '%.6f': integer micro-units, split into integer and fraction parts
+        v = x[fixed]
+        micro = np.rint(np.abs(v) * 1e6).astype(np.int64)
+        ip = (micro // 1_000_000).astype(str)
+        fp = np.char.zfill((micro % 1_000_000).astype(str), 6)
+        sign = np.where((v < 0) & (micro > 0), "-", "")
+        out[fixed] = np.char.add(np.char.add(np.char.add(sign, ip), "."), fp)
+    if (~fixed).any():
+        out[~fixed] = [f"{val:.6e}" if np.isfinite(val) else str(val) for val in x[~fixed]]
+    return out.tolist()
+
+
+def _quote(s: str) -> str:
+    """A STAR token for a string: quoted when empty or holding whitespace."""
+    if s == "":
+        return '""'
+    if any(c.isspace() for c in s) or s.startswith(("_", "#", "data_", "loop_", '"', "'")):
+        return f'"{s}"'
+    return s
+
+
+def _format_column(s: pd.Series) -> list[str]:
+    """Every value of one column as STAR text."""
+    dt = s.dtype
+    if pd.api.types.is_bool_dtype(dt):
+        return s.astype(np.int64).astype(str).tolist()
+    if pd.api.types.is_integer_dtype(dt):
+        return s.astype(str).tolist()
+    if pd.api.types.is_float_dtype(dt):
+        return _format_floats(s.to_numpy(dtype=np.float64))
+    return [_format_value(v) for v in s.tolist()]
+
+
+def _format_value(v) -> str:
+    """One value (list entry or object-column cell) as STAR text."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(int(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return _format_floats(np.array([float(v)]))[0]
+    if v is None:
+        return '""'
+    return _quote(str(v))
+
+
+def _block_text(name: str, block: Block) -> str:
+    """One block, RELION layout: version line, data_ line, then list or loop."""
+    parts = [f"\n# version {STAR_VERSION}\n\ndata_{name}\n\n"]
+    if isinstance(block, dict):
+        width = max((len(k) for k in block), default=0) + 1
+        for k, v in block.items():
+            parts.append(f"_{k:<{width}} {_format_value(v)}\n")
+        parts.append("\n")
+        return "".join(parts)
+    require(isinstance(block, pd.DataFrame), f"data_{name}: a block must be a DataFrame or dict")
+    parts.append("loop_ \n")
+    for j, col in enumerate(block.columns, start=1):
+        parts.append(f"_{col} #{j} \n")
+    if len(block):
+        cols = [_format_column(block[c]) for c in block.columns]
+        parts.append("\n".join(" ".join(row) for row in zip(*cols)))
+        parts.append("\n")
+    parts.append("\n")
+    return "".join(parts)
+
+
+def write_star(path, blocks: dict[str, Block]) -> None:
+    """Write blocks (name without 'data_' -> DataFrame loop or dict list) atomically, RELION layout."""
+    path = Path(path)
+    text = "".join(_block_text(name, block) for name, block in blocks.items())
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# particle tables
+
+
+@dataclass
+class ParticleTable:
+    """A RELION 3.1+ particle table: one optics row per group, particles with every original column."""
+
+    optics: pd.DataFrame
+    particles: pd.DataFrame
+    path: Path = field(default_factory=lambda: Path("particles.star"))
+    version: str = ""  # '# version' of the file read ('30001', '50001'), '3.0' for an upgraded old file
+
+    @property
+    def nr_particles(self) -> int:
+        """Number of particle rows."""
+        return len(self.particles)
+
+    @property
+    def directory(self) -> Path:
+        """Folder of the STAR file (image names fall back to being relative to it)."""
+        return Path(self.path).resolve().parent
+
+
+_LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def _file_version(path: Path) -> str:
+    """The number of the first '# version NNNNN' line, or ''."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] == b"\x1f\x8b":
+        return ""
+    m = re.search(rb"#\s*version\s+(\d+)", head)
+    return m.group(1).decode() if m else ""
+
+
+def _parse_image_name(name: str) -> tuple[int, str]:
+    """'000012@Stacks/a.mrcs' -> (12, 'Stacks/a.mrcs'); a name without '@' is image 1 of that file."""
+    if "@" in name:
+        idx, _, fname = name.partition("@")
+        return int(idx), fname
+    return 1, name
+
+
+def resolve_image_path(fname: str, star_dir: Path) -> Path:
+    """An image file name from a STAR file: relative to the current directory, else to the STAR's folder."""
+    p = Path(fname)
+    if p.is_absolute() or p.exists():
+        return p
+    q = star_dir / p
+    return q if q.exists() else p
+
+
+def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.0 table -> (optics, particles): pixel origins to Å, CTF optics into groups (relion_convert_star)."""
+    n = len(particles)
+    if angpix is not None:
+        require(angpix > 0, f"--angpix: pixel size must be > 0 (got {angpix})")
+        pix = np.full(n, float(angpix))
+    elif "rlnDetectorPixelSize" in particles and "rlnMagnification" in particles:
+        det = particles["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
+        mag = particles["rlnMagnification"].to_numpy(dtype=np.float64)
+        require(bool(np.all(mag > 0)), f"{path}: rlnMagnification must be > 0")
+        pix = 1e4 * det / mag
+    elif "rlnImagePixelSize" in particles:
+        pix = particles["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    else:
+        raise InputError(f"{path}: RELION 3.0 file without a pixel size "
+                         "(no rlnDetectorPixelSize/rlnMagnification): give --angpix")
+    require(bool(np.all(np.isfinite(pix) & (pix > 0))), f"{path}: pixel size must be > 0")
+    pix = np.round(pix, 6)
+
+    parts = particles.copy()
+    for axis in ("X", "Y", "Z"):
+        old = f"rlnOrigin{axis}"
+        if old in parts:
+            loc = parts.columns.get_loc(old)
+            values = parts[old].to_numpy(dtype=np.float64) * pix
+            parts = parts.drop(columns=[old])
+            parts.insert(loc, f"rlnOrigin{axis}Angst", values)
+
+    keys = {lab: parts[lab].to_numpy(dtype=np.float64) for lab in _LEGACY_OPTICS if lab in parts}
+    keys["rlnImagePixelSize"] = pix
+    key_df = pd.DataFrame(keys)
+    groups = key_df.drop_duplicates().reset_index(drop=True)
+    group_of = key_df.merge(groups.reset_index(), how="left", on=list(keys))["index"].to_numpy() + 1
+
+    first_idx, first_name = _parse_image_name(str(parts["rlnImageName"].iloc[0]))
+    stack = resolve_image_path(first_name, path.resolve().parent)
+    from cryorefine.io.mrc import read_header  # local: mrc does not depend on star
+    try:
+        box = int(read_header(stack).shape[-1])
+    except InputError as exc:
+        raise InputError(f"{path}: RELION 3.0 file: cannot read the image size from the first stack ({exc})") from None
+
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": [f"opticsGroup{g + 1}" for g in range(len(groups))],
+        "rlnOpticsGroup": np.arange(1, len(groups) + 1, dtype=np.int64),
+    })
+    for lab in keys:
+        optics[lab] = groups[lab].to_numpy()
+    optics["rlnImageSize"] = box
+    optics["rlnImageDimensionality"] = 2
+    drop = [c for c in (*_LEGACY_OPTICS, "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize")
+            if c in parts]
+    parts = parts.drop(columns=drop)
+    parts["rlnOpticsGroup"] = group_of.astype(np.int64)
+    return optics, parts
+
+
+def read_particles(path, angpix: float | None = None) -> ParticleTable:
+    """Read a particle STAR (RELION 3.1+, or 3.0 upgraded to 3.1 layout); validates what refinement needs."""
+    path = Path(path)
+    blocks = read_star(path)
+    optics = blocks.get("optics")
+    parts = blocks.get("particles")
+    legacy = False
+    if parts is None and optics is None:
+        # RELION 3.0: one unnamed (or 'images') loop holding everything
+        loops = [k for k, b in blocks.items() if isinstance(b, pd.DataFrame) and k in ("", "images")]
+        if loops:
+            parts = blocks[loops[0]]
+            legacy = True
+    require(parts is not None, f"{path}: no data_particles table")
+    require(isinstance(parts, pd.DataFrame), f"{path}: data_particles is not a loop")
+    require("rlnImageName" in parts.columns, f"{path}: data_particles has no rlnImageName column")
+    require(len(parts) > 0, f"{path}: data_particles is empty")
+    parts = parts.reset_index(drop=True)
+
+    if legacy:
+        optics, parts = _upgrade_legacy(path, parts, angpix)
+        version = "3.0"
+    else:
+        version = _file_version(path)
+        require(isinstance(optics, pd.DataFrame) and len(optics) > 0,
+                f"{path}: no data_optics table (RELION 3.1+ files need one)")
+        optics = optics.reset_index(drop=True)
+        require("rlnOpticsGroup" in optics.columns, f"{path}: data_optics has no rlnOpticsGroup column")
+        if "rlnOpticsGroup" not in parts.columns:
+            require(len(optics) == 1, f"{path}: data_particles has no rlnOpticsGroup column")
+            parts["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
+        if "rlnImagePixelSize" not in optics.columns:
+            require(angpix is not None, f"{path}: data_optics has no rlnImagePixelSize (give --angpix)")
+            optics["rlnImagePixelSize"] = float(angpix)
+        pix = pd.to_numeric(optics["rlnImagePixelSize"], errors="coerce").to_numpy(dtype=np.float64)
+        require(bool(np.all(np.isfinite(pix) & (pix > 0))), f"{path}: rlnImagePixelSize must be > 0")
+        groups = optics["rlnOpticsGroup"].to_numpy()
+        require(len(set(groups.tolist())) == len(groups), f"{path}: data_optics repeats an rlnOpticsGroup")
+        used = pd.unique(parts["rlnOpticsGroup"])
+        missing = sorted(set(used.tolist()) - set(groups.tolist()))
+        if missing:
+            raise InputError(f"{path}: optics group {missing[0]} used in data_particles but not defined in data_optics")
+    return ParticleTable(optics=optics, particles=parts, path=path, version=version)
+
+
+def write_particles(path, table: ParticleTable, extra_blocks: dict[str, Block] | None = None) -> None:
+    """Write a ParticleTable in RELION 3.1+ layout (data_optics, data_particles; every column, row order kept)."""
+    blocks: dict[str, Block] = {}
+    if extra_blocks:
+        blocks.update(extra_blocks)
+    blocks["optics"] = table.optics
+    blocks["particles"] = table.particles
+    write_star(path, blocks)
+
+
+def optics_row_index(table: ParticleTable) -> np.ndarray:
+    """Per particle: the row position in table.optics of its optics group."""
+    groups = table.optics["rlnOpticsGroup"].to_numpy()
+    lookup = pd.Series(np.arange(len(groups)), index=groups)
+    pos = lookup.reindex(table.particles["rlnOpticsGroup"].to_numpy()).to_numpy()
+    if np.any(pd.isna(pos)):
+        bad = table.particles["rlnOpticsGroup"].to_numpy()[pd.isna(pos)][0]
+        raise InputError(f"{table.path}: optics group {bad} used in data_particles but not defined in data_optics")
+    return pos.astype(np.int64)
+
+
+def particle_optics(table: ParticleTable, label: str) -> np.ndarray:
+    """Per-particle value of an optics-table column (e.g. rlnImagePixelSize), via each particle's group."""
+    if label not in table.optics.columns:
+        if label in table.particles.columns:
+            return table.particles[label].to_numpy()
+        raise InputError(f"{table.path}: data_optics has no {label} column")
+    return table.optics[label].to_numpy()[optics_row_index(table)]
+
+
+def merge_particles(tables: list[ParticleTable], path=None) -> ParticleTable:
+    """Concatenate particle tables; optics groups renumbered 1..G in order (names made unique), rows kept."""
+    require(len(tables) > 0, "merge_particles: no tables")
+    optics_parts, particle_parts = [], []
+    next_group = 1
+    names: set[str] = set()
+    for t in tables:
+        old = t.optics["rlnOpticsGroup"].to_numpy()
+        new = np.arange(next_group, next_group + len(old), dtype=np.int64)
+        next_group += len(old)
+        o = t.optics.copy()
+        o["rlnOpticsGroup"] = new
+        if "rlnOpticsGroupName" in o:
+            fixed = []
+            for nm, g in zip(o["rlnOpticsGroupName"].astype(str), new):
+                fixed.append(nm if nm not in names else f"opticsGroup{g}")
+                names.add(fixed[-1])
+            o["rlnOpticsGroupName"] = fixed
+        p = t.particles.copy()
+        p["rlnOpticsGroup"] = pd.Series(new, index=old).reindex(p["rlnOpticsGroup"].to_numpy()).to_numpy()
+        optics_parts.append(o)
+        particle_parts.append(p)
+    optics = pd.concat(optics_parts, ignore_index=True)
+    particles = pd.concat(particle_parts, ignore_index=True)
+    return ParticleTable(optics=optics, particles=particles,
+                         path=Path(path) if path is not None else tables[0].path, version=tables[0].version)

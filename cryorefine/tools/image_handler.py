@@ -1,0 +1,203 @@
+"""Rescale, re-box, low-pass or convert a map, image or stack (like relion_image_handler).
+
+Examples:
+  cryorefine image-handler --i run_it025_class004.mrc --angpix 3.54 --rescale_angpix 1.244 --new_box 256 --o out.mrc
+  cryorefine image-handler --i particles.mrcs --rescale_angpix 2.0 --o particles_bin.mrcs
+
+--rescale_angpix A: Fourier crop/pad to N' = round(N*p/A), made even (minus 1 if odd); the true pixel size N*p/N'
+is written to the header. --new_box B: real-space centred crop/pad after rescaling. --lowpass R: raised-cosine
+low-pass at R Å (edge 2 shells wide), applied before rescaling. Input: 2D image (.mrc), stack (.mrcs), 3D map,
+or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
+<o>_opticsgroupK.mrcs, when there are several) and the optics table gets the new rlnImageSize/rlnImagePixelSize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.fft as sfft
+
+from cryorefine.errors import InputError, require
+from cryorefine.fourier.resize import resize_fourier, window_real
+from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
+from cryorefine.io.particles import ParticleImages
+from cryorefine.io.star import read_particles, write_particles
+
+_CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options, with RELION's spellings and readable aliases."""
+    parser.add_argument("--i", "--input", dest="i", required=True, help="input map, image or stack (.mrc, .mrcs)")
+    parser.add_argument("--o", "--output", dest="o", required=True, help="output file")
+    parser.add_argument("--angpix", type=float, default=None,
+                        help="input pixel size in Å (default: from the header)")
+    parser.add_argument("--rescale_angpix", "--rescale-angpix", dest="rescale_angpix", type=float, default=None,
+                        help="rescale (Fourier crop/pad) to this pixel size in Å")
+    parser.add_argument("--new_box", "--new-box", dest="new_box", type=int, default=None,
+                        help="crop or pad (real space, centred) to this box after rescaling")
+    parser.add_argument("--lowpass", "--low_pass", "--low-pass", dest="lowpass", type=float, default=None,
+                        help="low-pass filter at this resolution in Å (raised-cosine edge, 2 shells)")
+    parser.add_argument("--force_header_angpix", "--force-header-angpix", dest="force_header_angpix", type=float,
+                        default=None, help="write this pixel size to the output header instead of the true one")
+    parser.add_argument("--float16", action="store_true", help="write float16 (MRC mode 12)")
+
+
+def rescaled_box(box: int, angpix: float, new_angpix: float) -> int:
+    """RELION's new box for --rescale_angpix: round(N·p/A), minus 1 if odd."""
+    n = int(np.floor(box * angpix / new_angpix + 0.5))
+    return n - 1 if n % 2 else n
+
+
+def lowpass_map(data: np.ndarray, resolution: float, angpix: float, ndim: int, edge_width: int = 2) -> np.ndarray:
+    """RELION lowPassFilterMap: keep |k| below shell round(N·p/R) − 1, cosine edge to shell + 1 (in 1/px units)."""
+    n = data.shape[-1]
+    ires = int(np.floor(n * angpix / resolution + 0.5))
+    half = edge_width // 2
+    edge_low = max(0.0, (ires - half) / n)
+    edge_high = min(n // 2 + 1, (ires + half) / n)
+    width = edge_high - edge_low
+    axes = tuple(range(-ndim, 0))
+    ft = sfft.rfftn(np.asarray(data, dtype=np.float64), axes=axes, workers=-1)
+    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
+    r = np.sqrt(sum(g * g for g in np.meshgrid(*ks, indexing="ij"))) / n
+    gain = np.where(r < edge_low, 1.0, np.where(r > edge_high, 0.0,
+                    0.5 + 0.5 * np.cos(np.pi * (r - edge_low) / max(width, 1e-12))))
+    out = sfft.irfftn(ft * gain, s=(n,) * ndim, axes=axes, workers=-1)
+    return out.astype(np.float32)
+
+
+def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
+    """Low-pass, rescale, re-box one map / image / batch of images (in that order, like RELION)."""
+    stack = ndim == 2 and data.ndim == 3
+    if args.lowpass is not None:
+        data = lowpass_map(data, args.lowpass, angpix, ndim)
+    if new_size is not None:
+        data = resize_fourier(data, new_size, stack=stack)
+    if args.new_box is not None and args.new_box != data.shape[-1]:
+        data = window_real(data, args.new_box, stack=stack)
+    return np.asarray(data, dtype=np.float32)
+
+
+def _check_options(args) -> None:
+    """Option values that can never work."""
+    for opt, val in (("--rescale_angpix", args.rescale_angpix), ("--lowpass", args.lowpass),
+                     ("--force_header_angpix", args.force_header_angpix), ("--angpix", args.angpix)):
+        if val is not None:
+            require(val > 0, f"{opt}: must be > 0 (got {val:g})")
+    if args.new_box is not None:
+        require(args.new_box > 0 and args.new_box % 2 == 0, f"--new_box: must be a positive even box (got {args.new_box})")
+
+
+def _new_size(box: int, angpix: float, args, what: str) -> tuple[int | None, float]:
+    """Output box after --rescale_angpix (None if not rescaling) and the true output pixel size."""
+    if args.rescale_angpix is None:
+        return None, angpix
+    new_size = rescaled_box(box, angpix, args.rescale_angpix)
+    require(new_size >= 2, f"--rescale_angpix: {args.rescale_angpix:g} Å gives a box of {new_size} from {box}")
+    out_angpix = box * angpix / new_size
+    if abs(out_angpix - args.rescale_angpix) > 1e-3 * args.rescale_angpix:
+        print(f"warning: the pixel size of the rescaled {what} is {out_angpix:.6f} Å, not {args.rescale_angpix:g} Å "
+              f"(box {box} -> {new_size} must be even)", file=sys.stderr)
+    return new_size, out_angpix
+
+
+def _run_star(src: Path, dst: Path, args) -> int:
+    """Particle STAR input: process every particle image, write new stacks and a STAR with updated optics."""
+    require(dst.suffix == ".star", f"--o: with a STAR file as input the output must be a .star file (got {dst})")
+    table = read_particles(src, angpix=args.angpix)
+    images = ParticleImages(table)
+    optics = table.optics.copy()
+    parts = table.particles.copy()
+    groups = optics["rlnOpticsGroup"].to_numpy()
+    group_of = parts["rlnOpticsGroup"].to_numpy()
+    names = parts["rlnImageName"].astype(str).to_numpy(dtype=object)
+    with contextlib.ExitStack() as outputs:
+        for g_pos, g in enumerate(groups):
+            rows = np.nonzero(group_of == g)[0]
+            if rows.size == 0:
+                continue
+            angpix = float(optics["rlnImagePixelSize"].iloc[g_pos])
+            box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
+            require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
+            new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
+            header_angpix = args.force_header_angpix or out_angpix
+            stack = dst.with_suffix(".mrcs") if len(groups) == 1 else dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs")
+            writer = outputs.enter_context(StackWriter(stack, header_angpix, float16=args.float16))
+            per_chunk = max(1, _CHUNK_BYTES // (box * box * 4))
+            for start in range(0, rows.size, per_chunk):
+                writer.write(_process(images.read(rows[start:start + per_chunk]), 2, angpix, args, new_size))
+            rel = os.path.relpath(stack.resolve(), dst.resolve().parent)
+            names[rows] = [f"{j:06d}@{rel}" for j in range(1, rows.size + 1)]
+            optics.loc[optics.index[g_pos], "rlnImageSize"] = int(writer.shape[-1])
+            optics.loc[optics.index[g_pos], "rlnImagePixelSize"] = float(header_angpix)
+    # the STAR is written once every stack is complete (an error above leaves no stack behind)
+    parts["rlnImageName"] = names
+    write_particles(dst, type(table)(optics=optics, particles=parts, path=dst, version=table.version))
+    print(f"wrote {dst}: {len(parts)} particles in {len(groups)} optics group(s)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read, check, transform and write; prints one summary line (and warnings/notes to stderr)."""
+    src, dst = Path(args.i), Path(args.o)
+    _check_options(args)
+    if src.suffix == ".star":
+        return _run_star(src, dst, args)
+    header = read_header(src)
+    stack = is_stack_path(src)
+    shape = header.shape
+    if stack:
+        shape = shape if len(shape) == 3 else (1, *shape)
+        ndim, what = 2, "stack"
+        ny, nx = shape[1:]
+    elif len(shape) == 3:
+        ndim, what = 3, "map"
+        nz, ny, nx = shape
+    else:
+        ndim, what = 2, "image"
+        ny, nx = shape
+
+    # pixel size
+    if args.angpix is not None:
+        if header.angpix > 0 and abs(header.angpix - args.angpix) > 1e-3 * args.angpix:
+            print(f"note: {src}: using --angpix {args.angpix:g} Å instead of the header's {header.angpix:g} Å",
+                  file=sys.stderr)
+        angpix = float(args.angpix)
+    else:
+        require(header.angpix > 0, f"{src}: pixel size is 0 in the header; give --angpix")
+        angpix = header.angpix
+
+    needs_square = args.rescale_angpix is not None or args.new_box is not None or args.lowpass is not None
+    if needs_square:
+        square = nx == ny and (ndim == 2 or nz == nx)
+        dims = "x".join(str(s) for s in (shape if ndim == 3 else (nx, ny)))
+        require(square, f"{src}: {what} is {dims}; a square {'map' if ndim == 3 else 'image'} is needed")
+        require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
+
+    new_size, out_angpix = _new_size(nx, angpix, args, what)
+    header_angpix = args.force_header_angpix if args.force_header_angpix is not None else out_angpix
+
+    if stack:
+        images = open_stack(src)
+        per_chunk = max(1, _CHUNK_BYTES // (nx * ny * 4))
+        with StackWriter(dst, header_angpix, float16=args.float16) as w:
+            for start in range(0, images.shape[0], per_chunk):
+                chunk = np.asarray(images[start:start + per_chunk], dtype=np.float32)
+                require(bool(np.isfinite(chunk).all()), f"{src}: images {start + 1}.. contain NaN or inf")
+                w.write(_process(chunk, 2, angpix, args, new_size))
+        out_box, count = w.shape[-1], w.count
+        desc = f"{count} images of {out_box}x{out_box}"
+    else:
+        data, _ = read_map(src)
+        require(bool(np.isfinite(data).all()), f"{src}: contains NaN or inf")
+        out = _process(data, ndim, angpix, args, new_size)
+        write_map(dst, out, header_angpix, float16=args.float16)
+        desc = f"{what} of box {out.shape[-1]}"
+    print(f"wrote {dst}: {desc}, {header_angpix:.6f} Å/px (input box {nx}, {angpix:g} Å/px)")
+    return 0
