@@ -1,0 +1,177 @@
+"""`cryorefine image-handler` and the resize functions: RELION resizeMap semantics and map fidelity."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cryorefine.cli import main
+from cryorefine.fourier.resize import resize_fourier, window_real
+from cryorefine.io.mrc import read_header, read_map, write_map, write_stack
+from cryorefine.io.particles import ParticleImages
+from cryorefine.io.star import particle_optics, read_particles
+from cryorefine.tools.image_handler import lowpass_map, rescaled_box
+
+
+def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """FSC per shell round(|k|), shells 0..N/2 (small helper, independent of cryorefine.fourier.fsc)."""
+    n = a.shape[0]
+    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    k = np.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    r = np.rint(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)).astype(int).ravel()
+    num = np.bincount(r, (fa * fb.conj()).real.ravel())
+    d1 = np.bincount(r, (np.abs(fa) ** 2).ravel())
+    d2 = np.bincount(r, (np.abs(fb) ** 2).ravel())
+    return (num / np.sqrt(d1 * d2))[: n // 2 + 1]
+
+
+def _min_fsc_to(curve: np.ndarray, box: int, angpix: float, resolution: float) -> float:
+    shells = np.arange(1, len(curve))
+    return float(curve[1:][box * angpix / shells >= resolution].min())
+
+
+@pytest.fixture()
+def maps(bench_dir):
+    return bench_dir / "maps" / "d2tet_small_b64_a2.5.mrc", bench_dir / "maps" / "d2tet_medium_b128_a1.5.mrc"
+
+
+def test_small_to_medium(maps, tmp_path, capsys):
+    small, medium = maps
+    out = tmp_path / "up.mrc"
+    assert main(["image-handler", "--i", str(small), "--rescale_angpix", "1.5", "--new_box", "128",
+                 "--o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "1.509434" in err  # 1.509434 differs from 1.5 by > 0.1 %
+    hdr = read_header(out)
+    assert hdr.shape == (128, 128, 128)
+    assert hdr.angpix == pytest.approx(64 * 2.5 / 106, rel=1e-6)
+    assert round(hdr.angpix, 6) == 1.509434
+    up, _ = read_map(out)
+    ref, _ = read_map(medium)
+    assert _min_fsc_to(fsc_curve(up, ref), 128, 1.5, 5.5) >= 0.98
+
+
+def test_medium_to_small(maps, tmp_path):
+    small, medium = maps
+    out = tmp_path / "down.mrc"
+    assert main(["image-handler", "--i", str(medium), "--rescale-angpix", "2.5", "--new-box", "64",
+                 "--o", str(out)]) == 0
+    hdr = read_header(out)
+    assert hdr.shape == (64, 64, 64)
+    assert round(hdr.angpix, 6) == 2.526316
+    down, _ = read_map(out)
+    ref, _ = read_map(small)
+    assert _min_fsc_to(fsc_curve(down, ref), 64, 2.5, 5.5) >= 0.94
+
+
+def test_verbatim_relion_command(maps, tmp_path, monkeypatch, capsys):
+    small, _ = maps
+    shutil.copy(small, tmp_path / "run_it025_class004.mrc")
+    monkeypatch.chdir(tmp_path)
+    rc = main("image-handler --i run_it025_class004.mrc --angpix 3.54 --rescale_angpix 1.244 "
+              "--new_box 256 --o out.mrc".split())
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "note" in err and "3.54" in err  # header said 2.5
+    assert "warning" not in err  # 64*3.54/182 = 1.244835 is within 0.1 % of 1.244
+    hdr = read_header(tmp_path / "out.mrc")
+    assert hdr.shape == (256, 256, 256)
+    assert hdr.angpix == pytest.approx(64 * 3.54 / 182, rel=1e-6)
+
+
+def test_rescaled_box_rule():
+    assert rescaled_box(64, 2.5, 1.5) == 106  # round(106.67) = 107 -> even 106
+    assert rescaled_box(128, 1.5, 2.5) == 76  # round(76.8) = 77 -> 76
+    assert rescaled_box(256, 1.0, 2.0) == 128
+
+
+def test_resize_is_fourier_interpolation():
+    # a band-limited 2D pattern resampled on a finer grid is the same pattern (exactly)
+    n, m = 32, 48
+    x = np.arange(n) - n // 2
+    img = np.cos(2 * np.pi * 3 * x / n)[:, None] * np.sin(2 * np.pi * 5 * x / n)[None, :] + 0.7
+    xm = (np.arange(m) - m // 2) * n / m
+    want = np.cos(2 * np.pi * 3 * xm / n)[:, None] * np.sin(2 * np.pi * 5 * xm / n)[None, :] + 0.7
+    np.testing.assert_allclose(resize_fourier(img, m), want, atol=1e-5)
+    # down again: back to the original; mean preserved both ways
+    np.testing.assert_allclose(resize_fourier(want, n), img, atol=1e-5)
+    assert resize_fourier(img, m).mean() == pytest.approx(0.7, abs=1e-6)
+
+
+def test_resize_stack_equals_per_image_and_keeps_centre():
+    rng = np.random.default_rng(3)
+    stack = rng.normal(size=(5, 24, 24)).astype(np.float32)
+    out = resize_fourier(stack, 16, stack=True)
+    assert out.shape == (5, 16, 16)
+    for i in range(5):
+        np.testing.assert_allclose(out[i], resize_fourier(stack[i], 16), atol=1e-6)
+    # a centred Gaussian blob stays centred at N'//2 (3D)
+    n = 32
+    g = np.arange(n) - n // 2
+    blob = np.exp(-(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) / 8.0)
+    big = resize_fourier(blob, 48)
+    assert np.unravel_index(np.argmax(big), big.shape) == (24, 24, 24)
+
+
+def test_window_real_keeps_centre():
+    a = np.zeros((10, 10), np.float32)
+    a[5, 5] = 1.0
+    a[0, 0] = 2.0
+    b = window_real(a, 16)
+    assert b[8, 8] == 1.0 and b[3, 3] == 2.0 and b.sum() == 3.0
+    c = window_real(b, 6, fill=0.0)
+    assert c[3, 3] == 1.0 and c.sum() == 1.0
+    v = window_real(np.ones((4, 4, 4)), 8, fill=-1.0)
+    assert v.shape == (8, 8, 8) and v[2:6, 2:6, 2:6].min() == 1.0 and v.sum() == 64 - (512 - 64)
+
+
+def test_lowpass_raised_cosine():
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(64, 64))
+    out = lowpass_map(img, 10.0, 2.0, ndim=2)  # shell round(64*2/10) = 13, edge 12..14
+    ft_in, ft_out = np.fft.rfft2(img), np.fft.rfft2(out)
+    ky = np.fft.fftfreq(64, 1 / 64)[:, None]
+    kx = np.arange(33)[None, :]
+    r = np.sqrt(kx ** 2 + ky ** 2)
+    np.testing.assert_allclose(ft_out[r < 12], ft_in[r < 12], rtol=1e-4, atol=1e-3)
+    assert np.abs(ft_out[r > 14]).max() < 1e-3
+    mid = np.isclose(r, 13.0)
+    np.testing.assert_allclose(np.abs(ft_out[mid]), 0.5 * np.abs(ft_in[mid]), rtol=1e-4)
+
+
+def test_stack_float16_and_pixel_override(small_set, tmp_path, capsys):
+    src = small_set / "particles.mrcs"
+    out = tmp_path / "bin.mrcs"
+    assert main(["image-handler", "--i", str(src), "--rescale_angpix", "5", "--float16", "--o", str(out)]) == 0
+    hdr = read_header(out)
+    assert hdr.shape == (1000, 32, 32) and hdr.mode == 12 and hdr.angpix == 5.0
+    data, _ = read_map(out)
+    orig, _ = read_map(src)
+    np.testing.assert_allclose(data[7], resize_fourier(orig[7], 32).astype(np.float16), atol=2e-3)
+    # images keep their mean (RELION resizeMap)
+    np.testing.assert_allclose(data.mean(axis=(1, 2)), orig.mean(axis=(1, 2)), atol=2e-3)
+
+
+def test_particle_star_input(small_set, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["image-handler", "--i", str(small_set / "particles.star"), "--rescale_angpix", "5",
+                 "--new_box", "24", "--o", "Binned/particles.star"]) == 0
+    table = read_particles(tmp_path / "Binned" / "particles.star")
+    np.testing.assert_array_equal(particle_optics(table, "rlnImageSize"), 24)
+    np.testing.assert_array_equal(particle_optics(table, "rlnImagePixelSize"), 5.0)
+    imgs = ParticleImages(table).read([0, 999])
+    orig, _ = read_map(small_set / "particles.mrcs")
+    np.testing.assert_allclose(imgs, window_real(resize_fourier(orig[[0, 999]], 32, stack=True), 24, stack=True),
+                               atol=1e-6)
+
+
+def test_2d_image(tmp_path):
+    rng = np.random.default_rng(5)
+    write_map(tmp_path / "img.mrc", rng.normal(size=(40, 40)), 1.0)
+    assert main(["image-handler", "--i", str(tmp_path / "img.mrc"), "--rescale_angpix", "2", "--o",
+                 str(tmp_path / "small.mrc")]) == 0
+    hdr = read_header(tmp_path / "small.mrc")
+    assert hdr.shape == (20, 20) and hdr.angpix == 2.0
