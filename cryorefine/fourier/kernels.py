@@ -1,0 +1,309 @@
+"""Hot Fourier kernels: central-slice extraction, slice insertion, point-group summation (numba CPU).
+
+This is the one module a GPU implementation replaces; everything else calls only these functions.
+
+Storage layout of a padded 3D transform (``ft3d`` of a Projector, ``data``/``weight`` of a BackProjector):
+a centred half-cube of shape ``(D, D, H)`` indexed ``[z, y, x]`` with ``R = (D - 3) // 2``,
+``D = 2 R + 3`` and ``H = R + 2``. Voxel ``[iz, iy, ix]`` holds padded frequency
+``ξ = (ix, iy - (R + 1), iz - (R + 1))`` (units: Fourier pixels of the padded box ``pad·N``), so
+``ξx ∈ [0, R+1]`` and ``ξy, ξz ∈ [-(R+1), R+1]``; ``R = round(pad·r_max)`` (RELION's
+``pad_size = 2·(R+1)+1``). Values at ``ξx < 0`` are ``conj`` of those at ``-ξ``. The one-voxel rim
+beyond ``R`` keeps trilinear neighbours inside the array without bounds checks.
+
+Frequencies ``kx, ky`` are float Fourier pixels of the model box ``N`` (any pixel list may be used);
+the sample point is ``ξ = pad · Aᵀ (kx, ky, 0)``, i.e. ``ξ_c = pad (kx A[0, c] + ky A[1, c])``.
+Complex arrays are complex64, weights float32 (float64 / complex128 also compile).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numpy.typing import NDArray
+
+
+def half_cube_radius(shape: tuple[int, ...]) -> int:
+    """R = round(pad·r_max) of a (2R+3, 2R+3, R+2) half-cube."""
+    d, d2, h = shape
+    if d != d2 or d % 2 == 0 or h != (d - 3) // 2 + 2:
+        raise ValueError(f"not a (2R+3, 2R+3, R+2) half-cube: {shape}")
+    return (d - 3) // 2
+
+
+def half_cube_shape(radius: int) -> tuple[int, int, int]:
+    """(D, D, H) of the half-cube for R = radius padded Fourier pixels."""
+    return (2 * radius + 3, 2 * radius + 3, radius + 2)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _project(ft3d, rot, kx, ky, pad, r_max, out):
+    n = rot.shape[0]
+    m = kx.shape[0]
+    off = (ft3d.shape[0] - 1) // 2
+    r2max = r_max * r_max
+    for i in prange(n):
+        a00 = pad * rot[i, 0, 0]
+        a01 = pad * rot[i, 0, 1]
+        a02 = pad * rot[i, 0, 2]
+        a10 = pad * rot[i, 1, 0]
+        a11 = pad * rot[i, 1, 1]
+        a12 = pad * rot[i, 1, 2]
+        for j in range(m):
+            u = np.float64(kx[j])
+            v = np.float64(ky[j])
+            if u * u + v * v > r2max:
+                out[i, j] = 0
+                continue
+            x = u * a00 + v * a10
+            y = u * a01 + v * a11
+            z = u * a02 + v * a12
+            neg = x < 0.0
+            if neg:
+                x = -x
+                y = -y
+                z = -z
+            y += off
+            z += off
+            x0 = int(x)
+            y0 = int(np.floor(y))
+            z0 = int(np.floor(z))
+            fx = np.float32(x - x0)
+            fy = np.float32(y - y0)
+            fz = np.float32(z - z0)
+            gx = np.float32(1.0) - fx
+            c00 = ft3d[z0, y0, x0] * gx + ft3d[z0, y0, x0 + 1] * fx
+            c01 = ft3d[z0, y0 + 1, x0] * gx + ft3d[z0, y0 + 1, x0 + 1] * fx
+            c10 = ft3d[z0 + 1, y0, x0] * gx + ft3d[z0 + 1, y0, x0 + 1] * fx
+            c11 = ft3d[z0 + 1, y0 + 1, x0] * gx + ft3d[z0 + 1, y0 + 1, x0 + 1] * fx
+            gy = np.float32(1.0) - fy
+            c0 = c00 * gy + c01 * fy
+            c1 = c10 * gy + c11 * fy
+            val = c0 * (np.float32(1.0) - fz) + c1 * fz
+            out[i, j] = np.conj(val) if neg else val
+
+
+def project_points(ft3d: NDArray, rotations: NDArray, kx: NDArray, ky: NDArray, pad: int,
+                   r_max: float) -> NDArray[np.complex64]:
+    """Trilinear samples of the padded half-cube at pad·Aᵀ(kx, ky, 0); 0 where kx²+ky² > r_max² -> (n, m)."""
+    rotations = np.ascontiguousarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    kx = np.ascontiguousarray(kx, dtype=np.float32).ravel()
+    ky = np.ascontiguousarray(ky, dtype=np.float32).ravel()
+    radius = half_cube_radius(ft3d.shape)
+    # never sample beyond the stored sphere (its rim is only a trilinear neighbour)
+    r_max = min(float(r_max), radius / pad)
+    out = np.empty((rotations.shape[0], kx.shape[0]), dtype=ft3d.dtype)
+    if out.size:
+        _project(ft3d, rotations, kx, ky, float(pad), r_max, out)
+    return out
+
+
+@njit(cache=True)
+def _slab_histogram(rot, kx, ky, pad, r2max, off, depth, stride):
+    """Counts of insertion points per z-plane index (floor), over every stride-th rotation."""
+    hist = np.zeros(depth, np.float64)
+    for i in range(0, rot.shape[0], stride):
+        a00 = pad * rot[i, 0, 0]
+        a02 = pad * rot[i, 0, 2]
+        a10 = pad * rot[i, 1, 0]
+        a12 = pad * rot[i, 1, 2]
+        for j in range(kx.shape[0]):
+            u = np.float64(kx[j])
+            v = np.float64(ky[j])
+            x = u * a00 + v * a10
+            z = u * a02 + v * a12
+            if x < 0.0:
+                z = -z
+            zi = int(np.floor(z + off))
+            if 0 <= zi < depth:
+                hist[zi] += 1.0
+    return hist
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _backproject(data, weight, rot, kx, ky, values, weights, pad, r2max, bounds):
+    """Each slab [bounds[s], bounds[s+1]) of z-planes is written by one thread only (no atomics)."""
+    n = rot.shape[0]
+    m = kx.shape[0]
+    off = (data.shape[0] - 1) // 2
+    nslab = bounds.shape[0] - 1
+    for s in prange(nslab):
+        zlo = bounds[s]
+        zhi = bounds[s + 1]
+        for i in range(n):
+            a00 = pad * rot[i, 0, 0]
+            a01 = pad * rot[i, 0, 1]
+            a02 = pad * rot[i, 0, 2]
+            a10 = pad * rot[i, 1, 0]
+            a11 = pad * rot[i, 1, 1]
+            a12 = pad * rot[i, 1, 2]
+            # the whole slice lies within |z| <= zext of the centre plane: skip slabs it misses
+            zext = np.sqrt(r2max * (a02 * a02 + a12 * a12)) / pad + 1.0
+            if off + zext < zlo - 1 or off - zext >= zhi:
+                continue
+            for j in range(m):
+                u = np.float64(kx[j])
+                v = np.float64(ky[j])
+                x = u * a00 + v * a10
+                z = u * a02 + v * a12
+                neg = x < 0.0
+                if neg:
+                    x = -x
+                    z = -z
+                z += off
+                z0 = int(np.floor(z))
+                if z0 + 1 < zlo or z0 >= zhi:
+                    continue
+                y = u * a01 + v * a11
+                if neg:
+                    y = -y
+                if x * x + (y * y + (z - off) * (z - off)) > r2max:
+                    continue
+                y += off
+                x0 = int(x)
+                y0 = int(np.floor(y))
+                fx = np.float32(x - x0)
+                fy = np.float32(y - y0)
+                fz = np.float32(z - z0)
+                gx = np.float32(1.0) - fx
+                gy = np.float32(1.0) - fy
+                gz = np.float32(1.0) - fz
+                val = values[i, j]
+                if neg:
+                    val = np.conj(val)
+                w = weights[i, j]
+                if z0 >= zlo:
+                    w00 = gz * gy * gx
+                    w01 = gz * gy * fx
+                    w10 = gz * fy * gx
+                    w11 = gz * fy * fx
+                    data[z0, y0, x0] += val * w00
+                    data[z0, y0, x0 + 1] += val * w01
+                    data[z0, y0 + 1, x0] += val * w10
+                    data[z0, y0 + 1, x0 + 1] += val * w11
+                    weight[z0, y0, x0] += w * w00
+                    weight[z0, y0, x0 + 1] += w * w01
+                    weight[z0, y0 + 1, x0] += w * w10
+                    weight[z0, y0 + 1, x0 + 1] += w * w11
+                if z0 + 1 < zhi:
+                    z1 = z0 + 1
+                    w00 = fz * gy * gx
+                    w01 = fz * gy * fx
+                    w10 = fz * fy * gx
+                    w11 = fz * fy * fx
+                    data[z1, y0, x0] += val * w00
+                    data[z1, y0, x0 + 1] += val * w01
+                    data[z1, y0 + 1, x0] += val * w10
+                    data[z1, y0 + 1, x0 + 1] += val * w11
+                    weight[z1, y0, x0] += w * w00
+                    weight[z1, y0, x0 + 1] += w * w01
+                    weight[z1, y0 + 1, x0] += w * w10
+                    weight[z1, y0 + 1, x0 + 1] += w * w11
+
+
+def _slab_bounds(rot, kx, ky, pad, r2max, off, depth, nslab) -> NDArray[np.int64]:
+    """z-plane boundaries giving each slab about the same number of insertion points."""
+    if nslab <= 1:
+        return np.array([0, depth], dtype=np.int64)
+    stride = max(1, rot.shape[0] * kx.shape[0] // 500_000)
+    hist = _slab_histogram(rot, kx, ky, pad, r2max, off, depth, stride)
+    # a point at plane z0 also writes z0+1: count it on both
+    load = hist + np.concatenate(([0.0], hist[:-1])) + 1e-3
+    cum = np.cumsum(load)
+    targets = cum[-1] * np.arange(1, nslab) / nslab
+    inner = np.searchsorted(cum, targets) + 1
+    return np.concatenate(([0], np.clip(inner, 0, depth), [depth])).astype(np.int64)
+
+
+def backproject_points(data: NDArray, weight: NDArray, rotations: NDArray, kx: NDArray, ky: NDArray,
+                       values: NDArray, weights: NDArray, pad: int, r_max: float) -> None:
+    """Trilinear splat of values (n, m) into data and weights into weight at pad·Aᵀ(kx, ky, 0), in place.
+
+    Points with |ξ|² > round(pad·r_max)² are skipped; points with ξx < 0 go to -ξ with conj(value).
+    Parallel over z-slabs of the half-cube (one writer per voxel), so any thread count is exact.
+    """
+    radius = half_cube_radius(data.shape)
+    if weight.shape != data.shape:
+        raise ValueError(f"weight {weight.shape} != data {data.shape}")
+    rotations = np.ascontiguousarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    kx = np.ascontiguousarray(kx, dtype=np.float32).ravel()
+    ky = np.ascontiguousarray(ky, dtype=np.float32).ravel()
+    shape = (rotations.shape[0], kx.shape[0])
+    values = np.ascontiguousarray(np.broadcast_to(values, shape), dtype=data.dtype)
+    weights = np.ascontiguousarray(np.broadcast_to(weights, shape), dtype=weight.dtype)
+    if values.size == 0:
+        return
+    r_ins = min(int(round(pad * r_max)), radius)
+    r2max = float(r_ins * r_ins)
+    off = radius + 1
+    bounds = _slab_bounds(rotations, kx, ky, float(pad), r2max, off, data.shape[0], numba.get_num_threads())
+    _backproject(data, weight, rotations, kx, ky, values, weights, float(pad), r2max, bounds)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _symmetrise(data, weight, mats, r2max, out_data, out_weight):
+    d = data.shape[0]
+    h = data.shape[2]
+    off = (d - 1) // 2
+    for iz in prange(d):
+        z = np.float64(iz - off)
+        for iy in range(d):
+            y = np.float64(iy - off)
+            for ix in range(h):
+                x = np.float64(ix)
+                if x * x + y * y + z * z > r2max:
+                    continue
+                acc = out_data[iz, iy, ix] * 0
+                wacc = out_weight[iz, iy, ix] * 0
+                for g in range(mats.shape[0]):
+                    xp = mats[g, 0, 0] * x + mats[g, 0, 1] * y + mats[g, 0, 2] * z
+                    yp = mats[g, 1, 0] * x + mats[g, 1, 1] * y + mats[g, 1, 2] * z
+                    zp = mats[g, 2, 0] * x + mats[g, 2, 1] * y + mats[g, 2, 2] * z
+                    neg = xp < 0.0
+                    if neg:
+                        xp = -xp
+                        yp = -yp
+                        zp = -zp
+                    # exact grid hits (common for 2-folds) round away float noise
+                    xp = min(xp, h - 1.0 - 1e-9)
+                    yp += off
+                    zp += off
+                    x0 = int(xp + 1e-9)
+                    y0 = int(np.floor(yp + 1e-9))
+                    z0 = int(np.floor(zp + 1e-9))
+                    fx = max(xp - x0, 0.0)
+                    fy = max(yp - y0, 0.0)
+                    fz = max(zp - z0, 0.0)
+                    if fx < 1e-9:
+                        fx = 0.0
+                    if fy < 1e-9:
+                        fy = 0.0
+                    if fz < 1e-9:
+                        fz = 0.0
+                    x1 = min(x0 + 1, h - 1)
+                    y1 = min(y0 + 1, d - 1)
+                    z1 = min(z0 + 1, d - 1)
+                    gx = 1.0 - fx
+                    gy = 1.0 - fy
+                    gz = 1.0 - fz
+                    c = ((data[z0, y0, x0] * gx + data[z0, y0, x1] * fx) * gy
+                         + (data[z0, y1, x0] * gx + data[z0, y1, x1] * fx) * fy) * gz \
+                        + ((data[z1, y0, x0] * gx + data[z1, y0, x1] * fx) * gy
+                           + (data[z1, y1, x0] * gx + data[z1, y1, x1] * fx) * fy) * fz
+                    wv = ((weight[z0, y0, x0] * gx + weight[z0, y0, x1] * fx) * gy
+                          + (weight[z0, y1, x0] * gx + weight[z0, y1, x1] * fx) * fy) * gz \
+                        + ((weight[z1, y0, x0] * gx + weight[z1, y0, x1] * fx) * gy
+                           + (weight[z1, y1, x0] * gx + weight[z1, y1, x1] * fx) * fy) * fz
+                    acc += np.conj(c) if neg else c
+                    wacc += wv
+                out_data[iz, iy, ix] = acc
+                out_weight[iz, iy, ix] = wacc
+
+
+def symmetrise_grid(data: NDArray, weight: NDArray, sym_mats: NDArray, r_ins: int) -> tuple[NDArray, NDArray]:
+    """Σ_g B(R_g ξ), Σ_g W(R_g ξ) (trilinear, conj for negative x) for |ξ| ≤ r_ins; other voxels copied."""
+    mats = np.ascontiguousarray(sym_mats, dtype=np.float64).reshape(-1, 3, 3)
+    out_data = data.copy()
+    out_weight = weight.copy()
+    _symmetrise(data, weight, mats, float(r_ins * r_ins), out_data, out_weight)
+    return out_data, out_weight
