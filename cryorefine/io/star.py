@@ -19,6 +19,7 @@ import pandas as pd
 
 from cryorefine.errors import InputError, require
 from cryorefine.io.atomic import atomic_path
+from cryorefine.io.mrc import read_header, set_default_mode
 
 STAR_VERSION = "50001"
 
@@ -161,20 +162,24 @@ def read_star(path) -> dict[str, Block]:
 
 def _format_floats(x: np.ndarray) -> list[str]:
     """RELION-like float text: '%.6f', or '%.6e' for 0 < |x| < 1e-3 or |x| >= 1e6 (and for nan/inf)."""
+    out = [f"{v:.6f}" for v in x.tolist()]
     a = np.abs(x)
-    fixed = np.isfinite(x) & ((a == 0) | ((a >= 1e-3) & (a < 1e6)))
-    out = np.empty(x.shape, dtype=object)
-    if fixed.any():
-        # vectorised '%.6f': integer micro-units, split into integer and fraction parts
-        v = x[fixed]
-        micro = np.rint(np.abs(v) * 1e6).astype(np.int64)
-        ip = (micro // 1_000_000).astype(str)
-        fp = np.char.zfill((micro % 1_000_000).astype(str), 6)
-        sign = np.where((v < 0) & (micro > 0), "-", "")
-        out[fixed] = np.char.add(np.char.add(np.char.add(sign, ip), "."), fp)
-    if (~fixed).any():
-        out[~fixed] = [f"{val:.6e}" if np.isfinite(val) else str(val) for val in x[~fixed]]
-    return out.tolist()
+    odd = ~(np.isfinite(x) & ((a == 0) | ((a >= 1e-3) & (a < 1e6))))
+    for i in np.flatnonzero(odd).tolist():
+        v = float(x[i])
+        out[i] = f"{v:.6e}" if np.isfinite(v) else str(v)
+    return out
+
+
+_NEEDS_QUOTE = re.compile(r"\s|(?:^|\x00)(?:_|#|data_|loop_|\"|'|\x00|$)")
+
+
+def _format_strings(values: list) -> list[str]:
+    """Column of strings as STAR tokens; quoting checked on the joined column first (fast common case)."""
+    values = [str(v) if v is not None else "" for v in values]
+    if not values or _NEEDS_QUOTE.search("\x00".join(values)) is None:
+        return values
+    return [_quote(v) for v in values]
 
 
 def _quote(s: str) -> str:
@@ -195,7 +200,10 @@ def _format_column(s: pd.Series) -> list[str]:
         return s.astype(str).tolist()
     if pd.api.types.is_float_dtype(dt):
         return _format_floats(s.to_numpy(dtype=np.float64))
-    return [_format_value(v) for v in s.tolist()]
+    values = s.tolist()
+    if all(isinstance(v, str) for v in values):
+        return _format_strings(values)
+    return [_format_value(v) for v in values]
 
 
 def _format_value(v) -> str:
@@ -238,6 +246,7 @@ def write_star(path, blocks: dict[str, Block]) -> None:
     text = "".join(_block_text(name, block) for name, block in blocks.items())
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+        set_default_mode(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,7 +339,6 @@ def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -
 
     first_idx, first_name = _parse_image_name(str(parts["rlnImageName"].iloc[0]))
     stack = resolve_image_path(first_name, path.resolve().parent)
-    from cryorefine.io.mrc import read_header  # local: mrc does not depend on star
     try:
         box = int(read_header(stack).shape[-1])
     except InputError as exc:
