@@ -95,7 +95,7 @@ def test_speed_5000_particles_128():
     g = ctf_grid(p, 128, 1.5)
     dt = time.perf_counter() - t0
     assert g.shape == (5000, 128, 65)
-    assert dt < 1.5, dt
+    assert dt < 3.0, dt   # ~0.4 s on a quiet 2-core machine; generous for shared CI
 
 
 class _Table:

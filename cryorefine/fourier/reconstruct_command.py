@@ -1,0 +1,257 @@
+"""Reconstruct a map from particles with known angles and origins (counterpart of relion_reconstruct).
+
+Like relion_reconstruct (RELION 4/5): each image is shifted by +origin, its transform (DC set to 0) is
+multiplied by its CTF (with --ctf; weight CTF²) and inserted at its orientation into a ×pad oversampled
+Fourier grid; the grid is symmetrised and divided by the weights, floored at 0.001 of the shell mean
+(no regularisation). --dont_skip_gridding uses RELION's iterative (Pipe–Menon, Kaiser–Bessel blob)
+density compensation instead. Optics groups with other boxes or pixel sizes are rescaled onto the
+output grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import scipy.fft as sfft
+import scipy.special as sps
+from numpy.typing import NDArray
+
+from cryorefine.errors import InputError, require
+from cryorefine.fourier import backprojector as bpmod
+from cryorefine.fourier.ctf import ctf_params_from_table, ctf_values
+from cryorefine.fourier.filters import phase_shift_2d
+from cryorefine.fourier.transforms import rfft2_centered, rfft_freqs_2d
+
+BATCH = 512          # images read and inserted at a time (memory ~ BATCH · N² · 16 B)
+BLOB_RADIUS = 1.9    # RELION reconstruct defaults: --blob_r, --blob_m, --blob_a, --iter
+BLOB_ORDER = 0
+BLOB_ALPHA = 15.0
+GRIDDING_ITER = 10
+TABLE_SIZE = 10000  # entries of RELION's tabulated blob transform
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """relion_reconstruct's options (the common ones)."""
+    p.add_argument("--i", required=True, metavar="STAR", help="particles STAR file with angles and origins")
+    p.add_argument("--o", default="relion.mrc", metavar="MRC", help="output map (default relion.mrc)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--ctf", action="store_true", help="apply CTF correction")
+    p.add_argument("--subset", type=int, default=-1, help="1 or 2: only particles with this rlnRandomSubset")
+    p.add_argument("--class", dest="chosen_class", type=int, default=-1,
+                   help="only particles with this rlnClassNumber")
+    p.add_argument("--maxres", type=float, default=-1.0, help="highest resolution (Å) inserted (default Nyquist)")
+    p.add_argument("--angpix", type=float, default=-1.0,
+                   help="pixel size of the reconstruction (default: that of the first optics group)")
+    p.add_argument("--pad", type=int, default=2, help="padding factor (default 2)")
+    p.add_argument("--dont_skip_gridding", action="store_true",
+                   help="iterative gridding density compensation instead of the floored division")
+    p.add_argument("--iter", type=int, default=GRIDDING_ITER,
+                   help="gridding-compensation iterations with --dont_skip_gridding (default 10)")
+    # RELION ≤ 3.1 spelling; skipping is the default since RELION 4
+    p.add_argument("--skip_gridding", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+
+
+def _log(msg: str) -> None:
+    print(f"reconstruct: {msg}", file=sys.stderr, flush=True)
+
+
+def kaiser_bessel_ft(w: NDArray, radius: float, alpha: float = BLOB_ALPHA, order: int = BLOB_ORDER) -> NDArray:
+    """3D Fourier transform (up to a constant) of RELION's Kaiser–Bessel blob of `radius` at frequency w
+    (cycles per sample): J_{3/2+m}(σ)/σ^{3/2+m} or I_{3/2+m}(σ)/σ^{3/2+m}, σ = sqrt|α² − (2πaw)²|."""
+    w = np.asarray(w, dtype=np.float64)
+    x = 2.0 * np.pi * radius * w
+    sigma = np.sqrt(np.abs(alpha * alpha - x * x))
+    nu = 1.5 + order
+    sigma_safe = np.maximum(sigma, 1e-12)
+    osc = sps.jv(nu, sigma_safe) / sigma_safe ** nu
+    grow = sps.iv(nu, sigma_safe) / sigma_safe ** nu
+    return np.where(x > alpha, osc, grow)
+
+
+def gridding_compensation(bp: bpmod.BackProjector, iterations: int = GRIDDING_ITER,
+                          blob_radius: float = BLOB_RADIUS, blob_alpha: float = BLOB_ALPHA,
+                          blob_order: int = BLOB_ORDER) -> NDArray[np.float64]:
+    """RELION BackProjector::reconstruct without skip_gridding: iterative weights w (half-cube layout) with
+    w ← w / max(1e-6, |blob ⊛ (w·W)|) inside |ξ|² < R² (Pipe & Menon 1999, Matej 2001); 0 outside."""
+    radius = bp.radius
+    d = bp.data.shape[0]                              # RELION's pad_size = 2R + 3
+    off = radius + 1
+    iz, iy, ix = np.ogrid[:d, :d, :bp.data.shape[2]]
+    inside = (ix * ix + (iy - off) ** 2 + (iz - off) ** 2) < radius * radius
+    fnew = inside.astype(np.float64)
+    if iterations <= 0:
+        return fnew
+    # circular convolution on a fast FFT size L ≥ D; the data (|ξ| ≤ R+1) plus the blob (≤ 3.8) never wrap
+    size = sfft.next_fast_len(d, real=True)
+    x = np.fft.fftfreq(size, 1.0 / size)
+    # RELION multiplies by FT_blob(|x| / (N·pad)) on its D-grid, where x/D is the frequency: same kernel here
+    scale = d / (size * bp.ori_size * bp.pad)
+    dist = np.sqrt(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2)
+    rval = dist * scale
+    del dist
+    # RELION's TabFtBlob: 10,000 samples on [0, 0.5), looked up by truncation, 0 beyond the table
+    sampling = 0.5 / TABLE_SIZE
+    # blob radius 2·blob_r whatever the padding (RELION since 2017)
+    table = kaiser_bessel_ft(np.arange(TABLE_SIZE) * sampling, blob_radius * 2.0, blob_alpha, blob_order)
+    table = np.append(table / table[0], 0.0).astype(np.float32)
+    ftblob = table[np.minimum((rval / sampling).astype(np.int64), TABLE_SIZE)]
+    del rval
+    # RELION's decenter keeps |ξ|² ≤ R² of the weights (the rim voxels beyond R are dropped)
+    weight = np.where(ix * ix + (iy - off) ** 2 + (iz - off) ** 2 <= radius * radius, bp.weight, 0.0)
+    grid = np.zeros((size, size, size // 2 + 1), np.float32)
+    yz = (np.arange(d) - off) % size                  # centred half-cube rows -> FFT order on the L-grid
+    for _ in range(iterations):
+        grid[:] = 0.0
+        grid[np.ix_(yz, yz, np.arange(d // 2 + 1))] = (fnew * weight).astype(np.float32)
+        # the half-cube is the rfft layout (x ≥ 0) of a Hermitian-symmetric real kernel; real-space product
+        real = sfft.irfftn(grid, s=(size, size, size), workers=-1)
+        real *= ftblob
+        conv = sfft.rfftn(real, workers=-1)
+        del real
+        vals = np.abs(conv[np.ix_(yz, yz, np.arange(d // 2 + 1))])
+        del conv
+        fnew = np.where(inside, fnew / np.maximum(vals, 1e-6), fnew)
+    return fnew
+
+
+def apply_gridding(bp: bpmod.BackProjector, fnew: NDArray) -> None:
+    """Fold the compensation weights into the data and set the weights to 1 inside R (0 beyond), so that
+    backprojector.reconstruct's division returns data·w (its 0.001·mean floor is then inactive)."""
+    radius = bp.radius
+    d = bp.data.shape[0]
+    off = radius + 1
+    iz, iy, ix = np.ogrid[:d, :d, :bp.data.shape[2]]
+    inside = (ix * ix + (iy - off) ** 2 + (iz - off) ** 2) <= radius * radius
+    bp.data = (bp.data * fnew).astype(bp.data.dtype)
+    bp.weight = inside.astype(bp.weight.dtype)
+
+
+def _require_columns(table, labels: list[str], why: str) -> None:
+    missing = [c for c in labels if c not in table.particles.columns]
+    require(not missing, f"{table.path}: no {', '.join(missing)} column ({why})")
+
+
+def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
+    """Row positions used: all, or those of one random half / class."""
+    rows = np.arange(len(table.particles))
+    keep = np.ones(rows.size, bool)
+    if subset in (1, 2):
+        _require_columns(table, ["rlnRandomSubset"], "needed for --subset")
+        keep &= table.particles["rlnRandomSubset"].to_numpy().astype(np.int64) == subset
+    if chosen_class >= 0:
+        _require_columns(table, ["rlnClassNumber"], "needed for --class")
+        keep &= table.particles["rlnClassNumber"].to_numpy().astype(np.int64) == chosen_class
+    rows = rows[keep]
+    require(rows.size > 0, f"{table.path}: no particles selected")
+    return rows
+
+
+def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
+                      batch: int = BATCH, progress: bool = True) -> int:
+    """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`)."""
+    from cryorefine.geometry.euler import euler_to_matrix
+    from cryorefine.io.particles import ParticleImages
+    from cryorefine.io.star import particle_optics
+
+    parts = table.particles
+    _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
+    images = ParticleImages(table)
+    group = np.asarray(parts["rlnOpticsGroup"].to_numpy()) if "rlnOpticsGroup" in parts.columns \
+        else np.ones(len(parts), np.int64)
+    pix = np.asarray(particle_optics(table, "rlnImagePixelSize"), dtype=np.float64)
+    premult = (np.asarray(particle_optics(table, "rlnCtfDataAreCtfPremultiplied"), dtype=np.float64) > 0
+               if "rlnCtfDataAreCtfPremultiplied" in table.optics.columns else np.zeros(len(parts), bool))
+    ctf_all = ctf_params_from_table(table) if do_ctf else None
+
+    def col(label: str) -> NDArray[np.float64]:
+        return parts[label].to_numpy(dtype=np.float64) if label in parts.columns else np.zeros(len(parts))
+
+    rot, tilt, psi = col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")
+    ox, oy = col("rlnOriginXAngst"), col("rlnOriginYAngst")
+    n_model = bp.ori_size
+    done, total, t0, last = 0, rows.size, time.perf_counter(), 0.0
+    for g in np.unique(group[rows]):
+        g_rows = rows[group[rows] == g]
+        p_o = float(pix[g_rows[0]])
+        first = images.read(g_rows[:1])
+        n_o = first.shape[-1]
+        ky, kx = rfft_freqs_2d(n_o)
+        # k_model = k_o · (N p)/(N_o p_o): the group's frequencies on the model grid
+        scale = (n_model * angpix) / (n_o * p_o)
+        r2 = (kx * kx + ky * ky).astype(np.float64)
+        use = (~((kx == 0) & (ky < 0))) & (r2 * scale * scale <= bp.r_max ** 2 + 1e-9) & (r2 <= (n_o // 2) ** 2)
+        sel = np.flatnonzero(use.ravel())
+        kx_o = kx.ravel()[sel].astype(np.float64)
+        ky_o = ky.ravel()[sel].astype(np.float64)
+        dc = np.flatnonzero((kx_o == 0) & (ky_o == 0))
+        for start in range(0, g_rows.size, batch):
+            b = g_rows[start:start + batch]
+            ft = rfft2_centered(images.read(b)).reshape(b.size, -1)[:, sel]
+            ft = phase_shift_2d(ft, kx_o, ky_o, ox[b] / p_o, oy[b] / p_o, n_o)
+            ft[:, dc] = 0.0   # relion_reconstruct zeroes the DC term of every image
+            if do_ctf:
+                c = ctf_values(ctf_all.subset(b), kx_o, ky_o, n_o, p_o)
+                values = np.where(premult[b][:, None], ft, ft * c)
+                weights = c * c
+            else:
+                values, weights = ft, np.float32(1.0)
+            mats = euler_to_matrix(rot[b], tilt[b], psi[b])
+            bpmod.insert(bp, mats, kx_o * scale, ky_o * scale, values.astype(np.complex64), weights)
+            done += b.size
+            now = time.perf_counter()
+            if progress and (now - last > 5 or done == total):
+                _log(f"back-projected {done}/{total} particles ({now - t0:.1f} s)")
+                last = now
+    return done
+
+
+def reconstruct_map(bp: bpmod.BackProjector, sym: str = "C1", gridding_iter: int = 0) -> NDArray[np.float32]:
+    """Symmetrise bp in place and return RELION's unregularised reconstruction (floored division, or
+    with gridding_iter > 0 the iterative gridding compensation of --dont_skip_gridding)."""
+    from cryorefine.geometry.symmetry import symmetry_matrices
+
+    bpmod.symmetrise(bp, symmetry_matrices(sym))
+    if gridding_iter > 0:
+        apply_gridding(bp, gridding_compensation(bp, gridding_iter))
+    return bpmod.reconstruct(bp)
+
+
+def run(args: argparse.Namespace) -> int:
+    """cryorefine reconstruct."""
+    from cryorefine.geometry.symmetry import symmetry_matrices
+    from cryorefine.io.mrc import write_map
+    from cryorefine.io.star import read_particles
+
+    t0 = time.perf_counter()
+    require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
+    require(args.batch >= 1, "--batch: must be positive")
+    try:
+        symmetry_matrices(args.sym)
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"--sym: {exc}") from None
+    table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
+    _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
+    if args.ctf:
+        _require_columns(table, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], "needed with --ctf")
+    rows = _select_rows(table, args.subset, args.chosen_class)
+    from cryorefine.io.particles import ParticleImages
+    box = int(ParticleImages(table).read(np.arange(1))[0].shape[-1])   # like RELION: the first image's size
+    angpix = float(args.angpix) if args.angpix > 0 else float(table.optics["rlnImagePixelSize"].iloc[0])
+    r_max = None
+    if args.maxres > 0:
+        r_max = min(float(np.ceil(box * angpix / args.maxres)), box / 2)
+    bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
+    _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
+         f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px")
+    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch)
+    iterations = args.iter if args.dont_skip_gridding else 0
+    _log(f"symmetrising and reconstructing ({f'{iterations} gridding iterations' if iterations else 'floored division'})")
+    vol = reconstruct_map(bp, args.sym, iterations)
+    write_map(args.o, vol, angpix)
+    _log(f"wrote {args.o} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
