@@ -17,6 +17,8 @@ Complex arrays are complex64, weights float32 (float64 / complex128 also compile
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -36,20 +38,27 @@ def half_cube_shape(radius: int) -> tuple[int, int, int]:
     return (2 * radius + 3, 2 * radius + 3, radius + 2)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _project(ft3d, rot, kx, ky, pad, r_max, out):
+_BLOCK = 1024  # pixels per work item: lets one rotation with many pixels use every thread
+_SERIAL_POINTS = 65_536  # below this many points thread start-up costs more than it saves
+
+
+def _project_impl(ft3d, rot, kx, ky, pad, r_max, out):
     n = rot.shape[0]
     m = kx.shape[0]
     off = (ft3d.shape[0] - 1) // 2
     r2max = r_max * r_max
-    for i in prange(n):
+    nblk = (m + _BLOCK - 1) // _BLOCK
+    for b in prange(n * nblk):
+        i = b // nblk
+        jlo = (b % nblk) * _BLOCK
+        jhi = min(jlo + _BLOCK, m)
         a00 = pad * rot[i, 0, 0]
         a01 = pad * rot[i, 0, 1]
         a02 = pad * rot[i, 0, 2]
         a10 = pad * rot[i, 1, 0]
         a11 = pad * rot[i, 1, 1]
         a12 = pad * rot[i, 1, 2]
-        for j in range(m):
+        for j in range(jlo, jhi):
             u = np.float64(kx[j])
             v = np.float64(ky[j])
             if u * u + v * v > r2max:
@@ -83,6 +92,17 @@ def _project(ft3d, rot, kx, ky, pad, r_max, out):
             out[i, j] = np.conj(val) if neg else val
 
 
+def _renamed(func, name: str):
+    """Copy of a Python function under another name, so numba's on-disk cache keeps the variants apart."""
+    clone = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__, func.__closure__)
+    clone.__qualname__ = name
+    return clone
+
+
+_project = njit(parallel=True, fastmath=True, cache=True)(_renamed(_project_impl, "_project"))
+_project_serial = njit(fastmath=True, cache=True)(_renamed(_project_impl, "_project_serial"))
+
+
 def project_points(ft3d: NDArray, rotations: NDArray, kx: NDArray, ky: NDArray, pad: int,
                    r_max: float) -> NDArray[np.complex64]:
     """Trilinear samples of the padded half-cube at pad·Aᵀ(kx, ky, 0); 0 where kx²+ky² > r_max² -> (n, m)."""
@@ -94,7 +114,8 @@ def project_points(ft3d: NDArray, rotations: NDArray, kx: NDArray, ky: NDArray, 
     r_max = min(float(r_max), radius / pad)
     out = np.empty((rotations.shape[0], kx.shape[0]), dtype=ft3d.dtype)
     if out.size:
-        _project(ft3d, rotations, kx, ky, float(pad), r_max, out)
+        kernel = _project_serial if out.size < _SERIAL_POINTS else _project
+        kernel(ft3d, rotations, kx, ky, float(pad), r_max, out)
     return out
 
 
@@ -120,9 +141,8 @@ def _slab_histogram(rot, kx, ky, pad, r2max, off, depth, stride):
     return hist
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _backproject(data, weight, rot, kx, ky, values, weights, pad, r2max, bounds):
-    """Each slab [bounds[s], bounds[s+1]) of z-planes is written by one thread only (no atomics)."""
+def _backproject_impl(data, weight, rot, kx, ky, values, weights, pad, r2max, bounds):
+    """Trilinear splat; each slab [bounds[s], bounds[s+1]) of z-planes is written by one thread only (no atomics)."""
     n = rot.shape[0]
     m = kx.shape[0]
     off = (data.shape[0] - 1) // 2
@@ -201,6 +221,10 @@ def _backproject(data, weight, rot, kx, ky, values, weights, pad, r2max, bounds)
                     weight[z1, y0 + 1, x0 + 1] += w * w11
 
 
+_backproject = njit(parallel=True, fastmath=True, cache=True)(_renamed(_backproject_impl, "_backproject"))
+_backproject_serial = njit(fastmath=True, cache=True)(_renamed(_backproject_impl, "_backproject_serial"))
+
+
 def _slab_bounds(rot, kx, ky, pad, r2max, off, depth, nslab) -> NDArray[np.int64]:
     """z-plane boundaries giving each slab about the same number of insertion points."""
     if nslab <= 1:
@@ -236,6 +260,10 @@ def backproject_points(data: NDArray, weight: NDArray, rotations: NDArray, kx: N
     r_ins = min(int(round(pad * r_max)), radius)
     r2max = float(r_ins * r_ins)
     off = radius + 1
+    if values.size < _SERIAL_POINTS:
+        bounds = np.array([0, data.shape[0]], dtype=np.int64)
+        _backproject_serial(data, weight, rotations, kx, ky, values, weights, float(pad), r2max, bounds)
+        return
     bounds = _slab_bounds(rotations, kx, ky, float(pad), r2max, off, data.shape[0], numba.get_num_threads())
     _backproject(data, weight, rotations, kx, ky, values, weights, float(pad), r2max, bounds)
 
