@@ -5,6 +5,7 @@ Real-space centre at index N//2 on every axis; radii in pixels; Fourier pixels k
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -110,6 +111,17 @@ def solvent_flatten(volume: NDArray, radius_px: float, edge_px: float, mask: NDA
     return (volume * m).astype(volume.dtype if volume.dtype.kind == "f" else np.float64)
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _shift_rows(ft, kx, ky, tx, ty, scale, out):  # pragma: no cover - compiled
+    n, m = ft.shape
+    for i in numba.prange(n):
+        a = scale * tx[i]
+        b = scale * ty[i]
+        for j in range(m):
+            ph = a * kx[j] + b * ky[j]
+            out[i, j] = ft[i, j] * complex(np.cos(ph), np.sin(ph))
+
+
 def phase_shift_2d(ft: NDArray, kx: ArrayLike, ky: ArrayLike, shift_x: ArrayLike, shift_y: ArrayLike,
                    box: int) -> NDArray:
     """Translate images by +(shift_x, shift_y) px (content to x + t): ft · exp(−2πi (kx·tx + ky·ty)/box).
@@ -117,14 +129,18 @@ def phase_shift_2d(ft: NDArray, kx: ArrayLike, ky: ArrayLike, shift_x: ArrayLike
     ft: (n, ...) transforms sampled at Fourier pixels (kx, ky) (broadcastable to ft.shape[1:]); shifts: (n,).
     """
     ft = np.asarray(ft)
-    extra = (1,) * (ft.ndim - 1)
-    tx = np.asarray(shift_x, dtype=np.float64).reshape((-1,) + extra)
-    ty = np.asarray(shift_y, dtype=np.float64).reshape((-1,) + extra)
-    kx = np.asarray(kx, dtype=np.float64)[None]
-    ky = np.asarray(ky, dtype=np.float64)[None]
-    phase = (-2.0 * np.pi / box) * (kx * tx + ky * ty)
-    factor = np.cos(phase) + 1j * np.sin(phase)
-    return (ft * factor).astype(ft.dtype if np.iscomplexobj(ft) else np.complex128, copy=False)
+    n = ft.shape[0]
+    tx = np.broadcast_to(np.asarray(shift_x, dtype=np.float64).reshape(-1), (n,))
+    ty = np.broadcast_to(np.asarray(shift_y, dtype=np.float64).reshape(-1), (n,))
+    kxf = np.broadcast_to(np.asarray(kx, dtype=np.float64), ft.shape[1:]).ravel()
+    kyf = np.broadcast_to(np.asarray(ky, dtype=np.float64), ft.shape[1:]).ravel()
+    dtype = ft.dtype if np.iscomplexobj(ft) else np.complex128
+    flat = np.ascontiguousarray(ft.reshape(n, -1), dtype=dtype)
+    out = np.empty_like(flat)
+    if flat.size:
+        _shift_rows(flat, np.ascontiguousarray(kxf), np.ascontiguousarray(kyf), np.ascontiguousarray(tx),
+                    np.ascontiguousarray(ty), -2.0 * np.pi / box, out)
+    return out.reshape(ft.shape)
 
 
 def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = True) -> NDArray[np.float32]:
