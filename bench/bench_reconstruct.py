@@ -3,7 +3,7 @@
 Targets (shared/bench/README.md, RELION 5 relion_reconstruct on the same machine kind: 3.56 / 3.86 Å, 54 s):
 FSC 0.5 vs truth ≤ 3.60 Å masked and ≤ 3.90 Å unmasked, wall time < 54 s.
 
-    python bench/bench_reconstruct.py [--set medium] [--extra "--dont_skip_gridding"] [--keep DIR]
+    python bench/bench_reconstruct.py [--set medium] [--extra=--dont_skip_gridding] [--keep DIR]
 """
 
 from __future__ import annotations
