@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import os
 from pathlib import Path
 
 import mrcfile
@@ -13,9 +14,8 @@ import pytest
 import starfile
 
 from cryorefine.cli import main
-from cryorefine.extract.extraction import (ExtractParams, background_mask, crosses_edge, default_bg_radius,
-                                           extract_from_micrograph, normalise_background, output_angpix,
-                                           resize_fourier, window_particles)
+from cryorefine.extract.extraction import (ExtractParams, crosses_edge, default_bg_radius, extract_from_micrograph,
+                                           output_angpix, process_boxes, window_particles)
 from cryorefine.extract.recenter import recenter, relion_round
 from cryorefine.geometry.euler import euler_to_matrix
 
@@ -61,7 +61,7 @@ def runs(mics_set, tmp_path_factory):
         "recenter128": ["--reextract_data_star", f"{m}/particles_mic_refined.star", "--recenter",
                         "--extract_size", "128", "--norm", "--invert_contrast"],
         "reset": ["--reextract_data_star", f"{m}/particles_mic_refined.star", "--reset_offsets",
-                  "--extract_size", "32"],
+                  "--extract_size", "128", "--scale", "64", "--norm", "--invert_contrast"],
     }
     out = {}
     try:
@@ -174,28 +174,37 @@ def test_skip_outside_drops_only_edge_crossers():
 # rescaling and normalisation
 
 
-def test_resize_fourier_keeps_band_limited_content():
-    """Fourier cropping: a cosine below the new Nyquist survives exactly (mean kept too)."""
+def _background(box: int, radius: int) -> np.ndarray:
+    c = np.arange(box) - box // 2
+    return (c[:, None] ** 2 + c[None, :] ** 2) > radius ** 2
+
+
+def test_rescale_keeps_band_limited_content():
+    """--scale: a cosine below the new Nyquist survives Fourier cropping exactly (mean kept, centre kept)."""
     n, m = 64, 32
     y, x = np.mgrid[0:n, 0:n] - n // 2
     img = 3.0 + np.cos(2 * np.pi * (5 * x + 3 * y) / n)
-    small = resize_fourier(img[None], m)[0]
+    small = process_boxes(np.stack([img, -img]), ExtractParams(extract_size=n, scale=m))
     ys, xs = np.mgrid[0:m, 0:m] - m // 2
-    np.testing.assert_allclose(small, 3.0 + np.cos(2 * np.pi * (5 * xs + 3 * ys) / m), atol=1e-5)
+    np.testing.assert_allclose(small[0], 3.0 + np.cos(2 * np.pi * (5 * xs + 3 * ys) / m), atol=1e-5)
+    np.testing.assert_allclose(small[1], -small[0], atol=1e-5)
     assert output_angpix(1.5, 128, 64) == 3.0 and default_bg_radius(64) == 24 and default_bg_radius(360) == 135
 
 
 def test_normalise_removes_ramp_on_noise():
-    """Noise + offset + steep plane -> whole noise box mean 0 / std 1 (within 0.05), plane gone."""
+    """--norm on noise + offset + steep plane: whole box mean 0 / std 1 (within 0.05), background exact."""
     rng = np.random.default_rng(3)
     n = 96
     y, x = np.mgrid[0:n, 0:n] - n // 2
     imgs = 7.0 + 0.2 * x - 0.15 * y + 3.0 * rng.standard_normal((20, n, n))
-    out = normalise_background(imgs, 36)
-    bg = background_mask(n, 36)
+    out = process_boxes(imgs, ExtractParams(extract_size=n, norm=True, bg_radius=36, invert_contrast=True))
+    bg = _background(n, 36)
     assert np.abs(out[:, bg].mean(1)).max() < 1e-5 and np.abs(out[:, bg].std(1) - 1).max() < 1e-5
     assert np.abs(out.mean((1, 2))).max() < 0.05 and np.abs(out.std((1, 2)) - 1).max() < 0.05
-    assert np.abs(normalise_background(imgs, 36, ramp=False).std((1, 2)) - 1).min() > 0.1   # ramp left in
+    slope = np.polyfit(np.arange(n), out.mean((0, 1)), 1)[0]
+    assert abs(slope) < 1e-3                       # inverted, so a left-over plane would show as -0.2/3 per px
+    no_ramp = process_boxes(imgs, ExtractParams(extract_size=n, norm=True, bg_radius=36, ramp=False))
+    assert np.abs(no_ramp.std((1, 2)) - 1).min() > 0.1
 
 
 def test_normalised_particles_background_stats(runs):
@@ -203,8 +212,7 @@ def test_normalised_particles_background_stats(runs):
     for key, box, radius in (("list", 128, 48), ("recenter64", 64, 24)):
         imgs = _stack(runs[key]).astype(np.float64)
         assert imgs.shape[1:] == (box, box)
-        c = np.arange(box) - box // 2
-        bg = (c[:, None] ** 2 + c[None, :] ** 2) > radius ** 2
+        bg = _background(box, radius)
         assert np.abs(imgs[:, bg].mean(1)).max() < 0.05
         assert np.abs(imgs[:, bg].std(1) - 1).max() < 0.05
 
@@ -335,21 +343,62 @@ def _shell_fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (num / np.maximum(den, 1e-30))[: n // 2 + 1]
 
 
-@pytest.mark.skipif(not (_has("cryorefine.fourier.reconstruct_command") and _has("cryorefine.tools.image_handler")),
-                    reason="needs `cryorefine reconstruct` and `cryorefine image-handler`")
-def test_binning_at_extraction_equals_binning_afterwards(runs, tmp_path, monkeypatch):
-    """Reconstructions (true angles, CTF, D2) from box-64 extraction and from box-128 + image-handler agree to 7 A."""
-    monkeypatch.chdir(runs["recenter128"].parents[2])
-    binned = tmp_path / "binned.star"
-    assert main(["image-handler", "--i", str(runs["recenter128"]), "--rescale_angpix", "3.0", "--new_box", "64",
-                 "--o", str(binned)]) == 0
-    maps = {}
-    for key, star in (("extract64", runs["recenter64"]), ("handler64", binned)):
-        out = tmp_path / f"{key}.mrc"
+_NEEDS_TOOLS = pytest.mark.skipif(
+    not (_has("cryorefine.fourier.reconstruct_command") and _has("cryorefine.tools.image_handler")),
+    reason="needs `cryorefine reconstruct` and `cryorefine image-handler`")
+
+
+def _reconstruct(star: Path, out: Path) -> np.ndarray:
+    """`cryorefine reconstruct --ctf --sym D2` (true angles from the STAR file) -> map at 3.0 A/px."""
+    here = os.getcwd()
+    os.chdir(star.parents[2])          # image names are relative to the folder extraction ran in
+    try:
         assert main(["reconstruct", "--i", str(star), "--ctf", "--sym", "D2", "--o", str(out)]) == 0
-        with mrcfile.open(out) as mrc:
-            maps[key] = np.asarray(mrc.data, dtype=np.float64)
-            assert mrc.voxel_size.x == pytest.approx(3.0, rel=1e-3)
-    fsc = _shell_fsc(maps["extract64"], maps["handler64"])
+    finally:
+        os.chdir(here)
+    with mrcfile.open(out) as mrc:
+        assert mrc.voxel_size.x == pytest.approx(3.0, rel=1e-3)
+        return np.asarray(mrc.data, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def map_extract64(runs, tmp_path_factory):
+    """Reconstruction of the re-centred particles extracted at box 128 and binned to 64 by extract --scale."""
+    return _reconstruct(runs["recenter64"], tmp_path_factory.mktemp("rec") / "extract64.mrc")
+
+
+@_NEEDS_TOOLS
+def test_recentred_particles_reconstruct_the_truth(runs, mics_set, map_extract64, tmp_path):
+    """Re-centred particles give the truth to 10 A (FSC >= 0.8); the same boxes with origins reset do not."""
+    from cryorefine.fourier.resize import resize_fourier
+    with mrcfile.open(mics_set / "truth.mrc") as mrc:
+        truth = resize_fourier(np.asarray(mrc.data, dtype=np.float64), 64)       # 1.5 -> 3.0 A/px
+    good = _shell_fsc(map_extract64, truth)
+    bad = _shell_fsc(_reconstruct(runs["reset"], tmp_path / "reset.mrc"), truth)
+    s10, s12 = int(64 * 3.0 / 10.0), int(64 * 3.0 / 12.0)
+    assert good[1:s10 + 1].min() >= 0.8, good[: s10 + 1]
+    assert bad[s12] < 0.5, bad[: s12 + 1]
+
+
+@_NEEDS_TOOLS
+def test_binning_at_extraction_equals_binning_afterwards(runs, map_extract64, tmp_path, monkeypatch):
+    """Reconstructions (true angles, CTF, D2) from box-64 extraction and from box-128 + image-handler agree to 7 A."""
+    run_dir = runs["recenter128"].parents[2]
+    monkeypatch.chdir(run_dir)
+    # bin every box-128 stack with image-handler, then point a copy of the STAR file at the binned stacks
+    out = starfile.read(runs["recenter128"])
+    parts, optics = out["particles"].copy(), out["optics"].copy()
+    stacks = sorted({n.split("@")[1] for n in parts["rlnImageName"]})
+    for stack in stacks:
+        binned_stack = tmp_path / stack.replace("/", "_")
+        assert main(["image-handler", "--i", stack, "--rescale_angpix", "3.0", "--new_box", "64",
+                     "--o", str(binned_stack)]) == 0
+    parts["rlnImageName"] = [f"{n.split('@')[0]}@{tmp_path / n.split('@')[1].replace('/', '_')}"
+                             for n in parts["rlnImageName"]]
+    optics["rlnImagePixelSize"], optics["rlnImageSize"] = 3.0, 64
+    binned = run_dir / "Extract/binned/particles.star"
+    binned.parent.mkdir()
+    starfile.write({"optics": optics, "particles": parts}, binned, overwrite=True)
+    fsc = _shell_fsc(map_extract64, _reconstruct(binned, tmp_path / "handler64.mrc"))
     last = int(64 * 3.0 / 7.0)           # shells out to 7 A
     assert fsc[1:last + 1].min() >= 0.95, fsc[: last + 1]

@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 
 from cryorefine.errors import InputError, require
-from cryorefine.extract.extraction import ExtractParams, crosses_edge, extract_from_micrograph, output_angpix
+from cryorefine.extract.extraction import ExtractParams, crop_keep, crosses_edge, iter_particles, output_angpix
 from cryorefine.extract.recenter import recenter
-from cryorefine.io.atomic import atomic_path
+from cryorefine.io.mrc import StackWriter, read_header, read_map
+from cryorefine.io.star import ParticleTable, read_star, write_particles
 
 # micrograph-table columns that describe the particle too (what RELION copies into particles.star)
 _MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
@@ -68,62 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# STAR / MRC access (H1's io module when it is there, starfile / mrcfile otherwise)
-
-
-def _read_star(path: str | os.PathLike) -> dict:
-    """All blocks of a STAR file: name -> DataFrame (loops) or dict (simple blocks)."""
-    try:
-        from cryorefine.io.star import read_star
-    except ImportError:
-        read_star = None
-    if read_star is not None:
-        return read_star(path)
-    import starfile
-    try:
-        return starfile.read(path, always_dict=True)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise InputError(f"{path}: cannot read STAR file ({exc})") from None
-
-
-def _write_particles_star(path: Path, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
-    """RELION 3.1+ particles STAR (data_optics + data_particles), written atomically."""
-    with atomic_path(path) as tmp:
-        import starfile
-        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
-        text = tmp.read_text()
-        tmp.write_text("# version 30001\n" + text)
-
-
-def _write_stack(path: Path, images: np.ndarray, angpix: float, float16: bool) -> None:
-    """(n, N, N) stack as an MRC image stack (mode 2, or 12 with float16), header pixel size angpix."""
-    import mrcfile
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(images.astype(np.float16 if float16 else np.float32, copy=False))
-            mrc.set_image_stack()
-            mrc.voxel_size = angpix
+# MRC access
 
 
 def _read_micrograph(path: str) -> np.ndarray:
     """2D micrograph as float32 (a single-section 3D file is accepted)."""
-    import mrcfile
-    try:
-        with mrcfile.open(path, permissive=True) as mrc:
-            data = np.asarray(mrc.data, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read micrograph ({exc})") from None
+    data, _ = read_map(path)
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
     require(data.ndim == 2, f"{path}: not a 2D micrograph (shape {data.shape})")
     return data
-
-
-def _header_angpix(path: str) -> float:
-    """Pixel size from an MRC header (0 if unset)."""
-    import mrcfile
-    with mrcfile.open(path, permissive=True, header_only=True) as mrc:
-        return float(mrc.voxel_size.x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +122,7 @@ def _mic_angpix(optics: pd.DataFrame | None, group: int, mic_path: str) -> float
         for label in ("rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"):
             if len(row) and label in row:
                 return float(row[label].iloc[0])
-    apix = _header_angpix(mic_path) if os.path.exists(mic_path) else 0.0
+    apix = read_header(mic_path).angpix if os.path.exists(mic_path) else 0.0
     require(apix > 0, f"{mic_path}: no micrograph pixel size (optics table or MRC header)")
     return apix
 
@@ -197,7 +152,7 @@ class MicResult:
 
 def _coordinates_file(path: str) -> pd.DataFrame:
     """rlnCoordinateX/Y table of a RELION coordinate file."""
-    blocks = _read_star(path)
+    blocks = read_star(path)
     loops = [b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnCoordinateX" in b]
     require(bool(loops), f"{path}: no rlnCoordinateX/rlnCoordinateY table")
     t = loops[0].reset_index(drop=True)
@@ -223,7 +178,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
     """Per-micrograph jobs, output optics table, mode name, warnings (nothing is read but STAR files)."""
     star = Path(args.i)
     require(star.exists(), f"{args.i}: no such file")
-    blocks = _read_star(star)
+    blocks = read_star(star)
     mics = _table(blocks, ("micrographs",), args.i)
     require("rlnMicrographName" in mics, f"{args.i}: no rlnMicrographName column")
     names = mics["rlnMicrographName"].astype(str)
@@ -240,7 +195,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         mode = "re-extraction"
         pstar = Path(args.reextract_data_star)
         require(pstar.exists(), f"{args.reextract_data_star}: no such file")
-        pblocks = _read_star(pstar)
+        pblocks = read_star(pstar)
         parts = _table(pblocks, ("particles",), args.reextract_data_star)
         for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
             require(label in parts, f"{args.reextract_data_star}: no {label} column")
@@ -261,7 +216,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             mode = "extraction (coordinate list)"
             cl = Path(args.coord_list)
             require(cl.exists(), f"{args.coord_list}: no such file")
-            ctab = _table(_read_star(cl), ("coordinate_files",), args.coord_list)
+            ctab = _table(read_star(cl), ("coordinate_files",), args.coord_list)
             for label in ("rlnMicrographName", "rlnMicrographCoordinates"):
                 require(label in ctab, f"{args.coord_list}: no {label} column")
             coord_files = dict(zip(ctab["rlnMicrographName"].astype(str), ctab["rlnMicrographCoordinates"].astype(str)))
@@ -384,13 +339,15 @@ def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse
 
 
 def _extract_one(job: MicJob, params: ExtractParams, float16: bool) -> MicResult:
-    """Worker: read one micrograph, box, process, write its stack; nothing else stays in memory."""
+    """Worker: read one micrograph, box, process and stream its stack to disk; only that micrograph is held."""
     mic = _read_micrograph(job.path)
     edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, mic.shape)
-    images, keep = extract_from_micrograph(mic, job.coord_x, job.coord_y, params)
-    del mic
-    if len(images):
-        _write_stack(Path(job.stack), images, output_angpix(job.angpix, params.extract_size, params.scale), float16)
+    keep = crop_keep(job.coord_x, job.coord_y, params, mic.shape)
+    if keep.any():
+        angpix = output_angpix(job.angpix, params.extract_size, params.scale)
+        with StackWriter(job.stack, angpix, float16=float16) as stack:
+            for images in iter_particles(mic, job.coord_x[keep], job.coord_y[keep], params):
+                stack.write(images)
     return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()))
 
 
@@ -468,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         tables.append(rows)
     particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     star_out = out / "particles.star"
-    _write_particles_star(star_out, optics, particles)
+    write_particles(star_out, ParticleTable(optics=optics, particles=particles, path=star_out, version="30001"))
     size = params.out_size
     apix = ", ".join(f"{a:.4f}" for a in optics["rlnImagePixelSize"])
     print(f"cryorefine extract: {mode}: {len(particles)} particles from {len(jobs)} micrographs -> {star_out} "
