@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{threads} threads; accumulators {backprojector.memory_bytes(n, args.pad) / 1e6:.0f} MB")
     print("| box | pad | slices | extract (s) | insert (s) | make_projector (s) | reconstruct (s) | threads |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {args.pad} | {args.n} | {t_extract:.2f} | {t_insert:.2f} | {t_make:.2f} | {t_rec:.2f} | {threads} |")
+    print(f"| {n} | {args.pad} | {args.n} | {t_extract:.2f} | {t_insert:.2f} | {t_make:.2f} | {t_rec:.2f} "
+          f"| {threads} |")
     return 0
 
 

@@ -92,9 +92,10 @@ def complete_hermitian(bp: BackProjector) -> None:
 
 
 def symmetrise(bp: BackProjector, sym_mats: NDArray | None = None) -> None:
-    """Hermitian completion of ξx = 0, then B ← Σ_g B(R_g ξ), W ← Σ_g W(R_g ξ) over |ξ| ≤ R (§3.2), in place.
+    """Hermitian completion of ξx = 0, then B ← Σ_g B(R_g ξ), W ← Σ_g W(R_g ξ) over |ξ| ≤ R (§3.2).
 
-    sym_mats (G, 3, 3) includes the identity; None = C1 (completion only).
+    sym_mats (G, 3, 3) includes the identity; None = C1 (completion only). Updates bp: the completion
+    is in place, the group sum replaces bp.data / bp.weight with new arrays (a transient third copy).
     """
     complete_hermitian(bp)
     if sym_mats is None:

@@ -268,6 +268,13 @@ def backproject_points(data: NDArray, weight: NDArray, rotations: NDArray, kx: N
     _backproject(data, weight, rotations, kx, ky, values, weights, float(pad), r2max, bounds)
 
 
+@njit(cache=True)
+def _snap(v):
+    """v rounded to the nearest integer when within 1e-9 of it."""
+    r = np.floor(v + 0.5)
+    return r if abs(v - r) < 1e-9 else v
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _symmetrise(data, weight, mats, r2max, out_data, out_weight):
     d = data.shape[0]
@@ -292,25 +299,22 @@ def _symmetrise(data, weight, mats, r2max, out_data, out_weight):
                         xp = -xp
                         yp = -yp
                         zp = -zp
-                    # exact grid hits (common for 2-folds) round away float noise
-                    xp = min(xp, h - 1.0 - 1e-9)
                     yp += off
                     zp += off
-                    x0 = int(xp + 1e-9)
-                    y0 = int(np.floor(yp + 1e-9))
-                    z0 = int(np.floor(zp + 1e-9))
-                    fx = max(xp - x0, 0.0)
-                    fy = max(yp - y0, 0.0)
-                    fz = max(zp - z0, 0.0)
-                    if fx < 1e-9:
-                        fx = 0.0
-                    if fy < 1e-9:
-                        fy = 0.0
-                    if fz < 1e-9:
-                        fz = 0.0
-                    x1 = min(x0 + 1, h - 1)
-                    y1 = min(y0 + 1, d - 1)
-                    z1 = min(z0 + 1, d - 1)
+                    # 2-, 4-fold operators map voxels onto voxels: snap the float noise so they stay exact
+                    xp = _snap(xp)
+                    yp = _snap(yp)
+                    zp = _snap(zp)
+                    x0 = int(xp)
+                    y0 = int(np.floor(yp))
+                    z0 = int(np.floor(zp))
+                    fx = xp - x0
+                    fy = yp - y0
+                    fz = zp - z0
+                    # |R ξ| ≤ R keeps every neighbour inside the (2R+3)² (R+2) half-cube
+                    x1 = x0 + 1
+                    y1 = y0 + 1
+                    z1 = z0 + 1
                     gx = 1.0 - fx
                     gy = 1.0 - fy
                     gz = 1.0 - fz
