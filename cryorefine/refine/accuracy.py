@@ -1,0 +1,43 @@
+"""Expected angular and translational accuracies from a reference and particles' CTFs (spec §5.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.fourier.projector import Projector, project
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.refine.autosampling import (ANGLE_LIMIT, SHIFT_LIMIT, angle_schedule, first_exceeding,
+                                            perturbed_pose_matrices, shift_schedule)
+from cryorefine.refine.pixels import PixelSet, shift_phases
+
+
+def expected_accuracies(proj: Projector, ps: PixelSet, ctf: NDArray[np.float32], inv_sigma2: NDArray[np.float64],
+                        rot: NDArray, tilt: NDArray, psi: NDArray, angpix: float,
+                        rng: np.random.Generator) -> tuple[float, float]:
+    """(acc_rot deg, acc_trans Å): mean perturbation at which Σ|CTF(P−P')|²/2σ² first exceeds −ln 0.01.
+
+    ctf is (n, m) on the pixel set `ps` (shells ≥ 1 counted), poses are the particles' current ones.
+    """
+    isig = inv_sigma2[ps.shell].astype(np.float32)
+    isig[ps.shell == 0] = 0.0
+    a0 = euler_to_matrix(rot, tilt, psi)
+    p0 = project(proj, a0, ps.kx_model, ps.ky_model)                           # (n, m)
+    sched_a = angle_schedule()
+    mats = perturbed_pose_matrices(rot, tilt, psi, sched_a, rng)              # (n, S, 3, 3)
+    n, ns = mats.shape[:2]
+    pe = project(proj, mats.reshape(-1, 3, 3), ps.kx_model, ps.ky_model).reshape(n, ns, -1)
+    w = (ctf * ctf * isig[None, :])[:, None, :]
+    diff_a = 0.5 * (np.abs(pe - p0[:, None, :]) ** 2 * w).sum(-1)
+    acc_rot = first_exceeding(diff_a, sched_a, ANGLE_LIMIT)
+
+    sched_t = shift_schedule()
+    axis = rng.integers(0, 2, size=n)
+    p0_pow = (np.abs(p0) ** 2 * ctf * ctf * isig[None, :])                    # (n, m)
+    shifts_x = np.stack([sched_t, np.zeros_like(sched_t)], -1)
+    shifts_y = np.stack([np.zeros_like(sched_t), sched_t], -1)
+    fac_x = np.abs(1 - shift_phases(ps, shifts_x)) ** 2                          # (S, m)
+    fac_y = np.abs(1 - shift_phases(ps, shifts_y)) ** 2
+    diff_t = 0.5 * np.where(axis[:, None] == 0, p0_pow @ fac_x.T, p0_pow @ fac_y.T)
+    acc_trans = first_exceeding(diff_t, sched_t, SHIFT_LIMIT)
+    return float(acc_rot.mean()), float(acc_trans.mean() * angpix)

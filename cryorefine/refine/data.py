@@ -1,0 +1,162 @@
+"""The particles of a refinement: metadata arrays, optics groups, half-sets, and per-batch image preparation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.errors import InputError
+from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
+from cryorefine.fourier.transforms import rfft2_centered
+from cryorefine.io.particles import ParticleImages
+from cryorefine.io.star import ParticleTable, particle_optics, read_particles
+
+
+@dataclass(frozen=True)
+class OpticsGroup:
+    """One optics group as the refinement sees it."""
+
+    number: int          # rlnOpticsGroup
+    box: int             # N_o
+    angpix: float        # p_o
+    model_scale: float   # (N p)/(N_o p_o)
+
+
+@dataclass
+class ParticleData:
+    """Particle metadata in arrays, row i = row i of table.particles."""
+
+    table: ParticleTable
+    images: ParticleImages
+    optics: list[OpticsGroup]
+    optics_index: NDArray[np.int64]     # 0-based into `optics`
+    ctf: CtfParams
+    group: NDArray[np.int64]            # 0-based group (micrograph or rlnGroupName)
+    group_names: list[str]
+    subset: NDArray[np.int64]           # 1 or 2
+
+    @property
+    def n(self) -> int:
+        """Number of particles."""
+        return len(self.subset)
+
+
+def column(table: ParticleTable, label: str, default: float) -> NDArray[np.float64]:
+    """A numeric particle column as float64, or `default` everywhere when the column is absent."""
+    df = table.particles
+    if label in df.columns:
+        return df[label].to_numpy(dtype=np.float64)
+    return np.full(len(df), default, dtype=np.float64)
+
+
+def load_particles(path: str, model_box: int | None, model_angpix: float | None, seed: int,
+                   need_ctf: bool) -> ParticleData:
+    """Read a particle STAR file, check it, assign half-sets (spec §1.5) and groups."""
+    table = read_particles(path)
+    df = table.particles
+    if len(df) == 0:
+        raise InputError(f"{path}: the particle table is empty")
+    if need_ctf:
+        missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c not in df.columns]
+        if missing:
+            raise InputError(f"{path}: CTF correction (--ctf) needs column(s) {', '.join(missing)}")
+    images = ParticleImages(table)
+    opt_numbers = table.particles["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns \
+        else np.ones(len(df), np.int64)
+    boxes = particle_optics(table, "rlnImageSize").astype(np.int64)
+    pix = particle_optics(table, "rlnImagePixelSize").astype(np.float64)
+    uniq = sorted(set(opt_numbers.tolist()))
+    first = {o: int(np.nonzero(opt_numbers == o)[0][0]) for o in uniq}
+    n0, p0 = (int(boxes[first[uniq[0]]]), float(pix[first[uniq[0]]])) if model_box is None else (model_box, model_angpix)
+    optics = []
+    for o in uniq:
+        b, p = int(boxes[first[o]]), float(pix[first[o]])
+        if b % 2:
+            raise InputError(f"{path}: optics group {o} has an odd box size {b}; an even box is needed")
+        optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p)))
+    optics_index = np.searchsorted(np.array(uniq), opt_numbers)
+    ctf = ctf_params_from_table(table)
+    if "rlnGroupName" in df.columns:
+        names = df["rlnGroupName"].astype(str).to_numpy()
+    elif "rlnMicrographName" in df.columns:
+        names = df["rlnMicrographName"].astype(str).to_numpy()
+    else:
+        names = np.array(["group1"] * len(df))
+    group_names, group = np.unique(names, return_inverse=True)
+    subset = column(table, "rlnRandomSubset", 0).astype(np.int64)
+    if np.all(subset > 0):
+        if not np.all((subset == 1) | (subset == 2)):
+            raise InputError(f"{path}: rlnRandomSubset must be 1 or 2")
+    elif np.any(subset > 0):
+        raise InputError(f"{path}: rlnRandomSubset is set for some particles and not for others")
+    else:
+        subset = np.random.default_rng(seed).integers(1, 3, size=len(df))
+    return ParticleData(table, images, optics, optics_index, ctf, group.astype(np.int64),
+                        [str(g) for g in group_names], subset)
+
+
+def soft_circle(box: int, radius: float, edge: float) -> NDArray[np.float32]:
+    """1 inside `radius` px of pixel (N//2, N//2), raised-cosine to 0 at radius+edge (spec §9)."""
+    y, x = np.indices((box, box)) - box // 2
+    r = np.sqrt(x * x + y * y)
+    m = np.where(r < radius, 1.0, np.where(r > radius + edge, 0.0,
+                                           0.5 + 0.5 * np.cos(np.pi * (r - radius) / max(edge, 1e-6))))
+    return m.astype(np.float32)
+
+
+def preshift(images: NDArray[np.float32], shifts_px: NDArray[np.int64]) -> NDArray[np.float32]:
+    """Translate each image's content by integer (dx, dy) px (x(x - t)), zero fill, no wrap."""
+    out = np.zeros_like(images)
+    n = images.shape[-1]
+    for j, (dx, dy) in enumerate(shifts_px):
+        dx, dy = int(dx), int(dy)
+        if abs(dx) >= n or abs(dy) >= n:
+            continue
+        ys, yd = (slice(0, n - dy), slice(dy, n)) if dy >= 0 else (slice(-dy, n), slice(0, n + dy))
+        xs, xd = (slice(0, n - dx), slice(dx, n)) if dx >= 0 else (slice(-dx, n), slice(0, n + dx))
+        out[j, yd, xd] = images[j, ys, xs]
+    return out
+
+
+def mask_images(images: NDArray[np.float32], mask: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Soft-mask particles, filling the outside with each image's weighted background mean (--zero_mask)."""
+    outside = 1.0 - mask
+    bg = np.tensordot(images, outside, axes=([1, 2], [0, 1])) / max(float(outside.sum()), 1e-6)
+    return images * mask + outside[None] * bg[:, None, None].astype(np.float32)
+
+
+@dataclass
+class PreparedBatch:
+    """Fourier transforms of a batch of particles of one optics group (full rfft layout of N_o)."""
+
+    rows: NDArray[np.int64]
+    masked: NDArray[np.complex64]       # (B, N_o, N_o//2+1), for likelihood and noise
+    unmasked: NDArray[np.complex64]     # (B, N_o, N_o//2+1), for back-projection
+    preshift_px: NDArray[np.int64]      # (B, 2) integer pre-shift applied (= round(origin/p_o))
+
+
+def prepare_batch(data: ParticleData, rows: NDArray[np.int64], origin_x: NDArray, origin_y: NDArray,
+                  norm_factor: NDArray, mask: NDArray[np.float32]) -> PreparedBatch:
+    """Read, norm-correct, pre-shift by the rounded prior origin, mask, and Fourier transform (spec §2.1)."""
+    og = data.optics[int(data.optics_index[rows[0]])]
+    imgs = data.images.read(rows).astype(np.float32, copy=False)
+    imgs = imgs * norm_factor[:, None, None].astype(np.float32)
+    shifts = np.stack([np.rint(origin_x / og.angpix), np.rint(origin_y / og.angpix)], axis=-1).astype(np.int64)
+    imgs = preshift(imgs, shifts)
+    return PreparedBatch(rows, rfft2_centered(mask_images(imgs, mask)), rfft2_centered(imgs), shifts)
+
+
+def iter_batches(rows: NDArray[np.int64], optics_index: NDArray[np.int64], batch: int):
+    """Yield chunks of `rows` of at most `batch` particles, each within one optics group."""
+    for o in np.unique(optics_index[rows]):
+        sel = rows[optics_index[rows] == o]
+        for s in range(0, len(sel), batch):
+            yield sel[s:s + batch]
+
+
+def table_path(path: str) -> Path:
+    """The STAR file's path (for error messages)."""
+    return Path(path)

@@ -1,0 +1,96 @@
+"""The M-step of one half: noise spectra, offsets, norms, group scales, direction pdf (spec §3.6), and the
+initial noise estimate (iteration 0)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.fourier.transforms import shell_index_2d, unique_halfplane_mask
+from cryorefine.refine.estep import HalfAccumulator
+from cryorefine.refine.pixels import unique_pixels_per_shell
+from cryorefine.refine.state import HalfModel
+
+
+def shell_power(ft: NDArray[np.complex64], box: int) -> NDArray[np.float64]:
+    """Σ|X|² per shell 0..box//2 over the unique half-plane, for a batch (B, N, N//2+1) -> (B, N//2+1)."""
+    shells = shell_index_2d(box)
+    sel = unique_halfplane_mask(box) & (shells <= box // 2)
+    idx = shells[sel]
+    pw = (ft.real ** 2 + ft.imag ** 2)[:, sel]
+    out = np.zeros((ft.shape[0], box // 2 + 1))
+    for j in range(ft.shape[0]):
+        out[j] = np.bincount(idx, pw[j], minlength=box // 2 + 1)
+    return out
+
+
+def initial_sigma2(masked_fts: NDArray[np.complex64], box: int) -> NDArray[np.float64]:
+    """σ²(r) = ½ mean_i mean_shell |X_i|² − ½ mean_shell |X̄|² (calculateSumOfPowerSpectraAndAverageImage)."""
+    npix = unique_pixels_per_shell(box)[: box // 2 + 1]
+    mean_power = shell_power(masked_fts, box).mean(0) / npix
+    avg = masked_fts.mean(0, keepdims=True)
+    avg_power = shell_power(avg, box)[0] / npix
+    sigma2 = 0.5 * mean_power - 0.5 * avg_power
+    return fill_small(sigma2)
+
+
+def fill_small(sigma2: NDArray[np.float64], floor: float = 1e-14) -> NDArray[np.float64]:
+    """Replace values below `floor` by the previous shell's value (the first valid one for shell 0)."""
+    out = sigma2.copy()
+    good = np.nonzero(out >= floor)[0]
+    if good.size == 0:
+        return np.full_like(out, 1.0)
+    out[: good[0]] = out[good[0]]
+    for r in range(good[0] + 1, len(out)):
+        if out[r] < floor:
+            out[r] = out[r - 1]
+    return out
+
+
+def update_noise(acc: HalfAccumulator, boxes: dict[int, int], old: dict[int, NDArray]) -> dict[int, NDArray]:
+    """σ²_o(r) = Σ w̄ Σ_shell |residual|² / (2 Σ w̄ Npix(r)) per optics group (spec §3.6)."""
+    new = {}
+    for o, box in boxes.items():
+        wsum = acc.sigma2_wsum.get(o, 0.0)
+        if wsum <= 0:
+            new[o] = old[o]
+            continue
+        npix = unique_pixels_per_shell(box)[: box // 2 + 1]
+        new[o] = fill_small(acc.sigma2_num[o] / (2.0 * wsum * npix))
+    return new
+
+
+def update_offset_sigma(acc: HalfAccumulator, old: float, min_sigma2: float) -> float:
+    """σ_off = sqrt(Σ w̄ |μ − τ|² / (2 Σ w̄)), floored at sqrt(min_sigma2) (Å)."""
+    if acc.wsum <= 0:
+        return old
+    return float(np.sqrt(max(acc.offset_num / (2.0 * acc.wsum), min_sigma2)))
+
+
+def update_group_scales(acc: HalfAccumulator, counts: NDArray[np.int64]) -> NDArray[np.float64]:
+    """s_g = Σ Re(CTF P conj X) / Σ |CTF P|², clamped to [median/5, 5 median], count-weighted mean 1."""
+    ok = acc.scale_den > 0
+    s = np.ones(len(acc.scale_den))
+    s[ok] = acc.scale_num[ok] / acc.scale_den[ok]
+    s[~ok] = np.median(s[ok]) if ok.any() else 1.0
+    med = float(np.median(s))
+    s = np.clip(s, med / 5.0, 5.0 * med) if med > 0 else np.ones_like(s)
+    mean = float((s * counts).sum() / max(counts.sum(), 1))
+    return s / mean if mean > 0 else np.ones_like(s)
+
+
+def update_model_statistics(model: HalfModel, acc: HalfAccumulator, boxes: dict[int, int], group_counts,
+                            do_norm: bool, do_scale: bool, min_sigma2_offset: float, cc_iteration: bool) -> None:
+    """All non-reconstruction M-step updates of one half, in place; the CC iteration updates none of σ², scale."""
+    model.ave_pmax = acc.pmax_sum / max(acc.count, 1)
+    model.log_likelihood = acc.ll_sum
+    if cc_iteration:
+        return
+    model.sigma2 = update_noise(acc, boxes, model.sigma2)
+    model.sigma_offset = update_offset_sigma(acc, model.sigma_offset, min_sigma2_offset)
+    if do_norm and acc.wsum > 0:
+        model.norm_average = acc.norm_sum / acc.wsum
+    if do_scale and len(group_counts) > 1:
+        model.group_scales = update_group_scales(acc, group_counts)
+    if acc.pdf.size and acc.pdf.sum() > 0:
+        model.pdf_direction = acc.pdf / acc.pdf.sum()

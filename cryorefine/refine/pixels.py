@@ -1,0 +1,67 @@
+"""Fourier pixel sets of a particle box: the unique half-plane pixels up to a radius, as flat lists.
+
+Likelihoods, projections and back-projections all work on these lists, (n, m) arrays with m the
+number of pixels, so that the coarse pass is matrix products (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.fourier.transforms import rfft_freqs_2d
+
+
+@dataclass(frozen=True)
+class PixelSet:
+    """Unique half-plane pixels of an N_o box with round(|k|) <= size/2, in rfft layout order."""
+
+    box: int                        # N_o, the optics group's box
+    size: int                       # current window size C_o (even)
+    flat: NDArray[np.int64]         # indices into the flattened (N_o, N_o//2+1) rfft array
+    kx: NDArray[np.float64]         # Fourier pixels of the N_o box
+    ky: NDArray[np.float64]
+    shell: NDArray[np.int64]        # round(|k|) in the N_o box
+    model_scale: float              # (N p)/(N_o p_o): multiply kx, ky to get model-box pixels
+
+    @property
+    def m(self) -> int:
+        """Number of pixels."""
+        return len(self.flat)
+
+    @property
+    def kx_model(self) -> NDArray[np.float64]:
+        """kx in Fourier pixels of the model box."""
+        return self.kx * self.model_scale
+
+    @property
+    def ky_model(self) -> NDArray[np.float64]:
+        """ky in Fourier pixels of the model box."""
+        return self.ky * self.model_scale
+
+
+@lru_cache(maxsize=32)
+def pixel_set(box: int, size: int, model_scale: float = 1.0) -> PixelSet:
+    """Unique half-plane (kx > 0, or kx == 0 and ky >= 0) pixels with round(|k|) <= size/2, DC included."""
+    ky, kx = rfft_freqs_2d(box)
+    r = np.rint(np.sqrt(kx * kx + ky * ky)).astype(np.int64)
+    keep = (r <= size // 2) & ~((kx == 0) & (ky < 0))
+    flat = np.flatnonzero(keep)
+    return PixelSet(box, size, flat, kx.ravel()[flat].astype(np.float64), ky.ravel()[flat].astype(np.float64),
+                    r.ravel()[flat], float(model_scale))
+
+
+@lru_cache(maxsize=16)
+def unique_pixels_per_shell(box: int) -> NDArray[np.float64]:
+    """Npix(r): number of unique half-plane pixels of each shell 0..box//2 (and beyond, up to the corner)."""
+    full = pixel_set(box, 2 * box)
+    return np.bincount(full.shell).astype(np.float64)
+
+
+def shift_phases(ps: PixelSet, shifts_px: NDArray[np.float64]) -> NDArray[np.complex64]:
+    """exp(-2 pi i k.t / N_o) for shifts t (T, 2) in px of the box: (T, m); translating content by +t."""
+    arg = (-2.0 * np.pi / ps.box) * (shifts_px[:, 0:1] * ps.kx[None, :] + shifts_px[:, 1:2] * ps.ky[None, :])
+    return np.exp(1j * arg).astype(np.complex64)
