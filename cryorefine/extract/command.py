@@ -25,7 +25,7 @@ from cryorefine.errors import InputError, require
 from cryorefine.extract.extraction import ExtractParams, crop_keep, crosses_edge, iter_particles, output_angpix
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
-from cryorefine.io.star import ParticleTable, read_star, write_particles
+from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles
 
 # micrograph-table columns that describe the particle too (what RELION copies into particles.star)
 _MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
@@ -195,14 +195,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         mode = "re-extraction"
         pstar = Path(args.reextract_data_star)
         require(pstar.exists(), f"{args.reextract_data_star}: no such file")
-        pblocks = read_star(pstar)
-        parts = _table(pblocks, ("particles",), args.reextract_data_star)
+        table = read_particles(pstar)          # RELION 3.0 files are upgraded (origins to A, optics groups)
+        parts, part_optics = table.particles, table.optics
         for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
             require(label in parts, f"{args.reextract_data_star}: no {label} column")
-        part_optics = pblocks.get("optics") if isinstance(pblocks.get("optics"), pd.DataFrame) else None
-        require(part_optics is not None, f"{args.reextract_data_star}: no data_optics table (RELION 3.1+ needed)")
-        if "rlnOpticsGroup" not in parts:
-            parts = parts.assign(rlnOpticsGroup=1)
         known = set(names)
         orphan = ~parts["rlnMicrographName"].astype(str).isin(known)
         if orphan.any():
@@ -223,7 +219,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             base = cl.parent
         else:
             mode = "extraction (coordinate files)"
-            coord_files = {n: f"{args.coord_dir}{_pipeline_post(n).with_suffix('')}{args.coord_suffix}" for n in names}
+            cdir = args.coord_dir + ("/" if args.coord_dir and not args.coord_dir.endswith("/") else "")
+            coord_files = {n: f"{cdir}{_pipeline_post(n).with_suffix('')}{args.coord_suffix}" for n in names}
             base = star.parent
         mic_rows = mics.set_index(names, drop=False)
         n_nofile = 0
@@ -241,7 +238,6 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
 
     jobs: list[MicJob] = []
-    n_missing = 0
     for index, row in mics.reset_index(drop=True).iterrows():
         name = str(row["rlnMicrographName"])
         if name not in per_mic or len(per_mic[name]) == 0:
@@ -249,7 +245,6 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         path = _resolve(name, star.parent)
         if not os.path.exists(path):
             if args.skip_missing:
-                n_missing += 1
                 warnings.append(f"micrograph {name} not found ({len(per_mic[name])} particles skipped)")
                 continue
             raise InputError(f"{name}: micrograph file not found (listed in {args.i}; --skip_missing to skip it)")
@@ -264,9 +259,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
                            rows=rows))
     if part_optics is not None:
         jobs = [_reextract_rows(job, part_optics, args) for job in jobs]
-        optics = _output_optics(part_optics, jobs, args, mic_optics)
+        optics = _output_optics(part_optics, jobs, args)
     else:
-        optics = _output_optics(mic_optics, jobs, args, mic_optics)
+        optics = _output_optics(mic_optics, jobs, args)
     return jobs, optics, mode, warnings
 
 
@@ -302,8 +297,7 @@ def _reextract_rows(job: MicJob, part_optics: pd.DataFrame, args: argparse.Names
     return job
 
 
-def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse.Namespace,
-                   mic_optics: pd.DataFrame | None) -> pd.DataFrame:
+def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse.Namespace) -> pd.DataFrame:
     """Optics of the extracted particles: image pixel size and box after rescaling, per group."""
     scale = args.scale if args.scale > 0 else None
     size = scale or args.extract_size
@@ -323,6 +317,8 @@ def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse
     optics = base.copy()
     optics = optics.drop(columns=[c for c in _MIC_ONLY_OPTICS if c in optics])
     groups = optics["rlnOpticsGroup"].astype(int)
+    undefined = sorted(set(angpix_of) - set(groups.tolist()))
+    require(not undefined, f"{args.reextract_data_star or args.i}: optics group {undefined[:1]} is not in data_optics")
     optics = optics[groups.isin(angpix_of)].reset_index(drop=True)
     groups = optics["rlnOpticsGroup"].astype(int)
     if "rlnMicrographOriginalPixelSize" not in optics:
@@ -406,10 +402,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             with ProcessPoolExecutor(max_workers=args.j) as pool:
                 futures = [pool.submit(_extract_one, _light(job), params, args.float16) for job in jobs]
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    results[res.index] = res
-                    bar.advance(task)
+                try:
+                    for fut in as_completed(futures):
+                        res = fut.result()
+                        results[res.index] = res
+                        bar.advance(task)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)   # one bad micrograph stops the job
+                    raise
 
     tables = []
     n_edge = n_skipped = 0
