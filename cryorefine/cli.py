@@ -9,30 +9,29 @@ import sys
 from cryorefine import __version__
 from cryorefine.errors import InputError
 
-# name -> module; each module defines `add_arguments(parser)` and `run(args) -> int`,
-# and a module docstring whose first line is the sub-command's help.
-COMMANDS: dict[str, str] = {
-    "refine": "cryorefine.refine.command",
-    "reconstruct": "cryorefine.fourier.reconstruct_command",
-    "extract": "cryorefine.extract.command",
-    "image-handler": "cryorefine.tools.image_handler",
+# name -> (module, one-line help); each module defines `add_arguments(parser)` and `run(args) -> int`.
+# Only the chosen sub-command's module is imported, so start-up stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "refine": ("cryorefine.refine.command", "3D auto-refine with gold-standard half-sets (relion_refine --auto_refine)"),
+    "reconstruct": ("cryorefine.fourier.reconstruct_command", "reconstruct a map from particles with known poses "
+                    "(relion_reconstruct)"),
+    "extract": ("cryorefine.extract.command", "(re-)extract particles from micrographs (relion_preprocess --extract)"),
+    "image-handler": ("cryorefine.tools.image_handler", "rescale / re-box / filter maps and stacks "
+                      "(relion_image_handler)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every sub-command registered."""
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; the options of `chosen` (or of every sub-command if None) are registered."""
     parser = argparse.ArgumentParser(prog="cryorefine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cryorefine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in COMMANDS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:  # a sub-command not built yet
-            if exc.name != modname:
-                raise
+    for name, (modname, help_) in COMMANDS.items():
+        if chosen is not None and name != chosen:
+            sub.add_parser(name, help=help_)
             continue
-        doc = (mod.__doc__ or "").strip().splitlines()
-        p = sub.add_parser(name, help=doc[0] if doc else None, description=(mod.__doc__ or None),
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -41,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn user mistakes into one error line and exit code 2."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(chosen if chosen is not None else "")
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -157,20 +157,6 @@ def open_stack(path) -> np.ndarray:
 # writing
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def set_default_mode(path) -> None:
-    """Give a file written through a temporary name the usual 0666 & ~umask permissions (mkstemp makes 0600)."""
-    os.chmod(path, 0o666 & ~_UMASK)
-
-
 def _label() -> bytes:
     stamp = _dt.datetime.now().strftime("%d-%b-%Y %H:%M:%S")
     return f"cryorefine {__version__} {stamp}".encode()[:80]
@@ -246,7 +232,6 @@ def _write(path: Path, data: np.ndarray, angpix: float, float16: bool, ispg: int
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
             f.write(arr.tobytes())
-        set_default_mode(tmp)
 
 
 def write_map(path, data: np.ndarray, angpix: float, float16: bool = False) -> None:
@@ -292,7 +277,6 @@ class StackWriter:
 
     def __enter__(self) -> "StackWriter":
         tmp = self._stack.enter_context(atomic_path(self.path))
-        set_default_mode(tmp)
         self._file = self._stack.enter_context(open(tmp, "wb"))
         self._file.write(b"\0" * 1024)  # placeholder; the real header is written on close
         return self

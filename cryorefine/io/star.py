@@ -19,7 +19,7 @@ import pandas as pd
 
 from cryorefine.errors import InputError, require
 from cryorefine.io.atomic import atomic_path
-from cryorefine.io.mrc import read_header, set_default_mode
+from cryorefine.io.mrc import read_header
 
 STAR_VERSION = "50001"
 
@@ -240,13 +240,15 @@ def _block_text(name: str, block: Block) -> str:
     return "".join(parts)
 
 
-def write_star(path, blocks: dict[str, Block]) -> None:
-    """Write blocks (name without 'data_' -> DataFrame loop or dict list) atomically, RELION layout."""
+def write_star(path, blocks: dict[str, Block], comment: str = "") -> None:
+    """Write blocks (name without 'data_' -> DataFrame loop or dict list) atomically, RELION layout.
+
+    `comment` (lines starting with '#') goes at the top, as in RELION's _optimiser.star.
+    """
     path = Path(path)
-    text = "".join(_block_text(name, block) for name, block in blocks.items())
+    text = comment + "".join(_block_text(name, block) for name, block in blocks.items())
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-        set_default_mode(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -93,47 +93,96 @@ class BatchResult:
     nr_significant: NDArray[np.int64]
 
 
-@numba.njit(cache=True, parallel=True)
-def significant_samples(logw: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: samples whose weight is in the top `fraction` of the total (spec §2.6); -inf = not evaluated.
+_NBINS = 4096
 
-    Returns (keep mask, number of weights accumulated, weight sum relative to the row maximum).
+
+@numba.njit(cache=True)
+def significance_threshold(logw: np.ndarray, fraction: float) -> tuple[float, int, float, float]:
+    """Threshold on log-weights keeping the largest weights that sum to `fraction` of the total (spec §2.6).
+
+    Returns (log threshold, number of weights accumulated, Σ exp(logw − max), max). Linear time: weights are
+    binned on a log scale and only the bin where the running sum crosses is sorted; -inf = not evaluated.
     """
-    nb, k = logw.shape
-    keep = np.zeros((nb, k), np.bool_)
+    n = logw.size
+    mx = -np.inf
+    for j in range(n):
+        if logw[j] > mx:
+            mx = logw[j]
+    hist_w = np.zeros(_NBINS)
+    hist_n = np.zeros(_NBINS, np.int64)
+    total = 0.0
+    for j in range(n):
+        d = logw[j] - mx
+        if d > -88.0:
+            w = np.exp(d)
+            k = min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1)
+            hist_w[k] += w
+            hist_n[k] += 1
+            total += w
+    target = fraction * total
+    acc = 0.0
+    above = 0
+    k = _NBINS - 1
+    while k > 0 and acc + hist_w[k] <= target:
+        acc += hist_w[k]
+        above += hist_n[k]
+        k -= 1
+    lo = k * (88.0 / _NBINS) - 88.0
+    hi = lo + 88.0 / _NBINS if k < _NBINS - 1 else 1.0
+    vals = np.empty(hist_n[k])
+    m = 0
+    for j in range(n):
+        d = logw[j] - mx
+        if d > -88.0 and min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1) == k:
+            vals[m] = d
+            m += 1
+    vals = np.sort(vals[:m])[::-1]
+    thr = lo
+    for j in range(m):
+        acc += np.exp(vals[j])
+        above += 1
+        thr = vals[j]
+        if acc > target:
+            break
+    return thr + mx, above, total, mx
+
+
+@numba.njit(cache=True, parallel=True)
+def coarse_significance(cross: np.ndarray, norm: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray,
+                        cc_mode: bool, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pass-1 weights of a batch sharing one orientation set: keep mask (B, T, U) and significant counts.
+
+    cross (B, T, U) and norm (B, U) are the two matrix products; lp_off (B, T) and lp_dir (U) log-priors.
+    CC mode keeps only the best sample (hard assignment, no priors).
+    """
+    nb, nt, nu = cross.shape
+    keep = np.zeros((nb, nt, nu), np.bool_)
     counts = np.zeros(nb, np.int64)
-    wsum = np.zeros(nb, np.float64)
     for b in numba.prange(nb):
-        row = logw[b]
-        mx = -np.inf
-        for j in range(k):
-            if row[j] > mx:
-                mx = row[j]
-        w = np.empty(k, np.float64)
-        total = 0.0
-        for j in range(k):
-            d = row[j] - mx
-            w[j] = np.exp(d) if d > -88.0 else 0.0
-            total += w[j]
-        # Only weights that can matter need sorting: anything below total*1e-12 is negligible.
-        cand = np.nonzero(w > total * 1e-12)[0]
-        vals = w[cand]
-        order = np.argsort(-vals)
-        acc = 0.0
-        thr = 0.0
-        n = 0
-        for j in range(len(order)):
-            acc += vals[order[j]]
-            thr = vals[order[j]]
-            n += 1
-            if acc > fraction * total:
-                break
-        for j in range(len(cand)):
-            if vals[j] >= thr:
-                keep[b, cand[j]] = True
-        counts[b] = n
-        wsum[b] = total
-    return keep, counts, wsum
+        d = np.empty(nt * nu)
+        for t in range(nt):
+            for u in range(nu):
+                if cc_mode:
+                    d[t * nu + u] = -cross[b, t, u] / np.sqrt(max(norm[b, u], 1e-30))
+                else:
+                    d[t * nu + u] = 0.5 * norm[b, u] - cross[b, t, u]
+        if cc_mode:
+            best = np.argmin(d)
+            keep[b, best // nu, best % nu] = True
+            counts[b] = 1
+            continue
+        dmin = d.min()
+        lw = np.empty(nt * nu)
+        for t in range(nt):
+            for u in range(nu):
+                lw[t * nu + u] = -(d[t * nu + u] - dmin) + lp_off[b, t] + lp_dir[u]
+        thr, cnt, _, _ = significance_threshold(lw, fraction)
+        counts[b] = cnt
+        for t in range(nt):
+            for u in range(nu):
+                if lw[t * nu + u] >= thr:
+                    keep[b, t, u] = True
+    return keep, counts
 
 
 def _real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
@@ -196,26 +245,32 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
 
     # significance of coarse samples per particle; only the significant pairs are kept
     sig_pairs, nr_sig, lp_sig = [], np.zeros(nb, np.int64), []
-    for j in range(nb):
-        if st.local is None:
-            d = _diff(cross_all[j], norm_all[j], st.cc_mode)          # (T, O)
-        else:
+    if st.local is None:
+        keep_all, nr_sig = coarse_significance(cross_all, norm_all.astype(np.float32), lp_off,
+                                               np.asarray(per_particle[0][1], np.float64), st.cc_mode,
+                                               st.adaptive_fraction)
+        lp_dir = per_particle[0][1]
+        for j in range(nb):
+            pairs = np.nonzero(keep_all[j])
+            sig_pairs.append(pairs)
+            lp_sig.append(lp_off[j][pairs[0]] + lp_dir[pairs[1]])
+    else:
+        for j in range(nb):
             idx = per_particle[j][0]
             d = _diff(a[j] @ p_c_pair[idx].T, norm_w[j] @ p_c_pow[idx].T, st.cc_mode)
             acc.gflop += 2e-9 * (n_t * a.shape[-1] * len(idx) + norm_w.shape[1] * len(idx))
-        lp = lp_off[j][:, None] + per_particle[j][1][None, :]
-        if st.cc_mode:
-            keep = np.zeros(d.size, bool)
-            keep[int(np.argmin(d))] = True
-            nr_sig[j] = 1
-        else:
-            logw = (-(d - d.min()) + lp).reshape(1, -1).astype(np.float64)
-            k, cnt, _ = significant_samples(logw, st.adaptive_fraction)
-            keep = k[0]
-            nr_sig[j] = cnt[0]
-        pairs = np.nonzero(keep.reshape(d.shape))
-        sig_pairs.append(pairs)
-        lp_sig.append(lp[pairs])
+            lp = lp_off[j][:, None] + per_particle[j][1][None, :]
+            if st.cc_mode:
+                keep = np.zeros(d.shape, bool)
+                keep.flat[int(np.argmin(d))] = True
+                nr_sig[j] = 1
+            else:
+                logw = -(d - d.min()) + lp
+                thr, nr_sig[j], _, _ = significance_threshold(logw.ravel(), st.adaptive_fraction)
+                keep = logw >= thr
+            pairs = np.nonzero(keep)
+            sig_pairs.append(pairs)
+            lp_sig.append(lp[pairs])
 
     # ---- pass 2: children of significant coarse samples at the current size ----
     n_ch = grid.n_children
@@ -275,10 +330,10 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
         else:
             logw = np.where(valid_f, -(d_f - dmin) + lp_f, -np.inf)
             mx = logw.max()
-            keep, _, wsum = significant_samples(logw.reshape(1, -1), st.adaptive_fraction)
+            thr, _, wsum, _ = significance_threshold(logw.ravel(), st.adaptive_fraction)
             w = np.exp(logw - mx)
-            wbar = np.where(keep[0].reshape(logw.shape), w / wsum[0], 0.0)
-            log_wsum = float(np.log(wsum[0]) + mx)
+            wbar = np.where(logw >= thr, w / wsum, 0.0)
+            log_wsum = float(np.log(wsum) + mx)
         best = np.unravel_index(int(np.argmax(wbar)), wbar.shape)
         res.max_prob[j] = float(wbar[best])
         fid_best = fine_uniq[f_idx[best[1]]]

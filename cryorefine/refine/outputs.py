@@ -190,7 +190,8 @@ def write_iteration(run, it: int, final: bool) -> None:
         write_map(name, run.models[h - 1].volume, run.angpix)
         write_star(f"{root}_half{h}_model.star", model_blocks(run, h, name))
     header = f"# RELION optimiser; version 5.0 (cryorefine {__version__})\n# {o.command_line}\n"
-    write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)})
+    write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)},
+               comment=header)
     write_star(f"{root}_sampling.star", sampling_blocks(run))
     if it > 0:
         p = run.poses
@@ -205,7 +206,8 @@ def write_iteration(run, it: int, final: bool) -> None:
         for h in (1, 2):
             write_map(f"{fin}_half{h}_class001_unfil.mrc", run.unfiltered[h - 1], run.angpix)
         write_star(f"{fin}_model.star", model_blocks(run, None, f"{fin}_class001.mrc"))
-        write_star(f"{fin}_optimiser.star", {"optimiser_general": optimiser_block(run, fin, it, True)})
+        write_star(f"{fin}_optimiser.star", {"optimiser_general": optimiser_block(run, fin, it, True)},
+                   comment=header)
         write_star(f"{fin}_sampling.star", sampling_blocks(run))
         _write_text(f"{fin}_class001_angdist.bild",
                     angdist_bild(run.poses.rot, run.poses.tilt, run.box, run.angpix))
