@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("cryorefine.extract.command", "(re-)extract particles from micrographs (relion_preprocess --extract)"),
     "image-handler": ("cryorefine.tools.image_handler", "rescale / re-box / filter maps and stacks "
                       "(relion_image_handler)"),
+    "postprocess": ("cryorefine.tools.postprocess", "masked, phase-randomisation-corrected FSC and B-factor sharpening (relion_postprocess)"),
 }
 
 

@@ -103,11 +103,13 @@ def phase_randomised_fsc(half1: NDArray, half2: NDArray, mask: NDArray, randomis
 
 
 def masked_corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray, angpix: float,
-                         randomize_at_fsc: float = 0.8, seed: int = 0) -> dict[str, NDArray | int | float]:
+                         randomize_at_fsc: float = 0.8, seed: int = 0,
+                         randomise_from: int | None = None) -> dict[str, NDArray | int | float]:
     """Postprocessing FSCs (spec §12 steps 1–3): unmasked, masked, phase-randomised masked, corrected ("true").
 
     FSC_true = FSC_masked for r < r_rand + 2, else (FSC_masked − FSC_rand)/(1 − FSC_rand), r_rand = first shell
-    (> 0) where the unmasked FSC < randomize_at_fsc. Also returns r_rand and the 0.143 resolution of FSC_true.
+    (> 0) where the unmasked FSC < randomize_at_fsc, or `randomise_from` when given (--randomize_at_A).
+    Also returns r_rand and the 0.143 resolution of FSC_true.
     """
     half1 = np.asarray(half1, dtype=np.float64)
     half2 = np.asarray(half2, dtype=np.float64)
@@ -115,7 +117,10 @@ def masked_corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray, angpix: 
     box = half1.shape[0]
     unmasked = fsc(half1, half2)
     masked = fsc(half1 * mask, half2 * mask)
-    r_rand = min(first_shell_below(unmasked, randomize_at_fsc), box // 2)
+    if randomise_from is None:
+        r_rand = min(first_shell_below(unmasked, randomize_at_fsc), box // 2)
+    else:
+        r_rand = int(randomise_from)
     rand = phase_randomised_fsc(half1, half2, mask, r_rand, seed)
     true = masked.copy()
     hi = np.arange(true.size) >= r_rand + 2

@@ -1,0 +1,277 @@
+"""`cryorefine postprocess` (relion_postprocess, spec §12) on half maps with a known signal and noise.
+
+Half maps are the small set's truth plus independent Gaussian noise of a designed power spectrum N(r), so the
+expected FSC per shell is S/(S+N) (S = shell power of the truth); inside the mask the noise power is the shell power
+of mask·noise, so the corrected masked FSC should follow S/(S+N_masked).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.fft as sfft
+import starfile
+
+from cryorefine import cli
+from cryorefine.fourier.fsc import fsc
+from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.star import write_star
+from cryorefine.tools import postprocess as pp
+
+
+@pytest.fixture(scope="module")
+def maps(small_set):
+    """(truth, mask, angpix) of the small set (box 64, 2.5 Å/px), float64."""
+    truth, angpix = read_map(small_set / "truth.mrc")
+    mask, _ = read_map(small_set / "mask.mrc")
+    return truth.astype(np.float64), mask.astype(np.float64), angpix
+
+
+def _shells(n: int) -> np.ndarray:
+    return np.rint(np.sqrt(pp.k_squared(n))).astype(np.int64)
+
+
+def _shell_power(v: np.ndarray) -> np.ndarray:
+    """Mean |F|² per shell 0..N/2 (unnormalised rfftn)."""
+    n = v.shape[0]
+    s = _shells(n)
+    f2 = np.abs(sfft.rfftn(v)) ** 2
+    keep = s < n // 2 + 1
+    return np.bincount(s[keep], f2[keep], minlength=n // 2 + 1) / np.bincount(s[keep], minlength=n // 2 + 1)
+
+
+def _coloured_noise(power: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Real Gaussian noise whose expected shell power (unnormalised rfftn) is `power` (shells beyond N/2: last)."""
+    s = _shells(n)
+    white = sfft.rfftn(np.random.default_rng(seed).normal(size=(n, n, n)))   # E|W|² = N³
+    amp = np.sqrt(power / n**3)
+    return sfft.irfftn(white * amp[np.minimum(s, power.size - 1)], s=(n, n, n))
+
+
+def _blur(v: np.ndarray, bfactor: float, angpix: float) -> np.ndarray:
+    """exp(−B s²/4) applied to every Fourier component."""
+    n = v.shape[0]
+    return sfft.irfftn(sfft.rfftn(v) * np.exp(-bfactor / 4 * pp.k_squared(n) / (n * angpix) ** 2), s=v.shape)
+
+
+def _flat_spectrum(v: np.ndarray) -> np.ndarray:
+    """The map with every shell's mean amplitude set to that of shell 1 (flat Guinier plot), corners removed."""
+    n = v.shape[0]
+    s = _shells(n)
+    ft = sfft.rfftn(v)
+    keep = s < n // 2 + 1
+    amp = np.bincount(s[keep], np.abs(ft)[keep], minlength=n // 2 + 1) / np.bincount(s[keep], minlength=n // 2 + 1)
+    scale = np.where(s == 0, 1.0, amp[1] / amp[np.minimum(s, n // 2)])
+    return sfft.irfftn(np.where(keep, ft * scale, 0), s=v.shape)
+
+
+@pytest.fixture(scope="module")
+def noisy(maps):
+    """Halves = truth + noise with the designed FSC 1/(1 + exp((r − 18)/2)) (crosses 0.143 at r ≈ 21.6)."""
+    truth, mask, angpix = maps
+    n = truth.shape[0]
+    r = np.arange(n // 2 + 1)
+    design = 1.0 / (1.0 + np.exp((r - 18.0) / 2.0))
+    signal = _shell_power(truth)
+    noise_power = signal * (1.0 - design) / design
+    n1 = _coloured_noise(noise_power, n, 1)
+    n2 = _coloured_noise(noise_power, n, 2)
+    masked_noise = 0.5 * (_shell_power(mask * n1) + _shell_power(mask * n2))
+    return {"h1": truth + n1, "h2": truth + n2, "design": design,
+            "expected_masked": signal / (signal + masked_noise)}
+
+
+def test_other_half_path():
+    assert pp.other_half_path("Refine3D/job1/run_half1_class001_unfil.mrc") == \
+        "Refine3D/job1/run_half2_class001_unfil.mrc"
+    assert pp.other_half_path("a_half2.mrc") == "a_half1.mrc"
+    assert pp.other_half_path("half1_dir/map.mrc") is None          # only the file name counts, as in RELION
+
+
+def test_fsc_weights_guinier_fit_and_filters():
+    f = np.array([1.0, 0.5, 0.2, 5e-5, 0.3])
+    np.testing.assert_allclose(pp.fsc_weights(f), [1.0, np.sqrt(1 / 1.5), np.sqrt(0.4 / 1.2), 0.0, 0.0])
+    assert pp.last_shell_above(np.array([1.0, 0.9, 0.2, 0.1, 0.5]), 0.143) == 2
+    assert pp.last_shell_above(np.ones(5), 0.143) == 4
+    # an exact Guinier line y = 3 − 20 x: B = 4·slope = −80, perfect correlation; only d in [5, 10] Å is fitted
+    x = (np.arange(33) / 160.0) ** 2
+    y = 3.0 - 20.0 * x
+    y[5] = 50.0                                              # d = 32 Å: outside the fit range, must not matter
+    fit = pp.fit_guinier(x, y, 10.0, 0.0)
+    assert fit.bfactor == pytest.approx(-80.0) and fit.intercept == pytest.approx(3.0)
+    assert fit.correlation == pytest.approx(1.0) and fit.n_points == 17       # shells 16..32
+    assert pp.fit_guinier(x, np.full(33, pp.GUINIER_MISSING), 10.0, 0.0) is None
+    # B-factor factor: exp(−B s²/4) up to Nyquist, zero in the corners
+    k2 = pp.k_squared(16)
+    fac = pp.bfactor_factors(k2, 16, 2.0, 100.0)
+    assert fac[0, 0, 4] == pytest.approx(np.exp(-100 / 4 * (4 / 32) ** 2))
+    assert fac[8, 8, 8] == 0.0
+    # low-pass at 8 Å in a 16-box of 2 Å: shell 4, 1 below shell 3, 0 beyond 5
+    lp = pp.lowpass_factors(k2, 16, 2.0, 8.0)
+    assert lp[0, 0, 3] == 1.0 and lp[0, 0, 4] == pytest.approx(0.5) and lp[0, 0, 6] == 0.0
+
+
+def test_corrected_fsc_follows_known_curves(maps, noisy):
+    truth, mask, angpix = maps
+    n = truth.shape[0]
+    res = pp.postprocess(noisy["h1"], noisy["h2"], mask, pp.PostprocessOptions(angpix=angpix))
+    r_rand = res.randomise_from
+    shells = np.arange(n // 2 + 1)
+    # the unmasked FSC is the designed S/(S+N)
+    assert np.max(np.abs(res.fsc_unmasked[1:] - noisy["design"][1:])) < 0.04
+    assert r_rand == pp.first_shell_below(res.fsc_unmasked, 0.8)
+    # the corrected FSC follows S/(S + N_masked) beyond the randomisation shell, and equals the masked FSC below
+    hi = shells >= r_rand + 2
+    assert np.max(np.abs(res.fsc_true[hi] - noisy["expected_masked"][hi])) < 0.05
+    np.testing.assert_array_equal(res.fsc_true[1: r_rand + 2], res.fsc_masked[1: r_rand + 2])
+    # resolution: within one shell of the known crossing, and the mask gains resolution over the unmasked FSC
+    expected_shell = pp.last_shell_above(noisy["expected_masked"], 0.143)
+    assert abs(res.resolution_shell - expected_shell) <= 1
+    assert res.resolution_A == pytest.approx(n * angpix / res.resolution_shell)
+    assert res.resolution_shell > pp.last_shell_above(noisy["design"], 0.143)
+    assert not res.unmasked_used
+    # phase randomisation: no correlation left beyond the randomisation shell, untouched well below it
+    assert np.max(np.abs(res.fsc_random[r_rand + 2:])) < 0.1
+    assert abs(np.mean(res.fsc_random[r_rand + 2:])) < 0.02
+    assert np.max(np.abs(res.fsc_random[1: r_rand - 1] - res.fsc_masked[1: r_rand - 1])) < 0.02
+    # masking away solvent noise only raises the FSC where there is signal
+    mid = (res.fsc_unmasked > 0.1) & (res.fsc_unmasked < 0.95)
+    assert np.all(res.fsc_true[mid] >= res.fsc_unmasked[mid] - 0.02)
+
+
+def test_unmasked_fsc_used_when_it_extends_further(maps, noisy):
+    truth, _, angpix = maps
+    n = truth.shape[0]
+    # a small mask in a corner of the box holds only noise: its corrected FSC collapses at once
+    c = np.arange(n) - 8
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    corner = np.clip(6.0 - r, 0.0, 1.0)
+    res = pp.postprocess(noisy["h1"], noisy["h2"], corner, pp.PostprocessOptions(angpix=angpix))
+    assert res.unmasked_used and res.warnings
+    np.testing.assert_array_equal(res.fsc_true, res.fsc_unmasked)
+    assert res.resolution_shell == pp.last_shell_above(res.fsc_unmasked, 0.143)
+    forced = pp.postprocess(noisy["h1"], noisy["h2"], corner,
+                            pp.PostprocessOptions(angpix=angpix, force_mask=True))
+    assert not forced.unmasked_used and forced.resolution_shell < res.resolution_shell
+
+
+def test_auto_bfactor_cli_and_star(maps, tmp_path, capsys):
+    """Flat-spectrum map blurred with B = +80: the Guinier fit gives a sharpening B of about −80."""
+    truth, mask, angpix = maps
+    flat = _flat_spectrum(truth)
+    rng = np.random.default_rng(7)
+    blurred = _blur(flat, 80.0, angpix)
+    sigma = 0.1 * np.std(blurred)
+    for k in (1, 2):
+        write_map(tmp_path / f"run_half{k}_class001_unfil.mrc", blurred + sigma * rng.normal(size=flat.shape), angpix)
+    write_map(tmp_path / "mask.mrc", mask, angpix)
+    out = tmp_path / "PostProcess" / "postprocess"
+    rc = cli.main(["postprocess", "--i", str(tmp_path / "run_half1_class001_unfil.mrc"), "--mask",
+                   str(tmp_path / "mask.mrc"), "--o", str(out), "--auto_bfac", "--randomize_at_A", "10"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    star = starfile.read(f"{out}.star", always_dict=True)
+    general = star["general"]
+    bfac = float(np.ravel(general["rlnBfactorUsedForSharpening"])[0])
+    assert bfac == pytest.approx(-80.0, abs=15.0)
+    resolution = float(np.ravel(general["rlnFinalResolution"])[0])
+    assert f"FINAL RESOLUTION: {resolution:.2f}" in text and f"{bfac:.2f}" in text
+    assert float(np.ravel(general["rlnRandomiseFrom"])[0]) == pytest.approx(10.0)
+    for label in ("rlnUnfilteredMapHalf2", "rlnMaskName", "rlnFittedSlopeGuinierPlot",
+                  "rlnFittedInterceptGuinierPlot", "rlnCorrelationFitGuinierPlot"):
+        assert label in general
+    assert str(np.ravel(general["rlnUnfilteredMapHalf2"])[0]).endswith("run_half2_class001_unfil.mrc")
+    fsc_table = star["fsc"]
+    assert len(fsc_table) == 33 and list(fsc_table["rlnSpectralIndex"]) == list(range(33))
+    for label in ("rlnResolution", "rlnAngstromResolution", "rlnFourierShellCorrelationCorrected",
+                  "rlnFourierShellCorrelationParticleMaskFraction", "rlnFourierShellCorrelationUnmaskedMaps",
+                  "rlnFourierShellCorrelationMaskedMaps",
+                  "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"):
+        assert label in fsc_table.columns
+    assert fsc_table["rlnAngstromResolution"].iloc[16] == pytest.approx(10.0)
+    guinier = star["guinier"]
+    for label in ("rlnResolutionSquared", "rlnLogAmplitudesOriginal", "rlnLogAmplitudesWeighted",
+                  "rlnLogAmplitudesSharpened", "rlnLogAmplitudesIntercept"):
+        assert label in guinier.columns
+    # the sharpened Guinier plot is flat again from 10 Å to just below Nyquist (whose shell loses its corners)
+    rows = slice(16, 32)
+    slope = np.polyfit(guinier["rlnResolutionSquared"][rows], guinier["rlnLogAmplitudesSharpened"][rows], 1)[0]
+    assert abs(4 * slope) < 5.0
+    sharpened, p_out = read_map(f"{out}.mrc")
+    masked, _ = read_map(f"{out}_masked.mrc")
+    assert p_out == pytest.approx(angpix, rel=1e-5)
+    np.testing.assert_allclose(masked, sharpened * mask, atol=1e-6)
+
+    # the same map without the blur: no sharpening needed
+    unblurred = pp.postprocess(flat + sigma * rng.normal(size=flat.shape), flat + sigma * rng.normal(size=flat.shape),
+                               mask, pp.PostprocessOptions(angpix=angpix, auto_bfac=True, randomize_at_A=10.0))
+    assert unblurred.bfactor == pytest.approx(0.0, abs=15.0)
+
+
+def test_adhoc_bfactor_and_mtf(maps, tmp_path):
+    truth, mask, angpix = maps
+    n = truth.shape[0]
+    flat = _flat_spectrum(truth)
+    blurred = _blur(flat, 80.0, angpix)
+    rng = np.random.default_rng(11)
+    sigma = 0.03 * np.std(blurred)
+    h1 = blurred + sigma * rng.normal(size=flat.shape)
+    h2 = blurred + sigma * rng.normal(size=flat.shape)
+    opts = pp.PostprocessOptions(angpix=angpix, adhoc_bfac=-80.0, randomize_at_A=10.0)
+    res = pp.postprocess(h1, h2, mask, opts)
+    assert res.bfactor == -80.0 and res.fit is None and res.lowpass_A == 0.0
+    # un-blurring restores the flat-spectrum map (FSC weights are about 1 at this noise level)
+    assert np.corrcoef(res.sharpened.ravel(), flat.ravel())[0, 1] > 0.98
+    # an MTF of 0.5 at every frequency doubles the amplitudes below Nyquist
+    table = pd.DataFrame({"rlnResolutionInversePixel": np.linspace(0.0, 0.5, 11), "rlnMtfValue": np.full(11, 0.5)})
+    write_star(tmp_path / "mtf.star", {"": table})
+    opts.mtf = pp.read_mtf(tmp_path / "mtf.star", angpix)
+    g = pp.postprocess(h1, h2, mask, opts).guinier
+    np.testing.assert_allclose(g["rlnLogAmplitudesMTFCorrected"][1:n // 2] - g["rlnLogAmplitudesOriginal"][1:n // 2],
+                               np.log(2.0), atol=1e-9)
+
+
+def test_low_pass(maps, noisy):
+    truth, mask, angpix = maps
+    h1, h2 = noisy["h1"], noisy["h2"]
+    plain = pp.postprocess(h1, h2, mask, pp.PostprocessOptions(angpix=angpix))
+    # negative: at the final resolution; the raised cosine ends one shell beyond it
+    at_res = pp.postprocess(h1, h2, mask, pp.PostprocessOptions(angpix=angpix, low_pass=-1.0))
+    assert at_res.lowpass_A == pytest.approx(at_res.resolution_A)
+    power = _shell_power(at_res.sharpened)
+    assert np.all(power[at_res.resolution_shell + 2:] < 1e-12 * power[1])
+    # 20 Å = shell 8 of the 64-box: shells up to 6 untouched, nothing from shell 10 on
+    lp20 = pp.postprocess(h1, h2, mask, pp.PostprocessOptions(angpix=angpix, low_pass=20.0))
+    f = fsc(lp20.sharpened, plain.sharpened)
+    assert np.all(f[1:7] > 0.999999)
+    power = _shell_power(lp20.sharpened)
+    assert np.all(power[10:] < 1e-12 * power[1])
+
+
+@pytest.mark.parametrize("case", ["missing_half2", "mask_box", "mask_values", "half_angpix", "both_bfactors"])
+def test_bad_input_exit_2_no_output(maps, tmp_path, capsys, case):
+    truth, mask, angpix = maps
+    h1 = tmp_path / "run_half1_class001_unfil.mrc"
+    h2 = tmp_path / "run_half2_class001_unfil.mrc"
+    m = tmp_path / "mask.mrc"
+    write_map(h1, truth, angpix)
+    if case != "missing_half2":
+        write_map(h2, truth, angpix if case != "half_angpix" else 2.0)
+    if case == "mask_box":
+        write_map(m, mask[:48, :48, :48], angpix)
+    elif case == "mask_values":
+        write_map(m, 1.5 * mask, angpix)
+    else:
+        write_map(m, mask, angpix)
+    out = tmp_path / "out" / "pp"
+    argv = ["postprocess", "--i", str(h1), "--mask", str(m), "--o", str(out)]
+    if case == "both_bfactors":
+        argv += ["--auto_bfac", "--adhoc_bfac", "-100"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    named = {"missing_half2": h2.name, "mask_box": m.name, "mask_values": m.name, "half_angpix": h2.name,
+             "both_bfactors": "--auto_bfac"}[case]
+    assert named in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
