@@ -133,6 +133,8 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         "rlnHasConverged": int(c.has_converged), "rlnHasHighFscAtResolLimit": int(c.has_high_fsc_at_limit),
         "rlnDoCorrectNorm": int(o.norm), "rlnDoCorrectScale": int(o.scale), "rlnDoCorrectCtf": int(o.ctf),
         "rlnRefsAreCtfCorrected": 1, "rlnMaxNumberOfPooledParticles": o.batch_size,
+        # not a RELION label (RELION re-derives the flag): lets --continue check convergence exactly
+        "cryorefineHasFineEnoughAngularSampling": int(c.has_fine_enough_angular_sampling),
     }
 
 
