@@ -1,0 +1,145 @@
+"""Unit checks of the refinement pieces against known answers (significance, sizes, schedules, sampling rules)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
+from cryorefine.refine import autosampling as autos
+from cryorefine.refine.estep import coarse_significance, significance_threshold
+from cryorefine.refine.orientations import fine_angles, make_grid, make_translations
+from cryorefine.refine.pixels import pixel_set, shift_phases, unique_pixels_per_shell
+from cryorefine.refine.state import Counters, RefineOptions, SamplingState
+
+
+@pytest.mark.parametrize("spread", [0.1, 1.0, 10.0, 300.0])
+def test_significance_matches_sorted_cumulative_sum(spread):
+    rng = np.random.default_rng(1)
+    lw = rng.normal(size=5000) * spread
+    lw[::11] = -np.inf
+    thr, count, total, mx = significance_threshold(lw, 0.999)
+    w = np.sort(np.exp(lw - lw.max()))[::-1]
+    cs = np.cumsum(w)
+    k = int(np.searchsorted(cs, 0.999 * cs[-1], side="right"))
+    assert count == k + 1
+    assert thr == pytest.approx(np.log(w[k]) + lw.max(), abs=1e-9)
+    assert total == pytest.approx(cs[-1])
+
+
+def test_coarse_significance_agrees_with_single_row_version():
+    rng = np.random.default_rng(2)
+    cross = rng.normal(size=(3, 5, 40)).astype(np.float32) * 20
+    norm = rng.uniform(1, 50, size=(3, 40)).astype(np.float32)
+    lp_off = rng.normal(size=(3, 5))
+    lp_dir = np.log(rng.uniform(0.1, 1, size=40))
+    keep, counts = coarse_significance(cross, norm, lp_off, lp_dir, False, 0.999, -1)
+    for b in range(3):
+        d = 0.5 * norm[b][None, :] - cross[b]
+        lw = -(d - d.min()) + lp_off[b][:, None] + lp_dir[None, :]
+        thr, cnt, _, _ = significance_threshold(lw.ravel().astype(np.float64), 0.999)
+        assert counts[b] == cnt
+        np.testing.assert_array_equal(keep[b], lw >= thr)
+    keep_cc, counts_cc = coarse_significance(cross, norm, lp_off, lp_dir, True, 0.999, -1)
+    assert keep_cc.sum() == 3 and np.all(counts_cc == 1)
+
+
+def test_pixel_set_counts_and_unique_half_plane():
+    ps = pixel_set(64, 64)
+    assert ps.m == int((ps.shell <= 32).sum())
+    assert not np.any((ps.kx == 0) & (ps.ky < 0))
+    npix = unique_pixels_per_shell(64)
+    # a shell of radius r holds about pi*r unique pixels (half of the ring 2*pi*r), on average over shells
+    r = np.arange(10, 31)
+    assert npix[r].sum() == pytest.approx(np.pi * r.sum(), rel=0.03)
+
+
+def test_shift_phase_moves_content():
+    from cryorefine.fourier.transforms import irfft2_centered, rfft2_centered
+    img = np.zeros((32, 32), np.float32)
+    img[16, 16] = 1
+    ps = pixel_set(32, 32)
+    ft = rfft2_centered(img).ravel()
+    shifted = np.zeros(32 * 17, np.complex64)
+    shifted[ps.flat] = ft[ps.flat] * shift_phases(ps, np.array([[3.0, -2.0]]))[0]
+    full = shifted.reshape(32, 17)
+    full[1:, 0] = np.conj(full[1:, 0][::-1])  # complete the kx = 0 column from the unique half
+    out = irfft2_centered(full, 32)
+    assert np.unravel_index(np.argmax(out), out.shape) == (14, 19)
+
+
+def test_image_sizes_follow_resolution_and_coarse_rule():
+    c = Counters(current_resolution=1 / 20.0, incr_size=10)
+    size, coarse = autos.image_sizes(c, 64, 2.5, 0.0, False, 2, 150.0)
+    assert size == 2 * (round(64 * 2.5 / 20) + 10)
+    # arc length of one 15 deg step at the particle edge: 15/360*pi*150/1.2 = 16.36 A -> 2*ceil(160/16.36)
+    assert coarse == min(size, 2 * int(np.ceil(160 / (15 / 360 * np.pi * 150 / 1.2))))
+    assert autos.image_sizes(c, 64, 2.5, 0.0, True, 2, 150.0)[0] == 64
+
+
+def test_resolution_shell_and_ssnr_threshold():
+    ssnr = np.array([999, 50, 20, 9, 5, 3, 2, 1.5, 0.8, 0.3, 0.1])
+    assert autos.resolution_shell(ssnr) == 7
+    # a dip below 1 followed by a rise more than three shells later is taken (spec 3.8)
+    ssnr2 = np.array([999, 50, 20, 9, 5, 0.5, 2, 2, 2, 2, 2, 0.1, 0.1])
+    assert autos.resolution_shell(ssnr2) == 10
+
+
+def test_accuracy_schedules_match_relion_steps():
+    a = autos.angle_schedule()
+    assert a[0] == pytest.approx(0.05) and a[-1] == 30
+    assert np.all(np.diff(a) > 0)
+    assert 1.0 in np.round(a, 6) and 5.0 in np.round(a, 6)
+    t = autos.shift_schedule()
+    assert t[0] == pytest.approx(0.1) and t[-1] == 10
+
+
+def test_sampling_update_goes_finer_and_local():
+    opts = RefineOptions("p", "r", "o", particle_diameter=150.0)
+    s = SamplingState(3, 7.5, 12.5, 5.0, 1, False, 0.0, 0.5, 0.0, 2, 12.5, 5.0)
+    c = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1)
+    new, why = autos.update_sampling(opts, s, c, acc_rot=4.0, acc_trans=2.0, delta_offset=1.0)
+    assert new.healpix_order == 4 and new.local_searches
+    assert new.sigma_ang == pytest.approx(2 * 1.875)
+    assert new.offset_step <= s.offset_step
+    assert "refined" in why and c.nr_iter_wo_resol_gain == 0
+    # fine enough: step 1.875 < 0.75 * 4 -> unchanged, flag set
+    c2 = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1)
+    same, why2 = autos.update_sampling(opts, new, c2, acc_rot=4.0, acc_trans=2.0, delta_offset=1.0)
+    assert same.healpix_order == 4 and c2.has_fine_enough_angular_sampling and "finer than" in why2
+
+
+def test_fine_children_surround_their_parent():
+    grid = make_grid(2, "C1", 15.0, 1, 0.0, False)
+    ids = np.arange(0, grid.n_psi * len(grid.dir_pix), 97)
+    from cryorefine.refine.orientations import coarse_matrices, fine_matrices
+    parent = coarse_matrices(grid, ids)
+    fine_ids = (ids[:, None] * grid.n_children + np.arange(grid.n_children)).ravel()
+    child = fine_matrices(grid, fine_ids).reshape(len(ids), grid.n_children, 3, 3)
+    rel = np.einsum("nij,nckj->ncik", parent, child)
+    ang = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=2, axis2=3) - 1) / 2, -1, 1)))
+    assert ang.max() < 15.0          # within one coarse step of the parent
+    rot, tilt, psi = fine_angles(grid, fine_ids)
+    assert np.allclose(np.sort(np.unique(np.round(psi % 7.5, 6))), [3.75])   # psi children at +-step/4
+
+
+def test_translations_are_perturbed_and_centred():
+    tg = make_translations(12.5, 5.0, 2.5, 1, 0.2)
+    assert len(tg.coarse) == 21
+    assert np.allclose(tg.coarse.mean(0), 0.2 * 2.0)
+    ch = tg.children(np.arange(len(tg.coarse)))
+    assert np.allclose(ch.mean(1), tg.coarse)
+
+
+def test_euler_round_trip_of_perturbed_matrices():
+    m = euler_to_matrix(10, 80, -30) @ euler_to_matrix(1.0, 1.0, 1.0)
+    r, t, p = matrix_to_euler(m)
+    assert np.allclose(euler_to_matrix(r, t, p), m, atol=1e-10)
+
+
+def test_maxsig_caps_the_number_of_significant_samples():
+    lw = np.random.default_rng(3).normal(size=10000) * 0.01   # an almost flat posterior
+    thr, count, _, _ = significance_threshold(lw, 0.999, 500)
+    assert count == 500 and int((lw >= thr).sum()) == 500
+    thr_all, count_all, _, _ = significance_threshold(lw, 0.999, -1)
+    assert count_all > 9900
