@@ -7,7 +7,7 @@ import pytest
 
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.refine import autosampling as autos
-from cryorefine.refine.estep import coarse_significance, significance_threshold
+from cryorefine.refine.weights import coarse_significance, significance_threshold
 from cryorefine.refine.orientations import fine_angles, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set, shift_phases, unique_pixels_per_shell
 from cryorefine.refine.state import Counters, RefineOptions, SamplingState

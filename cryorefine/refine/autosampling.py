@@ -52,6 +52,12 @@ def update_current_resolution(c: Counters, ssnr: NDArray | None, box: int, angpi
     c.current_resolution = new
 
 
+def accuracy_limited_resolution(acc_rot: float, acc_trans: float, diameter: float) -> float:
+    """Best resolution (Å) that alignments this accurate can support: the arc the angular error sweeps at the
+    particle edge, π·D·acc_rot/360, or twice the translational error, whichever is worse."""
+    return max(math.pi * diameter * acc_rot / 360.0, 2.0 * acc_trans)
+
+
 def first_below(fsc: NDArray[np.float64], threshold: float) -> int:
     """First shell ≥ 1 with FSC < threshold (len(fsc) if none)."""
     idx = np.nonzero(fsc[1:] < threshold)[0]
@@ -84,7 +90,8 @@ def angle_schedule() -> NDArray[np.float64]:
     """The running values e of the rotational accuracy search (deg), §5.1."""
     e, out = 0.0, []
     while e < ANGLE_LIMIT:
-        e += 0.05 if e < 0.2 else 0.1 if e < 1 else 0.2 if e < 2 else 0.5 if e < 5 else 1 if e < 10 else 2 if e < 20 else 5
+        e = round(e + (0.05 if e < 0.2 else 0.1 if e < 1 else 0.2 if e < 2 else 0.5 if e < 5 else 1 if e < 10
+                       else 2 if e < 20 else 5), 6)
         out.append(min(e, ANGLE_LIMIT))
     return np.round(np.array(out), 6)
 
@@ -93,7 +100,7 @@ def shift_schedule() -> NDArray[np.float64]:
     """The running values e of the translational accuracy search (px), §5.1."""
     e, out = 0.0, []
     while e < SHIFT_LIMIT:
-        e += 0.1 if e < 1 else 0.2 if e < 2 else 0.5 if e < 5 else 1 if e < 10 else 2
+        e = round(e + (0.1 if e < 1 else 0.2 if e < 2 else 0.5 if e < 5 else 1 if e < 10 else 2), 6)
         out.append(min(e, SHIFT_LIMIT))
     return np.round(np.array(out), 6)
 

@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RELION GUI 'Use finer angular sampling faster?': both --auto_ignore_angles and "
                         "--auto_resol_angles")
     s.add_argument("--adaptive_fraction", type=float, default=0.999)
+    s.add_argument("--maxsig", type=int, default=500,
+                   help="at most this many significant samples per particle in each pass (default 500, for CPU "
+                        "speed while posteriors are broad; -1 = no cap, RELION's default)")
     s.add_argument("--perturb", type=float, default=0.5)
     s.add_argument("--offset", dest="sigma_offset", type=float, default=10.0, help="initial offset sigma (A)")
     s.add_argument("--auto_iter_max", type=int, default=999)
@@ -106,7 +109,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         auto_ignore_angles=args.auto_ignore_angles or args.finer_faster,
         auto_resol_angles=args.auto_resol_angles or args.finer_faster,
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
-        adaptive_fraction=args.adaptive_fraction, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
+        adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
         batch_size=args.batch_size, continue_from=args.continue_from,
         command_line="cryorefine refine " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
@@ -121,11 +124,15 @@ def run(args: argparse.Namespace) -> int:
     if opts.threads > 0:
         import numba
         numba.set_num_threads(min(opts.threads, numba.config.NUMBA_NUM_THREADS))
-    log = RunLog(f"{opts.fn_out}.out", quiet=args.quiet)
+    from cryorefine.parallel.mpi import get_reducer
+    reducer = get_reducer()
+    # only rank 0 writes the log (and every other file)
+    log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader)
     try:
-        log.line(f" cryorefine refine, started {timestamp()}")
+        log.line(f" cryorefine refine, started {timestamp()}"
+                 + (f" on {reducer.size} MPI processes" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")
-        run_ = initialise(opts, log)
+        run_ = initialise(opts, log, reducer)
         start = 1
         if opts.continue_from:
             from cryorefine.refine.restart import restore

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 from numpy.typing import NDArray
 
@@ -19,6 +18,7 @@ from cryorefine.geometry.euler import matrix_to_euler
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
+from cryorefine.refine.weights import coarse_significance, significance_threshold
 
 
 @dataclass
@@ -60,6 +60,47 @@ class BatchInputs:
     old_norm: NDArray[np.float64]       # (B,)
 
 
+class ProjectionCache:
+    """Projections of one half's reference in one iteration, computed once and shared by all batches.
+
+    Global searches reuse the same coarse set for every particle and draw fine children from a fixed grid,
+    so both are cached (the fine cache only while it fits in `max_bytes`); local searches project per batch.
+    """
+
+    def __init__(self, proj: Projector, grid: OrientationGrid, ps_coarse: PixelSet, ps_fine: PixelSet,
+                 max_bytes: float = 1.5e9):
+        self.proj, self.grid, self.ps_coarse, self.ps_fine = proj, grid, ps_coarse, ps_fine
+        self.coarse_ids: NDArray[np.int64] | None = None
+        self.coarse: NDArray[np.complex64] | None = None
+        n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
+        self.fine = None
+        if not grid.local and n_fine * ps_fine.m * 8 <= max_bytes:
+            self.fine = np.empty((n_fine, ps_fine.m), np.complex64)
+            self.have = np.zeros(n_fine, bool)
+
+    def coarse_projections(self, ids: NDArray[np.int64]) -> NDArray[np.complex64]:
+        """Projections of coarse ids at the coarse size (cached when the same id set comes back)."""
+        if self.grid.local:
+            return project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
+                           self.ps_coarse.ky_model)
+        if self.coarse_ids is None or not np.array_equal(self.coarse_ids, ids):
+            self.coarse_ids = ids
+            self.coarse = project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
+                                  self.ps_coarse.ky_model)
+        return self.coarse
+
+    def fine_projections(self, fine_ids: NDArray[np.int64], rotations: NDArray) -> NDArray[np.complex64]:
+        """Projections of fine ids (with their rotation matrices) at the current size."""
+        if self.fine is None:
+            return project(self.proj, rotations, self.ps_fine.kx_model, self.ps_fine.ky_model)
+        todo = ~self.have[fine_ids]
+        if todo.any():
+            self.fine[fine_ids[todo]] = project(self.proj, rotations[todo], self.ps_fine.kx_model,
+                                                self.ps_fine.ky_model)
+            self.have[fine_ids[todo]] = True
+        return self.fine[fine_ids]
+
+
 @dataclass
 class PassSettings:
     """Per-iteration E-step settings of one half."""
@@ -76,6 +117,8 @@ class PassSettings:
     local: LocalWindow | None = None         # local mode: per-particle candidates (rows aligned with batch)
     scale_shells: NDArray[np.bool_] | None = None   # shells used for the group-scale update (SSNR > 3)
     norm_average: float = 1.0
+    maxsig: int = -1                         # cap on significant samples per particle and pass (-1: none)
+    cache: ProjectionCache | None = None
 
 
 @dataclass
@@ -91,98 +134,6 @@ class BatchResult:
     log_likelihood: NDArray[np.float64]
     max_prob: NDArray[np.float64]
     nr_significant: NDArray[np.int64]
-
-
-_NBINS = 4096
-
-
-@numba.njit(cache=True)
-def significance_threshold(logw: np.ndarray, fraction: float) -> tuple[float, int, float, float]:
-    """Threshold on log-weights keeping the largest weights that sum to `fraction` of the total (spec §2.6).
-
-    Returns (log threshold, number of weights accumulated, Σ exp(logw − max), max). Linear time: weights are
-    binned on a log scale and only the bin where the running sum crosses is sorted; -inf = not evaluated.
-    """
-    n = logw.size
-    mx = -np.inf
-    for j in range(n):
-        if logw[j] > mx:
-            mx = logw[j]
-    hist_w = np.zeros(_NBINS)
-    hist_n = np.zeros(_NBINS, np.int64)
-    total = 0.0
-    for j in range(n):
-        d = logw[j] - mx
-        if d > -88.0:
-            w = np.exp(d)
-            k = min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1)
-            hist_w[k] += w
-            hist_n[k] += 1
-            total += w
-    target = fraction * total
-    acc = 0.0
-    above = 0
-    k = _NBINS - 1
-    while k > 0 and acc + hist_w[k] <= target:
-        acc += hist_w[k]
-        above += hist_n[k]
-        k -= 1
-    lo = k * (88.0 / _NBINS) - 88.0
-    hi = lo + 88.0 / _NBINS if k < _NBINS - 1 else 1.0
-    vals = np.empty(hist_n[k])
-    m = 0
-    for j in range(n):
-        d = logw[j] - mx
-        if d > -88.0 and min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1) == k:
-            vals[m] = d
-            m += 1
-    vals = np.sort(vals[:m])[::-1]
-    thr = lo
-    for j in range(m):
-        acc += np.exp(vals[j])
-        above += 1
-        thr = vals[j]
-        if acc > target:
-            break
-    return thr + mx, above, total, mx
-
-
-@numba.njit(cache=True, parallel=True)
-def coarse_significance(cross: np.ndarray, norm: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray,
-                        cc_mode: bool, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pass-1 weights of a batch sharing one orientation set: keep mask (B, T, U) and significant counts.
-
-    cross (B, T, U) and norm (B, U) are the two matrix products; lp_off (B, T) and lp_dir (U) log-priors.
-    CC mode keeps only the best sample (hard assignment, no priors).
-    """
-    nb, nt, nu = cross.shape
-    keep = np.zeros((nb, nt, nu), np.bool_)
-    counts = np.zeros(nb, np.int64)
-    for b in numba.prange(nb):
-        d = np.empty(nt * nu)
-        for t in range(nt):
-            for u in range(nu):
-                if cc_mode:
-                    d[t * nu + u] = -cross[b, t, u] / np.sqrt(max(norm[b, u], 1e-30))
-                else:
-                    d[t * nu + u] = 0.5 * norm[b, u] - cross[b, t, u]
-        if cc_mode:
-            best = np.argmin(d)
-            keep[b, best // nu, best % nu] = True
-            counts[b] = 1
-            continue
-        dmin = d.min()
-        lw = np.empty(nt * nu)
-        for t in range(nt):
-            for u in range(nu):
-                lw[t * nu + u] = -(d[t * nu + u] - dmin) + lp_off[b, t] + lp_dir[u]
-        thr, cnt, _, _ = significance_threshold(lw, fraction)
-        counts[b] = cnt
-        for t in range(nt):
-            for u in range(nu):
-                if lw[t * nu + u] >= thr:
-                    keep[b, t, u] = True
-    return keep, counts
 
 
 def _real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
@@ -225,7 +176,8 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
             n = len(chunks[j])
             per_particle.append((inv[pos:pos + n], st.local.log_prior[st.local.offsets[j]:st.local.offsets[j + 1]]))
             pos += n
-    p_c = project(proj, coarse_matrices(grid, uniq), st.ps_coarse.kx_model, st.ps_coarse.ky_model)
+    cache = st.cache or ProjectionCache(proj, grid, st.ps_coarse, st.ps_fine, 0)
+    p_c = cache.coarse_projections(uniq)
     p_c_pair = _real_pair(p_c)                                     # (U, 2mc)
     p_c_pow = (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)   # (U, mc)
     ph_c = shift_phases(st.ps_coarse, tg.coarse)                   # (T, mc)
@@ -248,7 +200,7 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
     if st.local is None:
         keep_all, nr_sig = coarse_significance(cross_all, norm_all.astype(np.float32), lp_off,
                                                np.asarray(per_particle[0][1], np.float64), st.cc_mode,
-                                               st.adaptive_fraction)
+                                               st.adaptive_fraction, st.maxsig)
         lp_dir = per_particle[0][1]
         for j in range(nb):
             pairs = np.nonzero(keep_all[j])
@@ -266,7 +218,7 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
                 nr_sig[j] = 1
             else:
                 logw = -(d - d.min()) + lp
-                thr, nr_sig[j], _, _ = significance_threshold(logw.ravel(), st.adaptive_fraction)
+                thr, nr_sig[j], _, _ = significance_threshold(logw.ravel(), st.adaptive_fraction, st.maxsig)
                 keep = logw >= thr
             pairs = np.nonzero(keep)
             sig_pairs.append(pairs)
@@ -282,7 +234,7 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
         fine_lists.append((u_o[:, None] * n_ch + np.arange(n_ch)[None, :]).ravel())
     fine_uniq, fine_inv = np.unique(np.concatenate(fine_lists), return_inverse=True)
     fine_rot = fine_matrices(grid, fine_uniq)
-    p_f = project(proj, fine_rot, st.ps_fine.kx_model, st.ps_fine.ky_model)     # (F, mf)
+    p_f = cache.fine_projections(fine_uniq, fine_rot)                         # (F, mf)
     p_f_pow = (p_f.real ** 2 + p_f.imag ** 2).astype(np.float32)
 
     res = BatchResult(*(np.zeros(nb) for _ in range(8)), np.zeros(nb, np.int64))
@@ -309,31 +261,30 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
         xs_f = inp.x_fine[j][None, :] * ph                             # (Tf, mf)
         s = float(inp.scale[j])
         ctf = inp.ctf_fine[j]
-        wf = ctf * s * isig_f
-        cross_f = _real_pair(xs_f * wf[None, :]) @ _real_pair(pf).T   # (Tf, Of)
         norm_f = (ctf * ctf * s * s * isig_f) @ pf_pow.T               # (Of,)
-        acc.gflop += 2e-9 * (cross_f.size * 2 * ps_f.m + norm_f.size * ps_f.m)
-        d_f = _diff(cross_f, norm_f, st.cc_mode)
-        # valid (fine t, fine o) pairs: children of a significant coarse pair; they inherit its prior
-        valid = np.zeros((len(u_t), len(u_o)), bool)
-        valid[t_pos, o_pos] = True
-        lpc = np.full((len(u_t), len(u_o)), -np.inf)
-        lpc[t_pos, o_pos] = lp_sig[j]
-        lp_f = np.repeat(np.repeat(lpc, n_tch, axis=0), n_ch, axis=1)
-        valid_f = np.repeat(np.repeat(valid, n_tch, axis=0), n_ch, axis=1)
-        d_f = np.where(valid_f, d_f, np.inf)
+        # only the children of significant coarse pairs are evaluated: (K, n_tch) x (K, n_ch) blocks
+        rows_t = t_pos[:, None] * n_tch + np.arange(n_tch)[None, :]
+        rows_o = o_pos[:, None] * n_ch + np.arange(n_ch)[None, :]
+        d_f = _pair_diffs(_real_pair(xs_f * (ctf * s * isig_f)[None, :]), _real_pair(pf), norm_f, rows_t, rows_o,
+                          st.cc_mode)                                   # (K, n_tch, n_ch)
+        acc.gflop += 2e-9 * d_f.size * 2 * ps_f.m
         dmin = float(d_f.min())
         if st.cc_mode:
-            wbar = np.zeros(d_f.shape)
-            wbar.flat[int(np.argmin(d_f))] = 1.0
+            wpair = np.zeros(d_f.shape)
+            wpair.flat[int(np.argmin(d_f))] = 1.0
             log_wsum = 0.0
         else:
-            logw = np.where(valid_f, -(d_f - dmin) + lp_f, -np.inf)
-            mx = logw.max()
-            thr, _, wsum, _ = significance_threshold(logw.ravel(), st.adaptive_fraction)
-            w = np.exp(logw - mx)
-            wbar = np.where(logw >= thr, w / wsum, 0.0)
+            logw = -(d_f - dmin) + lp_sig[j][:, None, None]
+            mx = float(logw.max())
+            thr, _, wsum, _ = significance_threshold(logw.ravel(), st.adaptive_fraction, st.maxsig)
+            wpair = np.where(logw >= thr, np.exp(logw - mx), 0.0)
+            wpair /= wpair.sum()          # kept weights sum to 1, also when --maxsig cut the tail
             log_wsum = float(np.log(wsum) + mx)
+        # dense (fine translation x fine orientation) weights of this particle
+        wbar = np.zeros((t_fine.shape[0], pf.shape[0]))
+        kk = np.nonzero(wpair.reshape(len(wpair), -1).max(1) > 0)[0]
+        np.add.at(wbar, (np.broadcast_to(rows_t[kk][:, :, None], wpair[kk].shape),
+                         np.broadcast_to(rows_o[kk][:, None, :], wpair[kk].shape)), wpair[kk])
         best = np.unravel_index(int(np.argmax(wbar)), wbar.shape)
         res.max_prob[j] = float(wbar[best])
         fid_best = fine_uniq[f_idx[best[1]]]
@@ -387,6 +338,22 @@ def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: 
     insert(acc.bp, np.concatenate(bp_rot), ps_f.kx_model, ps_f.ky_model,
            np.concatenate(bp_val), np.concatenate(bp_wgt))
     return res
+
+
+def _pair_diffs(a_t: NDArray[np.float32], p_o: NDArray[np.float32], norm_o: NDArray, rows_t: NDArray,
+                rows_o: NDArray, cc_mode: bool, chunk: int = 64) -> NDArray[np.float64]:
+    """Residuals (K, n_t, n_o) of K blocks pairing translation rows rows_t[k] with orientation rows rows_o[k].
+
+    a_t (Tf, 2m) holds the CTF/σ²-weighted shifted images and p_o (Of, 2m) the projections, both as real pairs.
+    """
+    k = len(rows_t)
+    out = np.empty((k, rows_t.shape[1], rows_o.shape[1]))
+    for s0 in range(0, k, chunk):
+        sl = slice(s0, min(k, s0 + chunk))
+        cross = np.matmul(a_t[rows_t[sl]], p_o[rows_o[sl]].transpose(0, 2, 1))
+        nrm = norm_o[rows_o[sl]][:, None, :]
+        out[sl] = -cross / np.sqrt(np.maximum(nrm, 1e-30)) if cc_mode else 0.5 * nrm - cross
+    return out
 
 
 def _diff(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:

@@ -19,18 +19,20 @@ from cryorefine.fourier.projector import make_projector
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.parallel.local import LocalReducer
+from cryorefine.parallel.mpi import get_reducer
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import outputs
 from cryorefine.refine.accuracy import expected_accuracies
 from cryorefine.refine.convergence import has_converged, pose_changes, update_change_counters
 from cryorefine.refine.data import (ParticleData, column, iter_batches, load_particles, prepare_batch,
                                     soft_circle)
-from cryorefine.refine.estep import BatchInputs, HalfAccumulator, PassSettings, expectation_batch
+from cryorefine.refine.estep import BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, expectation_batch
 from cryorefine.refine.log import RunLog
 from cryorefine.refine.mstep import initial_sigma2, shell_power, update_model_statistics
 from cryorefine.refine.orientations import local_window, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set
 from cryorefine.refine.reference import load_reference, load_solvent_mask
+from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, SamplingState
 
 
@@ -56,7 +58,7 @@ class Run:
 
 def initialise(opts: RefineOptions, log: RunLog, reducer=None) -> Run:
     """Read data and reference, split halves, low-pass the reference, estimate the initial noise (iteration 0)."""
-    reducer = reducer or LocalReducer()
+    reducer = reducer or get_reducer()
     data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf)
     box, angpix = data.optics[0].box, data.optics[0].angpix
     if opts.particle_diameter <= 0:
@@ -126,6 +128,7 @@ def run_refinement(run: Run, start_iteration: int = 1) -> None:
         outputs.write_iteration(run, 0, final=False)
     it = start_iteration
     while True:
+        run.rng = iteration_rng(opts.random_seed, it)
         if has_converged(c, opts.auto_ignore_angles) and not c.has_converged:
             c.has_converged = True
         log.auto(f"Iteration= {it}")
@@ -171,7 +174,14 @@ def iterate_once(run: Run, it: int) -> None:
     c.current_size, c.coarse_size = autos.image_sizes(c, box, angpix, run.models[0].ave_pmax, final,
                                                      s.healpix_order, opts.particle_diameter)
     rmax = c.current_size / 2
-    projectors = [make_projector(m.volume, pad=opts.pad, r_max=rmax) for m in run.models]
+    # References are projected only up to the shell where their half-map FSC fell below 0.143 (or the
+    # ini_high edge): beyond it they hold no information, only interpolation leakage and mask ringing of
+    # the low resolutions, which noise can be aligned to identically in both halves (Einstein from noise).
+    r_ref = reference_information_limit(c, box, angpix, opts.ini_high, it, opts.firstiter_cc)
+    projectors = [make_projector(m.volume, pad=opts.pad, r_max=min(rmax, r_ref)) for m in run.models]
+    if r_ref < rmax:
+        log.line(f" References are used up to {box * angpix / r_ref:.2f} A (shell {r_ref}), where their FSC fell "
+                 f"below 0.143; data are used up to {box * angpix / rmax:.2f} A")
 
     # accuracy estimate on half-1 particles against the half-1 reference (skipped in the CC iteration)
     if not cc:
@@ -217,13 +227,15 @@ def iterate_once(run: Run, it: int) -> None:
         gflop += acc.gflop
         accs.append(acc)
     t_e = time.time() - t_e
-    log.line(f" E-step: {t_e:.1f} s, {gflop / max(t_e, 1e-9):.1f} GFLOP/s in the likelihood products")
+    log.line(f" E-step: {t_e:.1f} s, {gflop / max(t_e, 1e-9):.1f} GFLOP/s in the likelihood products"
+             + (f" (rank 0 of {run.reducer.size})" if run.reducer.size > 1 else ""))
 
-    # ---- between E and M: sums, symmetry, low-resolution join, FSC ----
+    # ---- between E and M: sums over processes, symmetry, low-resolution join, FSC ----
     for acc in accs:
-        run.reducer.sum_array(acc.bp.data)
-        run.reducer.sum_array(acc.bp.weight)
+        reduce_accumulator(run.reducer, acc)
         bpm.symmetrise(acc.bp, run.sym_mats)
+    reduce_poses(run.reducer, new_poses, run.poses, np.concatenate(
+        [run.reducer.share(np.nonzero(run.data.subset == h)[0]) for h in (1, 2)]))
     raw = [copy.deepcopy(a.bp) for a in accs] if final else None
     if opts.low_resol_join_halves > 0:
         res_j = max(opts.low_resol_join_halves, 1.0 / c.current_resolution)
@@ -259,6 +271,13 @@ def iterate_once(run: Run, it: int) -> None:
                 ss["sigma2"], ss["coverage"]
         ssnr_res = run.models[0].ssnr
     autos.update_current_resolution(c, ssnr_res, box, angpix, opts.ini_high, keep_ini_high=cc)
+    if final:
+        limit = autos.accuracy_limited_resolution(c.acc_rot, c.acc_trans, opts.particle_diameter)
+        if limit > 1.0 / c.current_resolution:
+            log.line(f" WARNING: the half-map FSC suggests {1.0 / c.current_resolution:.2f} A, but the estimated "
+                     f"alignment accuracy ({c.acc_rot:g} deg, {c.acc_trans:g} A) cannot resolve better than "
+                     f"{limit:.2f} A; the FSC only reflects the shared starting reference. Reporting {limit:.2f} A.")
+            c.current_resolution = 1.0 / limit
 
     # hidden-variable changes of this iteration
     d_ang, d_off = pose_changes(run.poses, new_poses, run.sym_mats)
@@ -267,6 +286,42 @@ def iterate_once(run: Run, it: int) -> None:
     run.poses = new_poses
     if run.reducer.is_leader:
         outputs.write_iteration(run, it, final=final)
+
+
+def reference_information_limit(c: Counters, box: int, angpix: float, ini_high: float, it: int,
+                                firstiter_cc: bool) -> int:
+    """Last shell of the references with information: the ini_high edge while the references are the
+    low-passed start (iteration 1, and 2 after a CC iteration), else the first shell with half-map FSC < 0.143."""
+    if c.fsc is None or (firstiter_cc and it <= 2):
+        return int(math.floor(box * angpix / ini_high + 1)) if ini_high > 0 else box // 2
+    return min(box // 2, autos.first_below(c.fsc, 0.143))
+
+
+def reduce_accumulator(reducer, acc: HalfAccumulator) -> None:
+    """Sum one half's accumulators over processes (identity in a single process)."""
+    if reducer.size == 1:
+        return
+    reducer.sum_array(acc.bp.data)
+    reducer.sum_array(acc.bp.weight)
+    for o in sorted(acc.sigma2_num):
+        reducer.sum_array(acc.sigma2_num[o])
+        acc.sigma2_wsum[o] = reducer.sum_scalar(acc.sigma2_wsum.get(o, 0.0))
+    for a in (acc.scale_num, acc.scale_den, acc.pdf):
+        reducer.sum_array(a)
+    for name in ("offset_num", "wsum", "norm_sum", "ll_sum", "pmax_sum", "count", "gflop"):
+        setattr(acc, name, reducer.sum_scalar(getattr(acc, name)))
+
+
+def reduce_poses(reducer, new: Poses, old: Poses, own_rows: NDArray[np.int64]) -> None:
+    """Give every process the poses that all processes found (each row belongs to exactly one process)."""
+    if reducer.size == 1:
+        return
+    for name in ("rot", "tilt", "psi", "origin_x", "origin_y", "norm_correction", "log_likelihood", "max_prob",
+                 "nr_significant"):
+        a = getattr(new, name)
+        mine = np.zeros_like(a)
+        mine[own_rows] = a[own_rows]
+        setattr(new, name, reducer.sum_array(mine))
 
 
 def estimate_accuracy(run: Run, proj) -> tuple[float, float]:
@@ -304,6 +359,7 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
     if not grid.local:
         with np.errstate(divide="ignore"):
             log_pdf = np.log(model.pdf_direction)
+    caches: dict[int, ProjectionCache] = {}
     prior_x = column(data.table, "rlnOriginXPriorAngst", 0.0)
     prior_y = column(data.table, "rlnOriginYPriorAngst", 0.0)
     with run.log.progress(f"E-step half {half}", len(rows_half)) as advance:
@@ -321,7 +377,11 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
                 sc[:n] = scale_shells[:n]
             else:
                 sc = None
-            mask = soft_circle(og.box, opts.particle_diameter / (2 * og.angpix), opts.maskedge_px)
+            # The particle mask's soft edge starts where the references' solvent mask ends, so that reference
+            # projections lie where the mask is 1: otherwise the likelihood sees mask-edge products of the
+            # reference, whose high frequencies noise images can be aligned to in both halves alike.
+            mask = soft_circle(og.box, opts.particle_diameter / (2 * og.angpix) + opts.maskedge_px * run.angpix
+                               / og.angpix, opts.maskedge_px)
             norm_factor = (model.norm_average / run.poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
             prep = prepare_batch(data, rows, run.poses.origin_x[rows], run.poses.origin_y[rows], norm_factor, mask)
             flat_m = prep.masked.reshape(len(rows), -1)
@@ -337,10 +397,12 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
             if grid.local:
                 local = local_window(grid, run.poses.rot[rows], run.poses.tilt[rows], run.poses.psi[rows],
                                      run.sampling.sigma_ang)
+            if o not in caches:
+                caches[o] = ProjectionCache(proj, grid, ps_c, ps_f)
             st = PassSettings(grid, make_translations(run.sampling.offset_range, run.sampling.offset_step, og.angpix,
                                                       run.sampling.oversampling, run.sampling.perturb),
                               ps_c, ps_f, 1.0 / model.sigma2[o], opts.adaptive_fraction, cc, model.sigma_offset,
-                              log_pdf, local, sc, model.norm_average)
+                              log_pdf, local, sc, model.norm_average, opts.maxsig, caches[o])
             res = expectation_batch(inp, proj, st, acc)
             new_poses.rot[rows], new_poses.tilt[rows], new_poses.psi[rows] = res.rot, res.tilt, res.psi
             new_poses.origin_x[rows], new_poses.origin_y[rows] = res.origin_x, res.origin_y

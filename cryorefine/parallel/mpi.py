@@ -1,0 +1,66 @@
+"""MPI reducer (mpi4py): every rank takes a share of each half's particles; sums are all-reduced, so every
+rank runs the same M-step on the same numbers and rank 0 writes the files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class MpiReducer:
+    """Same methods as parallel.local.LocalReducer, over an MPI communicator."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+        self._mpi = MPI
+        self.comm = comm or MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    @property
+    def is_leader(self) -> bool:
+        """True on rank 0, the one that writes files and the log."""
+        return self.rank == 0
+
+    def share(self, rows: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Every size-th row starting at this rank (balanced over micrographs and optics groups)."""
+        return rows[self.rank::self.size]
+
+    def sum_array(self, a: NDArray) -> NDArray:
+        """In-place element-wise sum over ranks (a must be a contiguous numpy array)."""
+        if self.size > 1:
+            self.comm.Allreduce(self._mpi.IN_PLACE, a, op=self._mpi.SUM)
+        return a
+
+    def sum_scalar(self, x: float) -> float:
+        """Sum of a number over ranks."""
+        return self.comm.allreduce(x, op=self._mpi.SUM) if self.size > 1 else x
+
+    def gather_rows(self, rows: NDArray[np.int64], values: NDArray) -> tuple[NDArray[np.int64], NDArray]:
+        """All ranks' (rows, values) concatenated, on every rank."""
+        if self.size == 1:
+            return rows, values
+        parts = self.comm.allgather((rows, values))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def launched_by_mpiexec() -> bool:
+    """True when this process is one of several started by mpiexec/srun (MPICH, Open MPI, Slurm)."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return True
+    return False
+
+
+def get_reducer():
+    """An MpiReducer under mpiexec with more than one rank, else the one-process LocalReducer."""
+    from cryorefine.parallel.local import LocalReducer
+    if launched_by_mpiexec():
+        try:
+            return MpiReducer()
+        except ImportError as exc:
+            from cryorefine.errors import InputError
+            raise InputError("started by mpiexec but mpi4py is not installed (pip install 'cryorefine[mpi]')") from exc
+    return LocalReducer()

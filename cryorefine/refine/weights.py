@@ -1,0 +1,101 @@
+"""Compiled kernels turning residuals into posterior weights and significant samples (spec §2.6).
+
+Kept apart from the E-step driver so that numba's on-disk cache survives edits to the driver.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_NBINS = 4096
+
+
+@numba.njit(cache=True)
+def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) -> tuple[float, int, float, float]:
+    """Threshold on log-weights keeping the largest weights that sum to `fraction` of the total (spec §2.6),
+    but no more than `maxsig` of them when maxsig > 0 (RELION --maxsig).
+
+    Returns (log threshold, number of weights accumulated, Σ exp(logw − max), max). Linear time: weights are
+    binned on a log scale and only the bin where the running sum crosses is sorted; -inf = not evaluated.
+    """
+    n = logw.size
+    mx = -np.inf
+    for j in range(n):
+        if logw[j] > mx:
+            mx = logw[j]
+    hist_w = np.zeros(_NBINS)
+    hist_n = np.zeros(_NBINS, np.int64)
+    total = 0.0
+    for j in range(n):
+        d = logw[j] - mx
+        if d > -88.0:
+            w = np.exp(d)
+            k = min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1)
+            hist_w[k] += w
+            hist_n[k] += 1
+            total += w
+    target = fraction * total
+    acc = 0.0
+    above = 0
+    k = _NBINS - 1
+    while k > 0 and acc + hist_w[k] <= target and not (maxsig > 0 and above + hist_n[k] >= maxsig):
+        acc += hist_w[k]
+        above += hist_n[k]
+        k -= 1
+    lo = k * (88.0 / _NBINS) - 88.0
+    hi = lo + 88.0 / _NBINS if k < _NBINS - 1 else 1.0
+    vals = np.empty(hist_n[k])
+    m = 0
+    for j in range(n):
+        d = logw[j] - mx
+        if d > -88.0 and min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1) == k:
+            vals[m] = d
+            m += 1
+    vals = np.sort(vals[:m])[::-1]
+    thr = lo
+    for j in range(m):
+        acc += np.exp(vals[j])
+        above += 1
+        thr = vals[j]
+        if acc > target or (maxsig > 0 and above >= maxsig):
+            break
+    return thr + mx, above, total, mx
+
+
+@numba.njit(cache=True, parallel=True)
+def coarse_significance(cross: np.ndarray, norm: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray,
+                        cc_mode: bool, fraction: float, maxsig: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass-1 weights of a batch sharing one orientation set: keep mask (B, T, U) and significant counts.
+
+    cross (B, T, U) and norm (B, U) are the two matrix products; lp_off (B, T) and lp_dir (U) log-priors.
+    CC mode keeps only the best sample (hard assignment, no priors).
+    """
+    nb, nt, nu = cross.shape
+    keep = np.zeros((nb, nt, nu), np.bool_)
+    counts = np.zeros(nb, np.int64)
+    for b in numba.prange(nb):
+        d = np.empty(nt * nu)
+        for t in range(nt):
+            for u in range(nu):
+                if cc_mode:
+                    d[t * nu + u] = -cross[b, t, u] / np.sqrt(max(norm[b, u], 1e-30))
+                else:
+                    d[t * nu + u] = 0.5 * norm[b, u] - cross[b, t, u]
+        if cc_mode:
+            best = np.argmin(d)
+            keep[b, best // nu, best % nu] = True
+            counts[b] = 1
+            continue
+        dmin = d.min()
+        lw = np.empty(nt * nu)
+        for t in range(nt):
+            for u in range(nu):
+                lw[t * nu + u] = -(d[t * nu + u] - dmin) + lp_off[b, t] + lp_dir[u]
+        thr, cnt, _, _ = significance_threshold(lw, fraction, maxsig)
+        counts[b] = cnt
+        for t in range(nt):
+            for u in range(nu):
+                if lw[t * nu + u] >= thr:
+                    keep[b, t, u] = True
+    return keep, counts

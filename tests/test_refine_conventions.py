@@ -1,0 +1,121 @@
+"""Refinement conventions and honesty: local searches from the true poses stay on them; pure noise does not
+produce a high-resolution map; bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+
+from bench.standard_sets import BENCH, DATA
+from cryorefine.geometry.euler import euler_to_matrix
+from cryorefine.geometry.symmetry import angular_error_deg, symmetry_matrices
+
+
+def _refine(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cryorefine", "refine", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def clean_set() -> Path:
+    """300 particles of the small map at SNR 1: poses are well determined, so convention errors show."""
+    out = DATA / "conventions_snr1"
+    if not (out / "truth.json").exists():
+        subprocess.run([sys.executable, str(BENCH / "simulate.py"), "--map", str(BENCH / "maps/d2tet_small_b64_a2.5.mrc"),
+                        "--n", "300", "--snr", "1.0", "--seed", "21", "--quiet", "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def test_local_search_from_true_poses_keeps_them(clean_set: Path, tmp_path: Path):
+    proc = _refine(["--i", "truth.star", "--ref", "truth.mrc", "--o", str(tmp_path / "run"), "--ini_high", "15",
+                    "--sym", "D2", "--particle_diameter", "150", "--healpix_order", "4",
+                    "--auto_local_healpix_order", "4", "--auto_iter_max", "2", "--offset_range", "3",
+                    "--offset_step", "1"], clean_set)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "local searches= true" in proc.stdout or "NrOrientations= local" in proc.stdout
+    est = starfile.read(tmp_path / "run_it002_data.star", always_dict=True)["particles"]
+    true = starfile.read(clean_set / "truth.star", always_dict=True)["particles"]
+    est = est.set_index("rlnImageName").loc[true["rlnImageName"]]
+    a_est = euler_to_matrix(est["rlnAngleRot"], est["rlnAngleTilt"], est["rlnAnglePsi"])
+    a_true = euler_to_matrix(true["rlnAngleRot"], true["rlnAngleTilt"], true["rlnAnglePsi"])
+    err = angular_error_deg(a_est, a_true, symmetry_matrices("D2"))
+    assert np.median(err) < 1.0, np.median(err)
+    d_off = np.hypot(est["rlnOriginXAngst"].to_numpy() - true["rlnOriginXAngst"].to_numpy(),
+                     est["rlnOriginYAngst"].to_numpy() - true["rlnOriginYAngst"].to_numpy())
+    assert np.median(d_off) < 0.5, np.median(d_off)
+
+
+def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Path):
+    proc = _refine(["--i", "particles.star", "--ref", "reference.mrc", "--o", str(tmp_path / "run"),
+                    "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150"], noise_set)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = re.search(r"Final resolution \(without masking\) is: ([\d.]+)", proc.stdout)
+    assert final, proc.stdout[-2000:]
+    assert float(final.group(1)) > 20.0
+    assert "Refinement has converged, stopping now" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(small_set: Path, tmp_path_factory) -> Path:
+    """A 40-particle copy of the small set's STAR file for fast failure cases."""
+    d = tmp_path_factory.mktemp("tiny")
+    blocks = starfile.read(small_set / "particles.star", always_dict=True)
+    parts = blocks["particles"].head(40).copy()
+    parts["rlnImageName"] = [f"{n.split('@')[0]}@{small_set / 'particles.mrcs'}" for n in parts["rlnImageName"]]
+    starfile.write({"optics": blocks["optics"], "particles": parts}, d / "p.star")
+    return d
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("unknown symmetry", ["--sym", "X7"], "X7"),
+    ("diameter too large", ["--particle_diameter", "400"], "larger than the box"),
+    ("missing reference", ["--ref", "nothere.mrc"], "nothere.mrc"),
+])
+def test_bad_options_give_one_line(tiny: Path, small_set: Path, tmp_path: Path, case, extra, message):
+    args = ["--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o", str(tmp_path / "run"),
+            "--sym", "D2", "--particle_diameter", "150", "--auto_iter_max", "1"]
+    for i in range(0, len(extra), 2):
+        args[args.index(extra[i]) + 1] = extra[i + 1]
+    proc = _refine(args, tmp_path)
+    assert proc.returncode == 2, (case, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("run_it001*"))
+
+
+def test_missing_ctf_column_and_empty_star(tiny: Path, small_set: Path, tmp_path: Path):
+    blocks = starfile.read(tiny / "p.star", always_dict=True)
+    no_ctf = blocks["particles"].drop(columns=["rlnDefocusU"])
+    starfile.write({"optics": blocks["optics"], "particles": no_ctf}, tmp_path / "noctf.star")
+    proc = _refine(["--i", str(tmp_path / "noctf.star"), "--ref", str(small_set / "reference.mrc"),
+                    "--o", str(tmp_path / "a"), "--sym", "D2"], tmp_path)
+    assert proc.returncode == 2 and "rlnDefocusU" in proc.stderr and "noctf.star" in proc.stderr, proc.stderr
+    starfile.write({"optics": blocks["optics"], "particles": blocks["particles"].head(0)}, tmp_path / "empty.star")
+    proc = _refine(["--i", str(tmp_path / "empty.star"), "--ref", str(small_set / "reference.mrc"),
+                    "--o", str(tmp_path / "b"), "--sym", "D2"], tmp_path)
+    assert proc.returncode == 2 and "empty.star" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_reference_with_other_pixel_size_is_rescaled(tiny: Path, small_set: Path, tmp_path: Path):
+    from cryorefine.fourier.resize import resize_fourier
+    from cryorefine.io.mrc import read_map, write_map
+    ref, angpix = read_map(small_set / "reference.mrc")
+    write_map(tmp_path / "ref_2A.mrc", resize_fourier(ref, 80), angpix * 64 / 80)      # 2.0 A/px, box 80
+    proc = _refine(["--i", str(tiny / "p.star"), "--ref", str(tmp_path / "ref_2A.mrc"), "--o", str(tmp_path / "r"),
+                    "--sym", "D2", "--particle_diameter", "150", "--auto_iter_max", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"ref_2A\.mrc: pixel size 2 A differs .* rescaled from box 80 to 64", proc.stdout), proc.stdout[:3000]
+    _, a1 = read_map(tmp_path / "r_it001_half1_class001.mrc")
+    assert a1 == pytest.approx(2.5, abs=1e-4)
+    # a 2-D image cannot be a reference
+    write_map(tmp_path / "flat.mrc", ref[32], angpix)
+    proc = _refine(["--i", str(tiny / "p.star"), "--ref", str(tmp_path / "flat.mrc"), "--o", str(tmp_path / "s"),
+                    "--sym", "D2"], tmp_path)
+    assert proc.returncode == 2 and "flat.mrc" in proc.stderr, proc.stderr

@@ -1,0 +1,55 @@
+"""The same refinement on one process and on two MPI ranks (mpiexec, mpi4py) gives the same answer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+
+from cryorefine.io.mrc import read_map
+
+pytest.importorskip("mpi4py")
+MPIEXEC = shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="module")
+def subset(small_set: Path, tmp_path_factory) -> Path:
+    """200 particles of the small set with their half-sets fixed, so both runs split them the same way."""
+    d = tmp_path_factory.mktemp("mpi_subset")
+    blocks = starfile.read(small_set / "particles.star", always_dict=True)
+    parts = blocks["particles"].head(200).copy()
+    parts["rlnImageName"] = [f"{n.split('@')[0]}@{small_set / 'particles.mrcs'}" for n in parts["rlnImageName"]]
+    parts["rlnRandomSubset"] = np.arange(200) % 2 + 1
+    starfile.write({"optics": blocks["optics"], "particles": parts}, d / "p.star")
+    return d
+
+
+def _cmd(d: Path, ref: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "cryorefine", "refine", "--i", str(d / "p.star"), "--ref", str(ref),
+            "--o", str(d / out), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150",
+            "--auto_iter_max", "2"]
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_two_ranks_match_one_process(subset: Path, small_set: Path):
+    ref = small_set / "reference.mrc"
+    one = subprocess.run(_cmd(subset, ref, "one/run"), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([MPIEXEC, "-n", "2", *_cmd(subset, ref, "two/run")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "on 2 MPI processes" in two.stdout
+    assert two.stdout.count("Auto-refine: Iteration= 2") == 1           # only rank 0 logs
+    a = starfile.read(subset / "one/run_it002_data.star", always_dict=True)["particles"]
+    b = starfile.read(subset / "two/run_it002_data.star", always_dict=True)["particles"]
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+        same = np.isclose(a[col], b[col], atol=1e-2)
+        assert same.mean() > 0.97, (col, same.mean())
+    for h in (1, 2):
+        m1, _ = read_map(subset / f"one/run_it002_half{h}_class001.mrc")
+        m2, _ = read_map(subset / f"two/run_it002_half{h}_class001.mrc")
+        assert np.corrcoef(m1.ravel(), m2.ravel())[0, 1] > 0.999
