@@ -83,6 +83,9 @@ def test_resolution_shell_and_ssnr_threshold():
     # a dip below 1 followed by a rise more than three shells later is taken (spec 3.8)
     ssnr2 = np.array([999, 50, 20, 9, 5, 0.5, 2, 2, 2, 2, 2, 0.1, 0.1])
     assert autos.resolution_shell(ssnr2) == 10
+    # ... but one noisy shell far out is not a rise (a run of four shells is needed)
+    ssnr3 = np.array([999, 50, 20, 9, 5, 0.5, 0.2, 0.1, 0.1, 1.2, 0.1, 0.1, 0.1])
+    assert autos.resolution_shell(ssnr3) == 5
 
 
 def test_accuracy_schedules_match_relion_steps():

@@ -25,11 +25,18 @@ def ssnr_from_fsc(fsc: NDArray[np.float64], final: bool, tau2_fudge: float = 1.0
     return tau2_fudge * f / (1 - f)
 
 
-def resolution_shell(ssnr: NDArray[np.float64]) -> int:
-    """r*: last shell before SSNR first drops below 1, or a later high shell if it rises again (§3.8); ≥ 5."""
+def resolution_shell(ssnr: NDArray[np.float64], run_length: int = 4) -> int:
+    """r*: last shell before SSNR first drops below 1, or a later high shell if it rises again (§3.8); ≥ 5.
+
+    RELION takes the highest shell with SSNR > 1 if it lies more than 3 shells beyond r*; here that shell must
+    end a run of `run_length` shells with SSNR > 1, so a single noisy FSC value far out cannot be taken for
+    resolution (with noise-only data it otherwise is, once the final iteration's sqrt(2f/(1+f)) lifts it).
+    """
     below = np.nonzero(ssnr[1:] < 1)[0]
     r = int(below[0]) if below.size else len(ssnr) - 1      # index in ssnr[1:] = first bad shell − 1
-    high = np.nonzero(ssnr[: len(ssnr) - 1] > 1)[0]
+    good = ssnr[: len(ssnr) - 1] > 1
+    runs = np.convolve(good.astype(int), np.ones(run_length, int), mode="full")[: len(good)] == run_length
+    high = np.nonzero(runs)[0]
     r2 = int(high[-1]) if high.size else 0
     if r2 > r + 3:
         r = r2
