@@ -13,6 +13,19 @@ sys.path.insert(0, str(ROOT))
 from bench.standard_sets import BENCH, ensure_set  # noqa: E402
 
 
+def write_subset(set_dir: Path, n: int, dest: Path, alternate_halves: bool = False) -> Path:
+    """The first n particles of a standard set as a STAR file at `dest`, with absolute image paths."""
+    import numpy as np
+    import starfile
+    blocks = starfile.read(set_dir / "particles.star", always_dict=True)
+    parts = blocks["particles"].head(n).copy()
+    parts["rlnImageName"] = [f"{name.split('@')[0]}@{set_dir / 'particles.mrcs'}" for name in parts["rlnImageName"]]
+    if alternate_halves:
+        parts["rlnRandomSubset"] = np.arange(n) % 2 + 1
+    starfile.write({"optics": blocks["optics"], "particles": parts}, dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def bench_dir() -> Path:
     """shared/bench: maps, simulate.py, score.py."""

@@ -13,6 +13,7 @@ import pytest
 import starfile
 
 from bench.standard_sets import BENCH, DATA
+from conftest import write_subset
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.symmetry import angular_error_deg, symmetry_matrices
 
@@ -55,10 +56,7 @@ def test_local_search_from_true_poses_keeps_them(clean_set: Path, tmp_path: Path
 
 def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Path):
     # 300 of the noise set's 1,000 particles keep CI fast; the full set is run in the benchmarks
-    blocks = starfile.read(noise_set / "particles.star", always_dict=True)
-    parts = blocks["particles"].head(300).copy()
-    parts["rlnImageName"] = [f"{n.split('@')[0]}@{noise_set / 'particles.mrcs'}" for n in parts["rlnImageName"]]
-    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "noise300.star")
+    write_subset(noise_set, 300, tmp_path / "noise300.star")
     proc = _refine(["--i", str(tmp_path / "noise300.star"), "--ref", str(noise_set / "reference.mrc"),
                     "--o", str(tmp_path / "run"), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150"],
                    tmp_path)
@@ -73,10 +71,7 @@ def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Pat
 def tiny(small_set: Path, tmp_path_factory) -> Path:
     """A 40-particle copy of the small set's STAR file for fast failure cases."""
     d = tmp_path_factory.mktemp("tiny")
-    blocks = starfile.read(small_set / "particles.star", always_dict=True)
-    parts = blocks["particles"].head(40).copy()
-    parts["rlnImageName"] = [f"{n.split('@')[0]}@{small_set / 'particles.mrcs'}" for n in parts["rlnImageName"]]
-    starfile.write({"optics": blocks["optics"], "particles": parts}, d / "p.star")
+    write_subset(small_set, 40, d / "p.star")
     return d
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import starfile
 
+from conftest import write_subset
 from cryorefine.io.mrc import read_map
 
 pytest.importorskip("mpi4py")
@@ -21,11 +22,7 @@ MPIEXEC = shutil.which("mpiexec")
 def subset(small_set: Path, tmp_path_factory) -> Path:
     """200 particles of the small set with their half-sets fixed, so both runs split them the same way."""
     d = tmp_path_factory.mktemp("mpi_subset")
-    blocks = starfile.read(small_set / "particles.star", always_dict=True)
-    parts = blocks["particles"].head(200).copy()
-    parts["rlnImageName"] = [f"{n.split('@')[0]}@{small_set / 'particles.mrcs'}" for n in parts["rlnImageName"]]
-    parts["rlnRandomSubset"] = np.arange(200) % 2 + 1
-    starfile.write({"optics": blocks["optics"], "particles": parts}, d / "p.star")
+    write_subset(small_set, 200, d / "p.star", alternate_halves=True)
     return d
 
 

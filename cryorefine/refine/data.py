@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
 from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
+from cryorefine.fourier.filters import mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import ParticleTable, particle_optics, read_particles
@@ -98,15 +99,6 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
                         [str(g) for g in group_names], subset)
 
 
-def soft_circle(box: int, radius: float, edge: float) -> NDArray[np.float32]:
-    """1 inside `radius` px of pixel (N//2, N//2), raised-cosine to 0 at radius+edge (spec §9)."""
-    y, x = np.indices((box, box)) - box // 2
-    r = np.sqrt(x * x + y * y)
-    m = np.where(r < radius, 1.0, np.where(r > radius + edge, 0.0,
-                                           0.5 + 0.5 * np.cos(np.pi * (r - radius) / max(edge, 1e-6))))
-    return m.astype(np.float32)
-
-
 def preshift(images: NDArray[np.float32], shifts_px: NDArray[np.int64]) -> NDArray[np.float32]:
     """Translate each image's content by integer (dx, dy) px (x(x - t)), zero fill, no wrap."""
     out = np.zeros_like(images)
@@ -121,13 +113,6 @@ def preshift(images: NDArray[np.float32], shifts_px: NDArray[np.int64]) -> NDArr
     return out
 
 
-def mask_images(images: NDArray[np.float32], mask: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Soft-mask particles, filling the outside with each image's weighted background mean (--zero_mask)."""
-    outside = 1.0 - mask
-    bg = np.tensordot(images, outside, axes=([1, 2], [0, 1])) / max(float(outside.sum()), 1e-6)
-    return images * mask + outside[None] * bg[:, None, None].astype(np.float32)
-
-
 @dataclass
 class PreparedBatch:
     """Fourier transforms of a batch of particles of one optics group (full rfft layout of N_o)."""
@@ -139,14 +124,16 @@ class PreparedBatch:
 
 
 def prepare_batch(data: ParticleData, rows: NDArray[np.int64], origin_x: NDArray, origin_y: NDArray,
-                  norm_factor: NDArray, mask: NDArray[np.float32]) -> PreparedBatch:
-    """Read, norm-correct, pre-shift by the rounded prior origin, mask, and Fourier transform (spec §2.1)."""
+                  norm_factor: NDArray, mask_radius_px: float, mask_edge_px: float) -> PreparedBatch:
+    """Read, norm-correct, pre-shift by the rounded prior origin, mask (filler = background mean, --zero_mask),
+    and Fourier transform (spec §2.1)."""
     og = data.optics[int(data.optics_index[rows[0]])]
     imgs = data.images.read(rows).astype(np.float32, copy=False)
     imgs = imgs * norm_factor[:, None, None].astype(np.float32)
     shifts = np.stack([np.rint(origin_x / og.angpix), np.rint(origin_y / og.angpix)], axis=-1).astype(np.int64)
     imgs = preshift(imgs, shifts)
-    return PreparedBatch(rows, rfft2_centered(mask_images(imgs, mask)), rfft2_centered(imgs), shifts)
+    masked = mask_particles(imgs, mask_radius_px, mask_edge_px, fill="mean")
+    return PreparedBatch(rows, rfft2_centered(masked), rfft2_centered(imgs), shifts)
 
 
 def iter_batches(rows: NDArray[np.int64], optics_index: NDArray[np.int64], batch: int):

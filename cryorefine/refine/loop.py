@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from cryorefine.errors import InputError
 from cryorefine.fourier import backprojector as bpm
 from cryorefine.fourier.ctf import ctf_values
-from cryorefine.fourier.filters import lowpass_raised_cosine
+from cryorefine.fourier.filters import lowpass_raised_cosine, soft_sphere_mask
 from cryorefine.fourier.projector import make_projector
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.geometry.symmetry import symmetry_matrices
@@ -24,8 +24,7 @@ from cryorefine.refine import autosampling as autos
 from cryorefine.refine import outputs
 from cryorefine.refine.accuracy import expected_accuracies
 from cryorefine.refine.convergence import has_converged, pose_changes, update_change_counters
-from cryorefine.refine.data import (ParticleData, column, iter_batches, load_particles, prepare_batch,
-                                    soft_circle)
+from cryorefine.refine.data import ParticleData, column, iter_batches, load_particles, prepare_batch
 from cryorefine.refine.estep import BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, expectation_batch
 from cryorefine.refine.log import RunLog
 from cryorefine.refine.mstep import initial_sigma2, shell_power, update_model_statistics
@@ -72,7 +71,7 @@ def initialise(opts: RefineOptions, log: RunLog, reducer=None) -> Run:
     if opts.solvent_mask:
         solvent = load_solvent_mask(opts.solvent_mask, box, angpix)
     else:
-        solvent = _sphere(box, radius, opts.maskedge_px)
+        solvent = soft_sphere_mask(box, radius, opts.maskedge_px).astype(np.float32)
     if opts.ini_high > 0:
         reference = lowpass_raised_cosine(reference, angpix, opts.ini_high)
     log.line(f" Particles: {data.n} ({int((data.subset == 1).sum())} in half 1, {int((data.subset == 2).sum())} in "
@@ -82,15 +81,14 @@ def initialise(opts: RefineOptions, log: RunLog, reducer=None) -> Run:
     log.line(f" Memory: the final iteration needs about {mem:.2f} GiB for the two padded accumulators")
 
     # initial noise spectra from up to nr_parts_sigma2noise particles per optics group (shared by both halves)
-    pmask = soft_circle(box, radius, opts.maskedge_px)
     norm0 = column(data.table, "rlnNormCorrection", 1.0)
     sigma2 = {}
     for o, og in enumerate(data.optics):
         rows = np.nonzero(data.optics_index == o)[0][: opts.nr_parts_sigma2noise]
-        m = pmask if og.box == box else soft_circle(og.box, opts.particle_diameter / (2 * og.angpix), opts.maskedge_px)
         fts = []
         for chunk in np.array_split(rows, max(1, len(rows) // 256)):
-            b = prepare_batch(data, chunk, np.zeros(len(chunk)), np.zeros(len(chunk)), np.ones(len(chunk)), m)
+            b = prepare_batch(data, chunk, np.zeros(len(chunk)), np.zeros(len(chunk)), np.ones(len(chunk)),
+                              *particle_mask(opts, run_angpix=angpix, angpix=og.angpix))
             fts.append(b.masked if opts.zero_mask else b.unmasked)
         sigma2[o] = initial_sigma2(np.concatenate(fts), og.box)
 
@@ -111,14 +109,6 @@ def initialise(opts: RefineOptions, log: RunLog, reducer=None) -> Run:
                   np.zeros(data.n, np.int64))
     rng = np.random.default_rng(opts.random_seed)
     return Run(opts, data, box, angpix, sym_mats, solvent, models, sampling, counters, poses, rng, log, reducer)
-
-
-def _sphere(box: int, radius: float, edge: float) -> NDArray[np.float32]:
-    """Spherical solvent mask: 1 inside radius px, cosine edge of `edge` px (spec §9)."""
-    z, y, x = np.indices((box, box, box)) - box // 2
-    r = np.sqrt(x * x + y * y + z * z)
-    m = np.where(r < radius, 1.0, np.where(r > radius + edge, 0.0, 0.5 + 0.5 * np.cos(np.pi * (r - radius) / edge)))
-    return m.astype(np.float32)
 
 
 def run_refinement(run: Run, start_iteration: int = 1) -> None:
@@ -288,6 +278,16 @@ def iterate_once(run: Run, it: int) -> None:
         outputs.write_iteration(run, it, final=final)
 
 
+def particle_mask(opts: RefineOptions, run_angpix: float, angpix: float) -> tuple[float, float]:
+    """(radius, soft edge) in px of an optics group of the particle mask applied before the likelihood.
+
+    Its soft edge starts where the references' solvent mask ends (D/2 + maskedge), so reference projections
+    lie where the mask is 1: otherwise the likelihood sees mask-edge products of the reference, whose high
+    frequencies noise images can be aligned to in both halves alike.
+    """
+    return opts.particle_diameter / (2 * angpix) + opts.maskedge_px * run_angpix / angpix, opts.maskedge_px
+
+
 def reference_information_limit(c: Counters, box: int, angpix: float, ini_high: float, it: int,
                                 firstiter_cc: bool) -> int:
     """Last shell of the references with information: the ini_high edge while the references are the
@@ -377,13 +377,10 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
                 sc[:n] = scale_shells[:n]
             else:
                 sc = None
-            # The particle mask's soft edge starts where the references' solvent mask ends, so that reference
-            # projections lie where the mask is 1: otherwise the likelihood sees mask-edge products of the
-            # reference, whose high frequencies noise images can be aligned to in both halves alike.
-            mask = soft_circle(og.box, opts.particle_diameter / (2 * og.angpix) + opts.maskedge_px * run.angpix
-                               / og.angpix, opts.maskedge_px)
+
             norm_factor = (model.norm_average / run.poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
-            prep = prepare_batch(data, rows, run.poses.origin_x[rows], run.poses.origin_y[rows], norm_factor, mask)
+            prep = prepare_batch(data, rows, run.poses.origin_x[rows], run.poses.origin_y[rows], norm_factor,
+                                 *particle_mask(opts, run.angpix, og.angpix))
             flat_m = prep.masked.reshape(len(rows), -1)
             flat_u = prep.unmasked.reshape(len(rows), -1)
             power = shell_power(prep.masked, og.box)
