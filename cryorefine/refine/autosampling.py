@@ -16,15 +16,6 @@ ANGLE_LIMIT = 30.0   # deg, where the accuracy search stops
 SHIFT_LIMIT = 10.0   # px
 
 
-def ssnr_from_fsc(fsc: NDArray[np.float64], final: bool, tau2_fudge: float = 1.0) -> NDArray[np.float64]:
-    """SSNR(r) = T·f/(1−f), f = FSC clamped to [0.001, 0.999], converted to sqrt(2f/(1+f)) when final (§3.3)."""
-    f = np.maximum(0.001, fsc)
-    if final:
-        f = np.sqrt(2 * f / (1 + f))
-    f = np.minimum(0.999, f)
-    return tau2_fudge * f / (1 - f)
-
-
 def resolution_shell(ssnr: NDArray[np.float64], run_length: int = 4) -> int:
     """r*: last shell before SSNR first drops below 1, or a later high shell if it rises again (§3.8); ≥ 5.
 

@@ -18,11 +18,6 @@ from cryorefine.errors import InputError
 from cryorefine.refine.state import RefineOptions
 
 
-def _flag(p: argparse.ArgumentParser, names: list[str], dest: str, default: bool, help: str) -> None:
-    """An on/off switch: `--name` sets True; `--no_name`/`--dont_name` style options are added by the caller."""
-    p.add_argument(*names, dest=dest, action="store_true", default=default, help=help)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """RELION's option spellings, with readable aliases."""
     io = p.add_argument_group("input / output")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -142,8 +141,3 @@ def iter_batches(rows: NDArray[np.int64], optics_index: NDArray[np.int64], batch
         sel = rows[optics_index[rows] == o]
         for s in range(0, len(sel), batch):
             yield sel[s:s + batch]
-
-
-def table_path(path: str) -> Path:
-    """The STAR file's path (for error messages)."""
-    return Path(path)

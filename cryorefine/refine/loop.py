@@ -19,7 +19,7 @@ from cryorefine.fourier.projector import make_projector
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.parallel.local import LocalReducer
-from cryorefine.parallel.mpi import get_reducer
+from cryorefine.parallel.mpi import MpiReducer, get_reducer
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import outputs
 from cryorefine.refine.accuracy import expected_accuracies
@@ -51,7 +51,7 @@ class Run:
     poses: Poses
     rng: np.random.Generator
     log: RunLog
-    reducer: LocalReducer
+    reducer: LocalReducer | MpiReducer
     unfiltered: list | None = None      # final iteration: unregularised half maps
 
 

@@ -66,15 +66,9 @@ def coarse_matrices(grid: OrientationGrid, ids: NDArray[np.int64]) -> NDArray[np
     return euler_to_matrix(grid.rot[d], grid.tilt[d], grid.psi[p]) @ grid.perturb_matrix
 
 
-@lru_cache(maxsize=8)
-def _child_offsets(order: int, oversampling: int) -> tuple[int, int]:
-    """(number of direction children, number of psi children) for oversampling `os`."""
-    return 4 ** oversampling, 2 ** oversampling
-
-
 def fine_angles(grid: OrientationGrid, fine_ids: NDArray[np.int64]) -> tuple[NDArray, NDArray, NDArray]:
     """Unperturbed (rot, tilt, psi) in degrees of fine orientation ids."""
-    n_dir_ch, n_psi_ch = _child_offsets(grid.order, grid.oversampling)
+    n_dir_ch, n_psi_ch = 4 ** grid.oversampling, 2 ** grid.oversampling
     coarse, child = np.divmod(fine_ids, grid.n_children)
     d, p = np.divmod(coarse, grid.n_psi)
     dch, pch = np.divmod(child, n_psi_ch)
