@@ -194,6 +194,9 @@ def iterate_once(run: Run, it: int) -> None:
         log.auto(f"Offset search range= {s.offset_range:g} Angstroms; offset step= "
                  f"{s.offset_step / 2 ** s.oversampling:g} Angstroms")
         log.line(f" Sampling: {note}")
+    else:
+        log.line(f" Sampling: iteration 1 uses the initial sampling (HEALPix order {s.healpix_order}, "
+                 f"{'local' if s.local_searches else 'global'} searches)")
     # random perturbation of the sampling, once per iteration
     f = s.perturb_factor
     rho = s.perturb + run.rng.uniform(f / 2, f)
