@@ -18,10 +18,9 @@ def shell_power(ft: NDArray[np.complex64], box: int) -> NDArray[np.float64]:
     sel = unique_halfplane_mask(box) & (shells <= box // 2)
     idx = shells[sel]
     pw = (ft.real ** 2 + ft.imag ** 2)[:, sel]
-    out = np.zeros((ft.shape[0], box // 2 + 1))
-    for j in range(ft.shape[0]):
-        out[j] = np.bincount(idx, pw[j], minlength=box // 2 + 1)
-    return out
+    nshell = box // 2 + 1
+    flat = (np.arange(ft.shape[0])[:, None] * nshell + idx[None, :]).ravel()
+    return np.bincount(flat, pw.ravel(), minlength=ft.shape[0] * nshell).reshape(ft.shape[0], nshell)
 
 
 def initial_sigma2(masked_fts: NDArray[np.complex64], box: int) -> NDArray[np.float64]:

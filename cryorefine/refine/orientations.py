@@ -11,8 +11,6 @@ perturbation applied as A <- A . A_euler(delta, delta, delta).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -124,42 +122,28 @@ class LocalWindow:
     offsets: NDArray[np.int64]     # particle j owns ids[offsets[j]:offsets[j+1]]
 
 
-def local_window(grid: OrientationGrid, rot: NDArray, tilt: NDArray, psi: NDArray, sigma: float,
-                 sym_mats: NDArray | None = None) -> LocalWindow:
+def local_window(grid: OrientationGrid, rot: NDArray, tilt: NDArray, psi: NDArray, sigma: float) -> LocalWindow:
     """Coarse orientations within 3 sigma (deg) of each particle's pose, Gaussian prior (spec §2.4).
 
     Directions are on the full sphere (grid.local), so the window never wraps through an
-    asymmetric-unit border; the prior is exp(-d^2/2s^2) on the direction angle times the same on psi.
+    asymmetric-unit border; the prior is exp(-d^2/2s^2) on the direction angle times the same on psi,
+    each normalised to sum 1 per particle. Particle j's candidates are all (direction, psi) pairs, direction-major.
     """
-    vecs = sampling_vectors(grid.order)
-    prior_dirs = projection_direction(rot, tilt)
-    max_cos = np.cos(np.deg2rad(3 * sigma))
-    ids_all, lp_all, counts = [], [], []
-    for j in range(len(rot)):
-        cosang = np.clip(vecs @ prior_dirs[j], -1.0, 1.0)
-        sel = np.nonzero(cosang > max_cos)[0]
-        if sel.size == 0:
-            sel = np.array([int(np.argmax(cosang))])
-        dang = np.rad2deg(np.arccos(cosang[sel]))
-        lp_dir = -dang ** 2 / (2 * sigma ** 2)
-        dpsi = np.abs((grid.psi - psi[j] + 180.0) % 360.0 - 180.0)
-        psel = np.nonzero(dpsi < 3 * sigma)[0]
-        if psel.size == 0:
-            psel = np.array([int(np.argmin(dpsi))])
-        lp_psi = -dpsi[psel] ** 2 / (2 * sigma ** 2)
-        lp_dir -= np.log(np.exp(lp_dir).sum())
-        lp_psi -= np.log(np.exp(lp_psi).sum())
-        ids = (sel[:, None] * grid.n_psi + psel[None, :]).ravel()
-        ids_all.append(ids)
-        lp_all.append((lp_dir[:, None] + lp_psi[None, :]).ravel())
-        counts.append(ids.size)
+    dirs = sampling.local_directions(grid.order, projection_direction(rot, tilt), 3 * sigma)
+    psis = sampling.local_psi(grid.psi, psi, 3 * sigma)
+    lp_d = _normalised_log_prior(dirs.angles, dirs.owner(), len(rot), sigma)
+    lp_p = _normalised_log_prior(psis.angles, psis.owner(), len(rot), sigma)
+    n_d, n_p = np.diff(dirs.offsets), np.diff(psis.offsets)
+    counts = n_d * n_p
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return LocalWindow(np.concatenate(ids_all).astype(np.int64), np.concatenate(lp_all), offsets)
+    owner = np.repeat(np.arange(len(rot)), counts)
+    k = np.arange(offsets[-1]) - offsets[owner]
+    di = dirs.offsets[owner] + k // n_p[owner]
+    pi = psis.offsets[owner] + k % n_p[owner]
+    return LocalWindow(dirs.indices[di] * grid.n_psi + psis.indices[pi], lp_d[di] + lp_p[pi], offsets)
 
 
-@lru_cache(maxsize=4)
-def sampling_vectors(order: int) -> NDArray[np.float64]:
-    """Unit viewing directions of all HEALPix pixels at `order` (NESTED order)."""
-    pix = np.arange(12 * 4 ** order)
-    rot, tilt = sampling.healpix_rot_tilt(order, pix)
-    return projection_direction(rot, tilt)
+def _normalised_log_prior(angles: NDArray, owner: NDArray, n: int, sigma: float) -> NDArray[np.float64]:
+    """log of exp(-a^2/2s^2), normalised to sum 1 over each particle's candidates."""
+    lp = -angles ** 2 / (2 * sigma ** 2)
+    return lp - np.log(np.bincount(owner, np.exp(lp), minlength=n))[owner]

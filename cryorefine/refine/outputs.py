@@ -10,6 +10,7 @@ import pandas as pd
 
 from cryorefine import __version__
 from cryorefine.geometry.euler import projection_direction
+from cryorefine.geometry.healpix import healpix_vectors
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.io.mrc import write_map
 from cryorefine.io.star import write_particles, write_star
@@ -157,8 +158,7 @@ def sampling_blocks(run) -> dict:
 def angdist_bild(rot: np.ndarray, tilt: np.ndarray, box: int, angpix: float) -> str:
     """ChimeraX .bild cylinders of the viewing-direction distribution (RELION's _angdist.bild)."""
     order = 3
-    from cryorefine.refine.orientations import sampling_vectors
-    vecs = sampling_vectors(order)
+    vecs = healpix_vectors(order)
     d = projection_direction(rot, tilt)
     counts = np.bincount(np.argmax(d @ vecs.T, axis=1), minlength=len(vecs))
     mx = max(counts.max(), 1)

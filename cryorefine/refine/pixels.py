@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
-from cryorefine.fourier.transforms import rfft_freqs_2d
+from cryorefine.fourier.transforms import rfft_freqs_2d, unique_halfplane_mask
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def pixel_set(box: int, size: int, model_scale: float = 1.0) -> PixelSet:
     """Unique half-plane (kx > 0, or kx == 0 and ky >= 0) pixels with round(|k|) <= size/2, DC included."""
     ky, kx = rfft_freqs_2d(box)
     r = np.rint(np.sqrt(kx * kx + ky * ky)).astype(np.int64)
-    keep = (r <= size // 2) & ~((kx == 0) & (ky < 0))
+    keep = (r <= size // 2) & unique_halfplane_mask(box)
     flat = np.flatnonzero(keep)
     return PixelSet(box, size, flat, kx.ravel()[flat].astype(np.float64), ky.ravel()[flat].astype(np.float64),
                     r.ravel()[flat], float(model_scale))
