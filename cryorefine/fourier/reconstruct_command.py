@@ -19,7 +19,7 @@ import scipy.fft as sfft
 import scipy.special as sps
 from numpy.typing import NDArray
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import option_error, require
 from cryorefine.fourier import backprojector as bpmod
 from cryorefine.fourier.ctf import ctf_params_from_table, ctf_values
 from cryorefine.fourier.filters import phase_shift_2d
@@ -229,10 +229,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
     require(args.batch >= 1, "--batch: must be positive")
-    try:
+    with option_error("--sym"):
         symmetry_matrices(args.sym)
-    except (ValueError, KeyError) as exc:
-        raise InputError(f"--sym: {exc}") from None
     table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:

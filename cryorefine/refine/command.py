@@ -106,14 +106,15 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
         adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
-        batch_size=args.batch_size, continue_from=args.continue_from,
+        batch_size=args.batch_size, continue_from=args.continue_from, gpu=args.gpu,
         command_line="cryorefine refine " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the refinement; user mistakes surface as InputError (one line, exit 2)."""
     from cryorefine.refine.log import RunLog, timestamp
-    from cryorefine.refine.loop import initialise, run_refinement
+    from cryorefine.refine.loop import run_refinement
+    from cryorefine.refine.setup import initialise
 
     opts = options_from_args(args)
     if opts.threads > 0:
@@ -127,12 +128,7 @@ def run(args: argparse.Namespace) -> int:
         log.line(f" cryorefine refine, started {timestamp()}"
                  + (f" on {reducer.size} MPI processes" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")
-        run_ = initialise(opts, log, reducer)
-        start = 1
-        if opts.continue_from:
-            from cryorefine.refine.restart import restore
-            start = restore(run_, opts.continue_from)
-        run_refinement(run_, start)
+        run_refinement(initialise(opts, log, reducer))
     finally:
         log.close()
     return 0

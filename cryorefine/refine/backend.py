@@ -1,0 +1,49 @@
+"""The kernel seam: one Backend, chosen once at start-up, bundles every hot kernel of an iteration.
+
+The E-step and M-step call only these functions: slice extraction (`project`), insertion (`insert`), the
+likelihood scores of the coarse and fine passes, and the weighted image sums. The CPU backend is numba + numpy
+(BLAS); a GPU backend is one more module with the same functions and one branch in `make_backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from cryorefine.errors import InputError
+from cryorefine.fourier import backprojector as bpm
+from cryorefine.fourier import projector as pjm
+from cryorefine.refine import likelihood
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Hot kernels of one device; every function takes and returns numpy arrays."""
+
+    name: str
+    make_projector: Callable      # (volume, pad, r_max) -> Projector
+    project: Callable             # (Projector, rotations (n,3,3), kx, ky) -> (n, m) complex64
+    insert: Callable              # (BackProjector, rotations, kx, ky, values (n,m), weights (n,m)) -> None
+    coarse_significant: Callable  # likelihood.coarse_significant
+    local_scores: Callable        # likelihood.local_scores
+    pair_scores: Callable         # likelihood.pair_scores
+    matmul: Callable              # (a, b) -> a @ b (weighted image sums)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return f"kernels: {self.name}"
+
+
+def cpu_backend() -> Backend:
+    """numba kernels for projection/insertion, numpy BLAS for the likelihood products."""
+    return Backend("CPU (numba, numpy BLAS)", pjm.make_projector, pjm.project, bpm.insert,
+                   likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores, np.matmul)
+
+
+def make_backend(gpu: str | None) -> Backend:
+    """The backend for `--gpu` (RELION spelling: None = CPU, "" = first visible GPU, "0", "0:1" = per rank)."""
+    if gpu is None:
+        return cpu_backend()
+    raise InputError("--gpu: this build has no GPU backend; run without --gpu to use the CPU")
