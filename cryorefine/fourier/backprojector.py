@@ -278,7 +278,9 @@ def _divide_into_grid(data, weight, tau2, have_tau2, tau2_fudge, minres, pad, ra
     r2max = radius * radius
     pad3 = pad * pad * pad
     p = grid.shape[0]
-    # floor(ρ) = 0.001 · mean over |ξ|² < R² of W' in shell ρ = floor(|ξ|/pad)
+    # floor(ρ) = 0.001 · mean over |ξ|² < R² of W' in shell ρ = floor(|ξ|/pad). The half-cube traversal is the
+    # same as _weight_shell_stats' on purpose: numba kernels cannot take the per-voxel body as an argument
+    # without losing the fused loop, so each kernel spells the three loops out.
     fsum = np.zeros(n_floor + 1)
     fcnt = np.zeros(n_floor + 1)
     for iz in range(data.shape[0]):

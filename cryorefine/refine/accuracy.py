@@ -16,7 +16,7 @@ from cryorefine.refine.state import RunState
 
 def expected_accuracies(proj: Projector, ps: PixelSet, ctf: NDArray[np.float32], inv_sigma2: NDArray[np.float64],
                         rot: NDArray, tilt: NDArray, psi: NDArray, angpix: float,
-                        rng: np.random.Generator) -> tuple[float, float]:
+                        rng: np.random.Generator, project=project) -> tuple[float, float]:
     """(acc_rot deg, acc_trans Å): mean perturbation at which Σ|CTF(P−P')|²/2σ² first exceeds −ln 0.01.
 
     ctf is (n, m) on the pixel set `ps` (shells ≥ 1 counted), poses are the particles' current ones.
@@ -55,4 +55,5 @@ def estimate_accuracy(state: RunState, proj: Projector, rng: np.random.Generator
     ps = pixel_set(og.box, state.counters.current_size, og.model_scale)
     ctf = ctf_on_pixels(data, rows, ps.kx, ps.ky, state.opts.ctf)
     return expected_accuracies(proj, ps, ctf, 1.0 / state.models[0].sigma2[0], state.poses.rot[rows],
-                               state.poses.tilt[rows], state.poses.psi[rows], og.angpix, rng)
+                               state.poses.tilt[rows], state.poses.psi[rows], og.angpix, rng,
+                               project=state.backend.project)

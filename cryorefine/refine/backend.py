@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from cryorefine.errors import InputError
+from cryorefine.errors import InputError, option_error
 from cryorefine.fourier import backprojector as bpm
 from cryorefine.fourier import projector as pjm
 from cryorefine.refine import likelihood
@@ -30,6 +30,8 @@ class Backend:
     local_scores: Callable        # likelihood.local_scores
     pair_scores: Callable         # likelihood.pair_scores
     matmul: Callable              # (a, b) -> a @ b (weighted image sums)
+    finish: Callable = lambda bp: None   # (BackProjector) -> None: device sums back into bp after a half's E-step
+    memory_note: Callable = lambda: ""   # () -> a log line on device memory ("" on the CPU)
 
     def describe(self) -> str:
         """One line for the log."""
@@ -42,8 +44,14 @@ def cpu_backend() -> Backend:
                    likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores, np.matmul)
 
 
-def make_backend(gpu: str | None) -> Backend:
-    """The backend for `--gpu` (RELION spelling: None = CPU, "" = first visible GPU, "0", "0:1" = per rank)."""
+def make_backend(gpu: str | None, rank: int = 0) -> Backend:
+    """The backend for `--gpu` (RELION spelling: None = CPU, "" = the rank's visible GPU, "0", "0:1" = per rank;
+    "cpu" = the PyTorch kernels on the CPU, for tests)."""
     if gpu is None:
         return cpu_backend()
-    raise InputError("--gpu: this build has no GPU backend; run without --gpu to use the CPU")
+    try:
+        from cryorefine.refine.backend_torch import torch_backend
+    except ImportError:
+        raise InputError("--gpu needs PyTorch, which is not installed: pip install 'cryorefine[gpu]'") from None
+    with option_error(f"--gpu {gpu!r}"):
+        return torch_backend(gpu, rank)

@@ -103,6 +103,7 @@ class ProjectionCache:
         self.proj, self.grid, self.ps_coarse, self.ps_fine, self.project = proj, grid, ps_coarse, ps_fine, project
         self.coarse_ids: NDArray[np.int64] | None = None
         self.coarse: NDArray[np.complex64] | None = None
+        self.pairs: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
         n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
         self.fine = None
         if not grid.local and n_fine * ps_fine.m * 8 <= max_bytes:
@@ -117,8 +118,18 @@ class ProjectionCache:
         if self.coarse_ids is None or not np.array_equal(self.coarse_ids, ids):
             self.coarse_ids = ids
             self.coarse = self.project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
-                                  self.ps_coarse.ky_model)
+                                       self.ps_coarse.ky_model)
+            self.pairs = None
         return self.coarse
+
+    def coarse_pairs(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(real pairs (U, 2mc), power |P|² (U, mc)) of the coarse projections (cached with them)."""
+        p_c = self.coarse_projections(ids)
+        if self.grid.local:
+            return real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)
+        if self.pairs is None:
+            self.pairs = (real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32))
+        return self.pairs
 
     def fine_projections(self, fine_ids: NDArray[np.int64], rotations: NDArray) -> NDArray[np.complex64]:
         """Projections of fine ids (with their rotation matrices) at the current size."""
@@ -219,9 +230,7 @@ def coarse_pass(inp: BatchInputs, st: PassSettings, cand: Candidates, cache: Pro
     """Pass 1: coarse orientations x coarse translations at the coarse size; keeps the significant pairs."""
     nb = len(inp.rows)
     isig = inverse_sigma2(st, st.ps_coarse, keep_dc=False)
-    p_c = cache.coarse_projections(cand.ids)
-    p_pair = real_pair(p_c)                                                                # (U, 2mc)
-    p_pow = (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)                             # (U, mc)
+    p_pair, p_pow = cache.coarse_pairs(cand.ids)                                           # (U, 2mc), (U, mc)
     phases = shift_phases(st.ps_coarse, st.translations.coarse)                             # (T, mc)
     a = weighted_images(inp.x_coarse, phases, inp.ctf_coarse * inp.scale[:, None].astype(np.float32) * isig[None, :])
     norm_w = (inp.ctf_coarse ** 2) * (inp.scale[:, None] ** 2).astype(np.float32) * isig[None, :]

@@ -102,6 +102,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
                 batch.norm_correction[:] = state.poses.norm_correction[rows]
             new_poses.assign(rows, batch)
             advance(len(rows))
+    state.backend.finish(acc.bp)
     return acc
 
 

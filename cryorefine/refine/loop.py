@@ -44,6 +44,8 @@ def run_refinement(state: RunState) -> RunState:
         t0 = time.time()
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
+        if state.backend.memory_note():
+            state.log.line(f" {state.backend.memory_note()}")
         if state.counters.has_converged:
             final_messages(state)
             return state
