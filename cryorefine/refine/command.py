@@ -205,7 +205,7 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
     rec, _ = p.parse_known_args(recorded_command(opt_path))
     skip = given | {"continue_from", "quiet", "pipeline_control"}
     for dest, value in vars(rec).items():
-        if dest not in skip and hasattr(args, dest):
+        if dest not in skip and dest not in IGNORED_OPTIONS and dest != "gpu" and hasattr(args, dest):
             setattr(args, dest, value)
     for label, (dest, kind) in _OPTIMISER_OPTIONS.items():
         if dest in skip or label not in gen:
