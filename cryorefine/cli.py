@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryorefine {args.command}: interrupted", file=sys.stderr)
         rc = 130
         return rc
+    except BrokenPipeError:          # e.g. `cryorefine image-handler --stats ... | head`
+        sys.stderr.close()
+        rc = 0
+        return rc
     finally:
         write_exit_marker(control, rc == 0)
 

@@ -6,6 +6,10 @@ RELION-4 coordinate list (--coord_list), or from refined particles (--reextract_
 all particles to <o>/particles.star (RELION 3.1+ layout, image names relative to the current folder).
 Relative micrograph and coordinate paths are looked up in the current folder first, then beside the
 input STAR file.
+
+relion_preprocess spellings are accepted as the RELION 5 GUI writes them: --part_dir (= --o), --part_star
+(default <part_dir>/particles.star), --extract, --pick_star, --white_dust/--black_dust (negative = off),
+--minimum_pick_fom, --only_do_unfinished.
 """
 
 from __future__ import annotations
@@ -39,7 +43,12 @@ _MIC_ONLY_OPTICS = ("rlnMicrographPixelSize",)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """RELION relion_preprocess option spellings for extraction."""
     p.add_argument("--i", required=True, help="micrographs STAR file (e.g. micrographs_ctf.star)")
-    p.add_argument("--o", required=True, help="output folder, e.g. Extract/job018/")
+    p.add_argument("--o", "--part_dir", dest="o", default=None, help="output folder, e.g. Extract/job018/ "
+                   "(relion_preprocess: --part_dir)")
+    p.add_argument("--part_star", default=None, help="output particle STAR file (default <part_dir>/particles.star)")
+    p.add_argument("--extract", action="store_true", help="relion_preprocess: do the extraction (always done here)")
+    p.add_argument("--pick_star", default=None,
+                   help="relion_preprocess: coordinate list of the re-extracted particles (not written: ignored)")
     src = p.add_argument_group("coordinates (one of)")
     src.add_argument("--coord_suffix", help="coordinate file = <coord_dir><micrograph without extension><suffix>")
     src.add_argument("--coord_dir", default="", help="folder prefix of the coordinate files (with --coord_suffix)")
@@ -64,6 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--float16", action="store_true", help="write stacks in MRC mode 12 (half precision)")
     ex.add_argument("--skip_outside", action="store_true", help="drop particles whose box crosses the edge")
     ex.add_argument("--skip_missing", action="store_true", help="warn and skip micrographs that are missing")
+    ex.add_argument("--white_dust", type=float, default=-1.0,
+                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+    ex.add_argument("--black_dust", type=float, default=-1.0,
+                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+    ex.add_argument("--minimum_pick_fom", type=float, default=None,
+                    help="only coordinates with rlnAutopickFigureOfMerit >= this value")
+    ex.add_argument("--only_do_unfinished", action="store_true",
+                    help="keep the stacks of micrographs already extracted (complete) and extract the others")
     p.add_argument("--j", type=int, default=1, help="parallel worker processes (one micrograph each)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
@@ -237,6 +254,17 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         if n_nofile:
             warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
 
+    if args.minimum_pick_fom is not None:
+        n_low = 0
+        for name, t in list(per_mic.items()):
+            require("rlnAutopickFigureOfMerit" in t, f"--minimum_pick_fom: the coordinates of {name} have no "
+                                                   f"rlnAutopickFigureOfMerit column")
+            fom = pd.to_numeric(t["rlnAutopickFigureOfMerit"], errors="coerce").to_numpy(float)
+            ok = fom >= args.minimum_pick_fom
+            n_low += int((~ok).sum())
+            per_mic[name] = t[ok]
+        warnings.append(f"{n_low} coordinates below --minimum_pick_fom {args.minimum_pick_fom:g}: not extracted")
+
     jobs: list[MicJob] = []
     for index, row in mics.reset_index(drop=True).iterrows():
         name = str(row["rlnMicrographName"])
@@ -334,8 +362,29 @@ def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse
 # work
 
 
-def _extract_one(job: MicJob, params: ExtractParams, float16: bool) -> MicResult:
+def _finished(job: MicJob, params: ExtractParams) -> MicResult | None:
+    """--only_do_unfinished: the result of a micrograph whose stack is already complete, else None."""
+    if not os.path.isfile(job.stack):
+        return None
+    try:
+        shape = read_header(job.path).shape[-2:]
+        have = read_header(job.stack).shape
+    except InputError:
+        return None
+    keep = crop_keep(job.coord_x, job.coord_y, params, shape)
+    n = have[0] if len(have) == 3 else 1
+    if n != int(keep.sum()) or have[-1] != params.out_size:
+        return None
+    edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, shape)
+    return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()))
+
+
+def _extract_one(job: MicJob, params: ExtractParams, float16: bool, reuse: bool = False) -> MicResult:
     """Worker: read one micrograph, box, process and stream its stack to disk; only that micrograph is held."""
+    if reuse:
+        done = _finished(job, params)
+        if done is not None:
+            return done
     mic = _read_micrograph(job.path)
     edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, mic.shape)
     keep = crop_keep(job.coord_x, job.coord_y, params, mic.shape)
@@ -360,8 +409,20 @@ def _progress(total: int, enabled: bool):
                     console=Console(stderr=True), disable=not enabled, transient=False)
 
 
+def compatibility_notes(args: argparse.Namespace) -> list[str]:
+    """One line per relion_preprocess option that is accepted but has no effect here."""
+    notes = []
+    if args.pick_star:
+        notes.append(f"--pick_star {args.pick_star}: the re-extraction coordinate list is not written; ignored")
+    for opt in ("white_dust", "black_dust"):
+        if getattr(args, opt) > 0:
+            notes.append(f"--{opt} {getattr(args, opt):g}: dust removal is not available; ignored")
+    return notes
+
+
 def _validate(args: argparse.Namespace) -> ExtractParams:
     """Option checks; every mistake is an InputError naming the option."""
+    require(bool(args.o), "--o (or --part_dir): the output folder is required")
     sources = [bool(args.coord_suffix), bool(args.coord_list), bool(args.reextract_data_star)]
     require(sum(sources) == 1, "--coord_suffix / --coord_list / --reextract_data_star: give exactly one")
     require(args.extract_size > 0 and args.extract_size % 2 == 0,
@@ -385,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
     """Plan from the STAR files, extract micrograph by micrograph (in --j processes), write particles.star."""
     params = _validate(args)
     jobs, optics, mode, warnings = _plan(args)
+    for note in compatibility_notes(args):
+        print(f"cryorefine extract: note: {note}")
     for w in warnings:
         print(f"cryorefine extract: warning: {w}", file=sys.stderr)
     require(bool(jobs), f"{args.i}: no particles to extract")
@@ -397,11 +460,12 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("extract", total=len(jobs))
         if args.j == 1:
             for job in jobs:
-                results[job.index] = _extract_one(job, params, args.float16)
+                results[job.index] = _extract_one(job, params, args.float16, args.only_do_unfinished)
                 bar.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=args.j) as pool:
-                futures = [pool.submit(_extract_one, _light(job), params, args.float16) for job in jobs]
+                futures = [pool.submit(_extract_one, _light(job), params, args.float16, args.only_do_unfinished)
+                           for job in jobs]
                 try:
                     for fut in as_completed(futures):
                         res = fut.result()
@@ -424,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
         rows.insert(0, "rlnImageName", [f"{k + 1:06d}@{job.stack}" for k in range(len(rows))])
         tables.append(rows)
     particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    star_out = out / "particles.star"
+    star_out = Path(args.part_star) if args.part_star else out / "particles.star"
     write_particles(star_out, ParticleTable(optics=optics, particles=particles, path=star_out, version="30001"))
     size = params.out_size
     apix = ", ".join(f"{a:.4f}" for a in optics["rlnImagePixelSize"])
