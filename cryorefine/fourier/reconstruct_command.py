@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -238,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.geometry.symmetry import symmetry_matrices
     from cryorefine.io.mrc import write_map
     from cryorefine.io.star import read_particles
+    from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
 
     t0 = time.perf_counter()
     require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
@@ -250,10 +252,15 @@ def run(args: argparse.Namespace) -> int:
         symmetry_matrices(args.sym)
     except (ValueError, KeyError) as exc:
         raise InputError(f"--sym: {exc}") from None
+    require(args.subset in (-1, 1, 2), f"--subset: must be 1 or 2 (got {args.subset})")
+    require(args.maxres == -1.0 or args.maxres > 0, f"--maxres: must be > 0 (got {args.maxres:g})")
+    check_output_folder(Path(args.o).parent)
     table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
         _require_columns(table, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], "needed with --ctf")
+    check_particle_table(table, need_ctf=args.ctf, need_poses=True)
+    check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)
     fom = None
     if args.fom_weighting:

@@ -17,6 +17,7 @@ from the optimiser file (and the command line it records) unless given again; --
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -299,22 +300,76 @@ def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
     return lines
 
 
+def first_output_iteration(opts: RefineOptions) -> int:
+    """The first iteration number this run writes: 0 for a new run, N + 1 when continuing from iteration N."""
+    if not opts.continue_from:
+        return 0
+    m = re.search(r"_it(\d{3,})_optimiser\.star$", str(opts.continue_from))
+    return int(m.group(1)) + 1 if m else 1
+
+
+def check_inputs_and_outputs(opts: RefineOptions) -> None:
+    """Everything checkable before any work: particle values, half-sets, maps exist, no output overwrites an input."""
+    from cryorefine.io.star import read_particles
+    from cryorefine.refine.restart import iteration_files
+    from cryorefine.validate import check_half_sets, check_particle_table, refine_output_clash, stacks_named_by
+
+    table = read_particles(opts.fn_in)
+    check_particle_table(table, need_ctf=opts.ctf, even_box=True)
+    if "rlnRandomSubset" in table.particles.columns:
+        check_half_sets(table.particles["rlnRandomSubset"].to_numpy(), opts.fn_in)
+    require(table.nr_particles >= 2, f"{opts.fn_in}: {table.nr_particles} particle(s); a gold-standard refinement "
+                                     f"needs at least 2")
+    for name, path in (("--ref", opts.fn_ref), ("--solvent_mask", opts.solvent_mask)):
+        if path:
+            require(Path(path).is_file(), f"{path}: no such file ({name})")
+    inputs = [opts.fn_in, opts.fn_ref, opts.solvent_mask, *stacks_named_by(table)]
+    if opts.continue_from:
+        inputs += [opts.continue_from, *iteration_files(opts.continue_from).values()]
+    clash = refine_output_clash(opts.fn_out, inputs, first_output_iteration(opts))
+    require(clash is None, f"--o {opts.fn_out}: the refinement would overwrite the input {clash}; choose another "
+                           f"output root")
+
+
+def remove_failed_outputs(root: str, before: set[str], log) -> None:
+    """After a failure: remove this run's files of unfinished iterations (and iteration 0's if none finished)."""
+    from cryorefine.validate import created_since
+    folder, prefix = Path(root).parent, Path(root).name
+    new = [p for p in created_since(before, folder, prefix) if not p.name.endswith(".out")]
+    done = [int(m.group(1)) for p in new if (m := re.search(r"_it(\d{3,})_optimiser\.star$", p.name))]
+    done = [i for i in done if i > 0 and (Path(f"{root}_it{i:03d}_sampling.star")).is_file()]
+    last = max(done, default=-1)
+    removed = []
+    for p in new:
+        m = re.search(r"_it(\d{3,})_", p.name)
+        it = int(m.group(1)) if m else None
+        if it is None or it > last or (it == 0 and last < 0):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        log.file_line(f" Removed {len(removed)} file(s) of unfinished iterations ({', '.join(sorted(removed)[:4])}"
+                      f"{', ...' if len(removed) > 4 else ''})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the refinement; user mistakes surface as InputError (one line, exit 2) and end run.out too."""
     import time
 
     from cryorefine.refine.log import RunLog, timestamp
     from cryorefine.refine.loop import initialise, run_refinement
+    from cryorefine.validate import check_half_sets, check_output_folder, existing
 
     t_start = time.time()
     if args.continue_from:
         continue_arguments(args, given_dests(getattr(args, "_argv", None) or []))
     opts = options_from_args(args)
+    check_output_folder(Path(opts.fn_out).parent)
     if opts.threads > 0:
         import numba
         numba.set_num_threads(min(opts.threads, numba.config.NUMBA_NUM_THREADS))
     from cryorefine.parallel.mpi import get_reducer
     reducer = get_reducer()
+    before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)
     # only rank 0 writes the log (and every other file)
     log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader)
     try:
@@ -323,19 +378,25 @@ def run(args: argparse.Namespace) -> int:
         log.line(f" {opts.command_line}")
         for note in compatibility_notes(args):
             log.line(note)
+        check_inputs_and_outputs(opts)
         run_ = initialise(opts, log, reducer)
         start = 1
         if opts.continue_from:
             from cryorefine.refine.restart import restore
             start = restore(run_, opts.continue_from)
+        check_half_sets(run_.data.subset, opts.fn_in)
         run_refinement(run_, start)
         for line in summary_lines(run_, time.time() - t_start, peak_memory_gib()):
             log.line(line)
     except InputError as exc:
+        if reducer.is_leader:
+            remove_failed_outputs(opts.fn_out, before, log)
         log.file_line(f"cryorefine refine: error: {exc}")
         raise
-    except Exception as exc:
-        log.file_line(f"cryorefine refine: internal error: {type(exc).__name__}: {exc}")
+    except BaseException as exc:
+        if reducer.is_leader:
+            remove_failed_outputs(opts.fn_out, before, log)
+        log.file_line(f"cryorefine refine: stopped: {type(exc).__name__}: {exc}")
         raise
     finally:
         log.close()
