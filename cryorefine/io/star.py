@@ -91,8 +91,9 @@ def _numeric_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _needs_tokenizer(text: str) -> bool:
-    """True if a loop body holds quotes, inline comments or vectors with spaces (pandas' reader would mis-split)."""
-    return '"' in text or "'" in text or "#" in text or ("[" in text and _SPACED_VECTOR.search(text) is not None)
+    """True if pandas' C reader (double quotes only) could mis-split the body: single quotes, inline comments,
+    empty strings "" (indistinguishable there from a missing value) or vectors with spaces."""
+    return "'" in text or "#" in text or '""' in text or ("[" in text and _SPACED_VECTOR.search(text) is not None)
 
 
 def _first_bad_row(lines: list[str], ncols: int) -> int:
@@ -129,8 +130,8 @@ def _parse_loop_tokens(path: Path, name: str, labels: list[str], lines: list[str
 def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], first_line: int) -> pd.DataFrame:
     """The body lines of one loop -> DataFrame with `labels` as columns (types inferred).
 
-    Plain bodies go through pandas' C reader (fast for millions of rows); bodies with quotes, inline
-    comments or vectors with spaces through the STAR tokenizer.
+    Plain bodies (double-quoted strings allowed) go through pandas' C reader (fast for millions of rows);
+    bodies with single quotes, empty strings, inline comments or vectors with spaces through the STAR tokenizer.
     """
     if not lines:
         return pd.DataFrame({lab: pd.Series(dtype=float) for lab in labels})
@@ -139,12 +140,12 @@ def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], firs
         return _parse_loop_tokens(path, name, labels, lines, first_line)
     try:
         df = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=labels, index_col=False,
-                         keep_default_na=False, na_values=[], quoting=3, dtype=None, engine="c")
+                         keep_default_na=False, na_values=[], quotechar='"', dtype=None, engine="c")
     except (pd.errors.ParserError, ValueError) as exc:
         msg = str(exc).splitlines()[-1] if str(exc) else "unreadable"
         raise InputError(f"{path}: data_{name} loop (from line {first_line}): {msg}") from None
     require(len(df) == len(lines), f"{path}: data_{name} loop (from line {first_line}): unreadable rows")
-    # a row with fewer values than labels shows up as empty strings (no quotes here, so no real empty values)
+    # a row with fewer values than labels shows up as empty strings (no "" here, so no real empty values)
     for col in df.columns:
         s = df[col]
         if not pd.api.types.is_numeric_dtype(s.dtype):
