@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cryorefine import __version__
-from cryorefine.errors import InputError
+from cryorefine.errors import InputError, JobAborted
 
 # name -> (module, one-line help); each module defines `add_arguments(parser)` and `run(args) -> int`.
 # Only the chosen sub-command's module is imported, so start-up stays fast.
@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
+EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
+ABORT_NOW = "RELION_JOB_ABORT_NOW"
 
 
 def add_pipeline_control(p: argparse.ArgumentParser) -> None:
@@ -57,16 +59,18 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def write_exit_marker(folder: str | None, success: bool) -> None:
+def write_exit_marker(folder: str | None, success: bool, aborted: bool = False) -> None:
     """RELION's job-exit marker file in the --pipeline_control folder (nothing without one)."""
     if not folder:
         return
     try:
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
-        for name in (EXIT_SUCCESS, EXIT_FAILURE):
+        for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
             (d / name).unlink(missing_ok=True)
-        (d / (EXIT_SUCCESS if success else EXIT_FAILURE)).touch()
+        (d / (EXIT_ABORTED if aborted else EXIT_SUCCESS if success else EXIT_FAILURE)).touch()
+        if aborted:
+            (d / ABORT_NOW).unlink(missing_ok=True)
     except OSError as exc:
         print(f"cryorefine: warning: cannot write the job-exit marker in {folder} ({exc})", file=sys.stderr)
 
@@ -83,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     args._argv = argv[argv.index(args.command) + 1:]
     control = getattr(args, "pipeline_control", None)
     rc = 1
+    aborted = False
     try:
         rc = int(args._run(args) or 0)
         return rc
     except InputError as exc:
         print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
         rc = 2
+        return rc
+    except JobAborted as exc:
+        print(f"cryorefine {args.command}: aborted: {exc}", file=sys.stderr)
+        aborted = True
         return rc
     except KeyboardInterrupt:
         print(f"cryorefine {args.command}: interrupted", file=sys.stderr)
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = 0
         return rc
     finally:
-        write_exit_marker(control, rc == 0)
+        write_exit_marker(control, rc == 0, aborted)
 
 
 if __name__ == "__main__":

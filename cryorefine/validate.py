@@ -116,15 +116,36 @@ def check_table(df: pd.DataFrame, rules: dict[str, Rule], where: str, unit: str 
                          + (f" ({int(bad.sum())} rows)" if bad.sum() > 1 else ""))
 
 
-def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_box: bool = False) -> None:
-    """Optics and particle values of a ParticleTable: numbers, finite, physically possible."""
-    path = table.path
-    check_table(table.optics, OPTICS_RULES, f"{path}: data_optics", unit="optics group")
+def particle_rules(need_ctf: bool) -> dict[str, Rule]:
+    """The per-particle rules that apply (CTF values only checked when the CTF is used)."""
     rules = dict(PARTICLE_RULES)
     if not need_ctf:
         for label in CTF_RULES:
             rules.pop(label)
-    check_table(table.particles, rules, f"{path}: data_particles")
+    return rules
+
+
+def droppable_particles(table, need_ctf: bool) -> tuple[NDArray[np.bool_], str]:
+    """Rows with impossible per-particle values (NaN defocus, infinite origin, ...) and a summary by label;
+    text in a numeric column is still an InputError (a broken file, not a few bad particles)."""
+    bad = bad_rows(table.particles, particle_rules(need_ctf), f"{table.path}: data_particles")
+    drop = np.zeros(len(table.particles), bool)
+    for mask in bad.values():
+        drop |= mask
+    return drop, ", ".join(f"{label}: {int(m.sum())}" for label, m in bad.items())
+
+
+def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_box: bool = False,
+                         allow_bad_particles: bool = False) -> None:
+    """Optics and particle values of a ParticleTable: numbers, finite, physically possible.
+
+    allow_bad_particles: per-particle values are only checked to be numbers (the caller drops bad rows)."""
+    path = table.path
+    check_table(table.optics, OPTICS_RULES, f"{path}: data_optics", unit="optics group")
+    if allow_bad_particles:
+        droppable_particles(table, need_ctf)
+    else:
+        check_table(table.particles, particle_rules(need_ctf), f"{path}: data_particles")
     if need_ctf:
         for label in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
             require(label in table.optics.columns or label in table.particles.columns,

@@ -200,9 +200,13 @@ def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "Extract").exists()
 
 
-def test_pool_zero_is_an_option_error(sub, small_set, tmp_path, capsys):
-    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", "--pool", "0"))
-    assert rc == 2 and "--pool" in err
+@pytest.mark.parametrize("option, value", [("--pool", "0"), ("--batch_size", "0"), ("--tau2_fudge", "0"),
+                                           ("--adaptive_fraction", "1.5"), ("--auto_iter_max", "0"),
+                                           ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
+                                           ("--particle_diameter", "nan")])
+def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
+    assert rc == 2 and option in err
     assert not (tmp_path / "o").exists()
 
 
@@ -229,6 +233,17 @@ def test_impossible_values_stop_reconstruct_and_refine(sub, small_set, tmp_path,
     assert sha(bad) == before and not (tmp_path / "r").exists()
     assert_only_log(out)
     assert (out / "run.out").read_text().splitlines()[-1] == err2
+
+
+def test_drop_bad_particles_is_opt_in_and_counted(sub, tmp_path, capsys):
+    """reconstruct --drop_bad_particles leaves out the particles with impossible values and says how many."""
+    bad = edited(edited(sub, "particles", "rlnAngleRot", 3, float("nan")), "particles", "rlnDefocusV", 8, -5.0)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(bad), "--o", str(tmp_path / "x.mrc"), "--ctf"])
+    assert rc == 2 and not (tmp_path / "x.mrc").exists()
+    assert main(["reconstruct", "--i", str(bad), "--o", str(tmp_path / "x.mrc"), "--ctf", "--drop_bad_particles"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 of 40 particles (rlnDefocusV: 1, rlnAngleRot: 1)" in err
+    assert np.isfinite(read_map(tmp_path / "x.mrc")[0]).all()
 
 
 def test_single_particle_and_empty_half_set(sub, small_set, tmp_path, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import starfile
 
-from cryorefine.cli import EXIT_FAILURE, EXIT_SUCCESS, build_parser, main
+from cryorefine.cli import ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, build_parser, main
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_particles
 from cryorefine.refine.command import compatibility_notes, options_from_args
@@ -160,6 +160,22 @@ def test_refine_gui_continue_job_needs_only_the_optimiser_file(refine_jobs):
     assert "symmetry D2" in log and "Auto-refine: Iteration= 2" in log
     a = read_particles(job / "run_it002_data.star").particles
     assert len(a) == 48 and set(a["rlnRandomSubset"]) == {1, 2}
+
+
+def test_refine_stops_when_the_pipeliner_aborts_it(small_set, tmp_path, monkeypatch):
+    """RELION's Abort button writes RELION_JOB_ABORT_NOW: the job stops, says RELION_JOB_EXIT_ABORTED, keeps no
+    unfinished iteration."""
+    monkeypatch.chdir(tmp_path)
+    star = _subset_star(small_set / "particles.star", 20, tmp_path / "p.star")
+    job = tmp_path / "Refine3D" / "job021"
+    job.mkdir(parents=True)
+    (job / ABORT_NOW).touch()
+    rc = main(["refine", "--i", str(star), "--ref", str(small_set / "reference.mrc"), "--o", "Refine3D/job021/run",
+               "--sym", "D2", "--particle_diameter", "150", "--quiet", "--pipeline_control", "Refine3D/job021/"])
+    assert rc != 0
+    assert (job / EXIT_ABORTED).is_file() and not (job / ABORT_NOW).exists()
+    assert {p.name for p in job.iterdir()} == {"run.out", EXIT_ABORTED}
+    assert "stopped: JobAborted" in (job / "run.out").read_text().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------ extract

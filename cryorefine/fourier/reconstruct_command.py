@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iter", type=int, default=GRIDDING_ITER,
                    help="gridding-compensation iterations with --dont_skip_gridding (default 10)")
     p.add_argument("--j", dest="threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--drop_bad_particles", action="store_true",
+                   help="leave out particles with impossible values (NaN or infinite angles, origins, defocus ...) "
+                        "and say how many, instead of stopping")
     p.add_argument("--fom_weighting", action="store_true",
                    help="weight each particle by its rlnParticleFigureOfMerit (image and CTF² weight)")
     p.add_argument("--3d_rot", dest="rot3d", action="store_true",
@@ -239,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.geometry.symmetry import symmetry_matrices
     from cryorefine.io.mrc import write_map
     from cryorefine.io.star import read_particles
-    from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
+    from cryorefine.validate import (check_not_inputs, check_output_folder, check_particle_table,
+                                     droppable_particles, stacks_named_by)
 
     t0 = time.perf_counter()
     require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
@@ -259,9 +263,15 @@ def run(args: argparse.Namespace) -> int:
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
         _require_columns(table, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], "needed with --ctf")
-    check_particle_table(table, need_ctf=args.ctf, need_poses=True)
+    check_particle_table(table, need_ctf=args.ctf, need_poses=True, allow_bad_particles=args.drop_bad_particles)
     check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)
+    if args.drop_bad_particles:
+        drop, summary = droppable_particles(table, args.ctf)
+        if drop[rows].any():
+            _log(f"--drop_bad_particles: left out {int(drop[rows].sum())} of {rows.size} particles ({summary})")
+            rows = rows[~drop[rows]]
+            require(rows.size > 0, f"{args.i}: no particle left after --drop_bad_particles")
     fom = None
     if args.fom_weighting:
         _require_columns(table, ["rlnParticleFigureOfMerit"], "needed for --fom_weighting")

@@ -17,6 +17,7 @@ from the optimiser file (and the command line it records) unless given again; --
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import sys
@@ -250,6 +251,19 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     if args.offset_step <= 0 or args.offset_range < 0:
         raise InputError("--offset_step must be positive and --offset_range not negative")
     require(args.batch_size >= 1, f"--batch_size: must be at least 1 (got {args.batch_size})")
+    require(0 <= args.auto_local_healpix_order <= 8, f"--auto_local_healpix_order: must be between 0 and 8 "
+                                                     f"(got {args.auto_local_healpix_order})")
+    require(args.tau2_fudge > 0, f"--tau2_fudge: must be > 0 (got {args.tau2_fudge:g})")
+    require(0 < args.adaptive_fraction <= 1, f"--adaptive_fraction: must be in (0, 1] (got {args.adaptive_fraction:g})")
+    require(args.perturb >= 0, f"--perturb: must be >= 0 (got {args.perturb:g})")
+    require(args.sigma_offset > 0, f"--offset: must be > 0 A (got {args.sigma_offset:g})")
+    require(args.auto_iter_max >= 1, f"--auto_iter_max: must be at least 1 (got {args.auto_iter_max})")
+    require(args.maskedge >= 0, f"--maskedge: must be >= 0 px (got {args.maskedge:g})")
+    require(args.maxsig == -1 or args.maxsig >= 1, f"--maxsig: must be -1 (no cap) or at least 1 (got {args.maxsig})")
+    for name, v in (("--ini_high", args.ini_high), ("--particle_diameter", args.particle_diameter),
+                    ("--offset_range", args.offset_range), ("--offset_step", args.offset_step),
+                    ("--low_resol_join_halves", args.low_resol_join_halves)):
+        require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
     require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
     argv = getattr(args, "_argv", None)
@@ -371,7 +385,9 @@ def run(args: argparse.Namespace) -> int:
     reducer = get_reducer()
     before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)
     # only rank 0 writes the log (and every other file)
-    log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader)
+    control = getattr(args, "pipeline_control", None)
+    log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader,
+                 abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None)
     try:
         log.line(f" cryorefine refine, started {timestamp()}"
                  + (f" on {reducer.size} MPI processes" if reducer.size > 1 else ""))

@@ -48,8 +48,10 @@ def progress_text(label: str, done: int, total: int, elapsed: float) -> str:
 class RunLog:
     """Writes each line to stdout and to <root>.out (appending, flushed per line)."""
 
-    def __init__(self, path: str | Path | None, quiet: bool = False, stream: TextIO | None = None):
+    def __init__(self, path: str | Path | None, quiet: bool = False, stream: TextIO | None = None,
+                 abort_file: str | Path | None = None):
         self.path = Path(path) if path else None
+        self.abort_file = Path(abort_file) if abort_file else None
         self.quiet = quiet
         self.stream = stream or sys.stdout
         self._fh = None
@@ -82,6 +84,12 @@ class RunLog:
         """A RELION ` Auto-refine: ...` line (what `grep Auto-refine` shows)."""
         self.line(f" Auto-refine: {text}")
 
+    def check_abort(self) -> None:
+        """Raise JobAborted if the RELION pipeliner asked the job to stop (its RELION_JOB_ABORT_NOW file exists)."""
+        if self.abort_file is not None and self.abort_file.exists():
+            from cryorefine.errors import JobAborted
+            raise JobAborted(f"{self.abort_file} found")
+
     def _is_terminal(self) -> bool:
         """True if stdout is an interactive terminal."""
         try:
@@ -92,10 +100,11 @@ class RunLog:
     @contextlib.contextmanager
     def progress(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
         """Progress with ETA: a bar on a terminal, else plain lines on stdout; lines always go to the log file."""
+        self.check_abort()
         tty = not self.quiet and self._is_terminal()
         to_stream = not self.quiet and not tty
         if not tty and not to_stream and not self._fh:
-            yield lambda n: None
+            yield lambda n: self.check_abort()
             return
         t0 = time.time()
         state = {"done": 0, "shown": -1, "t_shown": 0.0}
@@ -125,11 +134,13 @@ class RunLog:
                     bar.advance(task, n)
                     state["done"] += n
                     emit()
+                    self.check_abort()
                 yield advance
         else:
             def advance(n: int) -> None:
                 state["done"] += n
                 emit()
+                self.check_abort()
             yield advance
         if state["shown"] != state["done"]:
             emit(force=True)

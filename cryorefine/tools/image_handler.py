@@ -27,7 +27,7 @@ from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import read_particles, write_particles
-from cryorefine.validate import check_not_inputs, check_output_folder, stacks_named_by
+from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
 
 _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
 
@@ -148,6 +148,7 @@ def _run_star(src: Path, dst: Path, args) -> int:
     """Particle STAR input: process every particle image, write new stacks and a STAR with updated optics."""
     require(dst.suffix == ".star", f"--o: with a STAR file as input the output must be a .star file (got {dst})")
     table = read_particles(src, angpix=args.angpix)
+    check_particle_table(table, need_ctf=False)
     groups_ = table.optics["rlnOpticsGroup"].to_numpy()
     out_stacks = [dst.with_suffix(".mrcs")] if len(groups_) == 1 else \
         [dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs") for g in groups_]
