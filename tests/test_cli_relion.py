@@ -425,3 +425,30 @@ def test_progress_lines_reach_a_redirected_stdout_during_the_estep(small_set, tm
     assert "ETA" in seen_during and "elapsed" in seen_during
     text = run_out.read_text()
     assert text.count(" Auto-refine: Iteration= 1") == 1, "stdout and the log are one file: each line once"
+
+
+def test_closing_lines_of_a_converged_run_name_cryorefine_postprocess():
+    """The last lines of a converged run: RELION's Auto-refine block, then the summary naming cryorefine postprocess."""
+    import io
+    from types import SimpleNamespace
+
+    from cryorefine.refine.command import summary_lines
+    from cryorefine.refine.log import RunLog
+    from cryorefine.refine.loop import final_messages
+    from cryorefine.refine.state import Counters
+
+    c = Counters(iteration=14, current_resolution=1 / 6.25, has_converged=True)
+    run = SimpleNamespace(opts=SimpleNamespace(fn_out="Refine3D/job019/run"), counters=c)
+    out = io.StringIO()
+    log = RunLog(None, stream=out)
+    run.log = log
+    final_messages(run)
+    for line in summary_lines(run, 3725.0, 1.5):
+        log.line(line)
+    text = out.getvalue()
+    assert "relion_postprocess" not in text and "cryorefine postprocess to mask" in text
+    lines = text.splitlines()
+    assert lines[-1].startswith(" Next: cryorefine postprocess --i Refine3D/job019/run_half1_class001_unfil.mrc")
+    assert " Iterations: 14 (converged)" in lines and " Reported resolution (gold-standard FSC 0.143, unmasked): 6.25 A" in lines
+    assert any("Wall time: 62.1 min" in ln and "peak memory: 1.50 GiB" in ln for ln in lines)
+    assert any("Refine3D/job019/run_class001.mrc" in ln for ln in lines)
