@@ -33,3 +33,7 @@ def require(condition: bool, message: str) -> None:
     """Raise InputError(message) unless condition holds."""
     if not condition:
         raise InputError(message)
+
+
+class JobAborted(Exception):
+    """The RELION pipeliner asked the job to stop (`RELION_JOB_ABORT_NOW` in its --pipeline_control folder)."""

@@ -25,7 +25,7 @@ from cryorefine.refine.pixels import pixel_set  # noqa: E402
 
 @pytest.fixture(scope="module")
 def backends():
-    return cpu_backend(), make_backend("cpu")
+    return cpu_backend(), make_backend("cpu")[0]
 
 
 def _rotations(n: int, seed: int) -> np.ndarray:

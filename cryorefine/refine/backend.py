@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from cryorefine.errors import InputError, option_error
+from cryorefine.errors import option_error
 from cryorefine.fourier import backprojector as bpm
 from cryorefine.fourier import projector as pjm
 from cryorefine.refine import likelihood
@@ -44,14 +44,18 @@ def cpu_backend() -> Backend:
                    likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores, np.matmul)
 
 
-def make_backend(gpu: str | None, rank: int = 0) -> Backend:
-    """The backend for `--gpu` (RELION spelling: None = CPU, "" = the rank's visible GPU, "0", "0:1" = per rank;
-    "cpu" = the PyTorch kernels on the CPU, for tests)."""
+def make_backend(gpu: str | None, rank: int = 0) -> tuple[Backend, str]:
+    """(backend, log note) for `--gpu` (RELION spelling: None = CPU, "" = the rank's GPU, "0", "0:1" = one entry
+    per rank; "cpu" = the PyTorch kernels on the CPU, for tests). Without PyTorch or a CUDA device the run goes
+    on on the CPU, as RELION's GUI users on a CPU machine would want; a GPU id that does not exist is an error."""
     if gpu is None:
-        return cpu_backend()
+        return cpu_backend(), ""
     try:
-        from cryorefine.refine.backend_torch import torch_backend
+        from cryorefine.refine.backend_torch import cuda_devices, torch_backend
     except ImportError:
-        raise InputError("--gpu needs PyTorch, which is not installed: pip install 'cryorefine[gpu]'") from None
+        return cpu_backend(), (" WARNING: --gpu: PyTorch is not installed (pip install 'cryorefine[gpu]'); "
+                               "running on the CPU")
+    if gpu.strip().lower() != "cpu" and cuda_devices() == 0:
+        return cpu_backend(), " WARNING: --gpu: PyTorch sees no CUDA device; running on the CPU"
     with option_error(f"--gpu {gpu!r}"):
-        return torch_backend(gpu, rank)
+        return torch_backend(gpu, rank), ""

@@ -46,6 +46,11 @@ class DeviceProjector:
         return self.host.r_max
 
 
+def cuda_devices() -> int:
+    """Number of CUDA devices PyTorch sees."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def pick_device(gpu: str, rank: int = 0) -> torch.device:
     """RELION's --gpu: "" = rank-th visible GPU (round robin), "0" = GPU 0, "0:1" = rank r takes entry r; "cpu"
     runs the same kernels on the CPU (tests)."""

@@ -259,5 +259,5 @@ def final_messages(state: RunState) -> None:
     log.auto(f"+ Final model parameters are stored in: {root}_model.star")
     log.auto(f"+ Final data parameters are stored in: {root}_data.star")
     log.auto(f"+ Final resolution (without masking) is: {1.0 / state.counters.current_resolution:g}")
-    log.auto("+ But you may want to run relion_postprocess to mask the unfil.mrc maps and calculate a higher "
+    log.auto("+ But you may want to run cryorefine postprocess to mask the unfil.mrc maps and calculate a higher "
              "resolution FSC")

@@ -44,11 +44,12 @@ def iteration_files(optimiser_star: str | Path) -> dict[str, Path]:
             "map1": Path(f"{root}_half1_class001.mrc"), "map2": Path(f"{root}_half2_class001.mrc")}
 
 
-def _locate(sibling: Path, recorded: object) -> Path:
-    """The file next to the optimiser, else the one the optimiser names; InputError naming the expected file."""
+def _locate(sibling: Path, recorded: object, moved: bool = True) -> Path:
+    """The file next to the optimiser, else (if the optimiser was moved alone) the one the optimiser names;
+    InputError naming the expected file."""
     if sibling.is_file():
         return sibling
-    if isinstance(recorded, str) and recorded and Path(recorded).is_file():
+    if moved and isinstance(recorded, str) and recorded and Path(recorded).is_file():
         return Path(recorded)
     raise InputError(f"{sibling}: no such file (needed to continue)")
 
@@ -311,7 +312,8 @@ def restore(optimiser_star: str, data, box: int, angpix: float, opts: RefineOpti
                          f"written; there is nothing to continue")
     recorded = {"data": opt.get("rlnExperimentalDataStarFile"), "sampling": opt.get("rlnOrientSamplingStarFile"),
                 "model1": opt.get("rlnModelStarFile"), "model2": opt.get("rlnModelStarFile2")}
-    paths = {k: _locate(p, recorded.get(k)) for k, p in files.items()}
+    moved = not any(p.is_file() for p in files.values())   # else one file missing beside the others: stop
+    paths = {k: _locate(p, recorded.get(k), moved) for k, p in files.items()}
 
     poses, subset = read_poses(paths["data"], data.table.particles["rlnImageName"].astype(str).to_numpy())
     halves = [read_half_model(paths[f"model{h}"], paths[f"map{h}"], data, box, angpix, it) for h in (1, 2)]

@@ -67,7 +67,9 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
         sym_mats = symmetry_matrices(opts.sym)
     with option_error("--healpix_order"):
         n_directions(opts.healpix_order, opts.sym)
-    backend = make_backend(opts.gpu, reducer.rank)
+    backend, note = make_backend(opts.gpu, reducer.rank)
+    if note:
+        log.line(note)
     if opts.solvent_mask:
         solvent = load_solvent_mask(opts.solvent_mask, box, angpix)
     else:

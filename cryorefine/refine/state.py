@@ -56,7 +56,7 @@ class RefineOptions:
     batch_size: int = 64
     continue_from: str | None = None
     command_line: str = ""
-    gpu: str | None = None              # --gpu device list (RELION spelling); None = CPU
+    gpu: str | None = None          # RELION --gpu [IDS]: None = CPU; "" = all devices; "0", "0:1", "0,1" ...
 
 
 @dataclass
