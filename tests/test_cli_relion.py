@@ -81,7 +81,7 @@ def test_every_refine_gui_option_parses_with_relion_meaning():
     notes = "\n".join(compatibility_notes(args))
     for opt in ("--pool 3", "--dont_combine_weights_via_disc", "--no_parallel_disc_io", "--preread_images",
                 "--trust_ref_size", "--solvent_correct_fsc", "--ctf_intact_first_peak", "--blush",
-                "--relax_sym C2", "--gpu all"):
+                "--relax_sym C2"):
         assert opt in notes, opt
     assert args.pipeline_control == "Refine3D/job019/"
 

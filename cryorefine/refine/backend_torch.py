@@ -52,15 +52,22 @@ def cuda_devices() -> int:
 
 
 def pick_device(gpu: str, rank: int = 0) -> torch.device:
-    """RELION's --gpu: "" = rank-th visible GPU (round robin), "0" = GPU 0, "0:1" = rank r takes entry r; "cpu"
-    runs the same kernels on the CPU (tests)."""
+    """RELION's --gpu: "" = the rank-th visible GPU (round robin); "0:1" = one ':'-separated group per rank (rank r
+    takes group r mod the number of groups), "0,1:2,3" = groups of several GPUs, of which a rank uses the first;
+    "cpu" runs the same kernels on the CPU (tests)."""
     if gpu.strip().lower() == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    n = cuda_devices()
+    if n == 0:
         raise ValueError("no CUDA device is visible to PyTorch")
-    n = torch.cuda.device_count()
-    ids = [s for s in gpu.replace(",", ":").split(":") if s.strip()]
-    idx = int(ids[rank % len(ids)]) if ids else rank % n
+    groups = [g for g in gpu.split(":") if g.strip()]
+    if groups:
+        first = groups[rank % len(groups)].split(",")[0].strip()
+        if not first.isdigit():
+            raise ValueError(f"{first!r} is not a GPU number")
+        idx = int(first)
+    else:
+        idx = rank % n
     if not 0 <= idx < n:
         raise ValueError(f"GPU {idx} does not exist ({n} visible)")
     return torch.device(f"cuda:{idx}")
