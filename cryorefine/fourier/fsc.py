@@ -20,8 +20,8 @@ def shell_correlation(a: NDArray, b: NDArray, shell: NDArray[np.int64], n_shells
     b = np.asarray(b, dtype=np.complex128)[keep]
     shell = shell[keep]
     num = np.bincount(shell, (a * b.conj()).real, minlength=n_shells)
-    d1 = np.bincount(shell, a.real ** 2 + a.imag ** 2, minlength=n_shells)
-    d2 = np.bincount(shell, b.real ** 2 + b.imag ** 2, minlength=n_shells)
+    d1 = np.bincount(shell, np.abs(a) ** 2, minlength=n_shells)
+    d2 = np.bincount(shell, np.abs(b) ** 2, minlength=n_shells)
     den = np.sqrt(d1 * d2)
     out = np.zeros(n_shells)
     np.divide(num, den, out=out, where=den > 0)

@@ -207,7 +207,7 @@ class TorchKernels:
         nb, nt, m2 = at.shape
         cross = (at.reshape(nb * nt, m2) @ pp.T).reshape(nb, nt, -1)
         norm = self._t(norm_w) @ ppow.T
-        d = self._residual(cross, norm[:, None, :], cc_mode).reshape(nb, -1)
+        d = self._residual(cross.double(), norm.double()[:, None, :], cc_mode).reshape(nb, -1)
         if cc_mode:
             keep = torch.zeros_like(d, dtype=torch.bool)
             keep[torch.arange(nb, device=self.device), torch.argmin(d, dim=1)] = True
@@ -238,7 +238,7 @@ class TorchKernels:
         """likelihood.local_scores on the device."""
         cross = self._t(a) @ self._t(p_pair).T
         norm = self._t(norm_w) @ self._t(p_pow).T
-        return self._residual(cross.double(), norm.double()[None, :], cc_mode).cpu().numpy()
+        return self._residual(cross, norm[None, :], cc_mode).double().cpu().numpy()
 
     def pair_scores(self, a_t, p_o, norm_o, rows_t, rows_o, cc_mode: bool) -> np.ndarray:
         """likelihood.pair_scores on the device (one batched product for all blocks)."""
@@ -246,7 +246,7 @@ class TorchKernels:
         rt, ro = self._t(rows_t, torch.long), self._t(rows_o, torch.long)
         cross = torch.bmm(at[rt], po[ro].transpose(1, 2))
         nrm = self._t(norm_o, torch.float32)[ro][:, None, :]
-        return self._residual(cross.double(), nrm.double(), cc_mode).cpu().numpy()
+        return self._residual(cross, nrm, cc_mode).double().cpu().numpy()
 
     def memory_note(self) -> str:
         """The device's peak memory so far (the log's last line reports it)."""

@@ -21,15 +21,16 @@ def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
 
 
 def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
-    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode (float64).
+    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode; computed in the
+    precision of its inputs, returned as float64.
 
     cross = Re Σ conj(X e^{..}) s CTF P / σ², norm = Σ s² CTF² |P|² / σ² (broadcast against cross).
     """
-    cross = np.asarray(cross, dtype=np.float64)
-    norm = np.asarray(norm, dtype=np.float64)
     if cc_mode:
-        return -cross / np.sqrt(np.maximum(norm, 1e-30))
-    return 0.5 * norm - cross
+        d = -cross / np.sqrt(np.maximum(norm, 1e-30))
+    else:
+        d = 0.5 * norm - cross
+    return np.asarray(d, dtype=np.float64)
 
 
 def offset_log_prior(tau_A: NDArray, mu_A: NDArray, sigma: float) -> NDArray[np.float64]:
@@ -57,7 +58,8 @@ def coarse_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: N
     nb, nt, m2 = a.shape
     cross = (a.reshape(nb * nt, m2) @ p_pair.T).reshape(nb, nt, -1)
     norm = (norm_w @ p_pow.T).astype(np.float32)
-    return residual(cross, norm[:, None, :], cc_mode)
+    # float32 products, their difference in float64: the scores of all samples of a particle are compared
+    return residual(cross.astype(np.float64), norm[:, None, :].astype(np.float64), cc_mode)
 
 
 def coarse_significant(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
