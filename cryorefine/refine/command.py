@@ -11,8 +11,10 @@ halves below 40 A.
 from __future__ import annotations
 
 import argparse
+import resource
 import shlex
 import sys
+import time
 
 from cryorefine.errors import InputError
 from cryorefine.refine.state import RefineOptions
@@ -110,10 +112,20 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         command_line="cryorefine refine " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
 
 
+def _log_end(log, t_start: float) -> None:
+    """The closing log line with wall time and peak memory (max RSS of this process, rank 0 under MPI)."""
+    from cryorefine.refine.log import timestamp
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux: KiB
+    log.line(f" Finished {timestamp()}: wall time {time.time() - t_start:.1f} s, peak memory {peak_gib:.2f} GiB "
+             f"(maximum resident set size)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the refinement; user mistakes surface as InputError (one line, exit 2)."""
     from cryorefine.refine.log import RunLog, timestamp
     from cryorefine.refine.loop import initialise, run_refinement
+    from cryorefine.report import refresh_report
+    t_start = time.time()
 
     opts = options_from_args(args)
     if opts.threads > 0:
@@ -133,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
             from cryorefine.refine.restart import restore
             start = restore(run_, opts.continue_from)
         run_refinement(run_, start)
+        if reducer.is_leader:
+            _log_end(log, t_start)
+            refresh_report(opts.fn_out, log.line)
     finally:
         log.close()
     return 0

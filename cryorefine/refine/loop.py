@@ -33,6 +33,7 @@ from cryorefine.refine.pixels import pixel_set
 from cryorefine.refine.reference import load_reference, load_solvent_mask
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, SamplingState
+from cryorefine.report import refresh_report
 
 
 @dataclass
@@ -133,6 +134,8 @@ def run_refinement(run: Run, start_iteration: int = 1) -> None:
         t0 = time.time()
         iterate_once(run, it)
         log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
+        if run.reducer.is_leader:
+            refresh_report(opts.fn_out, log.line)
         if c.has_converged:
             final_messages(run)
             return

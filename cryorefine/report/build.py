@@ -1,0 +1,313 @@
+"""Assemble `<root>_report.html` (and the same figures as `<root>_report_<name>.png`) from a run's files."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from cryorefine import __version__
+from cryorefine.io.atomic import atomic_path
+from cryorefine.io.mrc import read_map
+from cryorefine.io.star import read_star
+from cryorefine.report import figures as F
+from cryorefine.report import readers as R
+from cryorefine.report.bild import direction_counts
+from cryorefine.report.directions import asu_counts, choose_order, empty_fraction, lonlat_grid
+from cryorefine.report.page import Figure, Section, data_table, esc, fmt, kv_table, render
+
+TABLE_HEADERS = {
+    "iteration": "iteration", "resolution_A": "resolution (Å)", "acc_rot_deg": "accuracy angles (°)",
+    "acc_trans_A": "accuracy offsets (Å)", "healpix_order": "HEALPix order", "offset_range_A": "offset range (Å)",
+    "local_searches": "local searches", "changes_angles_deg": "changes angles (°)",
+    "changes_offsets_A": "changes offsets (Å)", "image_size_px": "image size (px)", "ave_pmax": "average Pmax",
+    "angular_step_deg": "angular step (°)", "offset_step_A": "offset step (Å)", "time_s": "time (s)",
+}
+REFRESH_S = 60      # an in-progress page reloads itself (plain HTML meta refresh, no script)
+
+
+def report_paths(root: str) -> tuple[Path, Path]:
+    """(`<root>_report.html`, `<root>_report.json`)."""
+    return Path(f"{root}_report.html"), Path(f"{root}_report.json")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomic write (a browser never sees half a file)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def _fig(name: str, fig, caption: str) -> Figure:
+    """Render a matplotlib figure into an embedded Figure."""
+    return Figure(name, F.png_bytes(fig), caption)
+
+
+def _optimiser_header(path: Path) -> list[str]:
+    """The comment lines at the top of an `_optimiser.star` (version, command line)."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                if line.strip():
+                    break
+                continue
+            out.append(line[1:].strip())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sections
+
+
+def fsc_section(run: R.RunFiles, name: str) -> tuple[Section, float]:
+    """Gold-standard FSC of every iteration (last bold) and the reported resolution."""
+    curves = []
+    for it in run.iterations:
+        if it >= 1:
+            x, y = R.fsc_curve(run.files(it)["model"])
+            curves.append((it, x, y))
+    final = R.fsc_curve(run.files(None)["model"]) if run.finished else None
+    res = R.star_value(run.result_files["model"], "model_general", "rlnCurrentResolution")
+    label = "final" if run.finished else f"iteration {run.last}"
+    fig = F.fsc_iterations_figure(curves, res, final)
+    html = (f"<p>Reported resolution ({label}): <b>{res:.2f} Å</b> (<code>rlnCurrentResolution</code> of "
+            f"<code>{esc(run.result_files['model'])}</code>). Dotted: FSC 0.143; dashed: 0.5.</p>")
+    return Section("Gold-standard FSC", html, [_fig(f"{name}_fsc", fig, "FSC between the two half maps, per "
+                                                                       "iteration; the last one bold")]), res
+
+
+def postprocess_section(pp: R.PostprocessFiles, name: str) -> Section:
+    """Postprocess FSC curves and the Guinier plot with the fitted B-factor."""
+    t, g = pp.fsc, pp.general
+    labels = {"unmasked": "rlnFourierShellCorrelationUnmaskedMaps", "masked": "rlnFourierShellCorrelationMaskedMaps",
+              "phase-randomised": "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps",
+              "corrected": "rlnFourierShellCorrelationCorrected"}
+    curves = {k: np.asarray(t[v], float) for k, v in labels.items() if v in t}
+    res = float(g.get("rlnFinalResolution", np.nan))
+    figs = [_fig(f"{name}_postprocess_fsc", F.postprocess_fsc_figure(np.asarray(t["rlnResolution"], float), curves,
+                                                                      res), "postprocess FSC curves")]
+    if pp.guinier is not None and "rlnResolutionSquared" in pp.guinier:
+        gu = pp.guinier
+        ys = {k.replace("rlnLogAmplitudes", "").lower(): np.asarray(gu[k], float) for k in gu.columns
+              if k.startswith("rlnLogAmplitudes") and k != "rlnLogAmplitudesIntercept"}
+        slope = g.get("rlnFittedSlopeGuinierPlot")
+        figs.append(_fig(f"{name}_guinier", F.guinier_figure(
+            np.asarray(gu["rlnResolutionSquared"], float), ys, slope, g.get("rlnFittedInterceptGuinierPlot"),
+            float(g.get("rlnBfactorUsedForSharpening", 0.0))), "Guinier plot and fitted B-factor"))
+    rows = [("postprocess STAR", pp.path), ("final resolution (Å)", res),
+            ("B-factor used for sharpening (Å²)", g.get("rlnBfactorUsedForSharpening", "—")),
+            ("mask", g.get("rlnMaskName", "none")), ("phases randomised from (Å)", g.get("rlnRandomiseFrom", "—")),
+            ("Guinier fit correlation", g.get("rlnCorrelationFitGuinierPlot", "—"))]
+    return Section("Postprocess", kv_table(rows), figs)
+
+
+def iterations_section(run: R.RunFiles, name: str) -> tuple[Section, pd.DataFrame]:
+    """Per-iteration plots and table, numbers from the `_itNNN_` STAR files and run.out."""
+    table = R.iteration_table(run.root, run.iterations, run.log.times)
+    html = ("<p>From <code>run_itNNN_half1_model.star</code> (resolution, local searches, image size, Pmax), "
+            "<code>_optimiser.star</code> (accuracies, changes) and <code>_sampling.star</code> (steps); time from "
+            "<code>run.out</code>. Accuracies are estimated at the start of an iteration, changes at its end; "
+            "— = not estimated.</p>" + data_table(table, "iterations", TABLE_HEADERS))
+    figs = [_fig(f"{name}_iterations", F.iterations_figure(table), "per-iteration statistics")] if len(table) else []
+    return Section("Iterations", html, figs), table
+
+
+def angdist_section(run: R.RunFiles, name: str, poses: pd.DataFrame, sym: str,
+                    sampling_order: int) -> tuple[Section, dict]:
+    """Equal-area map of the final viewing directions folded into the asymmetric unit, and its summary."""
+    rot, tilt = np.asarray(poses["rlnAngleRot"], float), np.asarray(poses["rlnAngleTilt"], float)
+    order = choose_order(len(rot), sym, sampling_order)
+    counts = asu_counts(rot, tilt, sym, order)
+    lon, lat, grid = lonlat_grid(counts, sym, order)
+    summary = {"map_order": order, "map_cells": int(counts.size), "map_empty_fraction": empty_fraction(counts),
+               "sampling_order": sampling_order}
+    _, c_s = direction_counts(rot, tilt, sym, sampling_order)
+    summary.update(sampling_cells=int(c_s.size), sampling_empty_fraction=empty_fraction(c_s))
+    title = (f"{len(rot)} particles, {sym}: {counts.size} asymmetric-unit cells (HEALPix order {order}), "
+             f"{100 * summary['map_empty_fraction']:.1f} % empty")
+    fig = F.angdist_figure(lon, lat, grid, title)
+    rows = [("point group", sym), (f"cells at order {order} (map)", counts.size),
+            ("empty cells (map)", f"{100 * summary['map_empty_fraction']:.1f} %"),
+            ("particles per cell: mean / max", f"{counts.mean():.3g} / {counts.max()}"),
+            (f"directions at the sampling order {sampling_order} (.bild)", c_s.size),
+            ("directions with no particle (.bild)", f"{100 * summary['sampling_empty_fraction']:.1f} %")]
+    bild = Path(f"{run.root}_class001_angdist.bild") if run.finished else \
+        Path(f"{R.iteration_root(run.root, run.last)}_half1_class001_angdist.bild")
+    html = (f"<p>Each particle's viewing direction is folded into the asymmetric unit (grey: outside it) and "
+            f"counted per HEALPix cell (Mollweide projection, equal area). For ChimeraX open "
+            f"<code>{esc(bild)}</code> together with the map.</p>" + kv_table(rows))
+    return Section("Angular distribution", html, [_fig(f"{name}_angdist", fig, "viewing directions")]), summary
+
+
+def maps_section(run: R.RunFiles, name: str, mask_path: str | None, diameter_A: float | None) -> Section:
+    """Central slices and projections of the final (or latest) map and the two half maps."""
+    halves = [read_map(p) for p in run.half_maps()]
+    if run.finished:
+        main, angpix = read_map(Path(f"{run.root}_class001.mrc"))
+        maps = [("final map", main)]
+        names = ["half 1 (unfiltered)", "half 2 (unfiltered)"]
+    else:
+        angpix = halves[0][1]
+        maps = [(f"average, it {run.last}", (halves[0][0] + halves[1][0]) / 2)]
+        names = [f"half 1, it {run.last}", f"half 2, it {run.last}"]
+    maps += [(n, h[0]) for n, h in zip(names, halves)]
+    mask = None
+    note = "no solvent mask given: dashed circle = the spherical particle mask"
+    if mask_path and Path(mask_path).exists():
+        mask, _ = read_map(mask_path)
+        if mask.shape != maps[0][1].shape:
+            mask, note = None, f"mask {mask_path} has another box; not drawn"
+        else:
+            note = f"orange: 0.5 contour of the mask {mask_path}"
+    radius = diameter_A / (2 * angpix) if diameter_A and angpix > 0 and mask is None else None
+    fig = F.maps_figure(maps, mask, radius)
+    return Section("Maps", f"<p>Central slices and projections along z, y, x ({esc(note)}).</p>",
+                   [_fig(f"{name}_maps", fig, "central slices and projections")])
+
+
+def histograms_section(run: R.RunFiles, name: str, poses: pd.DataFrame, sym: str) -> Section:
+    """Histograms of Pmax, significant samples, and pose changes between the last two iterations."""
+    panels = [("rlnMaxValueProbDistribution", np.asarray(poses["rlnMaxValueProbDistribution"], float), False),
+              ("rlnNrOfSignificantSamples", np.asarray(poses["rlnNrOfSignificantSamples"], float), True)]
+    its = [i for i in run.iterations if i >= 1]
+    note = ""
+    if len(its) >= 2:
+        a, b = its[-2], its[-1]
+        d_ang, d_off = R.pose_changes(R.pose_arrays(run.files(a)["data"]), R.pose_arrays(run.files(b)["data"]), sym)
+        panels += [(f"angle change it {a}→{b} (°)", d_ang, True), (f"offset change it {a}→{b} (Å)", d_off, True)]
+    else:
+        note = " Pose changes need two iterations with poses."
+    return Section("Per-particle statistics", f"<p>Final (or latest) poses.{esc(note)}</p>",
+                   [_fig(f"{name}_histograms", F.histograms_figure(panels), "per-particle histograms")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the page
+
+
+def _status(run: R.RunFiles) -> tuple[str, str]:
+    """(status text, css class)."""
+    st = run.status()
+    if st == "finished":
+        return f"Finished: converged after {run.last} iterations.", "finished"
+    if st == "stopped":
+        return (f"Stopped after iteration {run.last} (--auto_iter_max) without convergence: no final map; "
+                f"showing iteration {run.last}.", "stopped")
+    return (f"Run in progress (or interrupted): iteration {run.last} is the latest written; this page is "
+            f"refreshed after every iteration.", "progress")
+
+
+def _safe(title: str, make: Callable[[], Section], errors: list[str]) -> Section:
+    """A section, or a note saying why it could not be drawn (e.g. a file still being written)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
+        errors.append(f"{title}: {exc}")
+        return Section(title, f'<p class="note">Not available: {esc(type(exc).__name__)}: {esc(exc)}</p>')
+
+
+def write_report(root: str, postprocess: str | None = None) -> Path:
+    """Write `<root>_report.html`, its PNGs and `<root>_report.json`; returns the HTML path.
+
+    `postprocess`: a postprocess STAR to include; default: the one recorded in an earlier report's JSON."""
+    t0 = time.time()
+    run = R.open_run(root)
+    root = run.root
+    html_path, json_path = report_paths(root)
+    name = Path(root).name + "_report"
+    if postprocess is None and json_path.exists():
+        try:
+            postprocess = json.loads(json_path.read_text()).get("postprocess")
+        except (OSError, ValueError):
+            postprocess = None
+    if postprocess and not Path(postprocess).exists():
+        postprocess = None
+
+    res_files = run.result_files
+    opt_path = res_files["optimiser"]
+    opt = read_star(opt_path)["optimiser_general"]
+    samp = read_star(res_files["sampling"])["sampling_general"]
+    sym = str(samp["rlnSymmetryGroup"])
+    header = _optimiser_header(opt_path)
+    command = run.log.command_line or (header[1] if len(header) > 1 else "")
+    version = next((h for h in header if "version" in h), f"cryorefine {__version__}")
+    inputs = R.input_files(command)
+    mask_path = None if str(opt.get("rlnSolventMaskName", "None")) == "None" else str(opt["rlnSolventMaskName"])
+    poses = R.pose_arrays(res_files["data"])
+    halves = np.bincount(np.asarray(poses.get("rlnRandomSubset", np.zeros(len(poses))), int), minlength=3)
+
+    errors: list[str] = []
+    sections: list[Section] = []
+    res_holder: dict = {}
+
+    def _fsc() -> Section:
+        sec, res_holder["res"] = fsc_section(run, name)
+        return sec
+    sections.append(_safe("Gold-standard FSC", _fsc, errors))
+    pp = None
+    if postprocess:
+        pp = R.read_postprocess(postprocess)
+        if mask_path is None and pp.general.get("rlnMaskName"):
+            mask_path = str(pp.general["rlnMaskName"])
+        sections.append(_safe("Postprocess", lambda: postprocess_section(pp, name), errors))
+    table_holder: dict = {}
+
+    def _its() -> Section:
+        sec, table_holder["table"] = iterations_section(run, name)
+        return sec
+    sections.append(_safe("Iterations", _its, errors))
+    ang_holder: dict = {}
+
+    def _ang() -> Section:
+        sec, ang_holder["summary"] = angdist_section(run, name, poses, sym, int(samp["rlnHealpixOrder"]))
+        return sec
+    sections.append(_safe("Angular distribution", _ang, errors))
+    diameter = float(opt.get("rlnParticleDiameter", 0) or 0)
+    sections.append(_safe("Maps", lambda: maps_section(run, name, mask_path, diameter), errors))
+    sections.append(_safe("Per-particle statistics", lambda: histograms_section(run, name, poses, sym), errors))
+
+    status, css = _status(run)
+    wall = run.log.wall_time_s
+    if wall is None and run.log.times:
+        wall_txt = f"{sum(run.log.times.values()):.0f} s so far (sum of iteration times)"
+    else:
+        wall_txt = f"{wall:.0f} s" if wall is not None else "—"
+    res = res_holder.get("res")
+    summary = [("run", root), ("status", run.status()), ("command line", command or "—"), ("version", version),
+               *((f"input: {k}", v) for k, v in inputs.items()),
+               ("point group", sym), ("box / pixel size", _box_text(res_files["model"])),
+               ("particles", f"{len(poses)} ({halves[1]} in half 1, {halves[2]} in half 2)"),
+               ("iterations written", f"{run.iterations[0]}–{run.last}"),
+               ("resolution" + (" (final)" if run.finished else f" (iteration {run.last})"),
+                f"{res:.2f} Å" if res else "—")]
+    if pp is not None:
+        summary.append(("resolution after postprocess", f"{float(pp.general.get('rlnFinalResolution')):.2f} Å"))
+    summary += [("wall time", wall_txt), ("peak memory (RSS)", f"{run.log.peak_memory_gib:.2f} GiB"
+                                          if run.log.peak_memory_gib is not None else "— (logged at the end)")]
+    footer = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by cryorefine {__version__} "
+              f"(cryorefine report {root}) in {time.time() - t0:.1f} s.")
+    if errors:
+        footer += " Sections not drawn: " + "; ".join(errors)
+    text = render(f"cryorefine auto-refine report: {root}", status, css, summary, sections,
+                  refresh_s=REFRESH_S if run.status() == "in progress" else None, footer=footer)
+    for sec in sections:
+        for fig in sec.figures:
+            _write_bytes(Path(root).parent / f"{fig.name}.png", fig.png)
+    _write_bytes(html_path, text.encode("utf-8"))
+    table = table_holder.get("table")
+    record = {"root": root, "status": run.status(), "postprocess": str(postprocess) if postprocess else None,
+              "resolution_A": res, "angular_distribution": ang_holder.get("summary"),
+              "iterations": json.loads(table.to_json(orient="records")) if table is not None else [],
+              "errors": errors}
+    _write_bytes(json_path, json.dumps(record, indent=1).encode("utf-8"))
+    return html_path
+
+
+def _box_text(model_star: Path) -> str:
+    """'64 px, 2.5 Å/px' from a model STAR."""
+    g = read_star(model_star)["model_general"]
+    return f"{int(g['rlnOriginalImageSize'])} px, {fmt(float(g['rlnPixelSize']))} Å/px"
