@@ -145,16 +145,21 @@ def angdist_section(run: R.RunFiles, name: str, poses: pd.DataFrame, sym: str,
 
 def maps_section(run: R.RunFiles, name: str, mask_path: str | None, diameter_A: float | None) -> Section:
     """Central slices and projections of the final (or latest) map and the two half maps."""
-    halves = [read_map(p) for p in run.half_maps()]
+    half_paths = run.half_maps()
+    halves = [read_map(p) for p in half_paths]
     if run.finished:
-        main, angpix = read_map(Path(f"{run.root}_class001.mrc"))
+        main_path = Path(f"{run.root}_class001.mrc")
+        main, angpix = read_map(main_path)
         maps = [("final map", main)]
         names = ["half 1 (unfiltered)", "half 2 (unfiltered)"]
+        rows = f"final map <code>{esc(main_path)}</code>"
     else:
         angpix = halves[0][1]
         maps = [(f"average, it {run.last}", (halves[0][0] + halves[1][0]) / 2)]
         names = [f"half 1, it {run.last}", f"half 2, it {run.last}"]
+        rows = f"average of the half maps of iteration {run.last}"
     maps += [(n, h[0]) for n, h in zip(names, halves)]
+    rows += "; half maps " + ", ".join(f"<code>{esc(p)}</code>" for p in half_paths)
     mask = None
     note = "no solvent mask given: dashed circle = the spherical particle mask"
     if mask_path and Path(mask_path).exists():
@@ -165,7 +170,7 @@ def maps_section(run: R.RunFiles, name: str, mask_path: str | None, diameter_A: 
             note = f"orange: 0.5 contour of the mask {mask_path}"
     radius = diameter_A / (2 * angpix) if diameter_A and angpix > 0 and mask is None else None
     fig = F.maps_figure(maps, mask, radius)
-    return Section("Maps", f"<p>Central slices and projections along z, y, x ({esc(note)}).</p>",
+    return Section("Maps", f"<p>Central slices and projections along z, y, x ({esc(note)}). Rows: {rows}.</p>",
                    [_fig(f"{name}_maps", fig, "central slices and projections")])
 
 
