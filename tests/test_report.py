@@ -38,6 +38,11 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def stopped_run(small_set: Path, tmp_path_factory) -> Path:
     """Output root of a 2-iteration refinement of 200 particles (reports written by refine itself)."""
     d = tmp_path_factory.mktemp("report_run")
+    cached = os.environ.get("CRYOREFINE_TEST_REPORT_RUN")
+    if cached:      # development only: reuse this fixture's earlier run (its page redrawn by the current code)
+        shutil.copytree(Path(cached).parent, d / "Refine3D")
+        write_report(str(d / "Refine3D/run"))
+        return d / "Refine3D/run"
     write_subset(small_set, 200, d / "p.star")
     proc = _cli("refine", "--i", str(d / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o",
                 str(d / "Refine3D/run"), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150",
