@@ -93,7 +93,7 @@ def _page(html_path: Path) -> _Page:
 
 
 def _value(cell: str) -> float:
-    return np.nan if cell.strip() == "—" else float({"yes": 1, "no": 0}.get(cell.strip(), cell))
+    return np.nan if cell.strip() == "—" else float({"local": 1, "global": 0}.get(cell.strip(), cell))
 
 
 def test_page_embeds_every_image_and_they_decode(stopped_run: Path):

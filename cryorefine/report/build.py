@@ -23,7 +23,7 @@ from cryorefine.report.page import Figure, Section, data_table, esc, fmt, kv_tab
 TABLE_HEADERS = {
     "iteration": "iteration", "resolution_A": "resolution (Å)", "acc_rot_deg": "accuracy angles (°)",
     "acc_trans_A": "accuracy offsets (Å)", "healpix_order": "HEALPix order", "offset_range_A": "offset range (Å)",
-    "local_searches": "local searches", "changes_angles_deg": "changes angles (°)",
+    "local_searches": "search", "changes_angles_deg": "changes angles (°)",
     "changes_offsets_A": "changes offsets (Å)", "image_size_px": "image size (px)", "ave_pmax": "average Pmax",
     "angular_step_deg": "angular step (°)", "offset_step_A": "offset step (Å)", "time_s": "time (s)",
 }
@@ -111,9 +111,17 @@ def iterations_section(run: R.RunFiles, name: str) -> tuple[Section, pd.DataFram
     html = ("<p>From <code>run_itNNN_half1_model.star</code> (resolution, local searches, image size, Pmax), "
             "<code>_optimiser.star</code> (accuracies, changes) and <code>_sampling.star</code> (steps); time from "
             "<code>run.out</code>. Accuracies are estimated at the start of an iteration, changes at its end; "
-            "— = not estimated.</p>" + data_table(table, "iterations", TABLE_HEADERS))
+            "999 = not estimated (RELION's value); search: <code>rlnOrientationalPriorMode</code> 0 = global, "
+            "1 = local.</p>" + data_table(_display(table), "iterations", TABLE_HEADERS))
     figs = [_fig(f"{name}_iterations", F.iterations_figure(table), "per-iteration statistics")] if len(table) else []
     return Section("Iterations", html, figs), table
+
+
+def _display(table: pd.DataFrame) -> pd.DataFrame:
+    """The iteration table as shown: search mode as words."""
+    shown = table.copy()
+    shown["local_searches"] = np.where(np.asarray(table["local_searches"], float) > 0, "local", "global")
+    return shown
 
 
 def angdist_section(run: R.RunFiles, name: str, poses: pd.DataFrame, sym: str,
