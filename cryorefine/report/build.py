@@ -312,7 +312,8 @@ def write_report(root: str, postprocess: str | None = None) -> Path:
             _write_bytes(Path(root).parent / f"{fig.name}.png", fig.png)
     _write_bytes(html_path, text.encode("utf-8"))
     table = table_holder.get("table")
-    record = {"root": root, "status": run.status(), "postprocess": str(postprocess) if postprocess else None,
+    record = {"root": root, "status": run.status(),
+              "postprocess": str(Path(postprocess).resolve()) if postprocess else None,
               "resolution_A": res, "angular_distribution": ang_holder.get("summary"),
               "iterations": json.loads(table.to_json(orient="records")) if table is not None else [],
               "errors": errors}
