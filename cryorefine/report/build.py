@@ -80,6 +80,14 @@ def fsc_section(run: R.RunFiles, name: str) -> tuple[Section, float]:
                                                                        "iteration; the last one bold")]), res
 
 
+def _relative(path: Path) -> Path:
+    """The path relative to the working folder when it lies below it (pages do not show /home/...)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
+
+
 def postprocess_section(pp: R.PostprocessFiles, name: str) -> Section:
     """Postprocess FSC curves and the Guinier plot with the fitted B-factor."""
     t, g = pp.fsc, pp.general
@@ -98,7 +106,7 @@ def postprocess_section(pp: R.PostprocessFiles, name: str) -> Section:
         figs.append(_fig(f"{name}_guinier", F.guinier_figure(
             np.asarray(gu["rlnResolutionSquared"], float), ys, slope, g.get("rlnFittedInterceptGuinierPlot"),
             float(g.get("rlnBfactorUsedForSharpening", 0.0))), "Guinier plot and fitted B-factor"))
-    rows = [("postprocess STAR", pp.path), ("final resolution (Å)", res),
+    rows = [("postprocess STAR", _relative(pp.path)), ("final resolution (Å)", res),
             ("B-factor used for sharpening (Å²)", g.get("rlnBfactorUsedForSharpening", "—")),
             ("mask", g.get("rlnMaskName", "none")), ("phases randomised from (Å)", g.get("rlnRandomiseFrom", "—")),
             ("Guinier fit correlation", g.get("rlnCorrelationFitGuinierPlot", "—"))]

@@ -64,9 +64,11 @@ def _fsc_axes(ax, resolution_A: float | None, label: str = "reported") -> None:
         ax.text(0.99, y, f" {y:g}", transform=ax.get_yaxis_transform(), va="bottom", ha="right",
                 fontsize=8, color="grey")
     if resolution_A and np.isfinite(resolution_A) and resolution_A > 0:
-        ax.axvline(1.0 / resolution_A, color="tab:red", lw=1.2)
-        ax.text(1.0 / resolution_A, 0.97, f" {label} {resolution_A:.2f} Å", color="tab:red", fontsize=9,
-                va="top", transform=ax.get_xaxis_transform())
+        x = 1.0 / resolution_A
+        right = x > 0.7 * ax.get_xlim()[1]           # label on the line's left near the right edge
+        ax.axvline(x, color="tab:red", lw=1.2)
+        ax.text(x, 0.97, f" {label} {resolution_A:.2f} Å ", color="tab:red", fontsize=9, va="top",
+                ha="right" if right else "left", transform=ax.get_xaxis_transform())
     ax.set_ylim(-0.1, 1.05)
     ax.set_xlim(left=0)
     ax.set_xlabel("resolution (1/Å)")
