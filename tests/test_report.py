@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 
 from conftest import write_subset
+from cryorefine.cli import main
 from cryorefine.geometry.euler import projection_direction
 from cryorefine.geometry.sampling import angular_step, directions
+from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.io.star import read_star
 from cryorefine.report import write_report
-from cryorefine.report.bild import angdist_bild, direction_counts
+from cryorefine.report.bild import angdist_bild, direction_counts, fold_directions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +178,20 @@ def test_bild_is_relions_layout_centred_on_the_box():
     assert np.all(cols[:, 1] == 0)
 
 
+def test_symmetry_mates_fall_in_the_same_asymmetric_unit_cell():
+    rng = np.random.default_rng(3)
+    d = rng.normal(size=(300, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    cells = []
+    for r in symmetry_matrices("D2"):
+        v = d @ r.T
+        rot, tilt = np.rad2deg(np.arctan2(v[:, 1], v[:, 0])), np.rad2deg(np.arccos(np.clip(v[:, 2], -1, 1)))
+        cells.append(fold_directions(rot, tilt, "D2", 3)[0])
+    same = np.mean([np.mean(c == cells[0]) for c in cells[1:]])
+    assert same > 0.97                                              # ties on cell borders may go either way
+    assert len(np.unique(cells[0])) > 100
+
+
 def test_run_bild_files_fold_the_half_sets_into_the_asymmetric_unit(stopped_run: Path):
     data = read_star(f"{stopped_run}_it002_data.star")["particles"]
     samp = read_star(f"{stopped_run}_it002_sampling.star")["sampling_general"]
@@ -193,12 +209,12 @@ def test_run_bild_files_fold_the_half_sets_into_the_asymmetric_unit(stopped_run:
                                    rtol=1e-3, atol=1e-3)
 
 
-def test_missing_run_is_one_line_exit_2(tmp_path: Path):
+def test_missing_run_is_one_line_exit_2(tmp_path: Path, capsys):
     for root in (tmp_path / "nowhere/run", tmp_path / "run"):
-        proc = _cli("report", str(root))
-        assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "no such run" in lines[0] and str(root) in lines[0], proc.stderr
+        assert main(["report", str(root)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "no such run" in lines[0] and str(root) in lines[0], err
 
 
 def test_unfinished_run_gives_partial_report_in_progress(stopped_run: Path, tmp_path: Path):
@@ -208,8 +224,7 @@ def test_unfinished_run_gives_partial_report_in_progress(stopped_run: Path, tmp_
             shutil.copy(f, tmp_path / f.name)
     log = Path(f"{stopped_run}.out").read_text().split(" Auto-refine: Iteration= 2")[0]
     (tmp_path / "run.out").write_text(log)
-    proc = _cli("report", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["report", str(tmp_path / "run")]) == 0
     page = _page(tmp_path / "run_report.html")
     text = "".join(page.text)
     assert "Run in progress" in text and "iteration 1 is the latest" in text
@@ -218,7 +233,7 @@ def test_unfinished_run_gives_partial_report_in_progress(stopped_run: Path, tmp_
     assert 'http-equiv="refresh"' in (tmp_path / "run_report.html").read_text()
 
 
-def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_path: Path):
+def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_path: Path, capsys):
     """A finished run (final files made from iteration 2's) shows the final map, wall time and peak memory;
     postprocess of its halves adds its FSC curves and Guinier plot to the same page."""
     d = tmp_path / "Refine3D"
@@ -241,11 +256,11 @@ def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_pa
     text = "".join(_page(d / "run_report.html").text)
     assert "Finished: converged after 2 iterations" in text and "final map" in text
     assert "peak memory (RSS)" in text and "— (logged at the end)" not in text
-    proc = _cli("postprocess", "--i", str(d / "run_half1_class001_unfil.mrc"), "--mask",
-                str(small_set / "mask.mrc"), "--o", str(tmp_path / "PostProcess/postprocess"), "--auto_bfac",
-                "--autob_lowres", "40")
-    assert proc.returncode == 0, proc.stderr
-    assert "report: " in proc.stdout
+    capsys.readouterr()
+    assert main(["postprocess", "--i", str(d / "run_half1_class001_unfil.mrc"), "--mask",
+                 str(small_set / "mask.mrc"), "--o", str(tmp_path / "PostProcess/postprocess"), "--auto_bfac",
+                 "--autob_lowres", "40"]) == 0
+    assert f"report: {d / 'run'}_report.html" in capsys.readouterr().out
     page = _page(d / "run_report.html")
     names = {name for _, name in page.images}
     assert {"run_report_postprocess_fsc", "run_report_guinier"} <= names
