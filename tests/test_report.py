@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_subset
+
 from cryorefine.cli import main
 from cryorefine.geometry.euler import projection_direction
 from cryorefine.geometry.sampling import angular_step, directions
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cryorefine", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +270,6 @@ def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_pa
 def test_report_module_is_imported_lazily():
     code = ("import sys, cryorefine.cli, cryorefine.report, cryorefine.refine.loop, cryorefine.tools.postprocess; "
             "cryorefine.cli.build_parser(''); print('matplotlib' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "False", out.stderr

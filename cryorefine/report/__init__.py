@@ -4,8 +4,8 @@ report is drawn, never by `import cryorefine.report`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def write_report(root: str, postprocess: str | None = None) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -216,10 +216,12 @@ def _status(run: R.RunFiles) -> tuple[str, str]:
     if st == "finished":
         return f"Finished: converged after {run.last} iterations.", "finished"
     if st == "stopped":
-        return (f"Stopped after iteration {run.last} (--auto_iter_max) without convergence: no final map; "
-                f"showing iteration {run.last}.", "stopped")
-    return (f"Run in progress (or interrupted): iteration {run.last} is the latest written; this page is "
-            f"refreshed after every iteration.", "progress")
+        text = (f"Stopped after iteration {run.last} (--auto_iter_max) without convergence: no final map; "
+                f"showing iteration {run.last}.")
+        return text, "stopped"
+    text = (f"Run in progress (or interrupted): iteration {run.last} is the latest written; this page is "
+            f"refreshed after every iteration.")
+    return text, "progress"
 
 
 def _safe(title: str, make: Callable[[], Section], errors: list[str]) -> Section:

@@ -8,7 +8,8 @@ latitude = 90° − tilt on an equal-area Mollweide map. matplotlib is imported 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -28,13 +29,13 @@ def _mpl():
     return matplotlib, Figure
 
 
-def new_figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> Figure:
     """A Figure not registered with pyplot (no global state), constrained layout."""
     _, Figure = _mpl()
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def png_bytes(fig: "Figure", dpi: int = 100) -> bytes:
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     """The figure as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
@@ -77,7 +78,7 @@ def _fsc_axes(ax, resolution_A: float | None, label: str = "reported") -> None:
 
 
 def fsc_iterations_figure(curves: Sequence[tuple[int, NDArray, NDArray]], resolution_A: float | None,
-                          final: tuple[NDArray, NDArray] | None = None) -> "Figure":
+                          final: tuple[NDArray, NDArray] | None = None) -> Figure:
     """Gold-standard FSC of each iteration (thin, coloured by iteration) with the last one bold; `final` (if
     given) is the joined final iteration's curve, drawn bold black instead."""
     matplotlib, _ = _mpl()
@@ -97,12 +98,12 @@ def fsc_iterations_figure(curves: Sequence[tuple[int, NDArray, NDArray]], resolu
     return fig
 
 
-def postprocess_fsc_figure(x: NDArray, curves: dict[str, NDArray], resolution_A: float) -> "Figure":
+def postprocess_fsc_figure(x: NDArray, curves: dict[str, NDArray], resolution_A: float) -> Figure:
     """Postprocess FSC curves (unmasked, masked, phase-randomised, corrected) with the final resolution."""
     fig = new_figure(7.5, 4.2)
     ax = fig.add_subplot()
-    styles = {"corrected": dict(color="black", lw=2.4), "unmasked": dict(color="tab:green", lw=1.2),
-              "masked": dict(color="tab:blue", lw=1.2), "phase-randomised": dict(color="tab:red", lw=1.2)}
+    styles = {"corrected": {"color": "black", "lw": 2.4}, "unmasked": {"color": "tab:green", "lw": 1.2},
+              "masked": {"color": "tab:blue", "lw": 1.2}, "phase-randomised": {"color": "tab:red", "lw": 1.2}}
     for name, y in curves.items():
         ax.plot(x, y, label=name, **styles.get(name, {}))
     _fsc_axes(ax, resolution_A, label="final")
@@ -112,7 +113,7 @@ def postprocess_fsc_figure(x: NDArray, curves: dict[str, NDArray], resolution_A:
 
 
 def guinier_figure(x: NDArray, curves: dict[str, NDArray], slope: float | None, intercept: float | None,
-                   bfactor: float) -> "Figure":
+                   bfactor: float) -> Figure:
     """Guinier plot ln(mean |F|) vs 1/d² (1/Å²) with the fitted straight line (B = 4·slope)."""
     fig = new_figure(7.5, 4.0)
     ax = fig.add_subplot()
@@ -137,7 +138,7 @@ def _masked(y: ArrayLike) -> NDArray:
     return np.where(y >= UNSET, np.nan, y)
 
 
-def iterations_figure(table) -> "Figure":
+def iterations_figure(table) -> Figure:
     """Per-iteration panels: resolution, accuracies and steps, changes, time; local-search iterations shaded."""
     it = np.asarray(table["iteration"], int)
     local = np.asarray(table["local_searches"], float) > 0
@@ -168,7 +169,7 @@ def iterations_figure(table) -> "Figure":
     return fig
 
 
-def angdist_figure(lon_deg: NDArray, lat_deg: NDArray, counts: NDArray, title: str) -> "Figure":
+def angdist_figure(lon_deg: NDArray, lat_deg: NDArray, counts: NDArray, title: str) -> Figure:
     """Equal-area (Mollweide) map of particle counts per direction cell; NaN cells (outside the asymmetric
     unit) grey. `counts` has shape (len(lat_deg), len(lon_deg)) on cell-centre grids in degrees."""
     matplotlib, _ = _mpl()
@@ -196,7 +197,7 @@ def _views(vol: NDArray) -> list[tuple[str, NDArray]]:
 
 
 def maps_figure(maps: Sequence[tuple[str, NDArray]], mask: NDArray | None = None,
-                mask_radius_px: float | None = None) -> "Figure":
+                mask_radius_px: float | None = None) -> Figure:
     """Rows of maps, columns: central slices and projections along z, y, x; the mask's 0.5 contour on the slices
     (or, without a mask, the spherical particle mask as a dashed circle)."""
     fig = new_figure(12.0, 2.15 * len(maps) + 0.4)
@@ -222,7 +223,7 @@ def maps_figure(maps: Sequence[tuple[str, NDArray]], mask: NDArray | None = None
     return fig
 
 
-def histograms_figure(panels: Sequence[tuple[str, NDArray, bool]]) -> "Figure":
+def histograms_figure(panels: Sequence[tuple[str, NDArray, bool]]) -> Figure:
     """One histogram per (title, values, log y-axis) panel, in a row."""
     fig = new_figure(3.0 * max(len(panels), 1), 2.8)
     axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1)))

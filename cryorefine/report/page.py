@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,8 +89,9 @@ def render(title: str, status: str, status_class: str, summary: Sequence[tuple[s
            sections: Sequence[Section], refresh_s: int | None = None, footer: str = "") -> str:
     """The whole page."""
     meta = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s else ""
-    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{meta}<title>{esc(title)}</title>'
-             f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
+    head = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{meta}<title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>")
+    parts = [head, f"<h1>{esc(title)}</h1>",
              f'<div class="status {esc(status_class)}" id="status">{esc(status)}</div>',
              "<h2>Summary</h2>", kv_table(summary)]
     for s in sections:

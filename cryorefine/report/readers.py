@@ -6,6 +6,7 @@ from a file the run wrote; nothing is recomputed except pose changes between two
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def input_files(command_line: str) -> dict[str, str]:
     names = {"--i": "particles", "--particles": "particles", "--ref": "reference", "--reference": "reference",
              "--solvent_mask": "solvent mask", "--solvent-mask": "solvent mask", "--continue": "continued from"}
     out = {}
-    for a, b in zip(words, words[1:]):
+    for a, b in itertools.pairwise(words):
         if a in names:
             out[names[a]] = b
     return out
