@@ -209,13 +209,15 @@ def open_run(root: str) -> RunFiles:
         if root.endswith(suffix) and not Path(root).is_dir():
             root = root[: -len(suffix)]
             root = re.sub(r"_it\d{3}$", "", root)
-    its = find_iterations(root)
+    # an iteration (or the final set) counts once all its STAR files are there: `report` may run while
+    # `refine` is still writing the newest iteration's files
+    its = [it for it in find_iterations(root) if all(p.exists() for p in iteration_files(root, it).values())]
     if not its:
         where = Path(root).parent
         if not where.is_dir():
             raise InputError(f"{root}: no such run (folder {where} does not exist)")
         raise InputError(f"{root}: no such run (no {Path(root).name}_itNNN_optimiser.star in {where})")
-    finished = Path(f"{root}_model.star").exists() and Path(f"{root}_optimiser.star").exists()
+    finished = all(p.exists() for p in iteration_files(root, None).values())
     return RunFiles(root, its, finished, read_log(Path(f"{root}.out")))
 
 
