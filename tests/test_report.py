@@ -217,6 +217,13 @@ def test_missing_run_is_one_line_exit_2(tmp_path: Path, capsys):
         assert len(lines) == 1 and "no such run" in lines[0] and str(root) in lines[0], err
 
 
+def test_run_found_from_its_folder_or_one_of_its_files(stopped_run: Path):
+    from cryorefine.report.readers import open_run
+    for given in (stopped_run.parent, f"{stopped_run}_it001_optimiser.star", f"{stopped_run}_it002_data.star"):
+        run = open_run(str(given))
+        assert run.root == str(stopped_run) and run.iterations == [0, 1, 2] and run.status() == "stopped"
+
+
 def test_unfinished_run_gives_partial_report_in_progress(stopped_run: Path, tmp_path: Path):
     src = stopped_run.parent
     for f in src.glob("run_it00[01]_*"):

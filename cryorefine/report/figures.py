@@ -162,7 +162,7 @@ def iterations_figure(table) -> Figure:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         if len(it):
-            ax.set_xticks(it if len(it) <= 15 else it[:: max(1, len(it) // 10)])
+            ax.set_xticks(it[:: max(1, -(-len(it) // 10))])          # at most 10 labelled iterations
         if len(series) > 1:
             ax.legend(fontsize=7)
     fig.suptitle("Per iteration (shaded: local searches)", fontsize=11)
@@ -182,6 +182,7 @@ def angdist_figure(lon_deg: NDArray, lat_deg: NDArray, counts: NDArray, title: s
                          rasterized=True)
     ax.grid(True, color="white", lw=0.4, alpha=0.6)
     ax.tick_params(labelsize=7)
+    ax.tick_params(axis="x", labelsize=6, labelcolor="#555555")
     ax.set_xlabel("rot (°)")
     ax.set_ylabel("90° − tilt (°)")
     fig.colorbar(mesh, ax=ax, orientation="horizontal", shrink=0.6, pad=0.06, label="particles per cell")
