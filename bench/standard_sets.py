@@ -18,6 +18,7 @@ STANDARD_SETS: dict[str, list[str]] = {
     "medium": ["--map", "maps/d2tet_medium_b128_a1.5.mrc", "--n", "5000", "--snr", "0.05", "--seed", "12"],
     "mics": ["--map", "maps/d2tet_medium_b128_a1.5.mrc", "--n", "0", "--micrographs", "20", "--seed", "13"],
     "noise": ["--map", "maps/d2tet_small_b64_a2.5.mrc", "--n", "1000", "--snr", "1e-6", "--seed", "14"],
+    "tutorial": ["--map", "maps/d2tet_tutorial_b256_a1.244.mrc.gz", "--n", "4400", "--snr", "0.05", "--seed", "15"],
 }
 
 

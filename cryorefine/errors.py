@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class InputError(Exception):
     """A user mistake: the CLI prints one line `error: <message>` and exits 2 (no traceback).
@@ -11,7 +14,26 @@ class InputError(Exception):
     """
 
 
+@contextlib.contextmanager
+def option_error(option: str) -> Iterator[None]:
+    """Turn a ValueError of a numerical function into an InputError naming the option it came from."""
+    try:
+        yield
+    except ValueError as exc:
+        raise InputError(f"{option}: {exc}") from None
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds (numerical functions: no command-line flags in messages)."""
+    if not condition:
+        raise ValueError(message)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise InputError(message) unless condition holds."""
     if not condition:
         raise InputError(message)
+
+
+class JobAborted(Exception):
+    """The RELION pipeliner asked the job to stop (`RELION_JOB_ABORT_NOW` in its --pipeline_control folder)."""

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cryorefine.errors import InputError
 from cryorefine.fourier import kernels
 from cryorefine.fourier.projector import grid_frequencies, make_projector, project, project_grid
 from cryorefine.fourier.transforms import irfft2_centered, rfft2_centered
@@ -124,7 +123,7 @@ def test_half_cube_layout_and_errors():
     assert kernels.half_cube_radius((131, 131, 66)) == 64
     with pytest.raises(ValueError):
         kernels.half_cube_radius((130, 130, 66))
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         make_projector(np.zeros((8, 8, 4), np.float32))
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError):
         make_projector(np.zeros((8, 8, 8), np.float32), r_max=9)

@@ -16,8 +16,9 @@ from cryorefine.cli import build_parser, main
 from cryorefine.io.star import read_particles, read_star, write_particles, write_star
 from cryorefine.refine.command import options_from_args
 from cryorefine.refine.log import RunLog
-from cryorefine.refine.loop import initialise, run_refinement
-from cryorefine.refine.restart import iteration_rng, restore
+from cryorefine.refine.loop import run_refinement
+from cryorefine.refine.restart import iteration_rng
+from cryorefine.refine.setup import initialise
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PARTICLES = 200
@@ -38,9 +39,9 @@ def _argv(star: Path, ref: Path, out: Path, *extra: str) -> list[str]:
     return ["refine", "--i", str(star), "--ref", str(ref), "--o", str(out), *OPTIONS, *extra]
 
 
-def _fresh_run(star: Path, ref: Path, out: Path):
-    """A newly initialised Run with the command line's options (what `--continue` restores into)."""
-    args = build_parser("refine").parse_args(_argv(star, ref, out))
+def _fresh_run(star: Path, ref: Path, out: Path, *extra: str):
+    """A newly initialised run state with the command line's options (with --continue: the restored state)."""
+    args = build_parser("refine").parse_args(_argv(star, ref, out, *extra))
     opts = options_from_args(args)
     return initialise(opts, RunLog(None, quiet=True))
 
@@ -62,12 +63,9 @@ def uninterrupted(star, small_set, tmp_path_factory):
     """In-process run: iteration 1, snapshot, iteration 2 (rng seeded per iteration as restore() does), snapshot."""
     out = tmp_path_factory.mktemp("a") / "run"
     run = _fresh_run(star, small_set / "reference.mrc", out)
-    run.opts.auto_iter_max = 1
-    run_refinement(run, 1)
+    run = run_refinement(replace(run, opts=replace(run.opts, auto_iter_max=1)))
     after1 = _snapshot(run)
-    run.opts.auto_iter_max = 2
-    run.rng = iteration_rng(run.opts.random_seed, 2)
-    run_refinement(run, 2)
+    run = run_refinement(replace(run, opts=replace(run.opts, auto_iter_max=2), start_iteration=2))
     return out, after1, _snapshot(run)
 
 
@@ -114,13 +112,14 @@ def _check_state(run, want: dict) -> None:
 def test_restore_gives_back_the_written_state(uninterrupted, star, small_set, tmp_path, iteration):
     out, after1, after2 = uninterrupted
     want = after1 if iteration == 1 else after2
-    run = _fresh_run(star, small_set / "reference.mrc", tmp_path / "run")
-    # the fresh run draws its own half-sets; restore must take the written ones
-    run.data.subset = 3 - run.data.subset
-    assert restore(run, str(out) + f"_it{iteration:03d}_optimiser.star") == iteration + 1
+    # another --random_seed draws other half-sets; the restored run must take the written ones and the seed
+    run = _fresh_run(star, small_set / "reference.mrc", tmp_path / "run", "--random_seed", "7",
+                     "--continue", str(out) + f"_it{iteration:03d}_optimiser.star")
+    assert run.start_iteration == iteration + 1
     _check_state(run, want)
     assert run.counters.iteration == iteration
-    assert np.array_equal(run.rng.random(4), iteration_rng(want["seed"], iteration + 1).random(4))
+    assert np.array_equal(iteration_rng(run.opts.random_seed, iteration + 1).random(4),
+                          iteration_rng(want["seed"], iteration + 1).random(4))
 
 
 def test_continue_on_the_command_line_matches_the_uninterrupted_run(uninterrupted, star, small_set, tmp_path):
@@ -206,8 +205,9 @@ def test_absent_noise_shells_are_filled_from_the_shell_below(uninterrupted, star
     tab = blocks["model_optics_group_1"]
     blocks["model_optics_group_1"] = tab[~tab["rlnSpectralIndex"].isin([0, 5, 6, 7])].reset_index(drop=True)
     write_star(model, blocks)
-    run = _fresh_run(star, small_set / "reference.mrc", tmp_path / "c" / "run")
-    assert restore(run, f"{root}_optimiser.star") == 3
+    run = _fresh_run(star, small_set / "reference.mrc", tmp_path / "c" / "run", "--continue",
+                     f"{root}_optimiser.star")
+    assert run.start_iteration == 3
     want, got = after2["models"][0].sigma2[0], run.models[0].sigma2[0]
     keep = np.setdiff1d(np.arange(len(want)), [0, 5, 6, 7])
     assert _close(got[keep], want[keep], rtol=1e-6, atol=0)

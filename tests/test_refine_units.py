@@ -7,6 +7,8 @@ import pytest
 
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.refine import autosampling as autos
+from cryorefine.refine import counters as cnt
+from cryorefine.refine.likelihood import residual
 from cryorefine.refine.weights import coarse_significance, significance_threshold
 from cryorefine.refine.orientations import fine_angles, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set, shift_phases, unique_pixels_per_shell
@@ -33,14 +35,14 @@ def test_coarse_significance_agrees_with_single_row_version():
     norm = rng.uniform(1, 50, size=(3, 40)).astype(np.float32)
     lp_off = rng.normal(size=(3, 5))
     lp_dir = np.log(rng.uniform(0.1, 1, size=40))
-    keep, counts = coarse_significance(cross, norm, lp_off, lp_dir, False, 0.999, -1)
+    keep, counts = coarse_significance(residual(cross, norm[:, None, :], False), lp_off, lp_dir, False, 0.999, -1)
     for b in range(3):
         d = 0.5 * norm[b][None, :] - cross[b]
         lw = -(d - d.min()) + lp_off[b][:, None] + lp_dir[None, :]
         thr, cnt, _, _ = significance_threshold(lw.ravel().astype(np.float64), 0.999)
         assert counts[b] == cnt
         np.testing.assert_array_equal(keep[b], lw >= thr)
-    keep_cc, counts_cc = coarse_significance(cross, norm, lp_off, lp_dir, True, 0.999, -1)
+    keep_cc, counts_cc = coarse_significance(residual(cross, norm[:, None, :], True), lp_off, lp_dir, True, 0.999, -1)
     assert keep_cc.sum() == 3 and np.all(counts_cc == 1)
 
 
@@ -79,13 +81,13 @@ def test_image_sizes_follow_resolution_and_coarse_rule():
 
 def test_resolution_shell_and_ssnr_threshold():
     ssnr = np.array([999, 50, 20, 9, 5, 3, 2, 1.5, 0.8, 0.3, 0.1])
-    assert autos.resolution_shell(ssnr) == 7
+    assert cnt.resolution_shell(ssnr) == 7
     # a dip below 1 followed by a rise more than three shells later is taken (spec 3.8)
     ssnr2 = np.array([999, 50, 20, 9, 5, 0.5, 2, 2, 2, 2, 2, 0.1, 0.1])
-    assert autos.resolution_shell(ssnr2) == 10
+    assert cnt.resolution_shell(ssnr2) == 10
     # ... but one noisy shell far out is not a rise (a run of four shells is needed)
     ssnr3 = np.array([999, 50, 20, 9, 5, 0.5, 0.2, 0.1, 0.1, 1.2, 0.1, 0.1, 0.1])
-    assert autos.resolution_shell(ssnr3) == 5
+    assert cnt.resolution_shell(ssnr3) == 5
 
 
 def test_accuracy_schedules_match_relion_steps():
@@ -100,16 +102,20 @@ def test_accuracy_schedules_match_relion_steps():
 def test_sampling_update_goes_finer_and_local():
     opts = RefineOptions("p", "r", "o", particle_diameter=150.0)
     s = SamplingState(3, 7.5, 12.5, 5.0, 1, False, 0.0, 0.5, 0.0, 2, 12.5, 5.0)
-    c = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1)
-    new, why = autos.update_sampling(opts, s, c, acc_rot=4.0, acc_trans=2.0, delta_offset=1.0)
+    c = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1, acc_rot=4.0,
+                 acc_trans=2.0, changes_offset=1.0)
+    new, decision = autos.next_sampling(opts, s, c)
+    c = cnt.with_sampling_decision(c, decision)
     assert new.healpix_order == 4 and new.local_searches
     assert new.sigma_ang == pytest.approx(2 * 1.875)
     assert new.offset_step <= s.offset_step
-    assert "refined" in why and c.nr_iter_wo_resol_gain == 0
+    assert "refined" in decision.note and c.nr_iter_wo_resol_gain == 0
     # fine enough: step 1.875 < 0.75 * 4 -> unchanged, flag set
-    c2 = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1)
-    same, why2 = autos.update_sampling(opts, new, c2, acc_rot=4.0, acc_trans=2.0, delta_offset=1.0)
-    assert same.healpix_order == 4 and c2.has_fine_enough_angular_sampling and "finer than" in why2
+    c2 = Counters(current_resolution=1 / 8.0, nr_iter_wo_resol_gain=1, nr_iter_wo_large_changes=1, acc_rot=4.0,
+                  acc_trans=2.0, changes_offset=1.0)
+    same, decision2 = autos.next_sampling(opts, new, c2)
+    c2 = cnt.with_sampling_decision(c2, decision2)
+    assert same.healpix_order == 4 and c2.has_fine_enough_angular_sampling and "finer than" in decision2.note
 
 
 def test_fine_children_surround_their_parent():

@@ -257,7 +257,7 @@ def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_pa
     for h in (1, 2):
         shutil.copy(f"{it2}_half{h}_class001.mrc", d / f"run_half{h}_class001_unfil.mrc")
     log = Path(f"{stopped_run}.out").read_text()
-    assert re.search(r" Finished .*wall time [\d.]+ s, peak memory [\d.]+ GiB", log)     # refine's end line
+    assert re.search(r" Wall time: .*\([\d.]+ s\); peak memory: [\d.]+ GiB", log)     # refine's summary line
     (d / "run.out").write_text(log.replace("Stopped after --auto_iter_max", "(was stopped)"))
     write_report(str(d / "run"))
     text = "".join(_page(d / "run_report.html").text)

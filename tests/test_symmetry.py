@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from cryorefine.errors import InputError
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.geometry.symmetry import (angular_error_deg, relion_angular_distance_deg, rotation_about_axis,
                                           symmetry_matrices, symmetry_order, view_error_deg)
@@ -49,7 +48,7 @@ def test_names_case_insensitive_and_unknown_groups():
     np.testing.assert_array_equal(symmetry_matrices("d2"), symmetry_matrices("D2"))
     np.testing.assert_array_equal(symmetry_matrices("i"), symmetry_matrices("I2"))
     for bad in ["C2v", "Oh", "D2h", "Ci", "Cs", "S4", "I5", "C0", "X", "", "C100"]:
-        with pytest.raises(InputError, match=f"--sym {bad}: unknown or unsupported point group"):
+        with pytest.raises(ValueError, match=f"{bad}: unknown or unsupported point group"):
             symmetry_matrices(bad)
 
 

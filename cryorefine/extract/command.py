@@ -6,6 +6,10 @@ RELION-4 coordinate list (--coord_list), or from refined particles (--reextract_
 all particles to <o>/particles.star (RELION 3.1+ layout, image names relative to the current folder).
 Relative micrograph and coordinate paths are looked up in the current folder first, then beside the
 input STAR file.
+
+relion_preprocess spellings are accepted as the RELION 5 GUI writes them: --part_dir (= --o), --part_star
+(default <part_dir>/particles.star), --extract, --pick_star, --white_dust/--black_dust (negative = off),
+--minimum_pick_fom, --only_do_unfinished.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cryorefine.extract.extraction import ExtractParams, crop_keep, crosses_edge
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
 from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles
+from cryorefine.validate import CTF_RULES, OPTICS_RULES, PARTICLE_RULES, check_particle_table, check_table, stacks_named_by
 
 # micrograph-table columns that describe the particle too (what RELION copies into particles.star)
 _MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
@@ -39,7 +44,12 @@ _MIC_ONLY_OPTICS = ("rlnMicrographPixelSize",)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """RELION relion_preprocess option spellings for extraction."""
     p.add_argument("--i", required=True, help="micrographs STAR file (e.g. micrographs_ctf.star)")
-    p.add_argument("--o", required=True, help="output folder, e.g. Extract/job018/")
+    p.add_argument("--o", "--part_dir", dest="o", default=None, help="output folder, e.g. Extract/job018/ "
+                   "(relion_preprocess: --part_dir)")
+    p.add_argument("--part_star", default=None, help="output particle STAR file (default <part_dir>/particles.star)")
+    p.add_argument("--extract", action="store_true", help="relion_preprocess: do the extraction (always done here)")
+    p.add_argument("--pick_star", default=None,
+                   help="relion_preprocess: coordinate list of the re-extracted particles (not written: ignored)")
     src = p.add_argument_group("coordinates (one of)")
     src.add_argument("--coord_suffix", help="coordinate file = <coord_dir><micrograph without extension><suffix>")
     src.add_argument("--coord_dir", default="", help="folder prefix of the coordinate files (with --coord_suffix)")
@@ -64,6 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--float16", action="store_true", help="write stacks in MRC mode 12 (half precision)")
     ex.add_argument("--skip_outside", action="store_true", help="drop particles whose box crosses the edge")
     ex.add_argument("--skip_missing", action="store_true", help="warn and skip micrographs that are missing")
+    ex.add_argument("--white_dust", type=float, default=-1.0,
+                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+    ex.add_argument("--black_dust", type=float, default=-1.0,
+                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+    ex.add_argument("--minimum_pick_fom", type=float, default=None,
+                    help="only coordinates with rlnAutopickFigureOfMerit >= this value")
+    ex.add_argument("--skip_nonfinite", action="store_true",
+                    help="skip particles whose box holds NaN or infinite pixels (counted) instead of stopping")
+    ex.add_argument("--only_do_unfinished", action="store_true",
+                    help="keep the stacks of micrographs already extracted (complete) and extract the others")
     p.add_argument("--j", type=int, default=1, help="parallel worker processes (one micrograph each)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
@@ -148,6 +168,7 @@ class MicResult:
     index: int
     keep: np.ndarray
     n_edge: int
+    n_nonfinite: int = 0
 
 
 def _coordinates_file(path: str) -> pd.DataFrame:
@@ -157,6 +178,8 @@ def _coordinates_file(path: str) -> pd.DataFrame:
     require(bool(loops), f"{path}: no rlnCoordinateX/rlnCoordinateY table")
     t = loops[0].reset_index(drop=True)
     require("rlnCoordinateY" in t, f"{path}: no rlnCoordinateY column")
+    check_table(t, {k: PARTICLE_RULES[k] for k in ("rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit")},
+                f"{path}: coordinates")
     return t
 
 
@@ -185,6 +208,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
     dup = names[names.duplicated()]
     require(dup.empty, f"{args.i}: micrograph {dup.iloc[0] if len(dup) else ''} listed twice")
     mic_optics = blocks.get("optics") if isinstance(blocks.get("optics"), pd.DataFrame) else None
+    if mic_optics is not None:
+        check_table(mic_optics, OPTICS_RULES, f"{args.i}: data_optics", unit="optics group")
+    check_table(mics, {**CTF_RULES, "rlnOpticsGroup": OPTICS_RULES["rlnOpticsGroup"]}, f"{args.i}: data_micrographs")
+    args._input_files = []
     out = Path(args.o)
     warnings: list[str] = []
     stacks: dict[str, str] = {}
@@ -196,6 +223,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         pstar = Path(args.reextract_data_star)
         require(pstar.exists(), f"{args.reextract_data_star}: no such file")
         table = read_particles(pstar)          # RELION 3.0 files are upgraded (origins to A, optics groups)
+        check_particle_table(table, need_ctf=False)
+        args._input_files += stacks_named_by(table)
         parts, part_optics = table.particles, table.optics
         for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
             require(label in parts, f"{args.reextract_data_star}: no {label} column")
@@ -232,10 +261,22 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             if not os.path.exists(cpath):
                 n_nofile += 1
                 continue
+            args._input_files.append(cpath)
             coords = _coordinates_file(cpath)
             per_mic[name] = _particles_for_coordinates(coords, mic_rows.loc[name])
         if n_nofile:
             warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
+
+    if args.minimum_pick_fom is not None:
+        n_low = 0
+        for name, t in list(per_mic.items()):
+            require("rlnAutopickFigureOfMerit" in t, f"--minimum_pick_fom: the coordinates of {name} have no "
+                                                   f"rlnAutopickFigureOfMerit column")
+            fom = pd.to_numeric(t["rlnAutopickFigureOfMerit"], errors="coerce").to_numpy(float)
+            ok = fom >= args.minimum_pick_fom
+            n_low += int((~ok).sum())
+            per_mic[name] = t[ok]
+        warnings.append(f"{n_low} coordinates below --minimum_pick_fom {args.minimum_pick_fom:g}: not extracted")
 
     jobs: list[MicJob] = []
     for index, row in mics.reset_index(drop=True).iterrows():
@@ -334,17 +375,70 @@ def _output_optics(base: pd.DataFrame | None, jobs: list[MicJob], args: argparse
 # work
 
 
-def _extract_one(job: MicJob, params: ExtractParams, float16: bool) -> MicResult:
+def _finished(job: MicJob, params: ExtractParams) -> MicResult | None:
+    """--only_do_unfinished: the result of a micrograph whose stack is already complete, else None."""
+    if not os.path.isfile(job.stack):
+        return None
+    try:
+        shape = read_header(job.path).shape[-2:]
+        have = read_header(job.stack).shape
+    except InputError:
+        return None
+    keep = crop_keep(job.coord_x, job.coord_y, params, shape)
+    n = have[0] if len(have) == 3 else 1
+    if n != int(keep.sum()) or have[-1] != params.out_size:
+        return None
+    edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, shape)
+    return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()))
+
+
+class _NothingLeft(Exception):
+    """Every particle of a micrograph was skipped: its (empty) stack is not written."""
+
+
+def _extract_one(job: MicJob, params: ExtractParams, float16: bool, reuse: bool = False,
+                 skip_nonfinite: bool = False) -> MicResult:
+    """A micrograph's stack; a micrograph whose every particle is skipped writes none."""
+    try:
+        return _extract_boxes(job, params, float16, reuse, skip_nonfinite)
+    except _NothingLeft:
+        return MicResult(index=job.index, keep=np.zeros(len(job.coord_x), bool), n_edge=0,
+                         n_nonfinite=len(job.coord_x))
+
+
+def _extract_boxes(job: MicJob, params: ExtractParams, float16: bool, reuse: bool,
+                   skip_nonfinite: bool) -> MicResult:
     """Worker: read one micrograph, box, process and stream its stack to disk; only that micrograph is held."""
+    if reuse:
+        done = _finished(job, params)
+        if done is not None:
+            return done
     mic = _read_micrograph(job.path)
     edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, mic.shape)
     keep = crop_keep(job.coord_x, job.coord_y, params, mic.shape)
+    n_bad = 0
     if keep.any():
         angpix = output_angpix(job.angpix, params.extract_size, params.scale)
+        rows = np.nonzero(keep)[0]
+        chunk = 256
         with StackWriter(job.stack, angpix, float16=float16) as stack:
-            for images in iter_particles(mic, job.coord_x[keep], job.coord_y[keep], params):
-                stack.write(images)
-    return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()))
+            for k, images in enumerate(iter_particles(mic, job.coord_x[keep], job.coord_y[keep], params, chunk)):
+                ok = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+                if not ok.all():
+                    bad = rows[k * chunk:k * chunk + len(images)][~ok]
+                    if not skip_nonfinite:
+                        r = int(bad[0])
+                        raise InputError(f"{job.path}: NaN or infinite pixels in the box of particle {r + 1} of this "
+                                         f"micrograph (x {job.coord_x[r]:g}, y {job.coord_y[r]:g}); "
+                                         f"--skip_nonfinite to skip such particles")
+                    keep[bad] = False
+                    n_bad += len(bad)
+                    images = images[ok]
+                if len(images):
+                    stack.write(images)
+            if not keep.any():
+                raise _NothingLeft()
+    return MicResult(index=job.index, keep=keep, n_edge=int(edge.sum()), n_nonfinite=n_bad)
 
 
 def _light(job: MicJob) -> MicJob:
@@ -360,8 +454,20 @@ def _progress(total: int, enabled: bool):
                     console=Console(stderr=True), disable=not enabled, transient=False)
 
 
+def compatibility_notes(args: argparse.Namespace) -> list[str]:
+    """One line per relion_preprocess option that is accepted but has no effect here."""
+    notes = []
+    if args.pick_star:
+        notes.append(f"--pick_star {args.pick_star}: the re-extraction coordinate list is not written; ignored")
+    for opt in ("white_dust", "black_dust"):
+        if getattr(args, opt) > 0:
+            notes.append(f"--{opt} {getattr(args, opt):g}: dust removal is not available; ignored")
+    return notes
+
+
 def _validate(args: argparse.Namespace) -> ExtractParams:
     """Option checks; every mistake is an InputError naming the option."""
+    require(bool(args.o), "--o (or --part_dir): the output folder is required")
     sources = [bool(args.coord_suffix), bool(args.coord_list), bool(args.reextract_data_star)]
     require(sum(sources) == 1, "--coord_suffix / --coord_list / --reextract_data_star: give exactly one")
     require(args.extract_size > 0 and args.extract_size % 2 == 0,
@@ -381,27 +487,77 @@ def _validate(args: argparse.Namespace) -> ExtractParams:
     return params
 
 
+def _new_dirs(paths: list[Path]) -> list[Path]:
+    """Folders (and their missing parents) that do not exist yet, deepest first."""
+    todo: set[Path] = set()
+    for p in paths:
+        d = p
+        while not d.exists() and d != d.parent:
+            todo.add(d)
+            d = d.parent
+    return sorted(todo, key=lambda d: len(d.parts), reverse=True)
+
+
+def _remove_outputs(stacks: list[str], dirs: list[Path]) -> None:
+    """Undo a failed extraction: this run's stacks and the folders it made (if empty)."""
+    for st in stacks:
+        Path(st).unlink(missing_ok=True)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _check_outputs(args: argparse.Namespace, jobs: list[MicJob], star_out: Path) -> None:
+    """Output folder writable; no stack or STAR written over an input (STARs, micrographs, earlier stacks)."""
+    from cryorefine.validate import check_not_inputs, check_output_folder
+    check_output_folder(Path(args.o))
+    check_output_folder(star_out.parent)
+    inputs = [args.i, args.reextract_data_star, args.coord_list, *getattr(args, "_input_files", []),
+              *(job.path for job in jobs)]
+    check_not_inputs([star_out, *(job.stack for job in jobs)], inputs, what="--o/--part_dir/--part_star")
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan from the STAR files, extract micrograph by micrograph (in --j processes), write particles.star."""
     params = _validate(args)
     jobs, optics, mode, warnings = _plan(args)
+    out = Path(args.o)
+    star_out = Path(args.part_star) if args.part_star else out / "particles.star"
+    _check_outputs(args, jobs, star_out)
+    for note in compatibility_notes(args):
+        print(f"cryorefine extract: note: {note}")
     for w in warnings:
         print(f"cryorefine extract: warning: {w}", file=sys.stderr)
     require(bool(jobs), f"{args.i}: no particles to extract")
+    new_dirs = _new_dirs([out, star_out.parent, *(Path(job.stack).parent for job in jobs)])
+    new_stacks = [job.stack for job in jobs if not os.path.exists(job.stack)]
+    try:
+        return _extract_all(args, params, jobs, optics, mode, star_out)
+    except BaseException:
+        _remove_outputs(new_stacks, new_dirs)
+        raise
+
+
+def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[MicJob], optics: pd.DataFrame,
+                 mode: str, star_out: Path) -> int:
+    """The work: every micrograph's stack, then particles.star (written last)."""
     out = Path(args.o)
     out.mkdir(parents=True, exist_ok=True)
-    by_index = {job.index: job for job in jobs}
     results: dict[int, MicResult] = {}
     show = not args.no_progress
     with _progress(len(jobs), show) as bar:
         task = bar.add_task("extract", total=len(jobs))
         if args.j == 1:
             for job in jobs:
-                results[job.index] = _extract_one(job, params, args.float16)
+                results[job.index] = _extract_one(job, params, args.float16, args.only_do_unfinished,
+                                                  args.skip_nonfinite)
                 bar.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=args.j) as pool:
-                futures = [pool.submit(_extract_one, _light(job), params, args.float16) for job in jobs]
+                futures = [pool.submit(_extract_one, _light(job), params, args.float16, args.only_do_unfinished,
+                                       args.skip_nonfinite) for job in jobs]
                 try:
                     for fut in as_completed(futures):
                         res = fut.result()
@@ -412,19 +568,20 @@ def run(args: argparse.Namespace) -> int:
                     raise
 
     tables = []
-    n_edge = n_skipped = 0
+    n_edge = n_skipped = n_nonfinite = 0
     for job in jobs:   # micrograph order of the input, particles in file order within each
         res = results[job.index]
         rows = job.rows[res.keep].reset_index(drop=True)
         n_edge += res.n_edge
-        n_skipped += int((~res.keep).sum())
+        n_nonfinite += res.n_nonfinite
+        n_skipped += int((~res.keep).sum()) - res.n_nonfinite
         if len(rows) == 0:
             continue
         rows = rows.drop(columns=["rlnImageName"], errors="ignore")
         rows.insert(0, "rlnImageName", [f"{k + 1:06d}@{job.stack}" for k in range(len(rows))])
         tables.append(rows)
-    particles = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    star_out = out / "particles.star"
+    require(bool(tables), f"{args.i}: no particle was extracted (all skipped)")
+    particles = pd.concat(tables, ignore_index=True)
     write_particles(star_out, ParticleTable(optics=optics, particles=particles, path=star_out, version="30001"))
     size = params.out_size
     apix = ", ".join(f"{a:.4f}" for a in optics["rlnImagePixelSize"])
@@ -433,4 +590,7 @@ def run(args: argparse.Namespace) -> int:
     filled = 0 if args.skip_outside else n_edge
     print(f"cryorefine extract: boxes crossing the micrograph edge: {filled} filled by edge replication, "
           f"{n_skipped} skipped (--skip_outside)")
+    if n_nonfinite:
+        print(f"cryorefine extract: {n_nonfinite} particles skipped: NaN or infinite pixels in their box "
+              f"(--skip_nonfinite)")
     return 0

@@ -20,9 +20,12 @@ import scipy.fft as sfft
 from numba import njit
 from numpy.typing import NDArray
 
-from cryorefine.errors import require
+from cryorefine.errors import check
 from cryorefine.fourier import kernels
-from cryorefine.fourier.projector import gridding_sinc2, radial_distance
+from cryorefine.fourier.filters import soft_mask_outside_map
+from cryorefine.fourier.fsc import shell_correlation
+from cryorefine.fourier.projector import gridding_sinc2
+from cryorefine.fourier.transforms import freq_radius
 
 
 @dataclass
@@ -43,9 +46,9 @@ class BackProjector:
 
 def _radius(ori_size: int, pad: int, r_max: float | None) -> tuple[float, int]:
     r_max = ori_size / 2 if r_max is None else float(r_max)
-    require(ori_size >= 2 and ori_size % 2 == 0, f"box size: must be even, got {ori_size}")
-    require(int(pad) == pad and pad >= 1, f"--pad: must be a positive integer, got {pad}")
-    require(0 < r_max <= ori_size / 2, f"r_max: must be in (0, {ori_size / 2}], got {r_max}")
+    check(ori_size >= 2 and ori_size % 2 == 0, f"box size: must be even, got {ori_size}")
+    check(int(pad) == pad and pad >= 1, f"padding factor: must be a positive integer, got {pad}")
+    check(0 < r_max <= ori_size / 2, f"r_max: must be in (0, {ori_size / 2}], got {r_max}")
     return r_max, int(round(pad * r_max))
 
 
@@ -185,18 +188,9 @@ def fsc_halves(bp1: BackProjector, bp2: BackProjector) -> NDArray[np.float64]:
     n = bp1.ori_size
     a1 = downsampled_average(bp1)
     a2 = downsampled_average(bp2)
-    k = np.fft.fftfreq(n, 1.0 / n)
-    kx = np.arange(n // 2 + 1, dtype=np.float64)
-    rad = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    rad = freq_radius((n, n, n))
     sel = rad <= min(bp1.r_max, bp2.r_max)
-    shell = relion_round(rad[sel])
-    nb = n // 2 + 1
-    num = np.bincount(shell, np.real(a1[sel] * np.conj(a2[sel])), nb)[:nb]
-    den1 = np.bincount(shell, np.abs(a1[sel]) ** 2, nb)[:nb]
-    den2 = np.bincount(shell, np.abs(a2[sel]) ** 2, nb)[:nb]
-    den = np.sqrt(den1 * den2)
-    fsc = np.zeros(nb)
-    np.divide(num, den, out=fsc, where=den > 0)
+    fsc = shell_correlation(a1[sel], a2[sel], relion_round(rad[sel]), n // 2 + 1)
     fsc[0] = 1.0
     return fsc
 
@@ -241,7 +235,7 @@ def ssnr_from_fsc(bp: BackProjector, fsc: NDArray, tau2_fudge: float = 1.0, fina
     """
     nb = bp.ori_size // 2 + 1
     fsc = np.asarray(fsc, dtype=np.float64)
-    require(fsc.shape == (nb,), f"fsc: expected {nb} shells, got {fsc.shape}")
+    check(fsc.shape == (nb,), f"fsc: expected {nb} shells, got {fsc.shape}")
     pad3 = float(bp.pad) ** 3
     wsum, count, _ = _weight_shell_stats(bp.weight, float(bp.pad), bp.radius, nb, np.zeros(nb))
     mean_w = np.zeros(nb)
@@ -264,19 +258,6 @@ def ssnr_from_fsc(bp: BackProjector, fsc: NDArray, tau2_fudge: float = 1.0, fina
     return {"sigma2": sigma2, "tau2": tau2, "ssnr": ssnr, "coverage": coverage}
 
 
-def soft_mask_outside_map(vol: NDArray, radius: float | None = None, cosine_width: float = 3.0) -> NDArray:
-    """RELION softMaskOutsideMap: blend voxels beyond radius (default N/2) towards the raised-cosine mean."""
-    n = vol.shape[0]
-    radius = n / 2 if radius is None else radius
-    d = radial_distance(n)
-    outer = radius + cosine_width
-    c = np.where(d > outer, 1.0, 0.5 + 0.5 * np.cos(np.pi * (outer - d) / cosine_width))
-    c = np.where(d < radius, 0.0, c)
-    total = c.sum()
-    mean_bg = float((c * vol).sum() / total) if total > 0 else 0.0
-    return ((1 - c) * vol + c * mean_bg).astype(vol.dtype, copy=False)
-
-
 @njit(cache=True)
 def _regularised(w, shell, tau2, have_tau2, pad3, tau2_fudge, minres):
     """W + 1/(pad³ τ_f τ²(shell)) for shells ≥ minres (1/(0.001 W) where τ² = 0)."""
@@ -297,7 +278,9 @@ def _divide_into_grid(data, weight, tau2, have_tau2, tau2_fudge, minres, pad, ra
     r2max = radius * radius
     pad3 = pad * pad * pad
     p = grid.shape[0]
-    # floor(ρ) = 0.001 · mean over |ξ|² < R² of W' in shell ρ = floor(|ξ|/pad)
+    # floor(ρ) = 0.001 · mean over |ξ|² < R² of W' in shell ρ = floor(|ξ|/pad). The half-cube traversal is the
+    # same as _weight_shell_stats' on purpose: numba kernels cannot take the per-voxel body as an argument
+    # without losing the fused loop, so each kernel spells the three loops out.
     fsum = np.zeros(n_floor + 1)
     fcnt = np.zeros(n_floor + 1)
     for iz in range(data.shape[0]):

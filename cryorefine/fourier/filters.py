@@ -9,21 +9,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cryorefine.fourier.transforms import irfftn_centered, rfftn_centered
-
-
-def _radius_grid(box: int, ndim: int) -> NDArray[np.float64]:
-    """Distance (px) of every pixel/voxel of an N^ndim box from the centre N//2."""
-    c = np.arange(box, dtype=np.float64) - box // 2
-    grids = np.meshgrid(*([c] * ndim), indexing="ij", sparse=True)
-    return np.sqrt(sum(g * g for g in grids))
-
-
-def _freq_radius(shape: tuple[int, ...]) -> NDArray[np.float64]:
-    """|k| (Fourier pixels) for the half-complex layout of a real array of `shape` (all sides N)."""
-    axes = [np.fft.fftfreq(n, 1.0 / n) for n in shape[:-1]] + [np.arange(shape[-1] // 2 + 1, dtype=np.float64)]
-    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
-    return np.sqrt(sum(g * g for g in grids))
+from cryorefine.fourier.transforms import freq_radius, irfftn_centered, real_radius, rfftn_centered
 
 
 def raised_cosine_lowpass_profile(r: ArrayLike, shell: float, width_shells: float = 2.0) -> NDArray[np.float64]:
@@ -44,7 +30,7 @@ def lowpass_raised_cosine(volume_or_ft: NDArray, angpix: float, resolution_A: fl
     n = (box or data.shape[0]) if is_ft else data.shape[0]
     ft = data if is_ft else (rfftn_centered(data) if data.ndim == 3 else np.fft.rfft2(np.fft.ifftshift(data)))
     shape = tuple([n] * ft.ndim)
-    prof = raised_cosine_lowpass_profile(_freq_radius(shape), n * angpix / resolution_A, width_shells)
+    prof = raised_cosine_lowpass_profile(freq_radius(shape), n * angpix / resolution_A, width_shells)
     out = ft * prof
     if is_ft:
         return out.astype(data.dtype, copy=False)
@@ -57,7 +43,7 @@ def lowpass_raised_cosine(volume_or_ft: NDArray, angpix: float, resolution_A: fl
 
 def soft_sphere_mask(box: int, radius_px: float, edge_px: float, ndim: int = 3) -> NDArray[np.float64]:
     """1 for r < R, ½ + ½cos(π(r − R)/w) for R ≤ r ≤ R + w, 0 beyond; centre N//2."""
-    r = _radius_grid(box, ndim)
+    r = real_radius(box, ndim)
     if edge_px <= 0:
         return (r < radius_px).astype(np.float64) + 0.0 * r
     edge = 0.5 + 0.5 * np.cos(np.pi * (r - radius_px) / edge_px)
@@ -82,7 +68,7 @@ def mask_particles(images: NDArray, radius_px: float, edge_px: float,
     images = np.asarray(images, dtype=np.float32)
     single = images.ndim == 2
     stack = images[None] if single else images
-    c = _filler_weight(_radius_grid(stack.shape[-1], 2), radius_px, edge_px).astype(np.float32)
+    c = _filler_weight(real_radius(stack.shape[-1], 2), radius_px, edge_px).astype(np.float32)
     if isinstance(fill, str):
         if fill != "mean":
             raise ValueError(f"mask_particles: fill must be 'mean' or an array of noise images, not {fill!r}")
@@ -98,7 +84,7 @@ def soft_mask_outside_map(volume: NDArray, radius_px: float | None = None, width
     towards m̄, the raised-cosine-weighted mean of the voxels at r ≥ radius; set to m̄ beyond radius + width."""
     volume = np.asarray(volume)
     radius = volume.shape[0] / 2.0 if radius_px is None else radius_px
-    c = _filler_weight(_radius_grid(volume.shape[0], volume.ndim), radius, width_px)
+    c = _filler_weight(real_radius(volume.shape[0], volume.ndim), radius, width_px)
     csum = c.sum()
     mean_bg = float((c * volume).sum() / csum) if csum > 0 else 0.0
     return ((1.0 - c) * volume + c * mean_bg).astype(volume.dtype if volume.dtype.kind == "f" else np.float64)

@@ -9,13 +9,23 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from cryorefine.fourier.transforms import shell_index
 
-def _shell_index(shape: tuple[int, ...]) -> NDArray[np.int64]:
-    """round(|k|) for every element of the half-complex (rfftn) layout of a real array of `shape`."""
-    axes = [np.fft.fftfreq(n, 1.0 / n) for n in shape[:-1]] + [np.arange(shape[-1] // 2 + 1, dtype=np.float64)]
-    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
-    r2 = sum(g * g for g in grids)
-    return np.rint(np.sqrt(r2)).astype(np.int64)
+
+def shell_correlation(a: NDArray, b: NDArray, shell: NDArray[np.int64], n_shells: int) -> NDArray[np.float64]:
+    """Σ Re(a·b*) / sqrt(Σ|a|²·Σ|b|²) per shell 0..n_shells−1 of flat complex arrays (0 for an empty shell);
+    elements with shell ≥ n_shells are ignored."""
+    keep = shell < n_shells
+    a = np.asarray(a, dtype=np.complex128)[keep]
+    b = np.asarray(b, dtype=np.complex128)[keep]
+    shell = shell[keep]
+    num = np.bincount(shell, (a * b.conj()).real, minlength=n_shells)
+    d1 = np.bincount(shell, a.real ** 2 + a.imag ** 2, minlength=n_shells)
+    d2 = np.bincount(shell, b.real ** 2 + b.imag ** 2, minlength=n_shells)
+    den = np.sqrt(d1 * d2)
+    out = np.zeros(n_shells)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
 
 
 def fsc_ft(ft1: NDArray, ft2: NDArray, n: int | None = None) -> NDArray[np.float64]:
@@ -24,18 +34,8 @@ def fsc_ft(ft1: NDArray, ft2: NDArray, n: int | None = None) -> NDArray[np.float
     Every stored element counts (like RELION's getFSC, the duplicated kx = 0 half included).
     """
     n = ft1.shape[0] if n is None else n
-    shape = tuple([n] * ft1.ndim)
-    r = _shell_index(shape).ravel()
-    nb = n // 2 + 1
-    keep = r < nb
-    r = r[keep]
-    a = np.asarray(ft1, dtype=np.complex128).ravel()[keep]
-    b = np.asarray(ft2, dtype=np.complex128).ravel()[keep]
-    num = np.bincount(r, (a * b.conj()).real, minlength=nb)
-    d1 = np.bincount(r, (a.real ** 2 + a.imag ** 2), minlength=nb)
-    d2 = np.bincount(r, (b.real ** 2 + b.imag ** 2), minlength=nb)
-    den = np.sqrt(d1 * d2)
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    r = shell_index(tuple([n] * ft1.ndim)).ravel()
+    return shell_correlation(np.ravel(ft1), np.ravel(ft2), r, n // 2 + 1)
 
 
 def fsc(map1: NDArray, map2: NDArray) -> NDArray[np.float64]:
@@ -79,7 +79,7 @@ def randomise_phases_beyond(volume: NDArray, shell: int, rng: np.random.Generato
     """Map with the phases of every Fourier component with round(|k|) ≥ shell replaced by uniform random ones."""
     volume = np.asarray(volume, dtype=np.float64)
     ft = sfft.rfftn(volume, workers=-1)
-    r = _shell_index(volume.shape)
+    r = shell_index(volume.shape)
     sel = np.broadcast_to(r >= shell, ft.shape)
     phases = rng.uniform(0.0, 2.0 * np.pi, size=int(sel.sum()))
     ft[sel] = np.abs(ft[sel]) * np.exp(1j * phases)

@@ -42,6 +42,18 @@ _BLOCK = 1024  # pixels per work item: lets one rotation with many pixels use ev
 _SERIAL_POINTS = 65_536  # below this many points thread start-up costs more than it saves
 
 
+@njit(inline="always", cache=True)
+def _half_cube_point(x, y, z, off):
+    """A frequency (x, y, z) as array coordinates of the half-cube: Friedel-folded to x ≥ 0 (neg = folded, the
+    value is then the conjugate), y and z offset by the centre index `off`."""
+    neg = x < 0.0
+    if neg:
+        x = -x
+        y = -y
+        z = -z
+    return neg, x, y + off, z + off
+
+
 def _project_impl(ft3d, rot, kx, ky, pad, r_max, out):
     n = rot.shape[0]
     m = kx.shape[0]
@@ -64,16 +76,7 @@ def _project_impl(ft3d, rot, kx, ky, pad, r_max, out):
             if u * u + v * v > r2max:
                 out[i, j] = 0
                 continue
-            x = u * a00 + v * a10
-            y = u * a01 + v * a11
-            z = u * a02 + v * a12
-            neg = x < 0.0
-            if neg:
-                x = -x
-                y = -y
-                z = -z
-            y += off
-            z += off
+            neg, x, y, z = _half_cube_point(u * a00 + v * a10, u * a01 + v * a11, u * a02 + v * a12, off)
             x0 = int(x)
             y0 = int(np.floor(y))
             z0 = int(np.floor(z))
@@ -141,6 +144,19 @@ def _slab_histogram(rot, kx, ky, pad, r2max, off, depth, stride):
     return hist
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def _splat_plane(data, weight, z, y0, x0, wy0, wy1, gx, fx, val, w):
+    """Add val, w to the 2x2 (y, x) neighbours of one z-plane with trilinear weights (wy0, wy1) x (gx, fx)."""
+    data[z, y0, x0] += val * (wy0 * gx)
+    data[z, y0, x0 + 1] += val * (wy0 * fx)
+    data[z, y0 + 1, x0] += val * (wy1 * gx)
+    data[z, y0 + 1, x0 + 1] += val * (wy1 * fx)
+    weight[z, y0, x0] += w * (wy0 * gx)
+    weight[z, y0, x0 + 1] += w * (wy0 * fx)
+    weight[z, y0 + 1, x0] += w * (wy1 * gx)
+    weight[z, y0 + 1, x0 + 1] += w * (wy1 * fx)
+
+
 def _backproject_impl(data, weight, rot, kx, ky, values, weights, pad, r2max, bounds):
     """Trilinear splat; each slab [bounds[s], bounds[s+1]) of z-planes is written by one thread only (no atomics)."""
     n = rot.shape[0]
@@ -193,32 +209,9 @@ def _backproject_impl(data, weight, rot, kx, ky, values, weights, pad, r2max, bo
                     val = np.conj(val)
                 w = weights[i, j]
                 if z0 >= zlo:
-                    w00 = gz * gy * gx
-                    w01 = gz * gy * fx
-                    w10 = gz * fy * gx
-                    w11 = gz * fy * fx
-                    data[z0, y0, x0] += val * w00
-                    data[z0, y0, x0 + 1] += val * w01
-                    data[z0, y0 + 1, x0] += val * w10
-                    data[z0, y0 + 1, x0 + 1] += val * w11
-                    weight[z0, y0, x0] += w * w00
-                    weight[z0, y0, x0 + 1] += w * w01
-                    weight[z0, y0 + 1, x0] += w * w10
-                    weight[z0, y0 + 1, x0 + 1] += w * w11
+                    _splat_plane(data, weight, z0, y0, x0, gz * gy, gz * fy, gx, fx, val, w)
                 if z0 + 1 < zhi:
-                    z1 = z0 + 1
-                    w00 = fz * gy * gx
-                    w01 = fz * gy * fx
-                    w10 = fz * fy * gx
-                    w11 = fz * fy * fx
-                    data[z1, y0, x0] += val * w00
-                    data[z1, y0, x0 + 1] += val * w01
-                    data[z1, y0 + 1, x0] += val * w10
-                    data[z1, y0 + 1, x0 + 1] += val * w11
-                    weight[z1, y0, x0] += w * w00
-                    weight[z1, y0, x0 + 1] += w * w01
-                    weight[z1, y0 + 1, x0] += w * w10
-                    weight[z1, y0 + 1, x0 + 1] += w * w11
+                    _splat_plane(data, weight, z0 + 1, y0, x0, fz * gy, fz * fy, gx, fx, val, w)
 
 
 _backproject = njit(parallel=True, fastmath=True, cache=True)(_renamed(_backproject_impl, "_backproject"))
@@ -291,16 +284,9 @@ def _symmetrise(data, weight, mats, r2max, out_data, out_weight):
                 acc = out_data[iz, iy, ix] * 0
                 wacc = out_weight[iz, iy, ix] * 0
                 for g in range(mats.shape[0]):
-                    xp = mats[g, 0, 0] * x + mats[g, 0, 1] * y + mats[g, 0, 2] * z
-                    yp = mats[g, 1, 0] * x + mats[g, 1, 1] * y + mats[g, 1, 2] * z
-                    zp = mats[g, 2, 0] * x + mats[g, 2, 1] * y + mats[g, 2, 2] * z
-                    neg = xp < 0.0
-                    if neg:
-                        xp = -xp
-                        yp = -yp
-                        zp = -zp
-                    yp += off
-                    zp += off
+                    neg, xp, yp, zp = _half_cube_point(mats[g, 0, 0] * x + mats[g, 0, 1] * y + mats[g, 0, 2] * z,
+                                                       mats[g, 1, 0] * x + mats[g, 1, 1] * y + mats[g, 1, 2] * z,
+                                                       mats[g, 2, 0] * x + mats[g, 2, 1] * y + mats[g, 2, 2] * z, off)
                     # 2-, 4-fold operators map voxels onto voxels: snap the float noise so they stay exact
                     xp = _snap(xp)
                     yp = _snap(yp)

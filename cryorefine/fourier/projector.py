@@ -14,8 +14,9 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
-from cryorefine.errors import require
+from cryorefine.errors import check
 from cryorefine.fourier import kernels
+from cryorefine.fourier.transforms import real_radius
 
 
 @dataclass
@@ -28,27 +29,21 @@ class Projector:
     r_max: float
 
 
-def radial_distance(n: int) -> NDArray[np.float64]:
-    """Distance (px) of every voxel of an n³ box from the centre voxel n//2."""
-    c = np.arange(n, dtype=np.float64) - n // 2
-    return np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-
-
 def gridding_sinc2(n: int, pad: int) -> NDArray[np.float64]:
     """sinc²(d/(pad·n)) per voxel, d = distance from the centre: the trilinear interpolation envelope."""
-    return np.sinc(radial_distance(n) / (pad * n)) ** 2
+    return np.sinc(real_radius(n, 3) / (pad * n)) ** 2
 
 
 def make_projector(volume: NDArray, pad: int = 2, r_max: float | None = None) -> Projector:
     """V (N,N,N) real -> Projector; divides by sinc², zero-pads to pad·N, centred FFT scaled 1/N² (§3.5)."""
     volume = np.asarray(volume)
-    require(volume.ndim == 3 and volume.shape[0] == volume.shape[1] == volume.shape[2],
+    check(volume.ndim == 3 and volume.shape[0] == volume.shape[1] == volume.shape[2],
             f"map: expected a cubic 3D map, got shape {volume.shape}")
-    require(int(pad) == pad and pad >= 1, f"--pad: must be a positive integer, got {pad}")
+    check(int(pad) == pad and pad >= 1, f"padding factor: must be a positive integer, got {pad}")
     n = volume.shape[0]
     pad = int(pad)
     r_max = n / 2 if r_max is None else float(r_max)
-    require(0 < r_max <= n / 2, f"r_max: must be in (0, {n / 2}], got {r_max}")
+    check(0 < r_max <= n / 2, f"r_max: must be in (0, {n / 2}], got {r_max}")
     p = pad * n
     radius = int(round(pad * r_max))
 
@@ -92,7 +87,7 @@ def grid_frequencies(size: int) -> tuple[NDArray[np.float32], NDArray[np.float32
 def project_grid(projector: Projector, rotations: NDArray, size: int | None = None) -> NDArray[np.complex64]:
     """Slices on the rfft layout of a size-box (Fourier crop of the N-box slice) -> (n, size, size//2+1)."""
     size = projector.ori_size if size is None else int(size)
-    require(2 <= size <= projector.ori_size and size % 2 == 0,
+    check(2 <= size <= projector.ori_size and size % 2 == 0,
             f"size: must be even and at most {projector.ori_size}, got {size}")
     kx, ky = grid_frequencies(size)
     rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.fft as sfft
 import scipy.special as sps
 from numpy.typing import NDArray
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import option_error, require
 from cryorefine.fourier import backprojector as bpmod
 from cryorefine.fourier.ctf import ctf_params_from_table, ctf_values
 from cryorefine.fourier.filters import phase_shift_2d
@@ -50,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterative gridding density compensation instead of the floored division")
     p.add_argument("--iter", type=int, default=GRIDDING_ITER,
                    help="gridding-compensation iterations with --dont_skip_gridding (default 10)")
+    p.add_argument("--j", dest="threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--drop_bad_particles", action="store_true",
+                   help="leave out particles with impossible values (NaN or infinite angles, origins, defocus ...) "
+                        "and say how many, instead of stopping")
+    p.add_argument("--fom_weighting", action="store_true",
+                   help="weight each particle by its rlnParticleFigureOfMerit (image and CTF² weight)")
+    p.add_argument("--3d_rot", dest="rot3d", action="store_true",
+                   help="RELION: 3D images (subtomograms) rotated instead of 2D back-projection (not available)")
     # RELION ≤ 3.1 spelling; skipping is the default since RELION 4
     p.add_argument("--skip_gridding", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -151,8 +161,11 @@ def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
 
 
 def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
-                      batch: int = BATCH, progress: bool = True) -> int:
-    """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`)."""
+                      batch: int = BATCH, progress: bool = True, fom: NDArray | None = None) -> int:
+    """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`).
+
+    `fom` (per table row): RELION --fom_weighting, both the image and its CTF² weight are multiplied by it.
+    """
     from cryorefine.geometry.euler import euler_to_matrix
     from cryorefine.io.particles import ParticleImages
     from cryorefine.io.star import particle_optics
@@ -199,6 +212,10 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
                 weights = c * c
             else:
                 values, weights = ft, np.float32(1.0)
+            if fom is not None:
+                w = fom[b][:, None]
+                values = values * w
+                weights = (weights * w if np.ndim(weights) else np.repeat(w, values.shape[1], axis=1)).astype(np.float32)
             mats = euler_to_matrix(rot[b], tilt[b], psi[b])
             bpmod.insert(bp, mats, kx_o * scale, ky_o * scale, values.astype(np.complex64), weights)
             done += b.size
@@ -225,21 +242,47 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.geometry.symmetry import symmetry_matrices
     from cryorefine.io.mrc import write_map
     from cryorefine.io.star import read_particles
+    from cryorefine.validate import (check_not_inputs, check_output_folder, check_particle_table,
+                                     droppable_particles, stacks_named_by)
 
     t0 = time.perf_counter()
     require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
     require(args.batch >= 1, "--batch: must be positive")
-    try:
+    require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
+    if args.threads > 0:
+        import numba
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    with option_error("--sym"):
         symmetry_matrices(args.sym)
-    except (ValueError, KeyError) as exc:
-        raise InputError(f"--sym: {exc}") from None
+    require(args.subset in (-1, 1, 2), f"--subset: must be 1 or 2 (got {args.subset})")
+    require(args.maxres == -1.0 or args.maxres > 0, f"--maxres: must be > 0 (got {args.maxres:g})")
+    check_output_folder(Path(args.o).parent)
     table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
         _require_columns(table, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], "needed with --ctf")
+    check_particle_table(table, need_ctf=args.ctf, need_poses=True, allow_bad_particles=args.drop_bad_particles)
+    check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)
+    if args.drop_bad_particles:
+        drop, summary = droppable_particles(table, args.ctf)
+        if drop[rows].any():
+            _log(f"--drop_bad_particles: left out {int(drop[rows].sum())} of {rows.size} particles ({summary})")
+            rows = rows[~drop[rows]]
+            require(rows.size > 0, f"{args.i}: no particle left after --drop_bad_particles")
+    fom = None
+    if args.fom_weighting:
+        _require_columns(table, ["rlnParticleFigureOfMerit"], "needed for --fom_weighting")
+        fom = pd.to_numeric(table.particles["rlnParticleFigureOfMerit"], errors="coerce").to_numpy(np.float64)
+        bad = np.flatnonzero(~np.isfinite(fom[rows]) | (fom[rows] < 0))
+        require(bad.size == 0, f"{args.i}: particle {rows[bad[0]] + 1 if bad.size else 0}: rlnParticleFigureOfMerit "
+                               f"must be a finite number >= 0")
     from cryorefine.io.particles import ParticleImages
-    box = int(ParticleImages(table).read(np.arange(1))[0].shape[-1])   # like RELION: the first image's size
+    first_image = ParticleImages(table).read(np.arange(1))[0]
+    require(not args.rot3d or first_image.ndim == 3,
+            f"--3d_rot: needs 3D images (subtomograms), but {args.i} holds 2D images; leave out --3d_rot")
+    require(not args.rot3d, "--3d_rot: reconstruction from 3D images (subtomograms) is not available")
+    box = int(first_image.shape[-1])   # like RELION: the first image's size
     angpix = float(args.angpix) if args.angpix > 0 else float(table.optics["rlnImagePixelSize"].iloc[0])
     r_max = None
     if args.maxres > 0:
@@ -247,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
     _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
          f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px")
-    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch)
+    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch, fom=fom)
     iterations = args.iter if args.dont_skip_gridding else 0
     _log(f"symmetrising and reconstructing ({f'{iterations} gridding iterations' if iterations else 'floored division'})")
     vol = reconstruct_map(bp, args.sym, iterations)

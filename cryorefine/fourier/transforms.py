@@ -57,16 +57,33 @@ def rfft_freqs_3d(n: int) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray
     return np.meshgrid(k, k, kx, indexing="ij")
 
 
+def freq_radius(shape: tuple[int, ...]) -> NDArray[np.float64]:
+    """|k| (Fourier pixels) of every element of the half-complex (rfftn) layout of a real array of `shape`."""
+    axes = [np.fft.fftfreq(n, 1.0 / n) for n in shape[:-1]] + [np.arange(shape[-1] // 2 + 1, dtype=np.float64)]
+    grids = np.meshgrid(*axes, indexing="ij", sparse=True)
+    return np.sqrt(sum(g * g for g in grids))
+
+
+def real_radius(box: int, ndim: int) -> NDArray[np.float64]:
+    """Distance (px) of every pixel/voxel of an N^ndim box from the centre N//2."""
+    c = np.arange(box, dtype=np.float64) - box // 2
+    grids = np.meshgrid(*([c] * ndim), indexing="ij", sparse=True)
+    return np.sqrt(sum(g * g for g in grids))
+
+
+def shell_index(shape: tuple[int, ...]) -> NDArray[np.int64]:
+    """round(|k|) (the shell) of every element of the half-complex layout of a real array of `shape`."""
+    return np.rint(freq_radius(shape)).astype(np.int64)
+
+
 def shell_index_2d(n: int) -> NDArray[np.int64]:
     """round(|k|) for every element of the (N, N//2+1) half-complex layout."""
-    ky, kx = rfft_freqs_2d(n)
-    return np.rint(np.sqrt(kx * kx + ky * ky)).astype(np.int64)
+    return shell_index((n, n))
 
 
 def shell_index_3d(n: int) -> NDArray[np.int64]:
     """round(|k|) for every element of the (N, N, N//2+1) half-complex layout."""
-    kz, ky, kx = rfft_freqs_3d(n)
-    return np.rint(np.sqrt(kx * kx + ky * ky + kz * kz)).astype(np.int64)
+    return shell_index((n, n, n))
 
 
 def unique_halfplane_mask(n: int) -> NDArray[np.bool_]:

@@ -16,7 +16,6 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
-from cryorefine.errors import InputError
 from cryorefine.geometry import healpix
 from cryorefine.geometry.symmetry import canonical_name, symmetry_matrices
 
@@ -164,11 +163,17 @@ def _asymmetric_unit(order: int, family: str, n: int) -> NDArray[np.int64]:
 def asymmetric_unit_directions(order: int, sym: str) -> NDArray[np.int64]:
     """NESTED pixels (ascending) at `order` that RELION keeps for point group `sym` (§8.4, incl. the seam pass)."""
     if order < 0:
-        raise InputError(f"--healpix_order {order}: must be >= 0")
+        raise ValueError(f"HEALPix order {order}: must be >= 0")
     pix = _asymmetric_unit(int(order), *canonical_name(sym)).copy()
     if pix.size == 0:
-        raise InputError(f"--healpix_order {order}: too coarse for --sym {sym} (no direction in the asymmetric unit)")
+        raise ValueError(f"HEALPix order {order}: too coarse for point group {sym} (no direction in the "
+                         f"asymmetric unit)")
     return pix
+
+
+def n_directions(order: int, sym: str) -> int:
+    """Number of coarse directions of a global search: the asymmetric-unit pixels at `order` (§8.4)."""
+    return int(asymmetric_unit_directions(order, sym).size)
 
 
 def directions(order: int, sym: str) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
@@ -184,9 +189,9 @@ def translation_grid(range_A: float, step_A: float) -> NDArray[np.float64]:
     Order as RELION's setTranslations: ix (x) in the outer loop, iy (y) inner.
     """
     if not step_A > 0:
-        raise InputError(f"--offset_step {step_A}: must be > 0")
+        raise ValueError(f"offset step {step_A} A: must be > 0")
     if range_A < 0:
-        raise InputError(f"--offset_range {range_A}: must be >= 0")
+        raise ValueError(f"offset range {range_A} A: must be >= 0")
     maxp = math.ceil(range_A / step_A)
     idx = np.arange(-maxp, maxp + 1, dtype=np.float64)
     ix, iy = np.meshgrid(idx, idx, indexing="ij")

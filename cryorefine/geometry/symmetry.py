@@ -14,7 +14,6 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cryorefine.errors import InputError
 
 # (fold, axis) generators of RELION's fill_symmetry_class (autorefine-spec §8.3).
 _GENERATORS: dict[str, list[tuple[int, tuple[float, float, float]]]] = {
@@ -45,7 +44,7 @@ def canonical_name(name: str) -> tuple[str, int]:
         return s, {"T": 12, "O": 24}[s]
     if s in ("I", "I1", "I2", "I3", "I4"):
         return ("I2" if s == "I" else s), 60
-    raise InputError(f"--sym {name}: unknown or unsupported point group")
+    raise ValueError(f"{name}: unknown or unsupported point group")
 
 
 def rotation_about_axis(axis: ArrayLike, angle_deg: float) -> NDArray[np.float64]:

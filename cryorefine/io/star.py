@@ -43,8 +43,28 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}: cannot read ({exc})") from None
 
 
+# STAR tokens: a comment (# at a token start), a quoted string (single or double; the closing quote is the
+# one followed by whitespace or the end of the line, so 'it's' is one token), a vector [a, b] (may hold
+# spaces), or any run of non-blanks.
+_TOKEN = re.compile(r"""#[^\n]*|'(?:[^'\n]|'(?=\S))*'(?=\s|$)|"(?:[^"\n]|"(?=\S))*"(?=\s|$)|\[[^\]\n]*\]|\S+""",
+                    re.M)
+_SPACED_VECTOR = re.compile(r"\[[^\]\n]*\s[^\]\n]*\]")
+
+
+def tokenize(text: str) -> list[str]:
+    """STAR tokens of `text` (comments dropped, quotes kept: see unquote)."""
+    return [t for t in _TOKEN.findall(text) if not t.startswith("#")]
+
+
+def unquote(token: str) -> str:
+    """A token without its enclosing quotes ('a b' -> a b, "" -> empty string)."""
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        return token[1:-1]
+    return token
+
+
 def _convert_scalar(token: str) -> int | float | str:
-    """A list value as int, float or str (quotes removed)."""
+    """A list value as int, float or str (quotes removed; a quoted value stays a string)."""
     if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
         return token[1:-1]
     try:
@@ -70,11 +90,54 @@ def _numeric_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _needs_tokenizer(text: str) -> bool:
+    """True if pandas' C reader (double quotes only) could mis-split the body: single quotes, inline comments,
+    empty strings "" (indistinguishable there from a missing value) or vectors with spaces."""
+    return "'" in text or "#" in text or '""' in text or ("[" in text and _SPACED_VECTOR.search(text) is not None)
+
+
+def _first_bad_row(lines: list[str], ncols: int) -> int:
+    """Index of the first body line whose token count is not `ncols` (for the error message)."""
+    for k, line in enumerate(lines):
+        if len(tokenize(line)) != ncols:
+            return k
+    return len(lines) - 1
+
+
+def _parse_loop_tokens(path: Path, name: str, labels: list[str], lines: list[str], first_line: int) -> pd.DataFrame:
+    """A loop body with quotes / comments / spaced vectors: tokenised, then columns converted one by one."""
+    tokens = tokenize("\n".join(lines))
+    ncols = len(labels)
+    if len(tokens) % ncols:
+        row = _first_bad_row(lines, ncols)
+        raise InputError(f"{path}: data_{name} loop row {row + 1} (line {first_line + row}) does not have "
+                         f"{ncols} values")
+    columns = {}
+    for j, lab in enumerate(labels):
+        col = tokens[j::ncols]
+        if any(t[:1] in "\"'" for t in col):
+            columns[lab] = pd.Series([unquote(t) for t in col], dtype=object)   # quoted: text
+            continue
+        series = pd.Series(col, dtype=object)
+        try:
+            columns[lab] = pd.to_numeric(series)
+        except (ValueError, TypeError):
+            columns[lab] = series
+    df = pd.DataFrame(columns)
+    return df
+
+
 def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], first_line: int) -> pd.DataFrame:
-    """The body lines of one loop -> DataFrame with `labels` as columns (types inferred)."""
+    """The body lines of one loop -> DataFrame with `labels` as columns (types inferred).
+
+    Plain bodies (double-quoted strings allowed) go through pandas' C reader (fast for millions of rows);
+    bodies with single quotes, empty strings, inline comments or vectors with spaces through the STAR tokenizer.
+    """
     if not lines:
         return pd.DataFrame({lab: pd.Series(dtype=float) for lab in labels})
     text = "\n".join(lines)
+    if _needs_tokenizer(text):
+        return _parse_loop_tokens(path, name, labels, lines, first_line)
     try:
         df = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=labels, index_col=False,
                          keep_default_na=False, na_values=[], quotechar='"', dtype=None, engine="c")
@@ -82,15 +145,15 @@ def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], firs
         msg = str(exc).splitlines()[-1] if str(exc) else "unreadable"
         raise InputError(f"{path}: data_{name} loop (from line {first_line}): {msg}") from None
     require(len(df) == len(lines), f"{path}: data_{name} loop (from line {first_line}): unreadable rows")
-    # A row with fewer values than labels shows up as empty strings; only quoted "" is a real empty value.
-    if '""' not in text:
-        for col in df.columns:
-            s = df[col]
-            if not pd.api.types.is_numeric_dtype(s.dtype):
-                empty = (s == "").to_numpy()
-                if empty.any():
-                    row = int(np.argmax(empty))
-                    raise InputError(f"{path}: data_{name} loop row {row + 1} has fewer than {len(labels)} values")
+    # a row with fewer values than labels shows up as empty strings (no "" here, so no real empty values)
+    for col in df.columns:
+        s = df[col]
+        if not pd.api.types.is_numeric_dtype(s.dtype):
+            empty = (s == "").to_numpy()
+            if empty.any():
+                row = int(np.argmax(empty))
+                raise InputError(f"{path}: data_{name} loop row {row + 1} (line {first_line + row}) has fewer "
+                                 f"than {len(labels)} values")
     return _numeric_columns(df)
 
 
@@ -145,11 +208,9 @@ def read_star(path) -> dict[str, Block]:
             require(isinstance(block, dict), f"{path}: line {i + 1}: key/value after a loop in data_{current}")
             parts = line.split(None, 1)
             key = parts[0][1:]
-            require(len(parts) == 2, f"{path}: line {i + 1}: label _{key} has no value")
-            value = parts[1].strip()
-            if value[:1] not in "\"'":
-                value = value.split()[0]
-            block[key] = _convert_scalar(value)
+            values = tokenize(parts[1]) if len(parts) == 2 else []
+            require(len(values) > 0, f"{path}: line {i + 1}: label _{key} has no value")
+            block[key] = _convert_scalar(values[0])
             i += 1
             continue
         raise InputError(f"{path}: line {i + 1}: unexpected text {line[:40]!r}")
@@ -305,6 +366,23 @@ def resolve_image_path(fname: str, star_dir: Path) -> Path:
     return q if q.exists() else p
 
 
+def _legacy_box(path: Path, particles: pd.DataFrame) -> int | None:
+    """Image size of a RELION 3.0 file (it has no optics table): from rlnImageSize, else the first stack's
+    header, else None (metadata can be read without the stacks; the box is found when images are read)."""
+    if "rlnImageSize" in particles:
+        sizes = pd.to_numeric(particles["rlnImageSize"], errors="coerce").to_numpy(dtype=np.float64)
+        if sizes.size and np.all(sizes == sizes[0]) and sizes[0] > 0:
+            return int(sizes[0])
+    _, first_name = _parse_image_name(str(particles["rlnImageName"].iloc[0]))
+    stack = resolve_image_path(first_name, path.resolve().parent)
+    if not stack.is_file():
+        return None
+    try:
+        return int(read_header(stack).shape[-1])
+    except InputError as exc:
+        raise InputError(f"{path}: RELION 3.0 file: cannot read the image size from the first stack ({exc})") from None
+
+
 def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.0 table -> (optics, particles): pixel origins to Å, CTF optics into groups (relion_convert_star)."""
     n = len(particles)
@@ -339,12 +417,7 @@ def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -
     groups = key_df.drop_duplicates().reset_index(drop=True)
     group_of = key_df.merge(groups.reset_index(), how="left", on=list(keys))["index"].to_numpy() + 1
 
-    first_idx, first_name = _parse_image_name(str(parts["rlnImageName"].iloc[0]))
-    stack = resolve_image_path(first_name, path.resolve().parent)
-    try:
-        box = int(read_header(stack).shape[-1])
-    except InputError as exc:
-        raise InputError(f"{path}: RELION 3.0 file: cannot read the image size from the first stack ({exc})") from None
+    box = _legacy_box(path, parts)
 
     optics = pd.DataFrame({
         "rlnOpticsGroupName": [f"opticsGroup{g + 1}" for g in range(len(groups))],
@@ -352,9 +425,11 @@ def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -
     })
     for lab in keys:
         optics[lab] = groups[lab].to_numpy()
-    optics["rlnImageSize"] = box
+    if box is not None:
+        optics["rlnImageSize"] = box
     optics["rlnImageDimensionality"] = 2
-    drop = [c for c in (*_LEGACY_OPTICS, "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize")
+    drop = [c for c in (*_LEGACY_OPTICS, "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize",
+                        "rlnImageSize")
             if c in parts]
     parts = parts.drop(columns=drop)
     parts["rlnOpticsGroup"] = group_of.astype(np.int64)

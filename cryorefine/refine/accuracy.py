@@ -9,12 +9,14 @@ from cryorefine.fourier.projector import Projector, project
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.refine.autosampling import (ANGLE_LIMIT, SHIFT_LIMIT, angle_schedule, first_exceeding,
                                             perturbed_pose_matrices, shift_schedule)
-from cryorefine.refine.pixels import PixelSet, shift_phases
+from cryorefine.refine.data import ctf_on_pixels
+from cryorefine.refine.pixels import PixelSet, pixel_set, shift_phases
+from cryorefine.refine.state import RunState
 
 
 def expected_accuracies(proj: Projector, ps: PixelSet, ctf: NDArray[np.float32], inv_sigma2: NDArray[np.float64],
                         rot: NDArray, tilt: NDArray, psi: NDArray, angpix: float,
-                        rng: np.random.Generator) -> tuple[float, float]:
+                        rng: np.random.Generator, project=project) -> tuple[float, float]:
     """(acc_rot deg, acc_trans Å): mean perturbation at which Σ|CTF(P−P')|²/2σ² first exceeds −ln 0.01.
 
     ctf is (n, m) on the pixel set `ps` (shells ≥ 1 counted), poses are the particles' current ones.
@@ -41,3 +43,17 @@ def expected_accuracies(proj: Projector, ps: PixelSet, ctf: NDArray[np.float32],
     diff_t = 0.5 * np.where(axis[:, None] == 0, p0_pow @ fac_x.T, p0_pow @ fac_y.T)
     acc_trans = first_exceeding(diff_t, sched_t, SHIFT_LIMIT)
     return float(acc_rot.mean()), float(acc_trans.mean() * angpix)
+
+
+def estimate_accuracy(state: RunState, proj: Projector, rng: np.random.Generator) -> tuple[float, float]:
+    """Accuracy of rotations (deg) and translations (Å) on the first 100 half-1 particles against the half-1
+    reference (spec §5.1)."""
+    data = state.data
+    rows = np.nonzero(data.subset == 1)[0]
+    rows = rows[data.optics_index[rows] == 0][:100]
+    og = data.optics[0]
+    ps = pixel_set(og.box, state.counters.current_size, og.model_scale)
+    ctf = ctf_on_pixels(data, rows, ps.kx, ps.ky, state.opts.ctf)
+    return expected_accuracies(proj, ps, ctf, 1.0 / state.models[0].sigma2[0], state.poses.rot[rows],
+                               state.poses.tilt[rows], state.poses.psi[rows], og.angpix, rng,
+                               project=state.backend.project)

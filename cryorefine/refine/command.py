@@ -6,30 +6,40 @@ Example (the RELION tutorial's job, same spellings):
 Defaults are RELION's GUI defaults: CTF correction, solvent flattening, zero mask, norm and scale
 corrections, first iteration by cross-correlation (unless --ref_is_absolute_greyscale), join the
 halves below 40 A.
+
+Every option RELION 5's GUI writes for a Refine3D job (and its continue job) is accepted: those with no
+meaning here (--pool, --scratch_dir, --preread_images, --no_parallel_disc_io,
+--dont_combine_weights_via_disc) are ignored with a line in run.out saying why. `--continue
+run_itNNN_optimiser.star` alone restarts a run: --i, --ref, --sym and the other options of the run come
+from the optimiser file (and the command line it records) unless given again; --o may name a new root.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import math
+import re
 import shlex
 import sys
-import time
+from pathlib import Path
 
-from cryorefine.errors import InputError
+from cryorefine.errors import InputError, require
 from cryorefine.refine.state import RefineOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """RELION's option spellings, with readable aliases."""
     io = p.add_argument_group("input / output")
-    io.add_argument("--i", "--particles", dest="fn_in", required=True, help="particle STAR file")
-    io.add_argument("--ref", "--reference", dest="fn_ref", required=True, help="initial reference map (MRC)")
-    io.add_argument("--o", "--output", dest="fn_out", required=True, help="output root, e.g. Refine3D/job019/run")
+    io.add_argument("--i", "--particles", dest="fn_in", default=None, help="particle STAR file")
+    io.add_argument("--ref", "--reference", dest="fn_ref", default=None, help="initial reference map (MRC)")
+    io.add_argument("--o", "--output", dest="fn_out", default=None, help="output root, e.g. Refine3D/job019/run")
     io.add_argument("--continue", dest="continue_from", default=None,
-                    help="continue from this _optimiser.star (e.g. run_it005_optimiser.star)")
+                    help="continue from this _optimiser.star (e.g. run_it005_optimiser.star); --i, --ref and the "
+                         "run's options are then read from it unless given")
     io.add_argument("--solvent_mask", "--solvent-mask", dest="solvent_mask", default=None,
                     help="reference mask (values 0..1) used for solvent flattening")
+    io.add_argument("--solvent_correct_fsc", action="store_true",
+                    help="RELION: FSC of solvent-flattened maps (not available: unmasked FSCs are used, with a log line)")
     m = p.add_argument_group("model")
     m.add_argument("--sym", default="C1", help="point group: C<n>, D<n>, T, O, I (I1..I4)")
     m.add_argument("--ini_high", "--ini-high", dest="ini_high", type=float, default=60.0,
@@ -45,8 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first iteration by cross-correlation (default unless --ref_is_absolute_greyscale)")
     m.add_argument("--ref_is_absolute_greyscale", "--absolute-greyscale", dest="absolute_greyscale",
                    action="store_true", help="the reference is on the data's grey scale: no CC first iteration")
+    m.add_argument("--trust_ref_size", action="store_true",
+                   help="RELION: rescale / re-box the reference to the particles if needed (always done here)")
     m.add_argument("--ctf", action="store_true", default=True, help="CTF correction (default on)")
     m.add_argument("--no_ctf", "--no-ctf", dest="ctf", action="store_false", help="no CTF correction")
+    m.add_argument("--ctf_intact_first_peak", action="store_true",
+                   help="RELION: ignore CTFs until their first peak (not available: ignored with a log line)")
     m.add_argument("--flatten_solvent", action="store_true", default=True, help="solvent flattening (default on)")
     m.add_argument("--no_flatten_solvent", dest="flatten_solvent", action="store_false")
     m.add_argument("--zero_mask", action="store_true", default=True, help="fill outside the particle mask with "
@@ -56,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no_norm", dest="norm", action="store_false")
     m.add_argument("--scale", action="store_true", default=True, help="per-group intensity scale (default on)")
     m.add_argument("--no_scale", dest="scale", action="store_false")
+    m.add_argument("--blush", action="store_true",
+                   help="RELION: Blush regularisation (not available: standard regularisation, with a log line)")
+    m.add_argument("--relax_sym", default=None, help="RELION: symmetry relaxation (not available: ignored, with a "
+                                                      "log line)")
     s = p.add_argument_group("sampling")
     s.add_argument("--healpix_order", type=int, default=2, help="initial HEALPix order (2 = 15 deg coarse)")
     s.add_argument("--auto_local_healpix_order", type=int, default=4, help="local searches from this order")
@@ -77,16 +95,150 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("computation")
     r.add_argument("--random_seed", type=int, default=0)
     r.add_argument("--j", "--threads", dest="threads", type=int, default=0, help="threads (default: all cores)")
-    r.add_argument("--pool", dest="batch_size", type=int, default=64, help="particles per batch")
+    r.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64,
+                   help="particles per E-step batch (default 64)")
+    r.add_argument("--pool", dest="pool", type=int, default=None,
+                   help="RELION: images read together per thread (accepted; images are read per --batch_size batch)")
     r.add_argument("--split_random_halves", action="store_true", help="accepted for RELION compatibility (always on)")
     r.add_argument("--auto_refine", action="store_true", help="accepted for RELION compatibility (always on)")
-    r.add_argument("--dont_combine_weights_via_disc", action="store_true", help=argparse.SUPPRESS)
-    r.add_argument("--gpu", nargs="?", const="", default=None, help=argparse.SUPPRESS)
+    r.add_argument("--dont_combine_weights_via_disc", action="store_true",
+                   help="RELION: accepted (sums are always combined in memory)")
+    r.add_argument("--no_parallel_disc_io", action="store_true",
+                   help="RELION: accepted (every process reads its own images)")
+    r.add_argument("--preread_images", action="store_true",
+                   help="RELION: accepted (images are read batch by batch; the OS file cache keeps them)")
+    r.add_argument("--scratch_dir", default=None, help="RELION: accepted (particles are read in place)")
+    r.add_argument("--gpu", nargs="?", const="", default=None, metavar="IDS",
+                   help="RELION: run the E-step on CUDA GPUs with PyTorch ('' or no value = one per MPI rank, "
+                        "'0', '0:1'; 'cpu' = the PyTorch kernels on the CPU); without PyTorch or a CUDA device "
+                        "the run goes on on the CPU, with a log line")
     r.add_argument("--quiet", action="store_true", help="no log on stdout (run.out is still written)")
+
+
+# options RELION's GUI writes that mean nothing here: dest -> why (one log line each when given)
+IGNORED_OPTIONS: dict[str, str] = {
+    "pool": "--pool {v}: RELION's images-per-thread read batch; cryorefine reads images per E-step batch "
+            "(--batch_size {batch})",
+    "dont_combine_weights_via_disc": "--dont_combine_weights_via_disc: sums are always combined in memory",
+    "no_parallel_disc_io": "--no_parallel_disc_io: every process reads its own images",
+    "preread_images": "--preread_images: images are read batch by batch (the OS file cache keeps them)",
+    "scratch_dir": "--scratch_dir {v}: particles are read in place, nothing is copied",
+    "trust_ref_size": "--trust_ref_size: the reference is always rescaled / re-boxed to the particles if needed",
+    "solvent_correct_fsc": "WARNING: --solvent_correct_fsc is not available; gold-standard FSCs of unmasked maps "
+                           "are used",
+    "ctf_intact_first_peak": "WARNING: --ctf_intact_first_peak is not available; the full CTF is used",
+    "blush": "WARNING: --blush (neural-network regularisation) is not available; RELION's standard "
+             "regularisation is used",
+    "relax_sym": "WARNING: --relax_sym {v} is not available; poses are searched with --sym only",
+}
+
+
+def compatibility_notes(args: argparse.Namespace) -> list[str]:
+    """One log line per RELION option that was given but means nothing (or is not available) here."""
+    notes = []
+    for dest, text in IGNORED_OPTIONS.items():
+        v = getattr(args, dest, None)
+        if v not in (None, False):
+            notes.append(" " + text.format(v=v, batch=args.batch_size) + ("" if text.startswith("WARNING")
+                                                                           else "; ignored"))
+    return notes
+
+
+def given_dests(argv: list[str]) -> set[str]:
+    """The option destinations named on a refine command line (argv after 'refine')."""
+    p = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    add_arguments(p)
+    table = p._option_string_actions
+    return {table[t.split("=", 1)[0]].dest for t in argv if t.startswith("--") and t.split("=", 1)[0] in table}
+
+
+def recorded_command(optimiser_star: Path) -> list[str]:
+    """The refine options recorded in an _optimiser.star's comment lines ('# <command line>'), or []."""
+    try:
+        with open(optimiser_star, encoding="utf-8", errors="replace") as f:
+            head = [next(f, "") for _ in range(5)]
+    except OSError:
+        return []
+    for line in head:
+        text = line.strip().lstrip("#").strip()
+        if "--" not in text or text.startswith("RELION optimiser"):
+            continue
+        try:
+            tokens = shlex.split(text)
+        except ValueError:
+            tokens = text.split()
+        k = next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens))
+        return tokens[k:]
+    return []
+
+
+# optimiser-list labels that give a run's options back (RELION writes them all) -> (dest, type)
+_OPTIMISER_OPTIONS = {
+    "rlnParticleDiameter": ("particle_diameter", float), "rlnJoinHalvesUntilThisResolution":
+    ("low_resol_join_halves", float), "rlnAdaptiveOversampleFraction": ("adaptive_fraction", float),
+    "rlnWidthMaskEdge": ("maskedge", float), "rlnDoZeroMask": ("zero_mask", bool),
+    "rlnDoSolventFlattening": ("flatten_solvent", bool), "rlnAutoLocalSearchesHealpixOrder":
+    ("auto_local_healpix_order", int), "rlnDoCorrectNorm": ("norm", bool), "rlnDoCorrectScale": ("scale", bool),
+    "rlnDoCorrectCtf": ("ctf", bool), "rlnRandomSeed": ("random_seed", int),
+}
+
+
+def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
+    """Fill the options of a `--continue` run that were not given from the optimiser file of the run.
+
+    Precedence: the continue command line, then the optimiser's labels, then the command line it records.
+    --i: the recorded particle file if it exists, else the iteration's _data.star; --ref: the iteration's half-1
+    map (its maps replace the reference anyway); --o: the recorded output root.
+    """
+    from cryorefine.io.star import read_star
+    from cryorefine.refine.restart import iteration_files
+
+    opt_path = Path(args.continue_from)
+    require(opt_path.is_file(), f"{opt_path}: no such file (--continue)")
+    files = iteration_files(opt_path)
+    blocks = read_star(opt_path)
+    gen = blocks.get("optimiser_general")
+    require(isinstance(gen, dict), f"{opt_path}: no data_optimiser_general block: not an _optimiser.star file")
+    p = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    add_arguments(p)
+    p.add_argument("--pipeline_control", default=None)
+    rec, _ = p.parse_known_args(recorded_command(opt_path))
+    skip = given | {"continue_from", "quiet", "pipeline_control"}
+    for dest, value in vars(rec).items():
+        if dest not in skip and dest not in IGNORED_OPTIONS and dest != "gpu" and hasattr(args, dest):
+            setattr(args, dest, value)
+    for label, (dest, kind) in _OPTIMISER_OPTIONS.items():
+        if dest in skip or label not in gen:
+            continue
+        try:
+            v = float(gen[label])
+        except (TypeError, ValueError):
+            raise InputError(f"{opt_path}: _{label} should be a number, got {gen[label]!r}") from None
+        setattr(args, dest, bool(int(v)) if kind is bool else kind(v))
+    mask = gen.get("rlnSolventMaskName")
+    if "solvent_mask" not in skip and isinstance(mask, str) and mask not in ("", "None"):
+        args.solvent_mask = mask
+    if "sym" not in skip and files["sampling"].is_file():
+        sampling = read_star(files["sampling"]).get("sampling_general")
+        if isinstance(sampling, dict) and "rlnSymmetryGroup" in sampling:
+            args.sym = str(sampling["rlnSymmetryGroup"])
+    if "fn_in" not in given:
+        recorded = rec.fn_in if rec.fn_in and Path(rec.fn_in).is_file() else None
+        data = files["data"] if files["data"].is_file() else Path(str(gen.get("rlnExperimentalDataStarFile", "")))
+        args.fn_in = recorded or str(data if str(data) else files["data"])
+    if "fn_ref" not in given:
+        args.fn_ref = str(files["map1"])
+    if "fn_out" not in given:
+        root = gen.get("rlnOutputRootName")
+        require(isinstance(root, str) and bool(root),
+                f"{opt_path}: no _rlnOutputRootName: give --o with --continue")
+        args.fn_out = root
 
 
 def options_from_args(args: argparse.Namespace) -> RefineOptions:
     """Check the options and turn them into RefineOptions."""
+    for name, dest in (("--i", "fn_in"), ("--ref", "fn_ref"), ("--o", "fn_out")):
+        require(bool(getattr(args, dest, None)), f"{name}: required (or --continue run_itNNN_optimiser.star)")
     firstiter_cc = not args.absolute_greyscale if args.firstiter_cc is None else True
     if args.absolute_greyscale and args.firstiter_cc:
         raise InputError("--firstiter_cc and --ref_is_absolute_greyscale contradict each other")
@@ -96,6 +248,24 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         raise InputError("--healpix_order must be between 0 and 8")
     if args.offset_step <= 0 or args.offset_range < 0:
         raise InputError("--offset_step must be positive and --offset_range not negative")
+    require(args.batch_size >= 1, f"--batch_size: must be at least 1 (got {args.batch_size})")
+    require(0 <= args.auto_local_healpix_order <= 8, f"--auto_local_healpix_order: must be between 0 and 8 "
+                                                     f"(got {args.auto_local_healpix_order})")
+    require(args.tau2_fudge > 0, f"--tau2_fudge: must be > 0 (got {args.tau2_fudge:g})")
+    require(0 < args.adaptive_fraction <= 1, f"--adaptive_fraction: must be in (0, 1] (got {args.adaptive_fraction:g})")
+    require(args.perturb >= 0, f"--perturb: must be >= 0 (got {args.perturb:g})")
+    require(args.sigma_offset > 0, f"--offset: must be > 0 A (got {args.sigma_offset:g})")
+    require(args.auto_iter_max >= 1, f"--auto_iter_max: must be at least 1 (got {args.auto_iter_max})")
+    require(args.maskedge >= 0, f"--maskedge: must be >= 0 px (got {args.maskedge:g})")
+    require(args.maxsig == -1 or args.maxsig >= 1, f"--maxsig: must be -1 (no cap) or at least 1 (got {args.maxsig})")
+    for name, v in (("--ini_high", args.ini_high), ("--particle_diameter", args.particle_diameter),
+                    ("--offset_range", args.offset_range), ("--offset_step", args.offset_step),
+                    ("--low_resol_join_halves", args.low_resol_join_halves)):
+        require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
+    require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
+    require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
+    argv = getattr(args, "_argv", None)
+    command_line = "cryorefine refine" + ("".join(" " + shlex.quote(a) for a in argv) if argv else "")
     return RefineOptions(
         fn_in=args.fn_in, fn_ref=args.fn_ref, fn_out=args.fn_out, sym=args.sym, ini_high=args.ini_high,
         particle_diameter=args.particle_diameter, maskedge_px=args.maskedge, firstiter_cc=firstiter_cc,
@@ -108,46 +278,140 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
         adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
-        batch_size=args.batch_size, continue_from=args.continue_from,
-        command_line="cryorefine refine " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        batch_size=args.batch_size, continue_from=args.continue_from, command_line=command_line,
+        gpu=args.gpu)
 
 
-def _log_end(log, t_start: float) -> None:
-    """The closing log line with wall time and peak memory (max RSS of this process, rank 0 under MPI)."""
-    from cryorefine.refine.log import timestamp
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux: KiB
-    log.line(f" Finished {timestamp()}: wall time {time.time() - t_start:.1f} s, peak memory {peak_gib:.2f} GiB "
-             f"(maximum resident set size)")
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process (GiB)."""
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30
+
+
+def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
+    """The closing block of the log: iterations, time, memory, resolution, outputs, and what to run next."""
+    c, root = run_.counters, run_.opts.fn_out
+    done = c.has_converged
+    res = 1.0 / c.current_resolution if c.current_resolution > 0 else float("nan")
+    maps = (f"{root}_class001.mrc, {root}_half1_class001_unfil.mrc, {root}_half2_class001_unfil.mrc" if done
+            else f"{root}_it{c.iteration:03d}_half1_class001.mrc, {root}_it{c.iteration:03d}_half2_class001.mrc")
+    lines = [" ===== Summary =====",
+             f" Iterations: {c.iteration} ({'converged' if done else 'not converged'})",
+             f" Wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s); peak memory: {peak_gib:.2f} GiB",
+             f" Reported resolution (gold-standard FSC 0.143, unmasked): {res:.2f} A",
+             f" Maps: {maps}",
+             f" Particles and poses: {root}{'' if done else f'_it{c.iteration:03d}'}_data.star; model: "
+             f"{root}{'' if done else f'_it{c.iteration:03d}_half1'}_model.star; log: {root}.out"]
+    if done:
+        lines.append(f" Next: cryorefine postprocess --i {root}_half1_class001_unfil.mrc --mask MASK.mrc "
+                     f"--o PostProcess/postprocess --auto_bfac")
+    else:
+        lines.append(f" Next: cryorefine refine --continue {root}_it{c.iteration:03d}_optimiser.star "
+                     f"--o {root} (to go on), then cryorefine postprocess on the final half maps")
+    return lines
+
+
+def first_output_iteration(opts: RefineOptions) -> int:
+    """The first iteration number this run writes: 0 for a new run, N + 1 when continuing from iteration N."""
+    if not opts.continue_from:
+        return 0
+    m = re.search(r"_it(\d{3,})_optimiser\.star$", str(opts.continue_from))
+    return int(m.group(1)) + 1 if m else 1
+
+
+def check_inputs_and_outputs(opts: RefineOptions) -> None:
+    """Everything checkable before any work: particle values, half-sets, maps exist, no output overwrites an input."""
+    from cryorefine.io.star import read_particles
+    from cryorefine.refine.restart import iteration_files
+    from cryorefine.validate import check_half_sets, check_particle_table, refine_output_clash, stacks_named_by
+
+    table = read_particles(opts.fn_in)
+    check_particle_table(table, need_ctf=opts.ctf, even_box=True)
+    if "rlnRandomSubset" in table.particles.columns:
+        check_half_sets(table.particles["rlnRandomSubset"].to_numpy(), opts.fn_in)
+    require(table.nr_particles >= 2, f"{opts.fn_in}: {table.nr_particles} particle(s); a gold-standard refinement "
+                                     f"needs at least 2")
+    for name, path in (("--ref", opts.fn_ref), ("--solvent_mask", opts.solvent_mask)):
+        if path:
+            require(Path(path).is_file(), f"{path}: no such file ({name})")
+    inputs = [opts.fn_in, opts.fn_ref, opts.solvent_mask, *stacks_named_by(table)]
+    if opts.continue_from:
+        inputs += [opts.continue_from, *iteration_files(opts.continue_from).values()]
+    clash = refine_output_clash(opts.fn_out, inputs, first_output_iteration(opts))
+    require(clash is None, f"--o {opts.fn_out}: the refinement would overwrite the input {clash}; choose another "
+                           f"output root")
+
+
+def remove_failed_outputs(root: str, before: set[str], log) -> None:
+    """After a failure: remove this run's files of unfinished iterations (and iteration 0's if none finished)."""
+    from cryorefine.validate import created_since
+    folder, prefix = Path(root).parent, Path(root).name
+    new = [p for p in created_since(before, folder, prefix) if not p.name.endswith(".out")]
+    done = [int(m.group(1)) for p in new if (m := re.search(r"_it(\d{3,})_optimiser\.star$", p.name))]
+    done = [i for i in done if i > 0 and (Path(f"{root}_it{i:03d}_sampling.star")).is_file()]
+    last = max(done, default=-1)
+    removed = []
+    for p in new:
+        m = re.search(r"_it(\d{3,})_", p.name)
+        it = int(m.group(1)) if m else None
+        if it is None or it > last or (it == 0 and last < 0):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        log.file_line(f" Removed {len(removed)} file(s) of unfinished iterations ({', '.join(sorted(removed)[:4])}"
+                      f"{', ...' if len(removed) > 4 else ''})")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the refinement; user mistakes surface as InputError (one line, exit 2)."""
-    from cryorefine.refine.log import RunLog, timestamp
-    from cryorefine.refine.loop import initialise, run_refinement
-    from cryorefine.report import refresh_report
-    t_start = time.time()
+    """Run the refinement; user mistakes surface as InputError (one line, exit 2) and end run.out too."""
+    import time
 
+    from cryorefine.refine.log import RunLog, timestamp
+    from cryorefine.refine.loop import run_refinement
+    from cryorefine.refine.setup import initialise
+    from cryorefine.report import refresh_report
+    from cryorefine.validate import check_half_sets, check_output_folder, existing
+
+    t_start = time.time()
+    if args.continue_from:
+        continue_arguments(args, given_dests(getattr(args, "_argv", None) or []))
     opts = options_from_args(args)
+    check_output_folder(Path(opts.fn_out).parent)
     if opts.threads > 0:
         import numba
         numba.set_num_threads(min(opts.threads, numba.config.NUMBA_NUM_THREADS))
     from cryorefine.parallel.mpi import get_reducer
     reducer = get_reducer()
+    before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)
     # only rank 0 writes the log (and every other file)
-    log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader)
+    control = getattr(args, "pipeline_control", None)
+    log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader,
+                 abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None)
     try:
         log.line(f" cryorefine refine, started {timestamp()}"
                  + (f" on {reducer.size} MPI processes" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")
-        run_ = initialise(opts, log, reducer)
-        start = 1
-        if opts.continue_from:
-            from cryorefine.refine.restart import restore
-            start = restore(run_, opts.continue_from)
-        run_refinement(run_, start)
+        for note in compatibility_notes(args):
+            log.line(note)
+        check_inputs_and_outputs(opts)
+        state = initialise(opts, log, reducer)
+        check_half_sets(state.data.subset, opts.fn_in)
+        run_ = run_refinement(state)
+        for line in summary_lines(run_, time.time() - t_start, peak_memory_gib()):
+            log.line(line)
         if reducer.is_leader:
-            _log_end(log, t_start)
             refresh_report(opts.fn_out, log.line)
+    except InputError as exc:
+        if reducer.is_leader:
+            remove_failed_outputs(opts.fn_out, before, log)
+        log.file_line(f"cryorefine refine: error: {exc}")
+        raise
+    except BaseException as exc:
+        if reducer.is_leader:
+            remove_failed_outputs(opts.fn_out, before, log)
+        log.file_line(f"cryorefine refine: stopped: {type(exc).__name__}: {exc}")
+        raise
     finally:
         log.close()
     return 0

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
-from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
+from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table, ctf_values
 from cryorefine.fourier.filters import mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
@@ -141,3 +141,12 @@ def iter_batches(rows: NDArray[np.int64], optics_index: NDArray[np.int64], batch
         sel = rows[optics_index[rows] == o]
         for s in range(0, len(sel), batch):
             yield sel[s:s + batch]
+
+
+def ctf_on_pixels(data: ParticleData, rows: NDArray[np.int64], kx: NDArray, ky: NDArray,
+                  do_ctf: bool) -> NDArray[np.float32]:
+    """CTF values (n, m) of particles of one optics group at Fourier pixels (kx, ky) of its box; ones without --ctf."""
+    if not do_ctf:
+        return np.ones((len(rows), len(kx)), np.float32)
+    og = data.optics[int(data.optics_index[rows[0]])]
+    return ctf_values(data.ctf.subset(rows), kx, ky, og.box, og.angpix).astype(np.float32)

@@ -1,43 +1,74 @@
-"""The E-step for a batch of particles of one half: two-pass search, weights, and weighted sums (spec §2, §3.1, §3.6).
+"""The E-step for a batch of particles of one half: two-pass search, posterior weights and weighted sums
+(spec §2, §3.1, §3.6). The likelihood formulas are in refine.likelihood; the kernels come from a Backend.
 
-Residual D(θ,t) = Σ_k |X_k e^{-2πik·t/N} − s·CTF_k P_k(θ)|² / 2σ²_k, expanded as
-const − Re Σ conj(X_k e^{..}) s CTF_k P_k / σ²_k + ½ Σ s² CTF_k² |P_k|² / σ²_k, so the coarse pass is two real
-matrix products over (particles·translations × pixels) @ (pixels × orientations) (DESIGN.md §3).
+For a batch: coarse candidates (global: the shared asymmetric unit; local: each particle's window) -> pass 1
+at the coarse size keeps the significant (translation, orientation) pairs -> pass 2 scores their oversampled
+children at the current size -> posterior weights -> best pose, and the weighted sums of the M-step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cryorefine.fourier.backprojector import BackProjector, insert
-from cryorefine.fourier.projector import Projector, project
+from cryorefine.fourier.backprojector import BackProjector, make_backprojector
+from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
+from cryorefine.refine.likelihood import (gflop_of_products, offset_log_prior, real_pair, residual_power,
+                                          weighted_images)
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
-from cryorefine.refine.weights import coarse_significance, significance_threshold
+from cryorefine.refine.state import Poses
+from cryorefine.refine.weights import significance_threshold
 
 
 @dataclass
 class HalfAccumulator:
-    """Sums over the particles of one half; every field is summed over MPI ranks (parallel.Reducer)."""
+    """Sums over the particles of one half; `reduce` sums every field over processes."""
 
     bp: BackProjector
-    sigma2_num: dict[int, NDArray[np.float64]]     # optics index -> per shell of its box
-    sigma2_wsum: dict[int, float]                  # optics index -> Σ w̄
+    sigma2_num: dict[int, NDArray[np.float64]]     # optics index -> Σ w̄ |residual|² per shell of its box
+    sigma2_wsum: NDArray[np.float64]               # per optics index: Σ w̄
     scale_num: NDArray[np.float64]                 # per group
     scale_den: NDArray[np.float64]
+    pdf: NDArray[np.float64]                       # per coarse direction (global searches), else empty
     offset_num: float = 0.0                        # Σ w̄ |μ − τ|² (Å²)
     wsum: float = 0.0
-    pdf: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     norm_sum: float = 0.0
     ll_sum: float = 0.0
     pmax_sum: float = 0.0
     count: int = 0
     gflop: float = 0.0
+
+    def reduce(self, reducer) -> None:
+        """Sum every field over processes (identity in one process); a new field is summed without edits here."""
+        if reducer.size == 1:
+            return
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, BackProjector):
+                reducer.sum_array(v.data)
+                reducer.sum_array(v.weight)
+            elif isinstance(v, dict):
+                for key in sorted(v):
+                    reducer.sum_array(v[key])
+            elif isinstance(v, np.ndarray):
+                reducer.sum_array(v)
+            else:
+                setattr(self, f.name, type(v)(reducer.sum_scalar(v)))
+
+
+def empty_accumulator(box: int, pad: int, r_max: float, optics_boxes: list[int], n_groups: int,
+                      n_directions: int) -> HalfAccumulator:
+    """Zeroed sums of one half: a back-projector of the model box to r_max, noise sums per optics group."""
+    return HalfAccumulator(
+        bp=make_backprojector(box, pad=pad, r_max=r_max),
+        sigma2_num={o: np.zeros(b // 2 + 1) for o, b in enumerate(optics_boxes)},
+        sigma2_wsum=np.zeros(len(optics_boxes)), scale_num=np.zeros(n_groups), scale_den=np.zeros(n_groups),
+        pdf=np.zeros(n_directions))
 
 
 @dataclass
@@ -68,10 +99,11 @@ class ProjectionCache:
     """
 
     def __init__(self, proj: Projector, grid: OrientationGrid, ps_coarse: PixelSet, ps_fine: PixelSet,
-                 max_bytes: float = 1.5e9):
-        self.proj, self.grid, self.ps_coarse, self.ps_fine = proj, grid, ps_coarse, ps_fine
+                 project, max_bytes: float = 1.5e9):
+        self.proj, self.grid, self.ps_coarse, self.ps_fine, self.project = proj, grid, ps_coarse, ps_fine, project
         self.coarse_ids: NDArray[np.int64] | None = None
         self.coarse: NDArray[np.complex64] | None = None
+        self.pairs: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
         n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
         self.fine = None
         if not grid.local and n_fine * ps_fine.m * 8 <= max_bytes:
@@ -81,21 +113,31 @@ class ProjectionCache:
     def coarse_projections(self, ids: NDArray[np.int64]) -> NDArray[np.complex64]:
         """Projections of coarse ids at the coarse size (cached when the same id set comes back)."""
         if self.grid.local:
-            return project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
-                           self.ps_coarse.ky_model)
+            return self.project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
+                                self.ps_coarse.ky_model)
         if self.coarse_ids is None or not np.array_equal(self.coarse_ids, ids):
             self.coarse_ids = ids
-            self.coarse = project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
-                                  self.ps_coarse.ky_model)
+            self.coarse = self.project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
+                                       self.ps_coarse.ky_model)
+            self.pairs = None
         return self.coarse
+
+    def coarse_pairs(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(real pairs (U, 2mc), power |P|² (U, mc)) of the coarse projections (cached with them)."""
+        p_c = self.coarse_projections(ids)
+        if self.grid.local:
+            return real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)
+        if self.pairs is None:
+            self.pairs = (real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32))
+        return self.pairs
 
     def fine_projections(self, fine_ids: NDArray[np.int64], rotations: NDArray) -> NDArray[np.complex64]:
         """Projections of fine ids (with their rotation matrices) at the current size."""
         if self.fine is None:
-            return project(self.proj, rotations, self.ps_fine.kx_model, self.ps_fine.ky_model)
+            return self.project(self.proj, rotations, self.ps_fine.kx_model, self.ps_fine.ky_model)
         todo = ~self.have[fine_ids]
         if todo.any():
-            self.fine[fine_ids[todo]] = project(self.proj, rotations[todo], self.ps_fine.kx_model,
+            self.fine[fine_ids[todo]] = self.project(self.proj, rotations[todo], self.ps_fine.kx_model,
                                                 self.ps_fine.ky_model)
             self.have[fine_ids[todo]] = True
         return self.fine[fine_ids]
@@ -118,246 +160,252 @@ class PassSettings:
     scale_shells: NDArray[np.bool_] | None = None   # shells used for the group-scale update (SSNR > 3)
     norm_average: float = 1.0
     maxsig: int = -1                         # cap on significant samples per particle and pass (-1: none)
-    cache: ProjectionCache | None = None
+    cache: ProjectionCache | None = None     # required by expectation_batch
 
 
 @dataclass
-class BatchResult:
-    """Best poses and per-particle statistics of a batch."""
+class Candidates:
+    """Coarse orientations of a batch: the union `ids`, and per particle its positions in `ids` and log-priors."""
 
-    rot: NDArray[np.float64]
-    tilt: NDArray[np.float64]
-    psi: NDArray[np.float64]
-    origin_x: NDArray[np.float64]
-    origin_y: NDArray[np.float64]
-    norm: NDArray[np.float64]
-    log_likelihood: NDArray[np.float64]
-    max_prob: NDArray[np.float64]
-    nr_significant: NDArray[np.int64]
+    ids: NDArray[np.int64]
+    index: list[NDArray[np.int64]]
+    log_prior: list[NDArray[np.float64]]
 
 
-def _real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
-    """[Re z, Im z] along the last axis, so that Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
-    return np.concatenate([z.real, z.imag], axis=-1).astype(np.float32, copy=False)
+@dataclass
+class Significant:
+    """Pass-1 result per particle: significant (translation index, candidate position) pairs and their log-priors."""
+
+    pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]]
+    log_prior: list[NDArray[np.float64]]
+    count: NDArray[np.int64]
 
 
-def _offset_logprior(tau_A: NDArray, mu_A: NDArray, sigma: float) -> NDArray[np.float64]:
-    """log of the Gaussian offset prior exp(-|τ − μ|²/2σ²) (normalisation cancels per particle)."""
-    d2 = ((tau_A - mu_A) ** 2).sum(-1)
-    return -d2 / (2.0 * sigma * sigma)
-
-
-def expectation_batch(inp: BatchInputs, proj: Projector, st: PassSettings, acc: HalfAccumulator) -> BatchResult:
-    """Two-pass search over orientations and translations for a batch; adds its weighted sums to `acc`."""
-    nb = len(inp.rows)
-    grid, tg = st.grid, st.translations
-    isig_c = st.inv_sigma2[st.ps_coarse.shell].astype(np.float32)
-    isig_f = st.inv_sigma2[st.ps_fine.shell].astype(np.float32)
+def inverse_sigma2(st: PassSettings, ps: PixelSet, keep_dc: bool) -> NDArray[np.float32]:
+    """1/σ² on a pixel set (all ones in CC mode); the likelihood excludes the DC term, back-projection keeps it."""
     if st.cc_mode:
-        isig_c = np.ones_like(isig_c)
-        isig_f = np.ones_like(isig_f)
-    else:
-        isig_c[st.ps_coarse.shell == 0] = 0.0
-        isig_f[st.ps_fine.shell == 0] = 0.0
-    n_t = len(tg.coarse)
+        return np.ones(ps.m, np.float32)
+    isig = st.inv_sigma2[ps.shell].astype(np.float32)
+    if not keep_dc:
+        isig[ps.shell == 0] = 0.0
+    return isig
 
-    # ---- pass 1: coarse orientations x coarse translations at the coarse size ----
+
+def significant_weights(d: NDArray[np.float64], log_prior: NDArray, cc_mode: bool, fraction: float,
+                        maxsig: int) -> tuple[NDArray[np.bool_], NDArray[np.float64], int, float]:
+    """(keep, posterior weights summing to 1 over keep, number kept, log Σ exp(log-weights)) of one particle.
+
+    Log-weights are −(d − min d) + log-prior; CC mode keeps only the best sample (hard assignment, no priors).
+    """
+    if cc_mode:
+        keep = np.zeros(d.shape, bool)
+        keep.flat[int(np.argmin(d))] = True
+        return keep, keep.astype(np.float64), 1, 0.0
+    logw = -(d - float(d.min())) + log_prior
+    mx = float(logw.max())
+    thr, count, wsum, _ = significance_threshold(logw.ravel(), fraction, maxsig)
+    keep = logw >= thr
+    w = np.where(keep, np.exp(logw - mx), 0.0)
+    w /= w.sum()          # kept weights sum to 1, also when --maxsig cut the tail
+    return keep, w, int(count), float(np.log(wsum) + mx)
+
+
+def coarse_candidates(st: PassSettings, nb: int) -> Candidates:
+    """The coarse orientations of each particle: the whole grid (global) or its local window (local)."""
+    grid = st.grid
     if st.local is None:
-        coarse_ids = np.nonzero(np.isfinite(st.log_pdf_direction))[0]
-        coarse_ids = (coarse_ids[:, None] * grid.n_psi + np.arange(grid.n_psi)[None, :]).ravel()
-        uniq = coarse_ids
-        per_particle = [(np.arange(len(uniq)), st.log_pdf_direction[coarse_direction_of(grid, uniq)])] * nb
-    else:
-        per_particle = []
-        chunks = [st.local.ids[st.local.offsets[j]:st.local.offsets[j + 1]] for j in range(nb)]
-        uniq, inv = np.unique(np.concatenate(chunks), return_inverse=True)
-        pos = 0
-        for j in range(nb):
-            n = len(chunks[j])
-            per_particle.append((inv[pos:pos + n], st.local.log_prior[st.local.offsets[j]:st.local.offsets[j + 1]]))
-            pos += n
-    cache = st.cache or ProjectionCache(proj, grid, st.ps_coarse, st.ps_fine, 0)
-    p_c = cache.coarse_projections(uniq)
-    p_c_pair = _real_pair(p_c)                                     # (U, 2mc)
-    p_c_pow = (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)   # (U, mc)
-    ph_c = shift_phases(st.ps_coarse, tg.coarse)                   # (T, mc)
-    w_c = (inp.ctf_coarse * inp.scale[:, None].astype(np.float32) * isig_c[None, :])      # (B, mc)
-    xs = inp.x_coarse[:, None, :] * ph_c[None, :, :]                                        # (B, T, mc)
-    a = np.concatenate([xs.real * w_c[:, None, :], xs.imag * w_c[:, None, :]], axis=-1)    # (B, T, 2mc)
-    norm_w = (inp.ctf_coarse ** 2) * (inp.scale[:, None] ** 2).astype(np.float32) * isig_c[None, :]
-    tau = (inp.preshift_px[:, None, :] + tg.coarse[None, :, :]) * inp.angpix                 # (B, T, 2) Å
-    lp_off = _offset_logprior(tau, inp.prior_mu[:, None, :], st.sigma_offset)                # (B, T)
+        dirs = np.nonzero(np.isfinite(st.log_pdf_direction))[0]
+        ids = (dirs[:, None] * grid.n_psi + np.arange(grid.n_psi)[None, :]).ravel()
+        lp = st.log_pdf_direction[coarse_direction_of(grid, ids)]
+        return Candidates(ids, [np.arange(len(ids))] * nb, [lp] * nb)
+    chunks = [st.local.ids[st.local.offsets[j]:st.local.offsets[j + 1]] for j in range(nb)]
+    ids, inv = np.unique(np.concatenate(chunks), return_inverse=True)
+    bounds = np.cumsum([0] + [len(c) for c in chunks])
+    return Candidates(ids, [inv[bounds[j]:bounds[j + 1]] for j in range(nb)],
+                      [st.local.log_prior[st.local.offsets[j]:st.local.offsets[j + 1]] for j in range(nb)])
+
+
+def coarse_pass(inp: BatchInputs, st: PassSettings, cand: Candidates, cache: ProjectionCache, backend,
+                acc: HalfAccumulator) -> Significant:
+    """Pass 1: coarse orientations x coarse translations at the coarse size; keeps the significant pairs."""
+    nb = len(inp.rows)
+    isig = inverse_sigma2(st, st.ps_coarse, keep_dc=False)
+    p_pair, p_pow = cache.coarse_pairs(cand.ids)                                           # (U, 2mc), (U, mc)
+    phases = shift_phases(st.ps_coarse, st.translations.coarse)                             # (T, mc)
+    a = weighted_images(inp.x_coarse, phases, inp.ctf_coarse * inp.scale[:, None].astype(np.float32) * isig[None, :])
+    norm_w = (inp.ctf_coarse ** 2) * (inp.scale[:, None] ** 2).astype(np.float32) * isig[None, :]
+    tau = (inp.preshift_px[:, None, :] + st.translations.coarse[None, :, :]) * inp.angpix   # (B, T, 2) Å
+    lp_off = offset_log_prior(tau, inp.prior_mu[:, None, :], st.sigma_offset)               # (B, T)
     if st.cc_mode:
         lp_off = np.zeros_like(lp_off)
-
+    n_t, depth = a.shape[1], a.shape[2]
+    pairs, lps, count = [], [], np.zeros(nb, np.int64)
     if st.local is None:
-        cross_all = (a.reshape(nb * n_t, -1) @ p_c_pair.T).reshape(nb, n_t, -1)
-        norm_all = norm_w @ p_c_pow.T                                                       # (B, U)
-        acc.gflop += 2e-9 * (nb * n_t * a.shape[-1] * len(uniq) + nb * norm_w.shape[1] * len(uniq))
-
-    # significance of coarse samples per particle; only the significant pairs are kept
-    sig_pairs, nr_sig, lp_sig = [], np.zeros(nb, np.int64), []
-    if st.local is None:
-        keep_all, nr_sig = coarse_significance(cross_all, norm_all.astype(np.float32), lp_off,
-                                               np.asarray(per_particle[0][1], np.float64), st.cc_mode,
-                                               st.adaptive_fraction, st.maxsig)
-        lp_dir = per_particle[0][1]
+        lp_dir = cand.log_prior[0]
+        keep, count = backend.coarse_significant(a, p_pair, norm_w, p_pow, lp_off, lp_dir, st.cc_mode,
+                                                 st.adaptive_fraction, st.maxsig)
+        acc.gflop += gflop_of_products(nb * n_t, len(cand.ids), depth) + gflop_of_products(nb, len(cand.ids),
+                                                                                         depth // 2)
         for j in range(nb):
-            pairs = np.nonzero(keep_all[j])
-            sig_pairs.append(pairs)
-            lp_sig.append(lp_off[j][pairs[0]] + lp_dir[pairs[1]])
-    else:
-        for j in range(nb):
-            idx = per_particle[j][0]
-            d = _diff(a[j] @ p_c_pair[idx].T, norm_w[j] @ p_c_pow[idx].T, st.cc_mode)
-            acc.gflop += 2e-9 * (n_t * a.shape[-1] * len(idx) + norm_w.shape[1] * len(idx))
-            lp = lp_off[j][:, None] + per_particle[j][1][None, :]
-            if st.cc_mode:
-                keep = np.zeros(d.shape, bool)
-                keep.flat[int(np.argmin(d))] = True
-                nr_sig[j] = 1
-            else:
-                logw = -(d - d.min()) + lp
-                thr, nr_sig[j], _, _ = significance_threshold(logw.ravel(), st.adaptive_fraction, st.maxsig)
-                keep = logw >= thr
-            pairs = np.nonzero(keep)
-            sig_pairs.append(pairs)
-            lp_sig.append(lp[pairs])
-
-    # ---- pass 2: children of significant coarse samples at the current size ----
-    n_ch = grid.n_children
-    fine_lists = []
+            pair = np.nonzero(keep[j])
+            pairs.append(pair)
+            lps.append(lp_off[j][pair[0]] + lp_dir[pair[1]])
+        return Significant(pairs, lps, count)
     for j in range(nb):
-        t_idx, o_loc = sig_pairs[j]
-        o_ids = uniq[per_particle[j][0][o_loc]]
-        u_o = np.unique(o_ids)
-        fine_lists.append((u_o[:, None] * n_ch + np.arange(n_ch)[None, :]).ravel())
-    fine_uniq, fine_inv = np.unique(np.concatenate(fine_lists), return_inverse=True)
-    fine_rot = fine_matrices(grid, fine_uniq)
-    p_f = cache.fine_projections(fine_uniq, fine_rot)                         # (F, mf)
-    p_f_pow = (p_f.real ** 2 + p_f.imag ** 2).astype(np.float32)
-
-    res = BatchResult(*(np.zeros(nb) for _ in range(8)), np.zeros(nb, np.int64))
-    res.nr_significant[:] = nr_sig
-    bp_rot, bp_val, bp_wgt = [], [], []
-    ps_f = st.ps_fine
-    nshell_box = len(st.inv_sigma2)
-    isig_bp = st.inv_sigma2[ps_f.shell].astype(np.float32)       # back-projection keeps the DC term
-    if st.cc_mode:
-        isig_bp = np.ones_like(isig_bp)
-    pos = 0
-    for j in range(nb):
-        t_idx, o_loc = sig_pairs[j]
-        o_coarse = uniq[per_particle[j][0][o_loc]]
-        u_o, o_pos = np.unique(o_coarse, return_inverse=True)
-        u_t, t_pos = np.unique(t_idx, return_inverse=True)
-        n_of = len(u_o) * n_ch
-        f_idx = fine_inv[pos:pos + n_of]
-        pos += n_of
-        pf, pf_pow = p_f[f_idx], p_f_pow[f_idx]                       # (Of, mf)
-        t_fine = tg.children(u_t).reshape(-1, 2)                       # (Tf, 2) px
-        n_tch = t_fine.shape[0] // len(u_t)
-        ph = shift_phases(ps_f, t_fine)
-        xs_f = inp.x_fine[j][None, :] * ph                             # (Tf, mf)
-        s = float(inp.scale[j])
-        ctf = inp.ctf_fine[j]
-        norm_f = (ctf * ctf * s * s * isig_f) @ pf_pow.T               # (Of,)
-        # only the children of significant coarse pairs are evaluated: (K, n_tch) x (K, n_ch) blocks
-        rows_t = t_pos[:, None] * n_tch + np.arange(n_tch)[None, :]
-        rows_o = o_pos[:, None] * n_ch + np.arange(n_ch)[None, :]
-        d_f = _pair_diffs(_real_pair(xs_f * (ctf * s * isig_f)[None, :]), _real_pair(pf), norm_f, rows_t, rows_o,
-                          st.cc_mode)                                   # (K, n_tch, n_ch)
-        acc.gflop += 2e-9 * d_f.size * 2 * ps_f.m
-        dmin = float(d_f.min())
-        if st.cc_mode:
-            wpair = np.zeros(d_f.shape)
-            wpair.flat[int(np.argmin(d_f))] = 1.0
-            log_wsum = 0.0
-        else:
-            logw = -(d_f - dmin) + lp_sig[j][:, None, None]
-            mx = float(logw.max())
-            thr, _, wsum, _ = significance_threshold(logw.ravel(), st.adaptive_fraction, st.maxsig)
-            wpair = np.where(logw >= thr, np.exp(logw - mx), 0.0)
-            wpair /= wpair.sum()          # kept weights sum to 1, also when --maxsig cut the tail
-            log_wsum = float(np.log(wsum) + mx)
-        # dense (fine translation x fine orientation) weights of this particle
-        wbar = np.zeros((t_fine.shape[0], pf.shape[0]))
-        kk = np.nonzero(wpair.reshape(len(wpair), -1).max(1) > 0)[0]
-        np.add.at(wbar, (np.broadcast_to(rows_t[kk][:, :, None], wpair[kk].shape),
-                         np.broadcast_to(rows_o[kk][:, None, :], wpair[kk].shape)), wpair[kk])
-        best = np.unravel_index(int(np.argmax(wbar)), wbar.shape)
-        res.max_prob[j] = float(wbar[best])
-        fid_best = fine_uniq[f_idx[best[1]]]
-        r_, t_, p_ = matrix_to_euler(fine_matrices(grid, np.array([fid_best]))[0])
-        res.rot[j], res.tilt[j], res.psi[j] = float(r_), float(t_), float(p_)
-        tau_best = (inp.preshift_px[j] + t_fine[best[0]]) * inp.angpix
-        res.origin_x[j], res.origin_y[j] = float(tau_best[0]), float(tau_best[1])
-        const = 0.5 * float(((inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2) * isig_f).sum())
-        res.log_likelihood[j] = log_wsum - (dmin + const)
-
-        # ---- weighted sums (spec §3.1, §3.6) ----
-        colw = wbar.sum(axis=0)
-        cols = np.nonzero(colw > 0)[0]
-        rows_w = wbar[:, cols].astype(np.float32)                       # (Tf, Ok)
-        sw = float(colw.sum())
-        xs_nm = inp.xnm_fine[j][None, :] * ph
-        y_nm = rows_w.T.astype(np.complex64) @ xs_nm                     # (Ok, mf)
-        bp_rot.append(fine_rot[f_idx[cols]])
-        bp_val.append((y_nm * (ctf * s * isig_bp)[None, :]).astype(np.complex64))
-        bp_wgt.append((colw[cols][:, None] * (ctf * ctf * s * s * isig_bp)[None, :]).astype(np.float32))
-        if not st.cc_mode:
-            y_m = rows_w.T.astype(np.complex64) @ xs_f                   # (Ok, mf)
-            pk = pf[cols]
-            cross_k = (y_m.real * pk.real + y_m.imag * pk.imag).sum(0) * ctf          # Σ_o Re(conj(Y) P) CTF
-            norm_k = (colw[cols][:, None] * pf_pow[cols]).sum(0) * ctf * ctf
-            xpow = inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2
-            resid = sw * xpow - 2 * s * cross_k + s * s * norm_k
-            acc.sigma2_num[inp.optics] += np.bincount(ps_f.shell, resid, minlength=nshell_box)[:nshell_box]
-            beyond = inp.power_beyond[j]
-            acc.sigma2_num[inp.optics] += sw * beyond
-            acc.sigma2_wsum[inp.optics] = acc.sigma2_wsum.get(inp.optics, 0.0) + sw
-            energy = float(resid.sum() + beyond.sum())
-            res.norm[j] = (inp.old_norm[j] / st.norm_average) * np.sqrt(max(2.0 * energy, 1e-30))
-            if st.scale_shells is not None:
-                sel = st.scale_shells[ps_f.shell]
-                acc.scale_num[inp.group[j]] += float(cross_k[sel].sum())
-                acc.scale_den[inp.group[j]] += float(norm_k[sel].sum())
-            tau_rows = (inp.preshift_px[j][None, :] + t_fine) * inp.angpix
-            d2 = ((tau_rows - inp.prior_mu[j][None, :]) ** 2).sum(-1)
-            acc.offset_num += float((wbar.sum(axis=1) * d2).sum())
-            acc.wsum += sw
-            acc.norm_sum += res.norm[j]
-            if st.local is None and acc.pdf.size:
-                parents = fine_uniq[f_idx[cols]] // n_ch
-                np.add.at(acc.pdf, coarse_direction_of(grid, parents), colw[cols])
-        else:
-            res.norm[j] = inp.old_norm[j]
-        acc.ll_sum += res.log_likelihood[j]
-        acc.pmax_sum += res.max_prob[j]
-        acc.count += 1
-    insert(acc.bp, np.concatenate(bp_rot), ps_f.kx_model, ps_f.ky_model,
-           np.concatenate(bp_val), np.concatenate(bp_wgt))
-    return res
+        idx = cand.index[j]
+        d = backend.local_scores(a[j], p_pair[idx], norm_w[j], p_pow[idx], st.cc_mode)
+        acc.gflop += gflop_of_products(n_t, len(idx), depth) + gflop_of_products(1, len(idx), depth // 2)
+        lp = lp_off[j][:, None] + cand.log_prior[j][None, :]
+        keep, _, count[j], _ = significant_weights(d, lp, st.cc_mode, st.adaptive_fraction, st.maxsig)
+        pair = np.nonzero(keep)
+        pairs.append(pair)
+        lps.append(lp[pair])
+    return Significant(pairs, lps, count)
 
 
-def _pair_diffs(a_t: NDArray[np.float32], p_o: NDArray[np.float32], norm_o: NDArray, rows_t: NDArray,
-                rows_o: NDArray, cc_mode: bool, chunk: int = 64) -> NDArray[np.float64]:
-    """Residuals (K, n_t, n_o) of K blocks pairing translation rows rows_t[k] with orientation rows rows_o[k].
-
-    a_t (Tf, 2m) holds the CTF/σ²-weighted shifted images and p_o (Of, 2m) the projections, both as real pairs.
-    """
-    k = len(rows_t)
-    out = np.empty((k, rows_t.shape[1], rows_o.shape[1]))
-    for s0 in range(0, k, chunk):
-        sl = slice(s0, min(k, s0 + chunk))
-        cross = np.matmul(a_t[rows_t[sl]], p_o[rows_o[sl]].transpose(0, 2, 1))
-        nrm = norm_o[rows_o[sl]][:, None, :]
-        out[sl] = -cross / np.sqrt(np.maximum(nrm, 1e-30)) if cc_mode else 0.5 * nrm - cross
+def fine_orientations(cand: Candidates, sig: Significant, n_children: int) -> list[NDArray[np.int64]]:
+    """Per particle, the fine ids (children) of its significant coarse orientations, parent-major."""
+    out = []
+    for j, (_, o_loc) in enumerate(sig.pairs):
+        parents = np.unique(cand.ids[cand.index[j][o_loc]])
+        out.append((parents[:, None] * n_children + np.arange(n_children)[None, :]).ravel())
     return out
 
 
-def _diff(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
-    """Residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode; (T, O)."""
-    if cc_mode:
-        return -(cross / np.sqrt(np.maximum(norm, 1e-30))[None, :]).astype(np.float64)
-    return (0.5 * norm[None, :] - cross).astype(np.float64)
+def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, backend) -> Poses:
+    """Two-pass search over orientations and translations for a batch; adds its weighted sums to `acc` and
+    returns the batch's best poses and statistics."""
+    nb = len(inp.rows)
+    cache = st.cache
+    cand = coarse_candidates(st, nb)
+    sig = coarse_pass(inp, st, cand, cache, backend, acc)
+
+    # pass 2: children of the significant coarse samples at the current size, projected once for the batch
+    fine_lists = fine_orientations(cand, sig, st.grid.n_children)
+    fine_uniq, fine_inv = np.unique(np.concatenate(fine_lists), return_inverse=True)
+    fine_rot = fine_matrices(st.grid, fine_uniq)
+    p_f = cache.fine_projections(fine_uniq, fine_rot)                                     # (F, mf)
+    p_f_pow = (p_f.real ** 2 + p_f.imag ** 2).astype(np.float32)
+    out = Poses(**{f: np.zeros(nb) for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "norm_correction",
+                                               "log_likelihood", "max_prob")},
+                nr_significant=sig.count.astype(np.int64))
+    isig_f = inverse_sigma2(st, st.ps_fine, keep_dc=False)
+    isig_bp = inverse_sigma2(st, st.ps_fine, keep_dc=True)
+    inserts = []
+    pos = 0
+    for j in range(nb):
+        n_of = len(fine_lists[j])
+        f_idx = fine_inv[pos:pos + n_of]
+        pos += n_of
+        post = fine_posterior(inp, st, j, sig, cand, p_f[f_idx], p_f_pow[f_idx], isig_f, backend, acc)
+        best_pose(out, j, post, inp, st, fine_uniq[f_idx], isig_f)
+        inserts.append(particle_sums(acc, out, j, post, inp, st, isig_bp, fine_rot[f_idx], fine_uniq[f_idx]))
+    backend.insert(acc.bp, np.concatenate([r for r, _, _ in inserts]), st.ps_fine.kx_model, st.ps_fine.ky_model,
+                   np.concatenate([v for _, v, _ in inserts]), np.concatenate([w for _, _, w in inserts]))
+    return out
+
+
+@dataclass
+class FinePosterior:
+    """One particle's pass-2 posterior: dense weights over (fine translation, fine orientation) and its inputs."""
+
+    wbar: NDArray[np.float64]             # (Tf, Of) posterior weights, summing to 1
+    t_fine: NDArray[np.float64]           # (Tf, 2) fine translations (px, relative to the pre-shift)
+    phases: NDArray[np.complex64]         # (Tf, mf)
+    shifted: NDArray[np.complex64]        # (Tf, mf) masked image shifted by each fine translation
+    p_f: NDArray[np.complex64]            # (Of, mf) projections of the fine orientations
+    p_f_pow: NDArray[np.float32]
+    dmin: float
+    log_wsum: float
+
+
+def fine_posterior(inp: BatchInputs, st: PassSettings, j: int, sig: Significant, cand: Candidates,
+                   p_f: NDArray[np.complex64], p_f_pow: NDArray[np.float32], isig_f: NDArray[np.float32],
+                   backend, acc: HalfAccumulator) -> FinePosterior:
+    """Pass 2 of particle j: score only the children of its significant coarse pairs and weight them."""
+    n_ch = st.grid.n_children
+    t_idx, o_loc = sig.pairs[j]
+    _, o_pos = np.unique(cand.ids[cand.index[j][o_loc]], return_inverse=True)
+    u_t, t_pos = np.unique(t_idx, return_inverse=True)
+    t_fine = st.translations.children(u_t).reshape(-1, 2)                  # (Tf, 2) px
+    n_tch = t_fine.shape[0] // len(u_t)
+    ph = shift_phases(st.ps_fine, t_fine)
+    xs_f = inp.x_fine[j][None, :] * ph                                     # (Tf, mf)
+    s = float(inp.scale[j])
+    ctf = inp.ctf_fine[j]
+    norm_f = (ctf * ctf * s * s * isig_f) @ p_f_pow.T                      # (Of,)
+    # (K, n_tch) x (K, n_ch) blocks: the children of each significant coarse (translation, orientation) pair
+    rows_t = t_pos[:, None] * n_tch + np.arange(n_tch)[None, :]
+    rows_o = o_pos[:, None] * n_ch + np.arange(n_ch)[None, :]
+    d_f = backend.pair_scores(real_pair(xs_f * (ctf * s * isig_f)[None, :]), real_pair(p_f), norm_f, rows_t,
+                              rows_o, st.cc_mode)                           # (K, n_tch, n_ch)
+    acc.gflop += 2e-9 * d_f.size * 2 * st.ps_fine.m
+    keep, wpair, _, log_wsum = significant_weights(d_f, sig.log_prior[j][:, None, None], st.cc_mode,
+                                                   st.adaptive_fraction, st.maxsig)
+    wbar = np.zeros((t_fine.shape[0], p_f.shape[0]))
+    kk = np.nonzero(wpair.reshape(len(wpair), -1).max(1) > 0)[0]
+    np.add.at(wbar, (np.broadcast_to(rows_t[kk][:, :, None], wpair[kk].shape),
+                     np.broadcast_to(rows_o[kk][:, None, :], wpair[kk].shape)), wpair[kk])
+    return FinePosterior(wbar, t_fine, ph, xs_f, p_f, p_f_pow, float(d_f.min()), log_wsum)
+
+
+def best_pose(out: Poses, j: int, post: FinePosterior, inp: BatchInputs, st: PassSettings,
+              fine_ids: NDArray[np.int64], isig: NDArray[np.float32]) -> None:
+    """Write particle j's maximum-posterior pose, its probability and log-likelihood into `out`."""
+    best = np.unravel_index(int(np.argmax(post.wbar)), post.wbar.shape)
+    out.max_prob[j] = float(post.wbar[best])
+    r_, t_, p_ = matrix_to_euler(fine_matrices(st.grid, np.array([fine_ids[best[1]]]))[0])
+    out.rot[j], out.tilt[j], out.psi[j] = float(r_), float(t_), float(p_)
+    tau_best = (inp.preshift_px[j] + post.t_fine[best[0]]) * inp.angpix
+    out.origin_x[j], out.origin_y[j] = float(tau_best[0]), float(tau_best[1])
+    const = 0.5 * float(((inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2) * isig).sum())
+    out.log_likelihood[j] = post.log_wsum - (post.dmin + const)
+
+
+def particle_sums(acc: HalfAccumulator, out: Poses, j: int, post: FinePosterior, inp: BatchInputs,
+                  st: PassSettings, isig_bp: NDArray[np.float32], fine_rot: NDArray,
+                  fine_ids: NDArray[np.int64]) -> tuple[NDArray, NDArray, NDArray]:
+    """Weighted sums of particle j (spec §3.1, §3.6) into `acc`, its norm correction into `out`; returns what it
+    back-projects: (rotations, CTF-weighted image sums, CTF² weights)."""
+    ps_f = st.ps_fine
+    wbar = post.wbar
+    colw = wbar.sum(axis=0)
+    cols = np.nonzero(colw > 0)[0]
+    rows_w = wbar[:, cols].astype(np.float32)                               # (Tf, Ok)
+    sw = float(colw.sum())
+    s = float(inp.scale[j])
+    ctf = inp.ctf_fine[j]
+    y_nm = rows_w.T.astype(np.complex64) @ (inp.xnm_fine[j][None, :] * post.phases)     # (Ok, mf)
+    back = (fine_rot[cols], (y_nm * (ctf * s * isig_bp)[None, :]).astype(np.complex64),
+            (colw[cols][:, None] * (ctf * ctf * s * s * isig_bp)[None, :]).astype(np.float32))
+    acc.ll_sum += out.log_likelihood[j]
+    acc.pmax_sum += out.max_prob[j]
+    acc.count += 1
+    if st.cc_mode:
+        out.norm_correction[j] = inp.old_norm[j]
+        return back
+    y_m = rows_w.T.astype(np.complex64) @ post.shifted                      # (Ok, mf)
+    pk = post.p_f[cols]
+    cross_k = (y_m.real * pk.real + y_m.imag * pk.imag).sum(0) * ctf       # Σ_o Re(conj(Y) P) CTF
+    norm_k = (colw[cols][:, None] * post.p_f_pow[cols]).sum(0) * ctf * ctf
+    xpow = inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2
+    resid = residual_power(xpow, cross_k, norm_k, sw, s)
+    nshell = len(st.inv_sigma2)
+    beyond = inp.power_beyond[j]
+    acc.sigma2_num[inp.optics] += np.bincount(ps_f.shell, resid, minlength=nshell)[:nshell]
+    acc.sigma2_num[inp.optics] += sw * beyond
+    acc.sigma2_wsum[inp.optics] += sw
+    energy = float(resid.sum() + beyond.sum())
+    out.norm_correction[j] = (inp.old_norm[j] / st.norm_average) * np.sqrt(max(2.0 * energy, 1e-30))
+    if st.scale_shells is not None:
+        sel = st.scale_shells[ps_f.shell]
+        acc.scale_num[inp.group[j]] += float(cross_k[sel].sum())
+        acc.scale_den[inp.group[j]] += float(norm_k[sel].sum())
+    tau_rows = (inp.preshift_px[j][None, :] + post.t_fine) * inp.angpix
+    d2 = ((tau_rows - inp.prior_mu[j][None, :]) ** 2).sum(-1)
+    acc.offset_num += float((wbar.sum(axis=1) * d2).sum())
+    acc.wsum += sw
+    acc.norm_sum += out.norm_correction[j]
+    if st.local is None and acc.pdf.size:
+        np.add.at(acc.pdf, coarse_direction_of(st.grid, fine_ids[cols] // st.grid.n_children), colw[cols])
+    return back

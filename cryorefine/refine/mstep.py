@@ -1,11 +1,15 @@
-"""The M-step of one half: noise spectra, offsets, norms, group scales, direction pdf (spec §3.6), and the
-initial noise estimate (iteration 0)."""
+"""The M-step: the one writer of HalfModel. Noise spectra, offsets, norms, group scales, direction pdf
+(spec §3.6), the regularised reconstructions (§3.3–§3.4), and the initial noise estimate (iteration 0)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cryorefine.fourier import backprojector as bpm
+from cryorefine.fourier.filters import lowpass_raised_cosine
 from cryorefine.fourier.transforms import shell_index_2d, unique_halfplane_mask
 from cryorefine.refine.estep import HalfAccumulator
 from cryorefine.refine.pixels import unique_pixels_per_shell
@@ -50,7 +54,7 @@ def update_noise(acc: HalfAccumulator, boxes: dict[int, int], old: dict[int, NDA
     """σ²_o(r) = Σ w̄ Σ_shell |residual|² / (2 Σ w̄ Npix(r)) per optics group (spec §3.6)."""
     new = {}
     for o, box in boxes.items():
-        wsum = acc.sigma2_wsum.get(o, 0.0)
+        wsum = float(acc.sigma2_wsum[o])
         if wsum <= 0:
             new[o] = old[o]
             continue
@@ -79,17 +83,49 @@ def update_group_scales(acc: HalfAccumulator, counts: NDArray[np.int64]) -> NDAr
 
 
 def update_model_statistics(model: HalfModel, acc: HalfAccumulator, boxes: dict[int, int], group_counts,
-                            do_norm: bool, do_scale: bool, min_sigma2_offset: float, cc_iteration: bool) -> None:
-    """All non-reconstruction M-step updates of one half, in place; the CC iteration updates none of σ², scale."""
-    model.ave_pmax = acc.pmax_sum / max(acc.count, 1)
-    model.log_likelihood = acc.ll_sum
+                            do_norm: bool, do_scale: bool, min_sigma2_offset: float, cc_iteration: bool) -> HalfModel:
+    """All non-reconstruction M-step updates of one half; the CC iteration updates none of σ², scale."""
+    model = replace(model, ave_pmax=acc.pmax_sum / max(acc.count, 1), log_likelihood=acc.ll_sum)
     if cc_iteration:
-        return
-    model.sigma2 = update_noise(acc, boxes, model.sigma2)
-    model.sigma_offset = update_offset_sigma(acc, model.sigma_offset, min_sigma2_offset)
+        return model
+    model = replace(model, sigma2=update_noise(acc, boxes, model.sigma2),
+                    sigma_offset=update_offset_sigma(acc, model.sigma_offset, min_sigma2_offset))
     if do_norm and acc.wsum > 0:
-        model.norm_average = acc.norm_sum / acc.wsum
+        model = replace(model, norm_average=acc.norm_sum / acc.wsum)
     if do_scale and len(group_counts) > 1:
-        model.group_scales = update_group_scales(acc, group_counts)
+        model = replace(model, group_scales=update_group_scales(acc, group_counts))
     if acc.pdf.size and acc.pdf.sum() > 0:
-        model.pdf_direction = acc.pdf / acc.pdf.sum()
+        model = replace(model, pdf_direction=acc.pdf / acc.pdf.sum())
+    return model
+
+
+def with_uniform_directions(model: HalfModel, n_directions: int) -> HalfModel:
+    """The model with a uniform direction prior over a new grid of n_directions (after a finer sampling)."""
+    return replace(model, pdf_direction=np.full(n_directions, 1.0 / n_directions))
+
+
+def with_reference(model: HalfModel, volume: NDArray, stats: dict) -> HalfModel:
+    """The model with a new reference and the per-shell statistics of its reconstruction (ssnr_from_fsc)."""
+    return replace(model, volume=volume, tau2=stats["tau2"], ssnr=stats["ssnr"], sigma2_ref=stats["sigma2"],
+                   coverage=stats["coverage"])
+
+
+def reconstruct_half(bp: bpm.BackProjector, fsc: NDArray, tau2_fudge: float, angpix: float, lowpass_A: float,
+                     solvent_mask: NDArray | None) -> tuple[NDArray[np.float32], dict]:
+    """One half's regularised map (τ² from the half-map FSC), low-passed after a CC iteration (lowpass_A > 0)
+    and solvent-flattened when a mask is given; returns (map, shell statistics)."""
+    stats = bpm.ssnr_from_fsc(bp, fsc, tau2_fudge, final=False)
+    vol = bpm.reconstruct(bp, tau2=stats["tau2"], tau2_fudge=tau2_fudge)
+    if lowpass_A > 0:
+        vol = lowpass_raised_cosine(vol, angpix, lowpass_A)
+    if solvent_mask is not None:
+        vol = vol * solvent_mask
+    return vol.astype(np.float32), stats
+
+
+def reconstruct_joined(bp1: bpm.BackProjector, bp2: bpm.BackProjector, fsc: NDArray,
+                       tau2_fudge: float) -> tuple[NDArray, dict]:
+    """The final map from both halves' sums, τ² from the full-data correlation sqrt(2f/(1+f)) (§6.2)."""
+    joined = bpm.add(bp1, bp2)
+    stats = bpm.ssnr_from_fsc(joined, fsc, tau2_fudge, final=True)
+    return bpm.reconstruct(joined, tau2=stats["tau2"], tau2_fudge=tau2_fudge), stats

@@ -172,8 +172,6 @@ def write_iteration(run, it: int, final: bool) -> None:
         write_map(name, run.models[h - 1].volume, run.angpix)
         write_star(f"{root}_half{h}_model.star", model_blocks(run, h, name))
     header = f"# RELION optimiser; version 5.0 (cryorefine {__version__})\n# {o.command_line}\n"
-    write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)},
-               comment=header)
     write_star(f"{root}_sampling.star", sampling_blocks(run))
     if it > 0:
         p = run.poses
@@ -181,6 +179,9 @@ def write_iteration(run, it: int, final: bool) -> None:
             sel = run.data.subset == h
             _write_text(f"{root}_half{h}_class001_angdist.bild",
                         angdist_bild(p.rot[sel], p.tilt[sel], run.box, run.angpix, o.sym, run.sampling.healpix_order))
+    # the optimiser file is written last: its presence means the iteration's files are all complete
+    write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)},
+               comment=header)
     if final:
         fin = file_root(o.fn_out, None)
         write_particles(f"{fin}_data.star", table)

@@ -1,4 +1,5 @@
-"""`--continue`: put the state written by an iteration (run_itNNN_*.star, half maps) back into a Run.
+"""`--continue`: read back the state written by an iteration (run_itNNN_*.star, half maps); refine.setup
+builds the run from it.
 
 The files of iteration N are found next to the given `run_itNNN_optimiser.star` (same root), or, when moved,
 under the names the optimiser file records. Values come back with the precision of the STAR text (RELION's
@@ -8,6 +9,7 @@ under the names the optimiser file records. Values come back with the precision 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,9 @@ from numpy.typing import NDArray
 from cryorefine.errors import InputError, require
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_particles, read_star
+from cryorefine.geometry.sampling import n_directions
 from cryorefine.refine.mstep import fill_small
-from cryorefine.refine.orientations import make_grid
-from cryorefine.refine.state import Counters, HalfModel, Poses, SamplingState
+from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, SamplingState
 
 OPTIMISER_SUFFIX = "_optimiser.star"
 # cryorefine-only optimiser label (RELION recomputes this flag instead of storing it)
@@ -42,11 +44,12 @@ def iteration_files(optimiser_star: str | Path) -> dict[str, Path]:
             "map1": Path(f"{root}_half1_class001.mrc"), "map2": Path(f"{root}_half2_class001.mrc")}
 
 
-def _locate(sibling: Path, recorded: object) -> Path:
-    """The file next to the optimiser, else the one the optimiser names; InputError naming the expected file."""
+def _locate(sibling: Path, recorded: object, moved: bool = True) -> Path:
+    """The file next to the optimiser, else (if the optimiser was moved alone) the one the optimiser names;
+    InputError naming the expected file."""
     if sibling.is_file():
         return sibling
-    if isinstance(recorded, str) and recorded and Path(recorded).is_file():
+    if moved and isinstance(recorded, str) and recorded and Path(recorded).is_file():
         return Path(recorded)
     raise InputError(f"{sibling}: no such file (needed to continue)")
 
@@ -152,10 +155,11 @@ def read_poses(path: Path, reference_names: NDArray) -> tuple[Poses, NDArray[np.
 
     subset = col("rlnRandomSubset", 0, np.int64)
     require(bool(np.all((subset == 1) | (subset == 2))), f"{path}: rlnRandomSubset must be 1 or 2 for every particle")
-    poses = Poses(col("rlnAngleRot", 0.0), col("rlnAngleTilt", 0.0), col("rlnAnglePsi", 0.0),
-                  col("rlnOriginXAngst", 0.0), col("rlnOriginYAngst", 0.0), col("rlnNormCorrection", 1.0),
-                  col("rlnLogLikeliContribution", 0.0), col("rlnMaxValueProbDistribution", 0.0),
-                  col("rlnNrOfSignificantSamples", 0, np.int64))
+    poses = Poses(rot=col("rlnAngleRot", 0.0), tilt=col("rlnAngleTilt", 0.0), psi=col("rlnAnglePsi", 0.0),
+                  origin_x=col("rlnOriginXAngst", 0.0), origin_y=col("rlnOriginYAngst", 0.0),
+                  norm_correction=col("rlnNormCorrection", 1.0), log_likelihood=col("rlnLogLikeliContribution", 0.0),
+                  max_prob=col("rlnMaxValueProbDistribution", 0.0),
+                  nr_significant=col("rlnNrOfSignificantSamples", 0, np.int64))
     return poses, subset
 
 
@@ -168,11 +172,11 @@ def _shells(df: pd.DataFrame, label: str, path: Path, nshells: int) -> NDArray[n
     return out
 
 
-def read_half_model(path: Path, map_path: Path, run, iteration: int) -> tuple[HalfModel, dict, NDArray]:
-    """(HalfModel, model_general, FSC) of one half: _model.star plus its half map; checked against the run."""
+def read_half_model(path: Path, map_path: Path, data, box: int, angpix: float,
+                    iteration: int) -> tuple[HalfModel, dict, NDArray]:
+    """(HalfModel, model_general, FSC) of one half: _model.star plus its half map; checked against the data."""
     blocks = read_star(path)
     gen = _block(blocks, "model_general", path, loop=False)
-    box, angpix, data = run.box, run.angpix, run.data
     size = _value(gen, "rlnOriginalImageSize", path, int)
     require(size == box, f"{path}: box {size} px, but the particles of --i have {box} px: a different run")
     pix = _value(gen, "rlnPixelSize", path)
@@ -224,10 +228,12 @@ def read_half_model(path: Path, map_path: Path, run, iteration: int) -> tuple[Ha
     # iteration 0 has no reconstruction yet: no SSNR/tau2 (their absence switches off e.g. scale shells)
     stats = {lab: (_shells(cls, lab, path, nsh) if iteration > 0 else None)
              for lab in ("rlnSsnrMap", "rlnReferenceTau2", "rlnReferenceSigma2", "rlnFourierCompleteness")}
-    model = HalfModel(volume.astype(np.float32), sigma2, pdf, _value(gen, "rlnSigmaOffsetsAngst", path),
-                      _value(gen, "rlnNormCorrectionAverage", path), scales, stats["rlnReferenceTau2"],
-                      stats["rlnSsnrMap"], stats["rlnReferenceSigma2"], stats["rlnFourierCompleteness"],
-                      _value(gen, "rlnAveragePmax", path), _value(gen, "rlnLogLikelihood", path))
+    model = HalfModel(volume=volume.astype(np.float32), sigma2=sigma2, pdf_direction=pdf,
+                      sigma_offset=_value(gen, "rlnSigmaOffsetsAngst", path),
+                      norm_average=_value(gen, "rlnNormCorrectionAverage", path), group_scales=scales,
+                      tau2=stats["rlnReferenceTau2"], ssnr=stats["rlnSsnrMap"], sigma2_ref=stats["rlnReferenceSigma2"],
+                      coverage=stats["rlnFourierCompleteness"], ave_pmax=_value(gen, "rlnAveragePmax", path),
+                      log_likelihood=_value(gen, "rlnLogLikelihood", path))
     fsc = _shells(cls, "rlnGoldStandardFsc", path, nsh)
     return model, gen, fsc
 
@@ -280,8 +286,21 @@ def read_counters(opt: dict, path: Path, model_general: dict, model_path: Path, 
         fsc=fsc)
 
 
-def restore(run, optimiser_star: str) -> int:
-    """Load iteration N's files (named by its run_itNNN_optimiser.star) into `run`; returns N + 1."""
+@dataclass
+class Restored:
+    """The state an iteration's files describe (what a run holds after that iteration)."""
+
+    iteration: int
+    seed: int
+    subset: NDArray[np.int64]
+    poses: Poses
+    models: tuple[HalfModel, HalfModel]
+    sampling: SamplingState
+    counters: Counters
+
+
+def restore(optimiser_star: str, data, box: int, angpix: float, opts: RefineOptions, log) -> Restored:
+    """Read iteration N's files (named by its run_itNNN_optimiser.star), checked against the particles of --i."""
     opt_path = Path(optimiser_star)
     require(opt_path.is_file(), f"{opt_path}: no such file")
     files = iteration_files(opt_path)
@@ -293,49 +312,38 @@ def restore(run, optimiser_star: str) -> int:
                          f"written; there is nothing to continue")
     recorded = {"data": opt.get("rlnExperimentalDataStarFile"), "sampling": opt.get("rlnOrientSamplingStarFile"),
                 "model1": opt.get("rlnModelStarFile"), "model2": opt.get("rlnModelStarFile2")}
-    paths = {k: _locate(p, recorded.get(k)) for k, p in files.items()}
+    moved = not any(p.is_file() for p in files.values())   # else one file missing beside the others: stop
+    paths = {k: _locate(p, recorded.get(k), moved) for k, p in files.items()}
 
-    data = run.data
     poses, subset = read_poses(paths["data"], data.table.particles["rlnImageName"].astype(str).to_numpy())
-    halves = [read_half_model(paths[f"model{h}"], paths[f"map{h}"], run, it) for h in (1, 2)]
-    models = [m for m, _, _ in halves]
+    halves = [read_half_model(paths[f"model{h}"], paths[f"map{h}"], data, box, angpix, it) for h in (1, 2)]
+    models = tuple(m for m, _, _ in halves)
     gen1, fsc = halves[0][1], halves[0][2]
     res1, res2 = (_value(g, "rlnCurrentResolution", paths[f"model{h}"]) for h, (_, g, _) in enumerate(halves, 1))
     require(abs(res1 - res2) <= 1e-5 * res1,
             f"{paths['model2']}: current resolution {res2:g} A differs from half 1's {res1:g} A: not the same run")
 
     oversampling = _value(opt, "rlnAdaptiveOversampleOrder", opt_path, int)
-    require(oversampling == run.opts.oversampling,
-            f"{opt_path}: oversampling {oversampling}, but this run uses --oversampling {run.opts.oversampling}")
-    sampling = read_sampling(paths["sampling"], gen1, paths["model1"], oversampling, run.opts.sym)
-    n_dir = len(make_grid(sampling.healpix_order, run.opts.sym, sampling.psi_step, oversampling, 0.0,
-                          False).dir_pix)
+    require(oversampling == opts.oversampling,
+            f"{opt_path}: oversampling {oversampling}, but this run uses --oversampling {opts.oversampling}")
+    sampling = read_sampling(paths["sampling"], gen1, paths["model1"], oversampling, opts.sym)
+    n_dir = n_directions(sampling.healpix_order, opts.sym)
     for h, m in enumerate(models, 1):
         require(len(m.pdf_direction) == n_dir,
                 f"{paths[f'model{h}']}: {len(m.pdf_direction)} orientation-pdf entries, but HEALPix order "
-                f"{sampling.healpix_order} with {run.opts.sym.upper()} has {n_dir} directions: a different run")
-    counters = read_counters(opt, opt_path, gen1, paths["model1"], fsc if it > 0 else None, run.box, run.angpix)
+                f"{sampling.healpix_order} with {opts.sym.upper()} has {n_dir} directions: a different run")
+    counters = read_counters(opt, opt_path, gen1, paths["model1"], fsc if it > 0 else None, box, angpix)
 
     seed = _value(opt, "rlnRandomSeed", opt_path, int)
     diameter = _value(opt, "rlnParticleDiameter", opt_path)
-    log = run.log
     log.line(f" Continuing from {opt_path} (iteration {it}): resolution {1.0 / counters.current_resolution:g} A, "
              f"HEALPix order {sampling.healpix_order}, {'local' if sampling.local_searches else 'global'} searches")
-    if seed != run.opts.random_seed:
-        log.line(f" Using the random seed of {opt_path.name} ({seed}) instead of --random_seed {run.opts.random_seed}")
-    if abs(diameter - run.opts.particle_diameter) > 1e-3:
+    if seed != opts.random_seed:
+        log.line(f" Using the random seed of {opt_path.name} ({seed}) instead of --random_seed {opts.random_seed}")
+    if abs(diameter - opts.particle_diameter) > 1e-3:
         log.line(f" Note: {opt_path.name} used --particle_diameter {diameter:g} A; this run uses "
-                 f"{run.opts.particle_diameter:g} A")
+                 f"{opts.particle_diameter:g} A")
     if FINE_ENOUGH_LABEL not in opt:
         log.line(f" Note: {opt_path.name} does not record whether the angular sampling was fine enough; "
                  f"convergence is re-checked from the next sampling update")
-
-    run.opts.random_seed = seed
-    data.subset = subset
-    run.poses = poses
-    run.models = models
-    run.sampling = sampling
-    run.counters = counters
-    run.unfiltered = None
-    run.rng = iteration_rng(seed, it + 1)
-    return it + 1
+    return Restored(it, seed, subset, poses, models, sampling, counters)

@@ -1,6 +1,9 @@
-"""Refinement state as plain dataclasses: options, per-half model, sampling, counters, particle poses.
+"""Refinement state as plain dataclasses: options, per-half model, sampling, counters, particle poses, the run.
 
-Everything `--continue` needs is here and is written to / read from the iteration's STAR files.
+Everything `--continue` needs is here and is written to / read from the iteration's STAR files. Each piece has
+one writer: options are resolved once (`refine.setup`), HalfModel is written by `refine.mstep`, SamplingState by
+`refine.autosampling`, Counters by `refine.counters`, Poses by the E-step (`refine.estep`), RunState by
+`refine.loop`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefineOptions:
     """User options with RELION's GUI defaults (autorefine-spec §13); lengths in Å unless named _px."""
 
@@ -53,6 +56,7 @@ class RefineOptions:
     batch_size: int = 64
     continue_from: str | None = None
     command_line: str = ""
+    gpu: str | None = None          # RELION --gpu [IDS]: None = CPU; "" = all devices; "0", "0:1", "0,1" ...
 
 
 @dataclass
@@ -133,4 +137,34 @@ class Poses:
 
     def copy(self) -> "Poses":
         """Deep copy (the previous iteration's poses feed the change statistics)."""
-        return Poses(*(np.array(getattr(self, f)) for f in self.__dataclass_fields__))
+        return Poses(**{f: np.array(getattr(self, f)) for f in self.__dataclass_fields__})
+
+    def take(self, rows: NDArray[np.int64]) -> "Poses":
+        """The poses of some particles (a batch), as a new Poses."""
+        return Poses(**{f: np.array(getattr(self, f)[rows]) for f in self.__dataclass_fields__})
+
+    def assign(self, rows: NDArray[np.int64], batch: "Poses") -> None:
+        """Write a batch's poses (from `take` order) into rows of this set."""
+        for f in self.__dataclass_fields__:
+            getattr(self, f)[rows] = getattr(batch, f)
+
+
+@dataclass
+class RunState:
+    """Everything a running refinement holds; the loop (`refine.loop`) is its only writer."""
+
+    opts: RefineOptions
+    data: object                                    # refine.data.ParticleData
+    box: int                                        # model box N (px)
+    angpix: float                                   # model pixel size (Å)
+    sym_mats: NDArray[np.float64]
+    solvent_mask: NDArray[np.float32]
+    models: tuple[HalfModel, HalfModel]
+    sampling: SamplingState
+    counters: Counters
+    poses: Poses
+    log: object                                     # refine.log.RunLog
+    reducer: object                                 # parallel.local.LocalReducer | parallel.mpi.MpiReducer
+    backend: object                                 # refine.backend.Backend
+    start_iteration: int = 1
+    unfiltered: tuple | None = None                 # final iteration: unregularised half maps

@@ -64,34 +64,27 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
 
 
 @numba.njit(cache=True, parallel=True)
-def coarse_significance(cross: np.ndarray, norm: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray,
-                        cc_mode: bool, fraction: float, maxsig: int) -> tuple[np.ndarray, np.ndarray]:
+def coarse_significance(d: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray, cc_mode: bool, fraction: float,
+                        maxsig: int) -> tuple[np.ndarray, np.ndarray]:
     """Pass-1 weights of a batch sharing one orientation set: keep mask (B, T, U) and significant counts.
 
-    cross (B, T, U) and norm (B, U) are the two matrix products; lp_off (B, T) and lp_dir (U) log-priors.
+    d (B, T, U) are the residuals (likelihood.residual), lp_off (B, T) and lp_dir (U) log-priors.
     CC mode keeps only the best sample (hard assignment, no priors).
     """
-    nb, nt, nu = cross.shape
+    nb, nt, nu = d.shape
     keep = np.zeros((nb, nt, nu), np.bool_)
     counts = np.zeros(nb, np.int64)
     for b in numba.prange(nb):
-        d = np.empty(nt * nu)
-        for t in range(nt):
-            for u in range(nu):
-                if cc_mode:
-                    d[t * nu + u] = -cross[b, t, u] / np.sqrt(max(norm[b, u], 1e-30))
-                else:
-                    d[t * nu + u] = 0.5 * norm[b, u] - cross[b, t, u]
         if cc_mode:
-            best = np.argmin(d)
+            best = np.argmin(d[b])
             keep[b, best // nu, best % nu] = True
             counts[b] = 1
             continue
-        dmin = d.min()
+        dmin = d[b].min()
         lw = np.empty(nt * nu)
         for t in range(nt):
             for u in range(nu):
-                lw[t * nu + u] = -(d[t * nu + u] - dmin) + lp_off[b, t] + lp_dir[u]
+                lw[t * nu + u] = -(d[b, t, u] - dmin) + lp_off[b, t] + lp_dir[u]
         thr, cnt, _, _ = significance_threshold(lw, fraction, maxsig)
         counts[b] = cnt
         for t in range(nt):

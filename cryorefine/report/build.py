@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cryorefine import __version__
+from cryorefine.errors import InputError
 from cryorefine.io.atomic import atomic_path
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_star
@@ -36,9 +37,12 @@ def report_paths(root: str) -> tuple[Path, Path]:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic write (a browser never sees half a file)."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+    """Atomic write (a browser never sees half a file); InputError if the folder cannot be written."""
+    try:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _fig(name: str, fig, caption: str) -> Figure:

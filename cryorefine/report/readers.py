@@ -99,7 +99,8 @@ def fsc_curve(model_star: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class LogInfo:
-    """What only run.out knows: command line, start, per-iteration time, end line (wall time, peak memory)."""
+    """What only run.out knows: command line, start, per-iteration time, the closing summary's wall time and
+    peak memory (` Wall time: 12.3 min (740 s); peak memory: 1.15 GiB`)."""
 
     command_line: str = ""
     started: str = ""
@@ -127,7 +128,7 @@ def read_log(path: Path) -> LogInfo:
             info.particles_line = s
         elif m := re.match(r"Iteration (\d+) took ([\d.eE+-]+) s", s):
             info.times[int(m.group(1))] = float(m.group(2))
-        elif m := re.match(r"Finished .*wall time ([\d.]+) s, peak memory ([\d.]+) GiB", s):
+        elif m := re.match(r"Wall time: .*\(([\d.]+) s\); peak memory: ([\d.]+) GiB", s):
             info.wall_time_s, info.peak_memory_gib = float(m.group(1)), float(m.group(2))
             info.finished_line = s
         elif s.startswith("Stopped after --auto_iter_max"):

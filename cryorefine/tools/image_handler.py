@@ -27,6 +27,7 @@ from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import read_particles, write_particles
+from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
 
 _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
 
@@ -34,7 +35,7 @@ _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options, with RELION's spellings and readable aliases."""
     parser.add_argument("--i", "--input", dest="i", required=True, help="input map, image or stack (.mrc, .mrcs)")
-    parser.add_argument("--o", "--output", dest="o", required=True, help="output file")
+    parser.add_argument("--o", "--output", dest="o", default=None, help="output file (not with --stats)")
     parser.add_argument("--angpix", type=float, default=None,
                         help="input pixel size in Å (default: from the header)")
     parser.add_argument("--rescale_angpix", "--rescale-angpix", dest="rescale_angpix", type=float, default=None,
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="low-pass filter at this resolution in Å (raised-cosine edge, 2 shells)")
     parser.add_argument("--force_header_angpix", "--force-header-angpix", dest="force_header_angpix", type=float,
                         default=None, help="write this pixel size to the output header instead of the true one")
+    parser.add_argument("--highpass", "--high_pass", dest="highpass", type=float, default=None,
+                        help="high-pass filter at this resolution in Å (raised-cosine edge)")
+    parser.add_argument("--filter_edge_width", type=int, default=2,
+                        help="width of the low/high-pass raised-cosine edge in shells (default 2)")
+    parser.add_argument("--multiply_constant", type=float, default=1.0, help="multiply the pixel values by this")
+    parser.add_argument("--invert_contrast", action="store_true", help="multiply the pixel values by -1")
+    parser.add_argument("--stats", action="store_true",
+                        help="print per-image statistics (avg, stddev, min, max, pixel size); nothing is written")
     parser.add_argument("--float16", action="store_true", help="write float16 (MRC mode 12)")
 
 
@@ -54,29 +63,53 @@ def rescaled_box(box: int, angpix: float, new_angpix: float) -> int:
     return n - 1 if n % 2 else n
 
 
-def lowpass_map(data: np.ndarray, resolution: float, angpix: float, ndim: int, edge_width: int = 2) -> np.ndarray:
-    """RELION lowPassFilterMap: keep |k| below shell round(N·p/R) − 1, cosine edge to shell + 1 (in 1/px units)."""
-    n = data.shape[-1]
+def lowpass_gain(n: int, ndim: int, resolution: float, angpix: float, edge_width: int = 2) -> np.ndarray:
+    """RELION lowPassFilterMap gain on the rfft grid: 1 below shell round(N·p/R) − 1, cosine edge to shell + 1."""
     ires = int(np.floor(n * angpix / resolution + 0.5))
     half = edge_width // 2
     edge_low = max(0.0, (ires - half) / n)
     edge_high = min(n // 2 + 1, (ires + half) / n)
     width = edge_high - edge_low
-    axes = tuple(range(-ndim, 0))
-    ft = sfft.rfftn(np.asarray(data, dtype=np.float64), axes=axes, workers=-1)
     ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
     r = np.sqrt(sum(g * g for g in np.meshgrid(*ks, indexing="ij"))) / n
-    gain = np.where(r < edge_low, 1.0, np.where(r > edge_high, 0.0,
+    return np.where(r < edge_low, 1.0, np.where(r > edge_high, 0.0,
                     0.5 + 0.5 * np.cos(np.pi * (r - edge_low) / max(width, 1e-12))))
-    out = sfft.irfftn(ft * gain, s=(n,) * ndim, axes=axes, workers=-1)
-    return out.astype(np.float32)
+
+
+def fourier_filter(data: np.ndarray, gain: np.ndarray, ndim: int) -> np.ndarray:
+    """Multiply the last `ndim` axes' Fourier transform by `gain` (rfft layout)."""
+    n = data.shape[-1]
+    axes = tuple(range(-ndim, 0))
+    ft = sfft.rfftn(np.asarray(data, dtype=np.float64), axes=axes, workers=-1)
+    return sfft.irfftn(ft * gain, s=(n,) * ndim, axes=axes, workers=-1).astype(np.float32)
+
+
+def lowpass_map(data: np.ndarray, resolution: float, angpix: float, ndim: int, edge_width: int = 2) -> np.ndarray:
+    """RELION lowPassFilterMap: keep |k| below shell round(N·p/R) − 1, cosine edge to shell + 1 (in 1/px units)."""
+    return fourier_filter(data, lowpass_gain(data.shape[-1], ndim, resolution, angpix, edge_width), ndim)
+
+
+def highpass_map(data: np.ndarray, resolution: float, angpix: float, ndim: int, edge_width: int = 2) -> np.ndarray:
+    """RELION highPassFilterMap: the complement of lowpass_map's gain (same raised-cosine edge)."""
+    return fourier_filter(data, 1.0 - lowpass_gain(data.shape[-1], ndim, resolution, angpix, edge_width), ndim)
+
+
+def image_stats(data: np.ndarray) -> tuple[float, float, float, float]:
+    """(avg, stddev, minval, maxval) of one image or map, as relion_image_handler --stats prints them."""
+    d = np.asarray(data, dtype=np.float64)
+    return float(d.mean()), float(d.std()), float(d.min()), float(d.max())
 
 
 def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
     """Low-pass, rescale, re-box one map / image / batch of images (in that order, like RELION)."""
     stack = ndim == 2 and data.ndim == 3
+    factor = args.multiply_constant * (-1.0 if args.invert_contrast else 1.0)
+    if factor != 1.0:
+        data = np.asarray(data, dtype=np.float32) * np.float32(factor)
     if args.lowpass is not None:
-        data = lowpass_map(data, args.lowpass, angpix, ndim)
+        data = lowpass_map(data, args.lowpass, angpix, ndim, args.filter_edge_width)
+    if args.highpass is not None:
+        data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
     if new_size is not None:
         data = resize_fourier(data, new_size, stack=stack)
     if args.new_box is not None and args.new_box != data.shape[-1]:
@@ -86,7 +119,11 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
 
 def _check_options(args) -> None:
     """Option values that can never work."""
+    require(args.stats or bool(args.o), "--o: the output file is required (unless --stats)")
+    require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
+    require(bool(np.isfinite(args.multiply_constant)), "--multiply_constant: must be a finite number")
     for opt, val in (("--rescale_angpix", args.rescale_angpix), ("--lowpass", args.lowpass),
+                     ("--highpass", args.highpass),
                      ("--force_header_angpix", args.force_header_angpix), ("--angpix", args.angpix)):
         if val is not None:
             require(val > 0, f"{opt}: must be > 0 (got {val:g})")
@@ -111,6 +148,11 @@ def _run_star(src: Path, dst: Path, args) -> int:
     """Particle STAR input: process every particle image, write new stacks and a STAR with updated optics."""
     require(dst.suffix == ".star", f"--o: with a STAR file as input the output must be a .star file (got {dst})")
     table = read_particles(src, angpix=args.angpix)
+    check_particle_table(table, need_ctf=False)
+    groups_ = table.optics["rlnOpticsGroup"].to_numpy()
+    out_stacks = [dst.with_suffix(".mrcs")] if len(groups_) == 1 else \
+        [dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs") for g in groups_]
+    check_not_inputs([dst, *out_stacks], [src, *stacks_named_by(table)])
     images = ParticleImages(table)
     optics = table.optics.copy()
     parts = table.particles.copy()
@@ -143,11 +185,34 @@ def _run_star(src: Path, dst: Path, args) -> int:
     return 0
 
 
+def _print_stats(src: Path, stack: bool, angpix: float) -> int:
+    """relion_image_handler --stats: one line per image (stack) or for the map."""
+    if stack:
+        images = open_stack(src)
+        n, ny, nx = images.shape
+        for k in range(n):
+            avg, sd, lo, hi = image_stats(images[k])
+            print(f"{k + 1:06d}@{src} : (x,y,z,n)= {nx} x {ny} x 1 x 1 ; avg= {avg:g} stddev= {sd:g} minval= {lo:g} "
+                  f"maxval= {hi:g}; angpix = {angpix:g}")
+        return 0
+    data, _ = read_map(src)
+    shape = data.shape[::-1] + (1,) * (3 - data.ndim)
+    avg, sd, lo, hi = image_stats(data)
+    print(f"{src} : (x,y,z,n)= {shape[0]} x {shape[1]} x {shape[2]} x 1 ; avg= {avg:g} stddev= {sd:g} minval= {lo:g} "
+          f"maxval= {hi:g}; angpix = {angpix:g}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, check, transform and write; prints one summary line (and warnings/notes to stderr)."""
-    src, dst = Path(args.i), Path(args.o)
     _check_options(args)
+    src, dst = Path(args.i), Path(args.o) if args.o else Path()
+    if not args.stats:
+        check_output_folder(dst.parent)
+        if src.suffix != ".star":
+            check_not_inputs([dst], [src])
     if src.suffix == ".star":
+        require(not args.stats, "--stats: give a map, image or stack, not a STAR file")
         return _run_star(src, dst, args)
     header = read_header(src)
     stack = is_stack_path(src)
@@ -170,10 +235,13 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         angpix = float(args.angpix)
     else:
-        require(header.angpix > 0, f"{src}: pixel size is 0 in the header; give --angpix")
+        require(header.angpix > 0 or args.stats, f"{src}: pixel size is 0 in the header; give --angpix")
         angpix = header.angpix
 
-    needs_square = args.rescale_angpix is not None or args.new_box is not None or args.lowpass is not None
+    if args.stats:
+        return _print_stats(src, stack, angpix)
+    needs_square = (args.rescale_angpix is not None or args.new_box is not None or args.lowpass is not None
+                    or args.highpass is not None)
     if needs_square:
         square = nx == ny and (ndim == 2 or nz == nx)
         dims = "x".join(str(s) for s in (shape if ndim == 3 else (nx, ny)))

@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from cryorefine.validate import check_not_inputs, check_output_folder
 from cryorefine.errors import InputError, require
 from cryorefine.fourier.filters import raised_cosine_lowpass_profile
 from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc
@@ -466,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
     half1_name = args.i
     half2_name = args.i2 if args.i2 else other_half_path(args.i)
     require(half2_name is not None, f"--i {args.i}: the file name contains neither 'half1' nor 'half2'; give --i2")
+    root = str(args.o)
+    check_output_folder(Path(root).parent)
+    check_not_inputs([root + ".mrc", root + "_masked.mrc", root + ".star"], [half1_name, half2_name, args.mask, args.mtf])
     half1, p1 = _read_half(half1_name)
     half2, p2 = _read_half(half2_name)
     require(half2.shape == half1.shape, f"{half2_name}: box {half2.shape[0]} differs from {half1_name} "
@@ -499,7 +503,6 @@ def run(args: argparse.Namespace) -> int:
     for w in res.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
 
-    root = str(args.o)
     map_name = root + ".mrc"
     masked_name = root + "_masked.mrc" if mask is not None else None
     blocks = star_blocks(res, half1_name, half2_name, args.mask if mask is not None else None, map_name, masked_name)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU benchmark on a fresh machine with a GPU and PyTorch but without this project's other dependencies.
+#
+# Prepare on the development machine (once), in the repository root:
+#   echo /.whl/ >> .git/info/exclude; echo /.bench_shared/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl mrcfile==1.5.4 starfile==0.5.13
+#   mkdir -p .bench_shared && cp -r ../shared/bench .bench_shared/
+# then run this script there with .whl and .bench_shared carried:  bash bench/gpu_bench.sh [BUDGET_S]
+# It installs the wheels, makes the small, medium and tutorial sets, refines each with --gpu, scores them and
+# writes $OUT/gpu_bench.json and $OUT/gpu_bench.md (the table for docs/benchmarks.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export CRYOREFINE_SHARED=${CRYOREFINE_SHARED:-$PWD/.bench_shared}
+export CRYOREFINE_DATA=${CRYOREFINE_DATA:-/tmp/cryorefine_data}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+python3 bench/gpu_bench.py --out "$OUT" --budget "${1:-540}" --gpu "${GPU_BENCH_GPU:-}" ${GPU_BENCH_SETS:+--sets $GPU_BENCH_SETS} 2>&1 | tee "$OUT/gpu_bench.log"
+for d in "$CRYOREFINE_DATA"/*/; do
+    name=$(basename "$d")
+    [ -f "$d/Refine3D/bench_gpu.out" ] && cp "$d/Refine3D/bench_gpu.out" "$OUT/${name}_run.out"
+done
+exit 0

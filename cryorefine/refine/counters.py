@@ -1,0 +1,107 @@
+"""The one writer of Counters: resolution, image sizes, accuracy and convergence bookkeeping (spec §3.8, §5.2, §6).
+
+Every function returns a new Counters (`dataclasses.replace`); no other module assigns a counter field
+(tests/test_refine_structure.py checks it), so the history of a counter is the list of functions below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.fourier.fsc import first_shell_below
+from cryorefine.refine.state import Counters
+
+
+def initial_counters(incr_size: int, box: int, angpix: float, ini_high: float) -> Counters:
+    """Iteration 0: the resolution of the initial low-pass (60 Å without --ini_high), no iteration without gain."""
+    c = with_resolution(Counters(incr_size=incr_size), None, box, angpix, ini_high if ini_high > 0 else 60.0, True)
+    return replace(c, nr_iter_wo_resol_gain=0)
+
+
+def resolution_shell(ssnr: NDArray[np.float64], run_length: int = 4) -> int:
+    """r*: last shell before SSNR first drops below 1, or a later high shell if it rises again (§3.8); ≥ 5.
+
+    RELION takes the highest shell with SSNR > 1 if it lies more than 3 shells beyond r*; here that shell must
+    end a run of `run_length` shells with SSNR > 1, so a single noisy FSC value far out cannot be taken for
+    resolution (with noise-only data it otherwise is, once the final iteration's sqrt(2f/(1+f)) lifts it).
+    """
+    below = np.nonzero(ssnr[1:] < 1)[0]
+    r = int(below[0]) if below.size else len(ssnr) - 1      # index in ssnr[1:] = first bad shell − 1
+    good = ssnr[: len(ssnr) - 1] > 1
+    runs = np.convolve(good.astype(int), np.ones(run_length, int), mode="full")[: len(good)] == run_length
+    high = np.nonzero(runs)[0]
+    r2 = int(high[-1]) if high.size else 0
+    if r2 > r + 3:
+        r = r2
+    return max(r, 5)
+
+
+def with_resolution(c: Counters, ssnr: NDArray | None, box: int, angpix: float, ini_high: float,
+                    keep_ini_high: bool) -> Counters:
+    """updateCurrentResolution: from ini_high in iteration 0 (and after a CC iteration 1), else from the SSNR."""
+    r = round(box * angpix / ini_high) if keep_ini_high and ini_high > 0 else resolution_shell(ssnr)
+    new = r / (box * angpix)
+    gain = new > c.best_resolution + 1e-4
+    return replace(c, current_resolution=new, best_resolution=max(c.best_resolution, new),
+                   nr_iter_wo_resol_gain=0 if gain else c.nr_iter_wo_resol_gain + 1)
+
+
+def with_reported_resolution(c: Counters, resolution: float) -> Counters:
+    """The current resolution (1/Å) replaced by a limit derived outside the FSC (logged by the caller)."""
+    return replace(c, current_resolution=resolution)
+
+
+def with_iteration(c: Counters, iteration: int, current_size: int, coarse_size: int) -> Counters:
+    """The iteration number and its image sizes (C, C_coarse)."""
+    return replace(c, iteration=iteration, current_size=current_size, coarse_size=coarse_size)
+
+
+def with_accuracy(c: Counters, acc_rot: float, acc_trans: float) -> Counters:
+    """The estimated angular (deg) and translational (Å) accuracies of this iteration (§5.1)."""
+    return replace(c, acc_rot=acc_rot, acc_trans=acc_trans)
+
+
+def with_fsc(c: Counters, fsc: NDArray[np.float64]) -> Counters:
+    """Store the half-map FSC; incr_size ← max(incr_size, s_0.143 − s_0.5 + 5); latch has_high_fsc_at_limit
+    when FSC(C/2−1) > 0.2."""
+    incr = max(c.incr_size, first_shell_below(fsc, 0.143) - first_shell_below(fsc, 0.5) + 5)
+    edge = c.current_size // 2 - 1
+    high = c.has_high_fsc_at_limit or bool(0 < edge < len(fsc) and fsc[edge] > 0.2)
+    return replace(c, fsc=fsc, incr_size=incr, has_high_fsc_at_limit=high)
+
+
+def with_sampling_decision(c: Counters, decision) -> Counters:
+    """Apply an autosampling.SamplingDecision: the fine-enough flag, and the counter reset of a finer sampling."""
+    if decision.fine_enough is not None:
+        c = replace(c, has_fine_enough_angular_sampling=decision.fine_enough)
+    if decision.refined:
+        c = replace(c, nr_iter_wo_resol_gain=0, nr_iter_wo_large_changes=0, smallest_changes_orient=999.0,
+                    smallest_changes_offset=999.0, smallest_changes_class=9999999.0)
+    return replace(c, sampling_note=decision.note)
+
+
+def with_changes(c: Counters, d_ang: float, d_off: float, fine_angle: float, fine_step: float) -> Counters:
+    """updateOverallChangesInHiddenVariables: count iterations without large changes, track the minima."""
+    d_cls = 0.0
+    stable = (1.03 * d_cls >= c.smallest_changes_class) \
+        and (d_off / fine_step < 0.40 or 1.03 * d_off >= c.smallest_changes_offset) \
+        and (d_ang / fine_angle < 0.40 or 1.03 * d_ang >= c.smallest_changes_orient)
+    return replace(c, nr_iter_wo_large_changes=c.nr_iter_wo_large_changes + 1 if stable else 0,
+                   smallest_changes_class=min(c.smallest_changes_class, d_cls),
+                   smallest_changes_offset=min(c.smallest_changes_offset, d_off),
+                   smallest_changes_orient=min(c.smallest_changes_orient, d_ang),
+                   changes_orient=d_ang, changes_offset=d_off)
+
+
+def has_converged(c: Counters, auto_ignore_angles: bool) -> bool:
+    """checkConvergence: fine-enough sampling, no resolution gain, and (unless ignored) stable hidden variables."""
+    return c.has_fine_enough_angular_sampling and c.nr_iter_wo_resol_gain >= 1 \
+        and (auto_ignore_angles or c.nr_iter_wo_large_changes >= 1)
+
+
+def with_convergence(c: Counters, auto_ignore_angles: bool) -> Counters:
+    """Latch has_converged at the start of an iteration (the next one is the final, joined iteration)."""
+    return replace(c, has_converged=c.has_converged or has_converged(c, auto_ignore_angles))

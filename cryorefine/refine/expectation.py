@@ -1,0 +1,117 @@
+"""The E-step over this process's share of one half: particles in batches of one optics group, each prepared
+(read, norm-corrected, pre-shifted, masked, transformed, CTF) and passed to estep.expectation_batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.fourier.projector import Projector
+from cryorefine.refine.data import ctf_on_pixels, column, iter_batches, prepare_batch
+from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, empty_accumulator,
+                                     expectation_batch)
+from cryorefine.refine.mstep import shell_power
+from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations
+from cryorefine.refine.pixels import pixel_set
+from cryorefine.refine.state import HalfModel, Poses, RefineOptions, RunState
+
+
+def particle_mask(opts: RefineOptions, run_angpix: float, angpix: float) -> tuple[float, float]:
+    """(radius, soft edge) in px of an optics group of the particle mask applied before the likelihood.
+
+    Its soft edge starts where the references' solvent mask ends (D/2 + maskedge), so reference projections
+    lie where the mask is 1: otherwise the likelihood sees mask-edge products of the reference, whose high
+    frequencies noise images can be aligned to in both halves alike.
+    """
+    return opts.particle_diameter / (2 * angpix) + opts.maskedge_px * run_angpix / angpix, opts.maskedge_px
+
+
+def group_scale_shells(opts: RefineOptions, model: HalfModel, n_groups: int, n_shells: int) -> NDArray | None:
+    """Shells (SSNR > 3) of an optics box used for the group-scale update; None when scales are not refined."""
+    if not (opts.scale and n_groups > 1 and model.ssnr is not None):
+        return None
+    sc = np.zeros(n_shells, bool)
+    n = min(n_shells, len(model.ssnr))
+    sc[:n] = model.ssnr[:n] > 3
+    return sc
+
+
+def batch_inputs(state: RunState, rows: NDArray[np.int64], model: HalfModel, size: int, coarse_size: int,
+                 prior: NDArray[np.float64]) -> BatchInputs:
+    """Read and prepare a batch of one optics group on its coarse and fine pixel sets (spec §2.1)."""
+    opts, data, poses = state.opts, state.data, state.poses
+    og = data.optics[int(data.optics_index[rows[0]])]
+    ps_f = pixel_set(og.box, size, og.model_scale)
+    ps_c = pixel_set(og.box, coarse_size, og.model_scale)
+    norm_factor = (model.norm_average / poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
+    prep = prepare_batch(data, rows, poses.origin_x[rows], poses.origin_y[rows], norm_factor,
+                         *particle_mask(opts, state.angpix, og.angpix))
+    flat_m = prep.masked.reshape(len(rows), -1)
+    flat_u = prep.unmasked.reshape(len(rows), -1)
+    power = shell_power(prep.masked, og.box)
+    power[:, : size // 2 + 1] = 0.0
+    scale = model.group_scales[data.group[rows]] if model.group_scales is not None else np.ones(len(rows))
+    return BatchInputs(
+        rows=rows, optics=int(data.optics_index[rows[0]]), angpix=og.angpix, x_coarse=flat_m[:, ps_c.flat],
+        x_fine=flat_m[:, ps_f.flat], xnm_fine=flat_u[:, ps_f.flat], power_beyond=power,
+        ctf_coarse=ctf_on_pixels(data, rows, ps_c.kx, ps_c.ky, opts.ctf),
+        ctf_fine=ctf_on_pixels(data, rows, ps_f.kx, ps_f.ky, opts.ctf), scale=scale, group=data.group[rows],
+        preshift_px=prep.preshift_px, prior_mu=prior[rows], old_norm=poses.norm_correction[rows])
+
+
+def expectation_half(state: RunState, half: int, proj: Projector, grid: OrientationGrid, cc: bool,
+                     new_poses: Poses, rmax: float) -> HalfAccumulator:
+    """E-step over this process's share of one half: writes the new poses of its rows, returns its sums."""
+    opts, c, data, model = state.opts, state.counters, state.data, state.models[half - 1]
+    rows_half = state.reducer.share(np.nonzero(data.subset == half)[0])
+    acc = empty_accumulator(state.box, opts.pad, rmax, [og.box for og in data.optics], len(data.group_names),
+                            0 if grid.local else len(grid.dir_pix))
+    log_pdf = None
+    if not grid.local:
+        with np.errstate(divide="ignore"):
+            log_pdf = np.log(model.pdf_direction)
+    caches: dict[int, ProjectionCache] = {}
+    prior = np.stack([column(data.table, "rlnOriginXPriorAngst", 0.0),
+                      column(data.table, "rlnOriginYPriorAngst", 0.0)], -1)
+    s = state.sampling
+    with state.log.progress(f"E-step half {half}", len(rows_half)) as advance:
+        for rows in iter_batches(rows_half, data.optics_index, opts.batch_size):
+            o = int(data.optics_index[rows[0]])
+            og = data.optics[o]
+            size_o = min(og.box, 2 * math.ceil(0.5 * c.current_size / og.model_scale))
+            csize_o = min(size_o, 2 * math.ceil(0.5 * c.coarse_size / og.model_scale))
+            inp = batch_inputs(state, rows, model, size_o, csize_o, prior)
+            ps_f, ps_c = pixel_set(og.box, size_o, og.model_scale), pixel_set(og.box, csize_o, og.model_scale)
+            if o not in caches:
+                caches[o] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project)
+            local = None
+            if grid.local:
+                local = local_window(grid, state.poses.rot[rows], state.poses.tilt[rows], state.poses.psi[rows],
+                                     s.sigma_ang)
+            st = PassSettings(
+                grid=grid, translations=make_translations(s.offset_range, s.offset_step, og.angpix, s.oversampling,
+                                                          s.perturb),
+                ps_coarse=ps_c, ps_fine=ps_f, inv_sigma2=1.0 / model.sigma2[o], adaptive_fraction=opts.adaptive_fraction,
+                cc_mode=cc, sigma_offset=model.sigma_offset, log_pdf_direction=log_pdf, local=local,
+                scale_shells=group_scale_shells(opts, model, len(data.group_names), len(model.sigma2[o])),
+                norm_average=model.norm_average, maxsig=opts.maxsig, cache=caches[o])
+            batch = expectation_batch(inp, st, acc, state.backend)
+            if not opts.norm:
+                batch.norm_correction[:] = state.poses.norm_correction[rows]
+            new_poses.assign(rows, batch)
+            advance(len(rows))
+    state.backend.finish(acc.bp)
+    return acc
+
+
+def gather_poses(reducer, poses: Poses, own_rows: NDArray[np.int64]) -> None:
+    """Give every process the poses that all processes found (each row belongs to exactly one process)."""
+    if reducer.size == 1:
+        return
+    for name in poses.__dataclass_fields__:
+        a = getattr(poses, name)
+        mine = np.zeros_like(a)
+        mine[own_rows] = a[own_rows]
+        getattr(poses, name)[:] = reducer.sum_array(mine)

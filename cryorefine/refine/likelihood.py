@@ -1,0 +1,104 @@
+"""The likelihood of the E-step as pure functions on arrays (numpy; spec §2, §3.1, §3.6, DESIGN.md §3).
+
+Residual D(θ,t) = Σ_k |X_k e^{-2πik·t/N} − s·CTF_k P_k(θ)|² / 2σ²_k, expanded as
+const − Re Σ conj(X_k e^{..}) s CTF_k P_k / σ²_k + ½ Σ s² CTF_k² |P_k|² / σ²_k = const + ½·norm − cross, so the
+coarse pass is two real matrix products over (particles·translations × pixels) @ (pixels × orientations).
+Complex vectors enter the products as real pairs [Re, Im], for which Re(conj(a)·b) = pair(a) · pair(b).
+A backend (refine.backend) bundles these functions with the projection and insertion kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cryorefine.refine.weights import coarse_significance
+
+
+def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
+    """[Re z, Im z] along the last axis, so that Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
+    return np.concatenate([z.real, z.imag], axis=-1).astype(np.float32, copy=False)
+
+
+def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
+    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode (float64).
+
+    cross = Re Σ conj(X e^{..}) s CTF P / σ², norm = Σ s² CTF² |P|² / σ² (broadcast against cross).
+    """
+    cross = np.asarray(cross, dtype=np.float64)
+    norm = np.asarray(norm, dtype=np.float64)
+    if cc_mode:
+        return -cross / np.sqrt(np.maximum(norm, 1e-30))
+    return 0.5 * norm - cross
+
+
+def offset_log_prior(tau_A: NDArray, mu_A: NDArray, sigma: float) -> NDArray[np.float64]:
+    """log of the Gaussian offset prior exp(-|τ − μ|²/2σ²) (Å; the normalisation cancels per particle)."""
+    d2 = ((tau_A - mu_A) ** 2).sum(-1)
+    return -d2 / (2.0 * sigma * sigma)
+
+
+def weighted_images(x: NDArray[np.complex64], phases: NDArray[np.complex64],
+                    weight: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Real pairs of the shifted, weighted images X·e^{-2πik·t/N}·w for every translation: (B, T, 2m).
+
+    x (B, m), phases (T, m), weight (B, m) = s·CTF/σ² (the factor that turns the product with P into `cross`).
+    """
+    xs = x[:, None, :] * phases[None, :, :]
+    return np.concatenate([xs.real * weight[:, None, :], xs.imag * weight[:, None, :]], axis=-1)
+
+
+def coarse_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
+                  p_pow: NDArray[np.float32], cc_mode: bool) -> NDArray[np.float64]:
+    """Residuals (B, T, U) of every batch particle, translation and orientation of a shared orientation set.
+
+    a (B, T, 2m) from weighted_images, p_pair (U, 2m) projections, norm_w (B, m) = s²CTF²/σ², p_pow (U, m) = |P|².
+    """
+    nb, nt, m2 = a.shape
+    cross = (a.reshape(nb * nt, m2) @ p_pair.T).reshape(nb, nt, -1)
+    norm = (norm_w @ p_pow.T).astype(np.float32)
+    return residual(cross, norm[:, None, :], cc_mode)
+
+
+def coarse_significant(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
+                       p_pow: NDArray[np.float32], lp_off: NDArray, lp_dir: NDArray, cc_mode: bool,
+                       fraction: float, maxsig: int) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
+    """Pass 1 of a batch sharing one orientation set: keep mask (B, T, U) of significant samples and their counts."""
+    d = coarse_scores(a, p_pair, norm_w, p_pow, cc_mode)
+    return coarse_significance(d, np.ascontiguousarray(lp_off, np.float64), np.asarray(lp_dir, np.float64),
+                               cc_mode, fraction, maxsig)
+
+
+def pair_scores(a_t: NDArray[np.float32], p_o: NDArray[np.float32], norm_o: NDArray, rows_t: NDArray,
+                rows_o: NDArray, cc_mode: bool, chunk: int = 64) -> NDArray[np.float64]:
+    """Residuals (K, n_t, n_o) of K blocks pairing translation rows rows_t[k] with orientation rows rows_o[k].
+
+    a_t (Tf, 2m) holds the CTF/σ²-weighted shifted images and p_o (Of, 2m) the projections, both as real pairs;
+    norm_o (Of,) the norm term of each orientation.
+    """
+    k = len(rows_t)
+    out = np.empty((k, rows_t.shape[1], rows_o.shape[1]))
+    for s0 in range(0, k, chunk):
+        sl = slice(s0, min(k, s0 + chunk))
+        cross = np.matmul(a_t[rows_t[sl]], p_o[rows_o[sl]].transpose(0, 2, 1))
+        out[sl] = residual(cross, norm_o[rows_o[sl]][:, None, :], cc_mode)
+    return out
+
+
+def local_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
+                 p_pow: NDArray[np.float32], cc_mode: bool) -> NDArray[np.float64]:
+    """Residuals (T, O) of one particle against its own orientations: a (T, 2m), norm_w (m,), p_* (O, ·)."""
+    return residual(a @ p_pair.T, (norm_w @ p_pow.T)[None, :], cc_mode)
+
+
+def gflop_of_products(n_rows: int, n_cols: int, depth: int) -> float:
+    """GFLOP of a real (n_rows × depth) @ (depth × n_cols) product (multiply and add)."""
+    return 2e-9 * n_rows * n_cols * depth
+
+
+def residual_power(xpow: NDArray, cross_k: NDArray, norm_k: NDArray, wsum: float, scale: float) -> NDArray:
+    """Σ_θ,t w̄ |X_k e^{..} − s CTF_k P_k|² per pixel k, from its three expanded sums (spec §3.6 σ² update).
+
+    xpow = |X_k|², cross_k = Σ w̄ Re(conj(X e^{..}) P) CTF, norm_k = Σ w̄ |P|² CTF², wsum = Σ w̄.
+    """
+    return wsum * xpow - 2 * scale * cross_k + scale * scale * norm_k

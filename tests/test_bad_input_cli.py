@@ -1,0 +1,485 @@
+"""Bad input and faults through the command line (issue 15): one error line naming the file, row and label,
+exit code 2, inputs unchanged (checksums), and no output left but the log."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryorefine.cli import main
+from cryorefine.io.mrc import read_map
+from cryorefine.io.star import read_particles, read_star, write_particles, write_star
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def error_of(capsys, argv: list[str]) -> tuple[int, str]:
+    """Exit code and the single stderr line of a CLI run (asserting there is exactly one line, no traceback)."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len([l for l in err if "error:" in l]) == 1 and "error:" in err[-1], err
+    assert not any("Traceback" in l for l in err)
+    return rc, err[-1]
+
+
+@pytest.fixture()
+def sub(small_set, tmp_path) -> Path:
+    """A 40-particle copy of the small set's truth.star (poses, CTF, halves) with absolute image paths."""
+    t = read_particles(small_set / "truth.star")
+    p = t.particles.head(40).copy()
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    dest = tmp_path / "in" / "parts.star"
+    dest.parent.mkdir()
+    write_particles(dest, replace(t, particles=p.reset_index(drop=True)))
+    return dest
+
+
+def edited(star: Path, block: str, label: str, row: int, value) -> Path:
+    """A copy of `star` with one value changed (row -1: every row)."""
+    t = read_particles(star)
+    df = t.optics if block == "optics" else t.particles
+    df[label] = df[label].astype(object)
+    if row < 0:
+        df[label] = value
+    else:
+        df.loc[row, label] = value
+    out = star.with_name(f"{star.stem}_{label}_{row}.star")
+    write_particles(out, t)
+    return out
+
+
+def refine_argv(star: Path, ref: Path, out: Path, *extra: str) -> list[str]:
+    return ["refine", "--i", str(star), "--ref", str(ref), "--o", str(out), "--sym", "D2", "--ini_high", "50",
+            "--particle_diameter", "150", "--auto_iter_max", "1", "--quiet", *extra]
+
+
+def assert_only_log(folder: Path, log: str | None = "run.out") -> None:
+    left = files_under(folder) if folder.exists() else set()
+    assert left <= ({log} if log else set()), left
+
+
+# ------------------------------------------------------------------------------------------------ overwriting inputs
+
+
+def test_reconstruct_output_naming_its_input_star(sub, capsys):
+    before = sha(sub)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(sub), "--ctf"])
+    assert rc == 2 and "would overwrite the input" in err and str(sub) in err
+    assert sha(sub) == before
+
+
+def test_image_handler_output_stack_naming_an_input_stack(small_set, tmp_path, capsys):
+    """STAR input naming x.mrcs, --o x.star: the output stack x.mrcs would be the input stack."""
+    folder = tmp_path / "ih"
+    folder.mkdir()
+    shutil.copy(small_set / "particles.mrcs", folder / "x.mrcs")
+    t = read_particles(small_set / "particles.star")
+    p = t.particles.head(5).copy()
+    p["rlnImageName"] = [f"{i + 1:06d}@x.mrcs" for i in range(5)]
+    star = folder / "in.star"
+    write_particles(star, replace(t, particles=p))
+    sums = {f: sha(folder / f) for f in ("x.mrcs", "in.star")}
+    rc, err = error_of(capsys, ["image-handler", "--i", str(star), "--o", str(folder / "x.star"),
+                                "--rescale_angpix", "5"])
+    assert rc == 2 and "x.mrcs" in err and "would overwrite the input" in err
+    assert {f: sha(folder / f) for f in sums} == sums and files_under(folder) == set(sums)
+
+
+def test_postprocess_output_root_equal_to_a_half_map(small_set, tmp_path, capsys):
+    h1, h2 = tmp_path / "run_half1_class001_unfil.mrc", tmp_path / "run_half2_class001_unfil.mrc"
+    shutil.copy(small_set / "reference.mrc", h1)
+    shutil.copy(small_set / "reference.mrc", h2)
+    before = sha(h1)
+    rc, err = error_of(capsys, ["postprocess", "--i", str(h1), "--o", str(h1)[:-4]])
+    assert rc == 2 and "would overwrite the input" in err and h1.name in err
+    assert sha(h1) == before and files_under(tmp_path) == {h1.name, h2.name}
+
+
+def test_extract_into_the_folder_of_the_reextraction_star(mics_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "Refine3D" / "job019"
+    job.mkdir(parents=True)
+    star = job / "particles.star"
+    shutil.copy(mics_set / "particles_mic_refined.star", star)
+    before = sha(star)
+    rc, err = error_of(capsys, ["extract", "--i", str(mics_set / "micrographs_ctf.star"), "--reextract_data_star",
+                                str(star), "--recenter", "--extract_size", "128", "--o", str(job), "--no_progress"])
+    assert rc == 2 and "would overwrite the input" in err and "particles.star" in err
+    assert sha(star) == before and files_under(job) == {"particles.star"}
+
+
+def test_refine_output_root_that_would_overwrite_the_particles(sub, small_set, capsys):
+    """--i <dir>/run_data.star with --o <dir>/run: the final run_data.star would replace the input."""
+    star = sub.with_name("run_data.star")
+    shutil.copy(sub, star)
+    before = sha(star)
+    rc, err = error_of(capsys, refine_argv(star, small_set / "reference.mrc", sub.parent / "run"))
+    assert rc == 2 and "would overwrite the input" in err and "run_data.star" in err
+    assert sha(star) == before
+    assert files_under(sub.parent) == {"parts.star", "run_data.star", "run.out"}
+    assert (sub.parent / "run.out").read_text().splitlines()[-1] == err
+
+
+# ------------------------------------------------------------------------------------------------ no tracebacks
+
+
+def _output_commands(sub: Path, small_set: Path, target: Path, mics_set: Path) -> dict[str, list[str]]:
+    """One command per sub-command, each writing under `target`."""
+    ref = str(small_set / "reference.mrc")
+    return {
+        "reconstruct": ["reconstruct", "--i", str(sub), "--o", str(target / "out.mrc")],
+        "refine": refine_argv(sub, small_set / "reference.mrc", target / "run"),
+        "image-handler": ["image-handler", "--i", ref, "--o", str(target / "x.mrc"), "--lowpass", "20"],
+        "postprocess": ["postprocess", "--i", str(sub.parent / "run_half1_class001_unfil.mrc"),
+                        "--o", str(target / "postprocess")],
+        "extract": ["extract", "--i", str(mics_set / "micrographs_ctf.star"), "--coord_list",
+                    str(mics_set / "coordinates.star"), "--extract_size", "64", "--o", str(target), "--no_progress"],
+    }
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "refine", "image-handler", "postprocess", "extract"])
+def test_output_parent_is_a_file(sub, small_set, mics_set, tmp_path, capsys, command):
+    for h in (1, 2):
+        shutil.copy(small_set / "reference.mrc", sub.parent / f"run_half{h}_class001_unfil.mrc")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc, err = error_of(capsys, _output_commands(sub, small_set, blocker / "sub", mics_set)[command])
+    assert rc == 2 and "is a file, not a folder" in err and blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "refine", "image-handler", "postprocess", "extract"])
+def test_read_only_output_folder(sub, small_set, mics_set, tmp_path, capsys, monkeypatch, command):
+    """A folder the user cannot write to (simulated: the tests may run as root, who can write anywhere)."""
+    for h in (1, 2):
+        shutil.copy(small_set / "reference.mrc", sub.parent / f"run_half{h}_class001_unfil.mrc")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    import cryorefine.validate as validate
+    real = os.access
+    monkeypatch.setattr(validate.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    rc, err = error_of(capsys, _output_commands(sub, small_set, ro / "job", mics_set)[command])
+    assert rc == 2 and "not writable" in err and not any(ro.iterdir())
+
+
+@pytest.mark.parametrize("block, label, value, command", [
+    ("optics", "rlnVoltage", "abc", "reconstruct"),
+    ("particles", "rlnDefocusU", "12x00", "reconstruct"),
+    ("optics", "rlnSphericalAberration", "two", "refine"),
+    ("particles", "rlnAnglePsi", "north", "refine"),
+])
+def test_text_in_a_numeric_star_column(sub, small_set, tmp_path, capsys, block, label, value, command):
+    bad = edited(sub, block, label, 0 if block == "optics" else 7, value)
+    before = sha(bad)
+    out = tmp_path / "out"
+    argv = (["reconstruct", "--i", str(bad), "--o", str(out / "rec.mrc"), "--ctf"] if command == "reconstruct"
+            else refine_argv(bad, small_set / "reference.mrc", out / "run"))
+    rc, err = error_of(capsys, argv)
+    assert rc == 2 and label in err and repr(value) in err and "is not a number" in err and bad.name in err
+    assert ("row 8" in err) if block == "particles" else ("data_optics" in err)
+    assert sha(bad) == before
+    assert_only_log(out, "run.out" if command == "refine" else None)
+
+
+def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    coords = read_star(mics_set / "Micrographs" / "mic_0001_pick.star")
+    name = next(k for k, v in coords.items() if isinstance(v, pd.DataFrame))
+    df = coords[name]
+    df["rlnCoordinateX"] = df["rlnCoordinateX"].astype(object)
+    df.loc[3, "rlnCoordinateX"] = "left"
+    bad = tmp_path / "mic_0001_pick.star"
+    write_star(bad, coords)
+    lst = tmp_path / "coords.star"
+    write_star(lst, {"coordinate_files": pd.DataFrame({"rlnMicrographName": ["Micrographs/mic_0001.mrc"],
+                                                       "rlnMicrographCoordinates": [str(bad)]})})
+    rc, err = error_of(capsys, ["extract", "--i", str(mics_set / "micrographs_ctf.star"), "--coord_list", str(lst),
+                                "--extract_size", "64", "--o", "Extract/job001/", "--no_progress"])
+    assert rc == 2 and "mic_0001_pick.star" in err and "row 4" in err and "rlnCoordinateX" in err
+    assert not (tmp_path / "Extract").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--pool", "0"), ("--batch_size", "0"), ("--tau2_fudge", "0"),
+                                           ("--adaptive_fraction", "1.5"), ("--auto_iter_max", "0"),
+                                           ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
+                                           ("--particle_diameter", "nan")])
+def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
+    assert rc == 2 and option in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ no silent success
+
+
+@pytest.mark.parametrize("block, label, row, value, phrase", [
+    ("optics", "rlnVoltage", 0, 0.0, "rlnVoltage = 0"),
+    ("particles", "rlnDefocusU", 5, float("nan"), "rlnDefocusU = nan"),
+    ("particles", "rlnAngleTilt", 9, float("nan"), "rlnAngleTilt = nan"),
+    ("particles", "rlnOriginXAngst", 11, float("inf"), "rlnOriginXAngst = inf"),
+    ("optics", "rlnAmplitudeContrast", 0, 1.5, "rlnAmplitudeContrast = 1.5"),
+])
+def test_impossible_values_stop_reconstruct_and_refine(sub, small_set, tmp_path, capsys, block, label, row, value,
+                                                       phrase):
+    bad = edited(sub, block, label, row, value)
+    before = sha(bad)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(bad), "--o", str(tmp_path / "r" / "rec.mrc"), "--ctf"])
+    assert rc == 2 and phrase in err and bad.name in err
+    assert (f"row {row + 1} (" in err) if block == "particles" else ("optics group 1" in err)
+    out = tmp_path / "f"
+    rc, err2 = error_of(capsys, refine_argv(bad, small_set / "reference.mrc", out / "run"))
+    assert rc == 2 and phrase in err2
+    assert sha(bad) == before and not (tmp_path / "r").exists()
+    assert_only_log(out)
+    assert (out / "run.out").read_text().splitlines()[-1] == err2
+
+
+def test_drop_bad_particles_is_opt_in_and_counted(sub, tmp_path, capsys):
+    """reconstruct --drop_bad_particles leaves out the particles with impossible values and says how many."""
+    bad = edited(edited(sub, "particles", "rlnAngleRot", 3, float("nan")), "particles", "rlnDefocusV", 8, -5.0)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(bad), "--o", str(tmp_path / "x.mrc"), "--ctf"])
+    assert rc == 2 and not (tmp_path / "x.mrc").exists()
+    assert main(["reconstruct", "--i", str(bad), "--o", str(tmp_path / "x.mrc"), "--ctf", "--drop_bad_particles"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 of 40 particles (rlnDefocusV: 1, rlnAngleRot: 1)" in err
+    assert np.isfinite(read_map(tmp_path / "x.mrc")[0]).all()
+
+
+def test_single_particle_and_empty_half_set(sub, small_set, tmp_path, capsys):
+    t = read_particles(sub)
+    one = sub.with_name("one.star")
+    write_particles(one, replace(t, particles=t.particles.head(1)))
+    rc, err = error_of(capsys, refine_argv(one, small_set / "reference.mrc", tmp_path / "a" / "run"))
+    assert rc == 2 and "needs at least 2" in err
+    half = edited(sub, "particles", "rlnRandomSubset", -1, 1)
+    rc, err = error_of(capsys, refine_argv(half, small_set / "reference.mrc", tmp_path / "b" / "run"))
+    assert rc == 2 and "half-set 2 has no particles" in err
+    assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
+
+
+def test_reconstruct_subset_must_be_1_or_2(sub, tmp_path, capsys):
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3"])
+    assert rc == 2 and "--subset" in err and not (tmp_path / "x.mrc").exists()
+
+
+def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
+    stack = tmp_path / "stack.mrcs"
+    data = mrcfile.read(small_set / "particles.mrcs")[:40].copy()
+    data[17, 30, 30] = np.nan
+    with mrcfile.new(stack) as m:
+        m.set_data(data.astype(np.float32))
+        m.voxel_size = 2.5
+    t = read_particles(sub)
+    t.particles["rlnImageName"] = [f"{i + 1:06d}@{stack}" for i in range(40)]
+    star = tmp_path / "nan.star"
+    write_particles(star, t)
+    before = sha(stack)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
+    assert rc == 2 and "stack.mrcs: image 18 contains NaN" in err
+    out = tmp_path / "f"
+    rc, err = error_of(capsys, refine_argv(star, small_set / "reference.mrc", out / "run"))
+    assert rc == 2 and "stack.mrcs: image 18 contains NaN" in err
+    assert sha(stack) == before
+    assert_only_log(out)
+    assert (out / "run.out").read_text().splitlines()[-1] == err
+
+
+def _mics_copy(mics_set: Path, tmp_path: Path, n: int) -> Path:
+    """A micrographs STAR with the first n micrographs, copied (so they can be damaged)."""
+    blocks = read_star(mics_set / "micrographs_ctf.star")
+    mics = blocks["micrographs"].head(n).copy()
+    (tmp_path / "Micrographs").mkdir()
+    for name in mics["rlnMicrographName"]:
+        shutil.copy(mics_set / name, tmp_path / name)
+        shutil.copy(mics_set / name.replace(".mrc", "_pick.star"), tmp_path / name.replace(".mrc", "_pick.star"))
+    blocks["micrographs"] = mics
+    star = tmp_path / "mics.star"
+    write_star(star, blocks)
+    return star
+
+
+def test_nan_patch_under_a_particle(mics_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    star = _mics_copy(mics_set, tmp_path, 2)
+    mic = tmp_path / "Micrographs" / "mic_0002.mrc"
+    coords = read_star(tmp_path / "Micrographs" / "mic_0002_pick.star")
+    df = next(v for v in coords.values() if isinstance(v, pd.DataFrame))
+    x, y = int(df["rlnCoordinateX"].iloc[2]), int(df["rlnCoordinateY"].iloc[2])
+    with mrcfile.open(mic, "r+") as m:
+        m.data[y - 2:y + 2, x - 2:x + 2] = np.nan
+    before = sha(mic)
+    argv = ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "64", "--norm",
+            "--o", "Extract/job001/", "--no_progress"]
+    rc, err = error_of(capsys, argv)
+    assert rc == 2 and "mic_0002.mrc" in err and "particle 3" in err and "NaN" in err
+    assert not Path("Extract").exists() and sha(mic) == before
+    assert main([*argv, "--skip_nonfinite"]) == 0
+    out = capsys.readouterr().out
+    assert "1 particles skipped: NaN or infinite pixels" in out
+    n = len(df) + len(next(v for v in read_star(tmp_path / "Micrographs" / "mic_0001_pick.star").values()
+                            if isinstance(v, pd.DataFrame)))
+    assert read_particles("Extract/job001/particles.star").nr_particles == n - 1
+
+
+def test_missing_micrograph_without_skip_missing(mics_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    star = _mics_copy(mics_set, tmp_path, 3)
+    (tmp_path / "Micrographs" / "mic_0003.mrc").unlink()
+    rc, err = error_of(capsys, ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "64",
+                                "--o", "Extract/job001/", "--no_progress"])
+    assert rc == 2 and "mic_0003.mrc" in err and "--skip_missing" in err
+    assert not Path("Extract").exists()
+
+
+# ------------------------------------------------------------------------------------------------ leftovers
+
+
+def test_unreadable_later_micrograph_leaves_no_stacks(mics_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    star = _mics_copy(mics_set, tmp_path, 3)
+    mic = tmp_path / "Micrographs" / "mic_0003.mrc"
+    mic.write_bytes(mic.read_bytes()[:2000])        # truncated: the first two extract, the third cannot be read
+    rc, err = error_of(capsys, ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "64",
+                                "--o", "Extract/job001/", "--no_progress"])
+    assert rc == 2 and "mic_0003.mrc" in err
+    assert not Path("Extract").exists(), files_under(Path("Extract"))
+
+
+# ------------------------------------------------------------------------------------------------ --continue
+
+
+@pytest.fixture(scope="module")
+def one_iteration(small_set, tmp_path_factory):
+    """A 40-particle refinement stopped after iteration 1 (its files are the base of the --continue tests)."""
+    work = tmp_path_factory.mktemp("cont")
+    t = read_particles(small_set / "particles.star")
+    p = t.particles.head(40).copy()
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    star = work / "p.star"
+    write_particles(star, replace(t, particles=p.reset_index(drop=True)))
+    assert main(refine_argv(star, small_set / "reference.mrc", work / "A" / "run")) == 0
+    return work
+
+
+@pytest.mark.parametrize("missing", ["_sampling.star", "_data.star", "_half2_model.star", "_half1_class001.mrc"])
+def test_continue_with_a_missing_iteration_file(one_iteration, tmp_path, capsys, missing):
+    src = tmp_path / "A"
+    shutil.copytree(one_iteration / "A", src)
+    (src / f"run_it001{missing}").unlink()
+    rc, err = error_of(capsys, ["refine", "--continue", str(src / "run_it001_optimiser.star"),
+                                "--o", str(tmp_path / "B" / "run"), "--quiet"])
+    assert rc == 2 and f"run_it001{missing}" in err and "no such file" in err
+    assert_only_log(tmp_path / "B")
+
+
+def test_continue_with_a_file_of_another_run(one_iteration, tmp_path, capsys):
+    """The sampling file says C1 while the run was D2: named, not carried on from."""
+    src = tmp_path / "A"
+    shutil.copytree(one_iteration / "A", src)
+    blocks = read_star(src / "run_it001_sampling.star")
+    blocks["sampling_general"]["rlnSymmetryGroup"] = "C1"
+    write_star(src / "run_it001_sampling.star", blocks)
+    rc, err = error_of(capsys, ["refine", "--continue", str(src / "run_it001_optimiser.star"), "--sym", "D2",
+                                "--o", str(tmp_path / "B" / "run"), "--quiet"])
+    assert rc == 2 and "run_it001_sampling.star" in err and "symmetry C1" in err
+    assert_only_log(tmp_path / "B")
+
+
+# ------------------------------------------------------------------------------------------------ kill -9
+
+
+def _masked_corr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    w = mask > 0.5
+    return float(np.corrcoef(a[w], b[w])[0, 1])
+
+
+def _fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    n = a.shape[0]
+    k = [np.fft.fftfreq(n, 1 / n)] * 2 + [np.arange(n // 2 + 1)]
+    r = np.round(np.sqrt(sum(g ** 2 for g in np.meshgrid(*k, indexing="ij")))).astype(int).ravel()
+    num = np.bincount(r, (fa * fb.conj()).real.ravel())
+    den = np.sqrt(np.bincount(r, (abs(fa) ** 2).ravel()) * np.bincount(r, (abs(fb) ** 2).ravel()))
+    return (num / np.maximum(den, 1e-30))[: n // 2 + 1]
+
+
+def test_kill_9_during_an_estep_then_continue_gives_the_same_map(small_set, tmp_path):
+    """SIGKILL during iteration 2's E-step: only complete files of finished iterations are left, and
+    --continue from the last one reaches the uninterrupted run's iteration-2 maps."""
+    t = read_particles(small_set / "particles.star")
+    p = t.particles.head(120).copy()
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    star = tmp_path / "p.star"
+    write_particles(star, replace(t, particles=p.reset_index(drop=True)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    common = ["--sym", "D2", "--ini_high", "50", "--particle_diameter", "150", "--random_seed", "7", "--j", "1",
+              "--batch_size", "8", "--auto_iter_max", "2"]
+
+    def refine(out: Path, *extra: str) -> subprocess.Popen:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(out.parent / "stdout.txt", "w")
+        return subprocess.Popen([sys.executable, "-m", "cryorefine", "refine", "--i", str(star), "--ref",
+                                 str(small_set / "reference.mrc"), "--o", str(out), *common, *extra],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+    a = refine(tmp_path / "A" / "run")
+    assert a.wait(timeout=600) == 0
+    b_root = tmp_path / "B" / "run"
+    b = refine(b_root)
+    log = Path(f"{b_root}.out")
+    killed_at = None
+    while b.poll() is None:
+        text = log.read_text() if log.exists() else ""
+        tail = text.split("Expectation iteration 2")[1].splitlines() if "Expectation iteration 2" in text else []
+        if any(line.startswith(" E-step half") and " 0/" not in line and "(100%)" not in line for line in tail):
+            b.send_signal(signal.SIGKILL)
+            killed_at = tail[-1]
+            break
+        time.sleep(0.05)
+    b.wait(timeout=60)
+    assert killed_at is not None and b.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    names = files_under(tmp_path / "B")
+    assert not [n for n in names if "it002" in n], names
+    assert not [n for n in names if ".tmp" in n], names
+    for n in names:                                   # every file left is complete and readable
+        path = tmp_path / "B" / n
+        if n.endswith(".star"):
+            read_star(path)
+        elif n.endswith(".mrc"):
+            read_map(path)
+    c = subprocess.run([sys.executable, "-m", "cryorefine", "refine", "--continue",
+                        f"{b_root}_it001_optimiser.star", "--o", str(b_root), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr
+    mask, _ = read_map(small_set / "mask.mrc")
+    res = float(read_star(tmp_path / "A" / "run_it002_half1_model.star")["model_general"]["rlnCurrentResolution"])
+    for h in (1, 2):
+        ma, _ = read_map(tmp_path / "A" / f"run_it002_half{h}_class001.mrc")
+        mb, _ = read_map(tmp_path / "B" / f"run_it002_half{h}_class001.mrc")
+        n = ma.shape[0]
+        shell = int(n * 2.5 / res)
+        corr, fsc = _masked_corr(ma, mb, mask), _fsc(ma, mb)[1:shell + 1]
+        print(f"half {h}: masked correlation {corr:.6f}, FSC >= {fsc.min():.5f} up to {res:.2f} A (shell {shell}); "
+              f"killed at: {killed_at.strip()}")
+        assert corr >= 0.999
+        assert np.all(fsc >= 0.99), (h, shell, fsc)
