@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -237,98 +238,121 @@ def _safe(title: str, make: Callable[[], Section], errors: list[str]) -> Section
         return Section(title, f'<p class="note">Not available: {esc(type(exc).__name__)}: {esc(exc)}</p>')
 
 
+@dataclass
+class Facts:
+    """What the page's summary and sections share: the run's files and numbers read once."""
+
+    run: R.RunFiles
+    name: str                        # figure-file prefix, `<run name>_report`
+    sym: str
+    sampling_order: int
+    command: str
+    version: str
+    mask_path: str | None
+    diameter_A: float
+    poses: pd.DataFrame
+    postprocess: R.PostprocessFiles | None
+
+
+def _recorded_postprocess(json_path: Path, given: str | None) -> str | None:
+    """The postprocess STAR to include: the given one, else the one an earlier report recorded (if it exists)."""
+    if given is None and json_path.exists():
+        try:
+            given = json.loads(json_path.read_text()).get("postprocess")
+        except (OSError, ValueError):
+            given = None
+    return given if given and Path(given).exists() else None
+
+
+def read_facts(run: R.RunFiles, postprocess: str | None) -> Facts:
+    """Read the result files' shared numbers (optimiser, sampling, data STAR; optional postprocess STAR)."""
+    files = run.result_files
+    opt = read_star(files["optimiser"])["optimiser_general"]
+    samp = read_star(files["sampling"])["sampling_general"]
+    header = _optimiser_header(files["optimiser"])
+    mask = str(opt.get("rlnSolventMaskName", "None"))
+    pp = R.read_postprocess(postprocess) if postprocess else None
+    if mask == "None" and pp is not None and pp.general.get("rlnMaskName"):
+        mask = str(pp.general["rlnMaskName"])
+    return Facts(run=run, name=Path(run.root).name + "_report", sym=str(samp["rlnSymmetryGroup"]),
+                 sampling_order=int(samp["rlnHealpixOrder"]),
+                 command=run.log.command_line or (header[1] if len(header) > 1 else ""),
+                 version=next((h for h in header if "version" in h), f"cryorefine {__version__}"),
+                 mask_path=None if mask == "None" else mask, diameter_A=float(opt.get("rlnParticleDiameter", 0) or 0),
+                 poses=R.pose_arrays(files["data"]), postprocess=pp)
+
+
+def build_sections(f: Facts, errors: list[str], out: dict) -> list[Section]:
+    """Every section of the page in order; `out` collects the numbers the JSON record keeps."""
+    run, name = f.run, f.name
+
+    def keep(key: str, make: Callable[[], tuple[Section, object]]) -> Callable[[], Section]:
+        def _make() -> Section:
+            sec, out[key] = make()
+            return sec
+        return _make
+    sections = [_safe("Gold-standard FSC", keep("resolution_A", lambda: fsc_section(run, name)), errors)]
+    if f.postprocess is not None:
+        sections.append(_safe("Postprocess", lambda: postprocess_section(f.postprocess, name), errors))
+    sections += [
+        _safe("Iterations", keep("table", lambda: iterations_section(run, name)), errors),
+        _safe("Angular distribution", keep("angular_distribution", lambda: angdist_section(
+            run, name, f.poses, f.sym, f.sampling_order)), errors),
+        _safe("Maps", lambda: maps_section(run, name, f.mask_path, f.diameter_A), errors),
+        _safe("Per-particle statistics", lambda: histograms_section(run, name, f.poses, f.sym), errors)]
+    return sections
+
+
+def summary_rows(f: Facts, resolution_A: float | None) -> list[tuple[str, object]]:
+    """The summary table: run, status, command line, version, inputs, point group, particles, resolution, time,
+    memory."""
+    run, log = f.run, f.run.log
+    halves = np.bincount(np.asarray(f.poses.get("rlnRandomSubset", np.zeros(len(f.poses))), int), minlength=3)
+    if log.wall_time_s is not None:
+        wall = f"{log.wall_time_s:.0f} s"
+    else:
+        wall = f"{sum(log.times.values()):.0f} s so far (sum of iteration times)" if log.times else "—"
+    rows = [("run", run.root), ("status", run.status()), ("command line", f.command or "—"), ("version", f.version),
+            *((f"input: {k}", v) for k, v in R.input_files(f.command).items()),
+            ("point group", f.sym), ("box / pixel size", _box_text(run.result_files["model"])),
+            ("particles", f"{len(f.poses)} ({halves[1]} in half 1, {halves[2]} in half 2)"),
+            ("iterations written", f"{run.iterations[0]}–{run.last}"),
+            ("resolution" + (" (final)" if run.finished else f" (iteration {run.last})"),
+             f"{resolution_A:.2f} Å" if resolution_A else "—")]
+    if f.postprocess is not None:
+        rows.append(("resolution after postprocess", f"{float(f.postprocess.general['rlnFinalResolution']):.2f} Å"))
+    peak = f"{log.peak_memory_gib:.2f} GiB" if log.peak_memory_gib is not None else "— (logged at the end)"
+    return rows + [("wall time", wall), ("peak memory (RSS)", peak)]
+
+
 def write_report(root: str, postprocess: str | None = None) -> Path:
     """Write `<root>_report.html`, its PNGs and `<root>_report.json`; returns the HTML path.
 
     `postprocess`: a postprocess STAR to include; default: the one recorded in an earlier report's JSON."""
     t0 = time.time()
     run = R.open_run(root)
-    root = run.root
-    html_path, json_path = report_paths(root)
-    name = Path(root).name + "_report"
-    if postprocess is None and json_path.exists():
-        try:
-            postprocess = json.loads(json_path.read_text()).get("postprocess")
-        except (OSError, ValueError):
-            postprocess = None
-    if postprocess and not Path(postprocess).exists():
-        postprocess = None
-
-    res_files = run.result_files
-    opt_path = res_files["optimiser"]
-    opt = read_star(opt_path)["optimiser_general"]
-    samp = read_star(res_files["sampling"])["sampling_general"]
-    sym = str(samp["rlnSymmetryGroup"])
-    header = _optimiser_header(opt_path)
-    command = run.log.command_line or (header[1] if len(header) > 1 else "")
-    version = next((h for h in header if "version" in h), f"cryorefine {__version__}")
-    inputs = R.input_files(command)
-    mask_path = None if str(opt.get("rlnSolventMaskName", "None")) == "None" else str(opt["rlnSolventMaskName"])
-    poses = R.pose_arrays(res_files["data"])
-    halves = np.bincount(np.asarray(poses.get("rlnRandomSubset", np.zeros(len(poses))), int), minlength=3)
-
+    html_path, json_path = report_paths(run.root)
+    postprocess = _recorded_postprocess(json_path, postprocess)
+    facts = read_facts(run, postprocess)
     errors: list[str] = []
-    sections: list[Section] = []
-    res_holder: dict = {}
-
-    def _fsc() -> Section:
-        sec, res_holder["res"] = fsc_section(run, name)
-        return sec
-    sections.append(_safe("Gold-standard FSC", _fsc, errors))
-    pp = None
-    if postprocess:
-        pp = R.read_postprocess(postprocess)
-        if mask_path is None and pp.general.get("rlnMaskName"):
-            mask_path = str(pp.general["rlnMaskName"])
-        sections.append(_safe("Postprocess", lambda: postprocess_section(pp, name), errors))
-    table_holder: dict = {}
-
-    def _its() -> Section:
-        sec, table_holder["table"] = iterations_section(run, name)
-        return sec
-    sections.append(_safe("Iterations", _its, errors))
-    ang_holder: dict = {}
-
-    def _ang() -> Section:
-        sec, ang_holder["summary"] = angdist_section(run, name, poses, sym, int(samp["rlnHealpixOrder"]))
-        return sec
-    sections.append(_safe("Angular distribution", _ang, errors))
-    diameter = float(opt.get("rlnParticleDiameter", 0) or 0)
-    sections.append(_safe("Maps", lambda: maps_section(run, name, mask_path, diameter), errors))
-    sections.append(_safe("Per-particle statistics", lambda: histograms_section(run, name, poses, sym), errors))
-
+    kept: dict = {}
+    sections = build_sections(facts, errors, kept)
     status, css = _status(run)
-    wall = run.log.wall_time_s
-    if wall is None and run.log.times:
-        wall_txt = f"{sum(run.log.times.values()):.0f} s so far (sum of iteration times)"
-    else:
-        wall_txt = f"{wall:.0f} s" if wall is not None else "—"
-    res = res_holder.get("res")
-    summary = [("run", root), ("status", run.status()), ("command line", command or "—"), ("version", version),
-               *((f"input: {k}", v) for k, v in inputs.items()),
-               ("point group", sym), ("box / pixel size", _box_text(res_files["model"])),
-               ("particles", f"{len(poses)} ({halves[1]} in half 1, {halves[2]} in half 2)"),
-               ("iterations written", f"{run.iterations[0]}–{run.last}"),
-               ("resolution" + (" (final)" if run.finished else f" (iteration {run.last})"),
-                f"{res:.2f} Å" if res else "—")]
-    if pp is not None:
-        summary.append(("resolution after postprocess", f"{float(pp.general.get('rlnFinalResolution')):.2f} Å"))
-    summary += [("wall time", wall_txt), ("peak memory (RSS)", f"{run.log.peak_memory_gib:.2f} GiB"
-                                          if run.log.peak_memory_gib is not None else "— (logged at the end)")]
     footer = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by cryorefine {__version__} "
-              f"(cryorefine report {root}) in {time.time() - t0:.1f} s.")
+              f"(cryorefine report {run.root}) in {time.time() - t0:.1f} s.")
     if errors:
         footer += " Sections not drawn: " + "; ".join(errors)
-    text = render(f"cryorefine auto-refine report: {root}", status, css, summary, sections,
+    text = render(f"cryorefine auto-refine report: {run.root}", status, css,
+                  summary_rows(facts, kept.get("resolution_A")), sections,
                   refresh_s=REFRESH_S if run.status() == "in progress" else None, footer=footer)
     for sec in sections:
         for fig in sec.figures:
-            _write_bytes(Path(root).parent / f"{fig.name}.png", fig.png)
+            _write_bytes(Path(run.root).parent / f"{fig.name}.png", fig.png)
     _write_bytes(html_path, text.encode("utf-8"))
-    table = table_holder.get("table")
-    record = {"root": root, "status": run.status(),
+    table = kept.get("table")
+    record = {"root": run.root, "status": run.status(),
               "postprocess": str(Path(postprocess).resolve()) if postprocess else None,
-              "resolution_A": res, "angular_distribution": ang_holder.get("summary"),
+              "resolution_A": kept.get("resolution_A"), "angular_distribution": kept.get("angular_distribution"),
               "iterations": json.loads(table.to_json(orient="records")) if table is not None else [],
               "errors": errors}
     _write_bytes(json_path, json.dumps(record, indent=1).encode("utf-8"))
