@@ -98,3 +98,19 @@ def test_accumulator_reduce_sums_every_field():
             assert all(np.all(a == 2) for a in v.values()), f.name
         else:
             assert np.all(np.asarray(v) == 2), f.name
+
+
+def test_one_thread_count_for_numba_and_blas():
+    import numba
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cryorefine.parallel.threads import limit_threads
+    before = numba.get_num_threads()
+    blas_before = max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"], default=1)
+    try:
+        limit_threads(1)
+        assert numba.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    finally:
+        numba.set_num_threads(before)
+        threadpool_limits(limits=blas_before, user_api="blas")

@@ -64,6 +64,8 @@ def _project_impl(ft3d, rot, kx, ky, pad, r_max, out):
         i = b // nblk
         jlo = (b % nblk) * _BLOCK
         jhi = min(jlo + _BLOCK, m)
+        # the slice plane's axes (A's first two rows) scaled by pad, as scalars so numba keeps them in registers
+        # (the same six lines open the insertion kernel on purpose)
         a00 = pad * rot[i, 0, 0]
         a01 = pad * rot[i, 0, 1]
         a02 = pad * rot[i, 0, 2]
@@ -167,6 +169,7 @@ def _backproject_impl(data, weight, rot, kx, ky, values, weights, pad, r2max, bo
         zlo = bounds[s]
         zhi = bounds[s + 1]
         for i in range(n):
+            # the slice plane's axes scaled by pad, as in the projection kernel
             a00 = pad * rot[i, 0, 0]
             a01 = pad * rot[i, 0, 1]
             a02 = pad * rot[i, 0, 2]

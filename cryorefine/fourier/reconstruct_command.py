@@ -249,9 +249,8 @@ def run(args: argparse.Namespace) -> int:
     require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
     require(args.batch >= 1, "--batch: must be positive")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
-    if args.threads > 0:
-        import numba
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    from cryorefine.parallel.threads import limit_threads
+    limit_threads(args.threads)
     with option_error("--sym"):
         symmetry_matrices(args.sym)
     require(args.subset in (-1, 1, 2), f"--subset: must be 1 or 2 (got {args.subset})")

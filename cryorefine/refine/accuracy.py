@@ -46,14 +46,15 @@ def expected_accuracies(proj: Projector, ps: PixelSet, ctf: NDArray[np.float32],
 
 
 def estimate_accuracy(state: RunState, proj: Projector, rng: np.random.Generator) -> tuple[float, float]:
-    """Accuracy of rotations (deg) and translations (Å) on the first 100 half-1 particles against the half-1
-    reference (spec §5.1)."""
+    """Accuracy of rotations (deg) and translations (Å) on the first 100 half-1 particles of the first optics
+    group that has half-1 particles, against the half-1 reference (spec §5.1)."""
     data = state.data
     rows = np.nonzero(data.subset == 1)[0]
-    rows = rows[data.optics_index[rows] == 0][:100]
-    og = data.optics[0]
+    o = int(data.optics_index[rows].min())        # half-sets are never empty (refine.command checks)
+    rows = rows[data.optics_index[rows] == o][:100]
+    og = data.optics[o]
     ps = pixel_set(og.box, state.counters.current_size, og.model_scale)
     ctf = ctf_on_pixels(data, rows, ps.kx, ps.ky, state.opts.ctf)
-    return expected_accuracies(proj, ps, ctf, 1.0 / state.models[0].sigma2[0], state.poses.rot[rows],
+    return expected_accuracies(proj, ps, ctf, 1.0 / state.models[0].sigma2[o], state.poses.rot[rows],
                                state.poses.tilt[rows], state.poses.psi[rows], og.angpix, rng,
                                project=state.backend.project)

@@ -378,9 +378,8 @@ def run(args: argparse.Namespace) -> int:
         continue_arguments(args, given_dests(getattr(args, "_argv", None) or []))
     opts = options_from_args(args)
     check_output_folder(Path(opts.fn_out).parent)
-    if opts.threads > 0:
-        import numba
-        numba.set_num_threads(min(opts.threads, numba.config.NUMBA_NUM_THREADS))
+    from cryorefine.parallel.threads import limit_threads
+    limit_threads(opts.threads)
     from cryorefine.parallel.mpi import get_reducer
     reducer = get_reducer()
     before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)

@@ -86,6 +86,10 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
             ps_f, ps_c = pixel_set(og.box, size_o, og.model_scale), pixel_set(og.box, csize_o, og.model_scale)
             if o not in caches:
                 caches[o] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project)
+                if not grid.local and caches[o].fine is None:
+                    n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
+                    state.log.line(f" Fine projections of optics group {og.number} are not cached (they would "
+                                   f"take {n_fine * ps_f.m * 8 / 2 ** 30:.1f} GiB): they are computed per batch")
             local = None
             if grid.local:
                 local = local_window(grid, state.poses.rot[rows], state.poses.tilt[rows], state.poses.psi[rows],
