@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "image-handler": ("cryorefine.tools.image_handler", "rescale / re-box / filter maps and stacks "
                       "(relion_image_handler)"),
     "postprocess": ("cryorefine.tools.postprocess", "masked, phase-randomisation-corrected FSC and B-factor sharpening (relion_postprocess)"),
+    "report": ("cryorefine.report.command", "HTML report with figures of a refinement (FSC, angular distribution, maps)"),
 }
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"

@@ -370,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.refine.log import RunLog, timestamp
     from cryorefine.refine.loop import run_refinement
     from cryorefine.refine.setup import initialise
+    from cryorefine.report import refresh_report
     from cryorefine.validate import check_half_sets, check_output_folder, existing
 
     t_start = time.time()
@@ -398,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         run_ = run_refinement(state)
         for line in summary_lines(run_, time.time() - t_start, peak_memory_gib()):
             log.line(line)
+        if reducer.is_leader:
+            refresh_report(opts.fn_out, log.line)
     except InputError as exc:
         if reducer.is_leader:
             remove_failed_outputs(opts.fn_out, before, log)

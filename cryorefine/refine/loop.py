@@ -29,6 +29,7 @@ from cryorefine.refine.expectation import expectation_half, gather_poses
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import RunState
+from cryorefine.report import refresh_report
 
 
 def run_refinement(state: RunState) -> RunState:
@@ -44,6 +45,8 @@ def run_refinement(state: RunState) -> RunState:
         t0 = time.time()
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
+        if state.reducer.is_leader:
+            refresh_report(opts.fn_out, state.log.line)
         if state.backend.memory_note():
             state.log.line(f" {state.backend.memory_note()}")
         if state.counters.has_converged:

@@ -9,12 +9,11 @@ import numpy as np
 import pandas as pd
 
 from cryorefine import __version__
-from cryorefine.geometry.euler import projection_direction
-from cryorefine.geometry.healpix import healpix_vectors
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.io.mrc import write_map
 from cryorefine.io.star import write_particles, write_star
 from cryorefine.refine.orientations import make_grid
+from cryorefine.report.bild import angdist_bild
 
 RELION_VERSION_TAG = "50001"
 
@@ -155,25 +154,6 @@ def sampling_blocks(run) -> dict:
     return {"sampling_general": general, "sampling_directions": dirs}
 
 
-def angdist_bild(rot: np.ndarray, tilt: np.ndarray, box: int, angpix: float) -> str:
-    """ChimeraX .bild cylinders of the viewing-direction distribution (RELION's _angdist.bild)."""
-    order = 3
-    vecs = healpix_vectors(order)
-    d = projection_direction(rot, tilt)
-    counts = np.bincount(np.argmax(d @ vecs.T, axis=1), minlength=len(vecs))
-    mx = max(counts.max(), 1)
-    r0 = box * angpix / 2
-    lines = []
-    for v, n in zip(vecs, counts):
-        if n == 0:
-            continue
-        f = n / mx
-        lines.append(f".color {f:.3f} 0 {1 - f:.3f}")
-        a, b = v * r0, v * (r0 + 0.3 * r0 * f + 1)
-        lines.append(f".cylinder {a[0]:.2f} {a[1]:.2f} {a[2]:.2f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {angpix * 2:.2f}")
-    return "\n".join(lines) + "\n"
-
-
 def _write_text(path: str, text: str) -> None:
     """Atomically write a small text file."""
     from cryorefine.io.atomic import atomic_path
@@ -198,7 +178,7 @@ def write_iteration(run, it: int, final: bool) -> None:
         for h in (1, 2):
             sel = run.data.subset == h
             _write_text(f"{root}_half{h}_class001_angdist.bild",
-                        angdist_bild(p.rot[sel], p.tilt[sel], run.box, run.angpix))
+                        angdist_bild(p.rot[sel], p.tilt[sel], run.box, run.angpix, o.sym, run.sampling.healpix_order))
     # the optimiser file is written last: its presence means the iteration's files are all complete
     write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)},
                comment=header)
@@ -213,4 +193,4 @@ def write_iteration(run, it: int, final: bool) -> None:
                    comment=header)
         write_star(f"{fin}_sampling.star", sampling_blocks(run))
         _write_text(f"{fin}_class001_angdist.bild",
-                    angdist_bild(run.poses.rot, run.poses.tilt, run.box, run.angpix))
+                    angdist_bild(run.poses.rot, run.poses.tilt, run.box, run.angpix, o.sym, run.sampling.healpix_order))

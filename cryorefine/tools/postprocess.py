@@ -523,4 +523,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  + written: {map_name}" + (f", {masked_name}" if masked_name else "") + f", {root}.star")
     print(f"FINAL RESOLUTION: {res.resolution_A:.2f} Å; B-factor used for sharpening: {res.bfactor:.2f} Å^2"
           + (" (unmasked FSC)" if res.unmasked_used else ""))
+    from cryorefine.report import refresh_postprocess_report
+    refresh_postprocess_report(half1_name, root + ".star")
     return 0
