@@ -280,3 +280,17 @@ def test_report_module_is_imported_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_report_refresh_during_a_run_is_throttled(monkeypatch):
+    """The page is redrawn only when the time since the last drawing is >= ratio x its cost."""
+    import cryorefine.report as rep
+    calls = []
+    clock = iter([0.0, 2.0, 3.0, 25.0, 27.0]).__next__
+    monkeypatch.setattr(rep, "refresh_report", lambda root, log=None, postprocess=None: calls.append(root))
+    r = rep.ThrottledReport(ratio=10.0)
+    r._clock = clock
+    assert r.maybe_refresh("a")            # first: drawn (0 -> 2 s: cost 2 s)
+    assert not r.maybe_refresh("a")        # at 3 s: 1 s after, < 20 s
+    assert r.maybe_refresh("a")            # at 25 s: 23 s after the last drawing ended
+    assert calls == ["a", "a"]

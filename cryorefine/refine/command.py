@@ -347,7 +347,8 @@ def remove_failed_outputs(root: str, before: set[str], log) -> None:
     """After a failure: remove this run's files of unfinished iterations (and iteration 0's if none finished)."""
     from cryorefine.validate import created_since
     folder, prefix = Path(root).parent, Path(root).name
-    new = [p for p in created_since(before, folder, prefix) if not p.name.endswith(".out")]
+    # the log and the report (which describes the iterations that are kept) stay
+    new = [p for p in created_since(before, folder, prefix) if not p.name.endswith(".out") and "_report" not in p.name]
     done = [int(m.group(1)) for p in new if (m := re.search(r"_it(\d{3,})_optimiser\.star$", p.name))]
     done = [i for i in done if i > 0 and (Path(f"{root}_it{i:03d}_sampling.star")).is_file()]
     last = max(done, default=-1)

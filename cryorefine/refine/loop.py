@@ -29,7 +29,7 @@ from cryorefine.refine.expectation import expectation_half, gather_poses
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import RunState
-from cryorefine.report import refresh_report
+from cryorefine.report import ThrottledReport
 
 
 def run_refinement(state: RunState) -> RunState:
@@ -39,6 +39,7 @@ def run_refinement(state: RunState) -> RunState:
     if state.start_iteration == 1 and state.reducer.is_leader:
         outputs.write_iteration(state, 0, final=False)
     it = state.start_iteration
+    report = ThrottledReport()
     while True:
         state = replace(state, counters=cnt.with_convergence(state.counters, opts.auto_ignore_angles))
         log_iteration_start(state, it)
@@ -46,7 +47,7 @@ def run_refinement(state: RunState) -> RunState:
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
         if state.reducer.is_leader:
-            refresh_report(opts.fn_out, state.log.line)
+            report.maybe_refresh(opts.fn_out, state.log.line)
         if state.backend.memory_note():
             state.log.line(f" {state.backend.memory_note()}")
         if state.counters.has_converged:

@@ -23,6 +23,29 @@ def refresh_report(root: str, log: Callable[[str], None] | None = None, postproc
         (log or print)(msg)
 
 
+class ThrottledReport:
+    """refresh_report during a run, drawn only when the time since the last drawing is at least `ratio` times what
+    that drawing took, so the page costs at most ~1/ratio of the run's time (drawing takes seconds; a small
+    refinement's iterations take seconds too). The final page is drawn unconditionally by `refresh_report`."""
+
+    def __init__(self, ratio: float = 10.0):
+        import time
+        self._clock = time.monotonic
+        self.ratio = ratio
+        self.last_end: float | None = None
+        self.last_cost = 0.0
+
+    def maybe_refresh(self, root: str, log: Callable[[str], None] | None = None) -> bool:
+        """Redraw the page if it is due; returns whether it was drawn."""
+        now = self._clock()
+        if self.last_end is not None and now - self.last_end < self.ratio * self.last_cost:
+            return False
+        refresh_report(root, log)
+        self.last_end = self._clock()
+        self.last_cost = self.last_end - now
+        return True
+
+
 def refresh_postprocess_report(half1_map: str, postprocess_star: str) -> None:
     """After `postprocess`: redraw the report of the refine run whose half map was --i, now with the
     postprocess curves; never raises."""
