@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
 from cryorefine.fourier import backprojector as bpm
-from cryorefine.fourier.ctf import ctf_values
+from cryorefine.fourier.aberrations import demodulate, model_ctf  # issue 14: optics aberrations
 from cryorefine.fourier.filters import lowpass_raised_cosine, soft_sphere_mask
 from cryorefine.fourier.projector import make_projector
 from cryorefine.geometry.sampling import angular_step
@@ -332,7 +332,7 @@ def estimate_accuracy(run: Run, proj) -> tuple[float, float]:
     rows = np.nonzero(run.data.subset == 1)[0]
     rows = rows[run.data.optics_index[rows] == 0][:100]
     og = run.data.optics[0]
-    ps = pixel_set(og.box, run.counters.current_size, og.model_scale)
+    ps = pixel_set(og.box, run.counters.current_size, og.model_scale, og.mag)  # issue 14: + og.mag
     ctf = _ctf(run, rows, ps)
     isig = 1.0 / run.models[0].sigma2[0]
     return expected_accuracies(proj, ps, ctf, isig, run.poses.rot[rows], run.poses.tilt[rows], run.poses.psi[rows],
@@ -340,11 +340,13 @@ def estimate_accuracy(run: Run, proj) -> tuple[float, float]:
 
 
 def _ctf(run: Run, rows: NDArray[np.int64], ps) -> NDArray[np.float32]:
-    """CTF values (n, m) on a pixel set, or ones without --ctf."""
+    """CTF values (n, m) on a pixel set, or ones without --ctf (CTF(M k) with even Zernikes, |CTF| for
+    phase-flipped data, CTF² for premultiplied data: fourier.aberrations.model_ctf)."""
     if not run.opts.ctf:
         return np.ones((len(rows), ps.m), np.float32)
     og = run.data.optics[int(run.data.optics_index[rows[0]])]
-    return ctf_values(run.data.ctf.subset(rows), ps.kx, ps.ky, og.box, og.angpix).astype(np.float32)
+    # issue 14: optics aberrations (was ctf_values(..., ps.kx, ps.ky, og.box, og.angpix))
+    return model_ctf(run.data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky).astype(np.float32)
 
 
 def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses, rmax: float) -> HalfAccumulator:
@@ -362,7 +364,7 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
     if not grid.local:
         with np.errstate(divide="ignore"):
             log_pdf = np.log(model.pdf_direction)
-    caches: dict[int, ProjectionCache] = {}
+    caches: dict[tuple, ProjectionCache] = {}   # issue 14: one per (box, angpix, mag matrix), not per group
     prior_x = column(data.table, "rlnOriginXPriorAngst", 0.0)
     prior_y = column(data.table, "rlnOriginYPriorAngst", 0.0)
     with run.log.progress(f"E-step half {half}", len(rows_half)) as advance:
@@ -371,8 +373,8 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
             og = data.optics[o]
             size_o = min(og.box, 2 * math.ceil(0.5 * c.current_size / og.model_scale))
             csize_o = min(size_o, 2 * math.ceil(0.5 * c.coarse_size / og.model_scale))
-            ps_f = pixel_set(og.box, size_o, og.model_scale)
-            ps_c = pixel_set(og.box, csize_o, og.model_scale)
+            ps_f = pixel_set(og.box, size_o, og.model_scale, og.mag)    # issue 14: + og.mag
+            ps_c = pixel_set(og.box, csize_o, og.model_scale, og.mag)   # issue 14: + og.mag
             shells_o = len(model.sigma2[o])
             if scale_shells is not None:
                 sc = np.zeros(shells_o, bool)
@@ -384,8 +386,9 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
             norm_factor = (model.norm_average / run.poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
             prep = prepare_batch(data, rows, run.poses.origin_x[rows], run.poses.origin_y[rows], norm_factor,
                                  *particle_mask(opts, run.angpix, og.angpix))
-            flat_m = prep.masked.reshape(len(rows), -1)
-            flat_u = prep.unmasked.reshape(len(rows), -1)
+            # issue 14: odd aberrations (beam tilt, odd Zernikes) demodulated from the data, as RELION does
+            flat_m = demodulate(prep.masked, og.optics_model).reshape(len(rows), -1)
+            flat_u = demodulate(prep.unmasked, og.optics_model).reshape(len(rows), -1)
             power = shell_power(prep.masked, og.box)
             power[:, : size_o // 2 + 1] = 0.0
             scale = model.group_scales[data.group[rows]] if model.group_scales is not None else np.ones(len(rows))
@@ -397,12 +400,13 @@ def expectation_half(run: Run, half: int, proj, grid, cc: bool, new_poses: Poses
             if grid.local:
                 local = local_window(grid, run.poses.rot[rows], run.poses.tilt[rows], run.poses.psi[rows],
                                      run.sampling.sigma_ang)
-            if o not in caches:
-                caches[o] = ProjectionCache(proj, grid, ps_c, ps_f)
+            key = og.optics_model.projection_key    # issue 14: groups with equal key share projections
+            if key not in caches:
+                caches[key] = ProjectionCache(proj, grid, ps_c, ps_f)
             st = PassSettings(grid, make_translations(run.sampling.offset_range, run.sampling.offset_step, og.angpix,
                                                       run.sampling.oversampling, run.sampling.perturb),
                               ps_c, ps_f, 1.0 / model.sigma2[o], opts.adaptive_fraction, cc, model.sigma_offset,
-                              log_pdf, local, sc, model.norm_average, opts.maxsig, caches[o])
+                              log_pdf, local, sc, model.norm_average, opts.maxsig, caches[key])
             res = expectation_batch(inp, proj, st, acc)
             new_poses.rot[rows], new_poses.tilt[rows], new_poses.psi[rows] = res.rot, res.tilt, res.psi
             new_poses.origin_x[rows], new_poses.origin_y[rows] = res.origin_x, res.origin_y
