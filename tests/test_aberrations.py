@@ -212,7 +212,7 @@ def _crossing(f: np.ndarray, thr: float = 0.5) -> float:
 
 def _reconstruct_score(sim: Path, star: Path) -> tuple[float, float]:
     """(masked FSC 0.5 resolution in Å, mean masked FSC over shells 16-31 = 10-5 Å) against the truth."""
-    out = star.with_suffix(".mrc")
+    out = star.with_name(star.stem + "_rec.mrc")
     assert main(["reconstruct", "--i", str(star), "--ctf", "--sym", "D2", "--o", str(out)]) == 0
     mask = mrcfile.read(sim / "plain" / "mask.mrc")
     f = fsc(mrcfile.read(out) * mask, mrcfile.read(sim / "plain" / "truth.mrc") * mask)
@@ -311,7 +311,7 @@ def test_phase_flipped_data(sim, plain_score, tmp_path):
     out = tmp_path / "option.mrc"
     assert main(["reconstruct", "--i", str(tmp_path / "unflagged.star"), "--ctf", "--ctf_phase_flipped",
                  "--sym", "D2", "--o", str(out)]) == 0
-    np.testing.assert_allclose(mrcfile.read(out), mrcfile.read(tmp_path / "flagged.mrc"), atol=1e-6)
+    np.testing.assert_allclose(mrcfile.read(out), mrcfile.read(tmp_path / "flagged_rec.mrc"), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
