@@ -493,7 +493,7 @@ def optics_models(table: ParticleTable, boxes: dict[int, int] | None = None) -> 
     into the odd Zernike coefficients as TiltHelper::insertTilt), rlnOddZernike, rlnEvenZernike, rlnMagMat00..11,
     rlnCtfDataAreCtfPremultiplied and rlnCtfDataArePhaseFlipped (absent labels: no aberration, flags 0).
 
-    `boxes` gives the box of groups without rlnImageSize."""
+    `boxes` (rlnOpticsGroup -> size of its images) overrides rlnImageSize."""
     from cryorefine.fourier.aberrations import IDENTITY, OpticsModel, insert_beam_tilt
 
     opt = table.optics
@@ -516,11 +516,12 @@ def optics_models(table: ParticleTable, boxes: dict[int, int] | None = None) -> 
             require(np.isfinite(v), f"{where}: {label} is not finite")
             return v
 
-        if "rlnImageSize" in cols:
+        if boxes is not None and g in boxes:
+            box = int(boxes[g])
+        elif "rlnImageSize" in cols:
             box = int(num("rlnImageSize", 0))
         else:
-            require(boxes is not None and g in boxes, f"{where}: no rlnImageSize")
-            box = int(boxes[g])
+            continue        # a group no particle uses, without a size: nothing to model
         angpix = num("rlnImagePixelSize", 0.0)
         require(box > 0 and angpix > 0, f"{where}: image size and pixel size must be > 0")
         odd = parse_star_vector(row["rlnOddZernike"], f"{where}: rlnOddZernike") if "rlnOddZernike" in cols else ()
