@@ -330,13 +330,25 @@ def all_set(bench_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_refine_round_trip_keeps_every_label(all_set, tmp_path):
+def test_refine_round_trip_keeps_every_label(all_set, tmp_path, monkeypatch):
     """One refine iteration on the aberrated 4-group set: the optics table comes back unchanged, every particle
-    column is kept, and the text of the vector labels is byte-identical."""
+    column is kept, and the text of the vector labels is byte-identical. The 4 groups (same box, pixel size and
+    mag matrix) share one projection cache per half."""
+    from cryorefine.refine import loop
+
+    made = []
+
+    class CountingCache(loop.ProjectionCache):
+        def __init__(self, *a, **kw):
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(loop, "ProjectionCache", CountingCache)
     out = tmp_path / "run"
     assert main(["refine", "--i", str(all_set / "particles.star"), "--ref", str(all_set / "reference.mrc"),
                  "--o", str(out), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150",
                  "--auto_iter_max", "1", "--quiet"]) == 0
+    assert len(made) == 2, len(made)       # one per half, not one per optics group
     src = read_star(all_set / "particles.star")
     for it in ("it000", "it001"):
         got = read_star(f"{out}_{it}_data.star")
@@ -350,3 +362,28 @@ def test_refine_round_trip_keeps_every_label(all_set, tmp_path):
     for vec in set(src["optics"]["rlnOddZernike"]) | set(src["optics"]["rlnEvenZernike"]):
         assert vec in text
     assert math.isfinite(float(mrcfile.read(f"{out}_it001_half1_class001.mrc").std()))
+
+
+def test_refine_sees_each_groups_optics(all_set):
+    """refine.data carries each group's OpticsModel; groups differing only in beam tilt share one projection key;
+    pixel sets sample the model at s·M·k; the refine CTF is CTF(Mk)² for premultiplied data."""
+    from cryorefine.refine.data import load_particles
+    from cryorefine.refine.pixels import pixel_set
+
+    data = load_particles(str(all_set / "particles.star"), None, None, 1, True)
+    assert len(data.optics) == 4
+    models = [og.optics_model for og in data.optics]
+    assert len({m.projection_key for m in models}) == 1
+    assert len({m.odd for m in models}) == 4          # each group its own tilt
+    tilts = read_star(all_set / "particles.star")["optics"]
+    for og, (_, row) in zip(data.optics, tilts.iterrows()):
+        assert og.optics_model.odd == insert_beam_tilt((0, 0, 50, 0, 0, -40), row["rlnBeamTiltX"],
+                                                       row["rlnBeamTiltY"], 2.7, 300.0)
+        assert og.optics_model.premultiplied and og.mag == (1.012, 0.022, 0.004, 0.988)
+    og = data.optics[0]
+    ps = pixel_set(og.box, og.box, 0.5, og.mag)
+    np.testing.assert_allclose(ps.kx_model, 0.5 * (1.012 * ps.kx + 0.022 * ps.ky))
+    np.testing.assert_allclose(ps.ky_model, 0.5 * (0.004 * ps.kx + 0.988 * ps.ky))
+    rows = np.nonzero(data.optics_index == 0)[0][:5]
+    c = optics_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky)
+    np.testing.assert_allclose(model_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky), c * c, rtol=1e-6)
