@@ -275,13 +275,13 @@ def test_reconstruct_corrects_aberrations(sim, plain_score, name):
 
 def test_reconstruct_groups_need_their_own_tilt(sim):
     """Every group given the mean tilt is worse than each group with its own (README: 3.85 vs 3.81 Å)."""
-    res, hi = _reconstruct_score(sim, sim / "groups" / "truth.star")
+    _, hi = _reconstruct_score(sim, sim / "groups" / "truth.star")
 
     def mean_tilt(o):
         o["rlnBeamTiltX"] = o["rlnBeamTiltX"].mean()
         o["rlnBeamTiltY"] = o["rlnBeamTiltY"].mean()
         return o
-    res_m, hi_m = _reconstruct_score(sim, _edited(sim, "groups", "mean", mean_tilt))
+    _, hi_m = _reconstruct_score(sim, _edited(sim, "groups", "mean", mean_tilt))
     assert hi_m < hi - 0.01, (hi_m, hi)
 
 

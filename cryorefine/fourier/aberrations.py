@@ -66,7 +66,7 @@ class OpticsModel:
         """Groups with equal keys see the reference at the same frequencies (share projections)."""
         return (self.box, self.angpix, self.mag)
 
-    def without_aberrations(self) -> "OpticsModel":
+    def without_aberrations(self) -> OpticsModel:
         """The same group with no tilt, Zernike terms or mag matrix (flags kept)."""
         return replace(self, odd=(), even=(), mag=IDENTITY)
 
@@ -134,7 +134,7 @@ def insert_beam_tilt(odd: tuple[float, ...] | list, tilt_x: float, tilt_y: float
     """Odd Zernike coefficients with a beam tilt (mrad) added, as `TiltHelper::insertTilt`: with
     s = Cs·2·10⁴·λ²·π (Cs in mm, λ in Å, RELION's literal π) and Z3 = −s·t/3: o₁ += 2 Z3x, o₀ += 2 Z3y,
     o₄ += Z3x, o₃ += Z3y, i.e. φ_tilt = −2π·10⁴·Cs·λ²·|k|²·(tx kx + ty ky)."""
-    out = list(float(c) for c in odd)
+    out = [float(c) for c in odd]
     out += [0.0] * max(0, 5 - len(out))
     lam = float(electron_wavelength(voltage))
     s = cs * 20000.0 * lam * lam * 3.141592654

@@ -506,7 +506,7 @@ def optics_models(table: ParticleTable, boxes: dict[int, int] | None = None) -> 
         g = int(row["rlnOpticsGroup"])
         where = f"{table.path}: data_optics group {g}"
 
-        def num(label: str, default: float) -> float:
+        def num(label: str, default: float, row=row, where=where) -> float:
             if label not in cols:
                 return default
             try:
