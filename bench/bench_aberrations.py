@@ -1,14 +1,15 @@
 """Auto-refine of an aberrated set with many optics groups against the same set without aberrations.
 
-Two sets are simulated with the medium map (box 128, 1.5 Å/px) and the same seed, so they have the same poses,
-CTFs and noise; one has one optics group and no aberrations, the other `--groups` optics groups, each with its
-own beam tilt around 1,-0.6 mrad, plus trefoil, even Zernike terms and the README's anisotropic magnification.
-Both are refined with the tutorial settings and scored against the truth; wall time and peak memory of each
-refine process are measured separately (GNU time's maximum resident set size).
+Two sets are simulated with the same map, seed and size, so they have the same poses, CTFs and noise: one
+with one optics group and no aberrations, the other with `--groups` optics groups, each with its own beam tilt
+around the mean, plus trefoil, even Zernike terms and the README's anisotropic magnification. Both are refined
+with the tutorial settings and scored against the truth; a third run refines the aberrated set with the
+aberration labels removed from data_optics (what a program without the corrections would get). Wall time and
+peak memory are measured per refine process (GNU time's maximum resident set size).
 
-    python bench/bench_aberrations.py                  # 3,000 particles, 30 optics groups
-    python bench/bench_aberrations.py --n 5000         # the full medium size
-    python bench/bench_aberrations.py --reconstruct    # reconstruct table of the test sets (~2 min)
+    python bench/bench_aberrations.py                        # small geometry (64², 2.5 Å), 1,000 particles
+    python bench/bench_aberrations.py --size medium --n 5000  # medium geometry (128², 1.5 Å)
+    python bench/bench_aberrations.py --reconstruct          # reconstruct table of the test sets (~2 min)
 """
 
 from __future__ import annotations
@@ -24,17 +25,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.standard_sets import BENCH, DATA  # noqa: E402
 
-ABERRATIONS = ["--beamtilt=1,-0.6", "--odd-zernike", "0,0,50,0,0,-40", "--even-zernike",
-               "80,0,120,0,0,0,40,0,120", "--aniso-mag", "1.012,0.022,0.004,0.988"]
+# per geometry: map, and aberrations of about 1 rad at the resolution a refinement reaches there
+GEOMETRY = {
+    "small": ("d2tet_small_b64_a2.5.mrc",
+              ["--beamtilt=3,-2", "--odd-zernike", "0,0,150,0,0,-120", "--even-zernike", "200,0,300,0,0,0,100,0,300",
+               "--aniso-mag", "1.012,0.022,0.004,0.988"]),
+    "medium": ("d2tet_medium_b128_a1.5.mrc",
+               ["--beamtilt=1,-0.6", "--odd-zernike", "0,0,50,0,0,-40", "--even-zernike", "80,0,120,0,0,0,40,0,120",
+                "--aniso-mag", "1.012,0.022,0.004,0.988"]),
+}
+LABELS = ("rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike", "rlnEvenZernike",
+          "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
 
-def simulate(out: Path, n: int, seed: int, extra: list[str]) -> Path:
+def simulate(out: Path, size: str, n: int, seed: int, extra: list[str]) -> Path:
     """The set in `out` (made once)."""
     if not (out / "truth.json").exists():
-        subprocess.run([sys.executable, str(BENCH / "simulate.py"), "--map",
-                        str(BENCH / "maps" / "d2tet_medium_b128_a1.5.mrc"), "--n", str(n), "--snr", "0.05",
-                        "--seed", str(seed), "--quiet", *extra, "--out", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, str(BENCH / "simulate.py"), "--map", str(BENCH / "maps" / GEOMETRY[size][0]),
+                        "--n", str(n), "--snr", "0.05", "--seed", str(seed), "--quiet", *extra, "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def stripped(d: Path) -> Path:
+    """A copy of set d's particles.star without the aberration labels, in a sibling folder (same images)."""
+    from cryorefine.io.star import read_star, write_star
+
+    out = d.parent / (d.name + "_nolabels")
+    out.mkdir(exist_ok=True)
+    blocks = read_star(d / "particles.star")
+    blocks["optics"] = blocks["optics"].drop(columns=[c for c in LABELS if c in blocks["optics"].columns])
+    blocks["particles"]["rlnImageName"] = [f"{i}@{(d / f).resolve()}" for i, f in
+                                           (v.split("@", 1) for v in blocks["particles"]["rlnImageName"])]
+    write_star(out / "particles.star", blocks)
+    for name in ("reference.mrc", "truth.star"):
+        (out / name).write_bytes((d / name).read_bytes())
     return out
 
 
@@ -102,31 +127,34 @@ def reconstruct_table() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--size", choices=sorted(GEOMETRY), default="small")
+    p.add_argument("--n", type=int, default=1000)
     p.add_argument("--groups", type=int, default=30)
-    p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--seed", type=int, default=11)
     p.add_argument("--reconstruct", action="store_true",
                    help="only the reconstruction table of the test sets (box 64, 400 particles)")
     a = p.parse_args()
     if a.reconstruct:
         reconstruct_table()
         return
-    root = DATA / f"aberr_n{a.n}"
-    plain = simulate(root / "plain", a.n, a.seed, [])
-    aberr = simulate(root / f"aberr_g{a.groups}", a.n, a.seed, ["--optics-groups", str(a.groups), *ABERRATIONS])
+    root = DATA / f"aberr_{a.size}_n{a.n}"
+    plain = simulate(root / "plain", a.size, a.n, a.seed, [])
+    aberr = simulate(root / f"aberr_g{a.groups}", a.size, a.n, a.seed,
+                     ["--optics-groups", str(a.groups), *GEOMETRY[a.size][1]])
     load = Path("/proc/loadavg").read_text().split()[:3]
-    runs = [refine(plain, plain), refine(aberr, plain)]
+    runs = [refine(plain, plain), refine(aberr, plain), refine(stripped(aberr), plain)]
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-    r0, r1 = runs
-    res = {"n": a.n, "groups": a.groups, "aberrations": ABERRATIONS, "runs": runs, "loadavg_before": load,
-           "loadavg_after": load_after,
+    r0, r1, r2 = runs
+    res = {"size": a.size, "n": a.n, "groups": a.groups, "aberrations": GEOMETRY[a.size][1], "runs": runs,
+           "loadavg_before": load, "loadavg_after": load_after,
            "fsc05_masked_ratio": round(r1["fsc05_masked_A"] / r0["fsc05_masked_A"], 4),
+           "fsc05_masked_ratio_nolabels": round(r2["fsc05_masked_A"] / r0["fsc05_masked_A"], 4),
            "wall_ratio": round(r1["wall_s"] / r0["wall_s"], 3),
            "rss_ratio": round(r1["peak_rss_gb"] / r0["peak_rss_gb"], 3)}
     print(json.dumps(res, indent=1))
     outdir = Path(__file__).parent / "results"
     outdir.mkdir(exist_ok=True)
-    (outdir / f"aberrations_n{a.n}_g{a.groups}.json").write_text(json.dumps(res, indent=1))
+    (outdir / f"aberrations_{a.size}_n{a.n}_g{a.groups}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
