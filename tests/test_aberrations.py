@@ -387,3 +387,47 @@ def test_refine_sees_each_groups_optics(all_set):
     rows = np.nonzero(data.optics_index == 0)[0][:5]
     c = optics_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky)
     np.testing.assert_allclose(model_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky), c * c, rtol=1e-6)
+
+
+def _estep_log_likelihood(sim: Path, star: Path, tmp: Path) -> float:
+    """Σ log-likelihood of one E-step half (local searches around the true poses, the true map as reference)."""
+    from cryorefine.cli import build_parser
+    from cryorefine.fourier.projector import make_projector
+    from cryorefine.refine.command import options_from_args
+    from cryorefine.refine.log import RunLog
+    from cryorefine.refine.loop import expectation_half, initialise
+    from cryorefine.refine.orientations import make_grid
+
+    args = build_parser("refine").parse_args([
+        "refine", "--i", str(star), "--ref", str(sim / "plain" / "truth.mrc"), "--o", str(tmp / "run"),
+        "--ini_high", "5", "--sym", "D2", "--particle_diameter", "150", "--healpix_order", "4",
+        "--auto_local_healpix_order", "4", "--offset_range", "2", "--offset_step", "1", "--quiet"])
+    run = initialise(options_from_args(args), RunLog(None, quiet=True))
+    run.counters.current_size = run.counters.coarse_size = N
+    proj = make_projector(run.models[0].volume, pad=2, r_max=N / 2)
+    s = run.sampling
+    grid = make_grid(s.healpix_order, "D2", s.psi_step, s.oversampling, 0.0, True)
+    acc = expectation_half(run, 1, proj, grid, False, run.poses.copy(), N / 2)
+    return acc.ll_sum
+
+
+@pytest.mark.parametrize("name", ["tilt", "mag"])
+def test_refine_estep_uses_the_aberrations(sim, tmp_path, name):
+    """The refine E-step at the true poses explains the aberrated data better with the labels than without
+    them or with a wrong convention (data demodulated, projections at s·M·k)."""
+    def head(o):
+        return o
+
+    def first(tag: str, edit) -> Path:
+        blocks = read_star(sim / name / "truth.star")
+        blocks["optics"] = edit(blocks["optics"].copy())
+        blocks["particles"] = blocks["particles"].head(120).copy()
+        blocks["particles"]["rlnImageName"] = [f"{i}@{sim / name / f}" for i, f in
+                                               (v.split("@", 1) for v in blocks["particles"]["rlnImageName"])]
+        write_star(tmp_path / f"{tag}.star", blocks)
+        return tmp_path / f"{tag}.star"
+
+    ll = _estep_log_likelihood(sim, first("with", head), tmp_path)
+    ll_strip = _estep_log_likelihood(sim, first("strip", _strip), tmp_path)
+    ll_wrong = _estep_log_likelihood(sim, first("wrong", _wrong), tmp_path)
+    assert ll > ll_strip and ll > ll_wrong, (ll, ll_strip, ll_wrong)
