@@ -104,9 +104,10 @@ def _coefficients(params: CtfParams, box: ArrayLike, angpix: ArrayLike) -> NDArr
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
-def _ctf_kernel(coef, kx, ky, out):  # pragma: no cover - compiled
+def _ctf_kernel(coef, kx, ky, goff, absolute, out):  # pragma: no cover - compiled
     n, m = out.shape
     stride = 1 if kx.shape[0] > 1 else 0
+    gstride = 1 if goff.shape[0] > 1 else 0
     two_pi = 2.0 * np.pi
     for i in numba.prange(n):
         cxx = coef[i, 0]
@@ -122,19 +123,24 @@ def _ctf_kernel(coef, kx, ky, out):  # pragma: no cover - compiled
             y = ky[row, j]
             r2 = x * x + y * y
             # phase in float64 (it reaches hundreds of radians), reduced to [-π, π) so float32 sin is exact enough
-            gamma = cxx * x * x + cyy * y * y + cxy * x * y + c4 * r2 * r2 + c0
+            gamma = cxx * x * x + cyy * y * y + cxy * x * y + c4 * r2 * r2 + c0 + goff[j * gstride]
             gamma -= two_pi * np.floor(gamma / two_pi + 0.5)
             v = -scale * np.sin(np.float32(gamma)) * np.exp(cb * np.float32(r2))
+            if absolute:
+                v = abs(v)
             # RELION never lets the CTF be exactly 0 (later divisions); sign of 0 counts as +
             if abs(v) < 1e-8:
                 v = np.float32(1e-8) if v >= 0.0 else np.float32(-1e-8)
             out[i, j] = v
 
 
-def ctf_values(params: CtfParams, kx: ArrayLike, ky: ArrayLike, box: ArrayLike, angpix: ArrayLike) -> NDArray[np.float32]:
+def ctf_values(params: CtfParams, kx: ArrayLike, ky: ArrayLike, box: ArrayLike, angpix: ArrayLike,
+               gamma_offset: ArrayLike | None = None, absolute: bool = False) -> NDArray[np.float32]:
     """(n, m) CTF of n particles at Fourier pixels (kx, ky) of their `box`-sized images (pixel `angpix` Å).
 
     kx, ky: (m,) shared by all particles or (n, m) per particle; box, angpix: scalars or (n,) arrays.
+    gamma_offset: (m,) phase in rad added to γ at each pixel (RELION's even-Zernike `getGammaOffset`, the
+    `gammaOffset` argument of `CTF::getCTF`); absolute: |CTF| (phase-flipped data, `do_abs`).
     """
     kx = np.asarray(kx, dtype=np.float64)
     ky = np.asarray(ky, dtype=np.float64)
@@ -145,8 +151,12 @@ def ctf_values(params: CtfParams, kx: ArrayLike, ky: ArrayLike, box: ArrayLike, 
     if kx.shape[0] not in (1, n):
         raise ValueError(f"kx has {kx.shape[0]} rows for {n} particles")
     out = np.empty((n, kx.shape[1]), dtype=np.float32)
+    goff = np.zeros(1) if gamma_offset is None else np.ascontiguousarray(np.asarray(gamma_offset, np.float64).ravel())
+    if goff.size not in (1, kx.shape[1]):
+        raise ValueError(f"gamma_offset has {goff.size} values for {kx.shape[1]} pixels")
     if n and kx.shape[1]:
-        _ctf_kernel(_coefficients(params, box, angpix), np.ascontiguousarray(kx), np.ascontiguousarray(ky), out)
+        _ctf_kernel(_coefficients(params, box, angpix), np.ascontiguousarray(kx), np.ascontiguousarray(ky), goff,
+                    bool(absolute), out)
     return out
 
 

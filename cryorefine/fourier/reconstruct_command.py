@@ -23,7 +23,8 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import option_error, require
 from cryorefine.fourier import backprojector as bpmod
-from cryorefine.fourier.ctf import ctf_params_from_table, ctf_values
+from cryorefine.fourier.aberrations import OpticsModel, demodulate, model_frequencies, optics_ctf
+from cryorefine.fourier.ctf import ctf_params_from_table
 from cryorefine.fourier.filters import phase_shift_2d
 from cryorefine.fourier.transforms import rfft2_centered, rfft_freqs_2d
 
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", default="relion.mrc", metavar="MRC", help="output map (default relion.mrc)")
     p.add_argument("--sym", default="C1", help="point group (default C1)")
     p.add_argument("--ctf", action="store_true", help="apply CTF correction")
+    p.add_argument("--ctf_phase_flipped", action="store_true",
+                   help="images have been phase flipped (as rlnCtfDataArePhaseFlipped 1 in data_optics)")
     p.add_argument("--subset", type=int, default=-1, help="1 or 2: only particles with this rlnRandomSubset")
     p.add_argument("--class", dest="chosen_class", type=int, default=-1,
                    help="only particles with this rlnClassNumber")
@@ -161,14 +164,20 @@ def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
 
 
 def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
-                      batch: int = BATCH, progress: bool = True, fom: NDArray | None = None) -> int:
+                      batch: int = BATCH, progress: bool = True, fom: NDArray | None = None,
+                      phase_flipped: bool = False) -> int:
     """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`).
 
-    `fom` (per table row): RELION --fom_weighting, both the image and its CTF² weight are multiplied by it.
+    Each optics group's aberrations are corrected as relion_reconstruct does: the data are demodulated by the
+    odd phase (beam tilt, odd Zernikes), the CTF includes the even Zernikes and is evaluated at M·k, and pixel
+    k is inserted at the model frequency s·M·k (fourier.aberrations). `fom` (per table row): RELION
+    --fom_weighting, both the image and its CTF² weight are multiplied by it.
     """
+    from dataclasses import replace
+
     from cryorefine.geometry.euler import euler_to_matrix
     from cryorefine.io.particles import ParticleImages
-    from cryorefine.io.star import particle_optics
+    from cryorefine.io.star import optics_models, particle_optics
 
     parts = table.particles
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
@@ -176,8 +185,6 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
     group = np.asarray(parts["rlnOpticsGroup"].to_numpy()) if "rlnOpticsGroup" in parts.columns \
         else np.ones(len(parts), np.int64)
     pix = np.asarray(particle_optics(table, "rlnImagePixelSize"), dtype=np.float64)
-    premult = (np.asarray(particle_optics(table, "rlnCtfDataAreCtfPremultiplied"), dtype=np.float64) > 0
-               if "rlnCtfDataAreCtfPremultiplied" in table.optics.columns else np.zeros(len(parts), bool))
     ctf_all = ctf_params_from_table(table) if do_ctf else None
 
     def col(label: str) -> NDArray[np.float64]:
@@ -186,29 +193,39 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
     rot, tilt, psi = col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")
     ox, oy = col("rlnOriginXAngst"), col("rlnOriginYAngst")
     n_model = bp.ori_size
+    first_rows = {int(g): int(rows[np.argmax(group[rows] == g)]) for g in np.unique(group[rows])}
+    boxes = {g: int(images.read(np.array([r]))[0].shape[-1]) for g, r in first_rows.items()}
+    models = optics_models(table, boxes)
     done, total, t0, last = 0, rows.size, time.perf_counter(), 0.0
     for g in np.unique(group[rows]):
         g_rows = rows[group[rows] == g]
         p_o = float(pix[g_rows[0]])
         first = images.read(g_rows[:1])
         n_o = first.shape[-1]
+        optics: OpticsModel = replace(models[int(g)], box=n_o, angpix=p_o)
+        if phase_flipped:
+            optics = replace(optics, phase_flipped=True)
         ky, kx = rfft_freqs_2d(n_o)
-        # k_model = k_o · (N p)/(N_o p_o): the group's frequencies on the model grid
+        # k_model = s·M·k_o, s = (N_o p_o)/(N p): the group's frequencies on the model grid
         scale = (n_model * angpix) / (n_o * p_o)
+        kx_m, ky_m = model_frequencies(optics, kx, ky, scale)
         r2 = (kx * kx + ky * ky).astype(np.float64)
-        use = (~((kx == 0) & (ky < 0))) & (r2 * scale * scale <= bp.r_max ** 2 + 1e-9) & (r2 <= (n_o // 2) ** 2)
+        use = (~((kx == 0) & (ky < 0))) & (kx_m * kx_m + ky_m * ky_m <= bp.r_max ** 2 + 1e-9) \
+            & (r2 <= (n_o // 2) ** 2)
         sel = np.flatnonzero(use.ravel())
         kx_o = kx.ravel()[sel].astype(np.float64)
         ky_o = ky.ravel()[sel].astype(np.float64)
+        kx_m, ky_m = kx_m.ravel()[sel], ky_m.ravel()[sel]
         dc = np.flatnonzero((kx_o == 0) & (ky_o == 0))
         for start in range(0, g_rows.size, batch):
             b = g_rows[start:start + batch]
-            ft = rfft2_centered(images.read(b)).reshape(b.size, -1)[:, sel]
+            ft = demodulate(rfft2_centered(images.read(b)), optics).reshape(b.size, -1)[:, sel]
             ft = phase_shift_2d(ft, kx_o, ky_o, ox[b] / p_o, oy[b] / p_o, n_o)
             ft[:, dc] = 0.0   # relion_reconstruct zeroes the DC term of every image
             if do_ctf:
-                c = ctf_values(ctf_all.subset(b), kx_o, ky_o, n_o, p_o)
-                values = np.where(premult[b][:, None], ft, ft * c)
+                c = optics_ctf(ctf_all.subset(b), optics, kx_o, ky_o)
+                # premultiplied data (CTF·image) are inserted as they are, with weight CTF² (reconstructor.cpp)
+                values = ft if optics.premultiplied else ft * c
                 weights = c * c
             else:
                 values, weights = ft, np.float32(1.0)
@@ -217,7 +234,7 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
                 values = values * w
                 weights = (weights * w if np.ndim(weights) else np.repeat(w, values.shape[1], axis=1)).astype(np.float32)
             mats = euler_to_matrix(rot[b], tilt[b], psi[b])
-            bpmod.insert(bp, mats, kx_o * scale, ky_o * scale, values.astype(np.complex64), weights)
+            bpmod.insert(bp, mats, kx_m, ky_m, values.astype(np.complex64), weights)
             done += b.size
             now = time.perf_counter()
             if progress and (now - last > 5 or done == total):
@@ -289,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
     _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
          f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px")
-    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch, fom=fom)
+    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch, fom=fom,
+                      phase_flipped=bool(getattr(args, "ctf_phase_flipped", False)))
     iterations = args.iter if args.dont_skip_gridding else 0
     _log(f"symmetrising and reconstructing ({f'{iterations} gridding iterations' if iterations else 'floored division'})")
     vol = reconstruct_map(bp, args.sym, iterations)

@@ -537,3 +537,80 @@ def merge_particles(tables: list[ParticleTable], path=None) -> ParticleTable:
     particles = pd.concat(particle_parts, ignore_index=True)
     return ParticleTable(optics=optics, particles=particles,
                          path=Path(path) if path is not None else tables[0].path, version=tables[0].version)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optics aberrations (RELION 3.1+ ObservationModel labels)
+
+ABERRATION_LABELS = ("rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike", "rlnEvenZernike",
+                     "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+
+
+def parse_star_vector(value, where: str) -> tuple[float, ...]:
+    """A RELION vector value '[c0,c1,...]' (MetaDataTable's format; spaces allowed) as a tuple of floats."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if np.isnan(value):
+            return ()
+        return (float(value),)
+    text = str(value).strip()
+    require(text.startswith("[") and text.endswith("]"), f"{where}: expected a vector '[c0,c1,...]', got {text!r}")
+    body = text[1:-1].strip()
+    if not body:
+        return ()
+    try:
+        return tuple(float(t) for t in body.replace(" ", ",").split(",") if t != "")
+    except ValueError:
+        raise InputError(f"{where}: expected a vector of numbers '[c0,c1,...]', got {text!r}") from None
+
+
+def optics_models(table: ParticleTable, boxes: dict[int, int] | None = None) -> dict:
+    """rlnOpticsGroup -> fourier.aberrations.OpticsModel of each optics row: box, pixel size, beam tilt (inserted
+    into the odd Zernike coefficients as TiltHelper::insertTilt), rlnOddZernike, rlnEvenZernike, rlnMagMat00..11,
+    rlnCtfDataAreCtfPremultiplied and rlnCtfDataArePhaseFlipped (absent labels: no aberration, flags 0).
+
+    `boxes` (rlnOpticsGroup -> size of its images) overrides rlnImageSize."""
+    from cryorefine.fourier.aberrations import IDENTITY, OpticsModel, insert_beam_tilt
+
+    opt = table.optics
+    cols = set(opt.columns)
+    out = {}
+    has_tilt = "rlnBeamTiltX" in cols or "rlnBeamTiltY" in cols
+    has_mag = any(f"rlnMagMat{i}{j}" in cols for i in (0, 1) for j in (0, 1))
+    for r in range(len(opt)):
+        row = opt.iloc[r]
+        g = int(row["rlnOpticsGroup"])
+        where = f"{table.path}: data_optics group {g}"
+
+        def num(label: str, default: float, row=row, where=where) -> float:
+            if label not in cols:
+                return default
+            try:
+                v = float(row[label])
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: {label} is not a number ({row[label]!r})") from None
+            require(np.isfinite(v), f"{where}: {label} is not finite")
+            return v
+
+        if boxes is not None and g in boxes:
+            box = int(boxes[g])
+        elif "rlnImageSize" in cols:
+            box = int(num("rlnImageSize", 0))
+        else:
+            continue        # a group no particle uses, without a size: nothing to model
+        angpix = num("rlnImagePixelSize", 0.0)
+        require(box > 0 and angpix > 0, f"{where}: image size and pixel size must be > 0")
+        odd = parse_star_vector(row["rlnOddZernike"], f"{where}: rlnOddZernike") if "rlnOddZernike" in cols else ()
+        even = parse_star_vector(row["rlnEvenZernike"], f"{where}: rlnEvenZernike") if "rlnEvenZernike" in cols else ()
+        if has_tilt:
+            if not odd:
+                odd = (0.0,) * 6
+            odd = insert_beam_tilt(odd, num("rlnBeamTiltX", 0.0), num("rlnBeamTiltY", 0.0),
+                                   num("rlnSphericalAberration", 0.0), num("rlnVoltage", 300.0))
+        mag = IDENTITY
+        if has_mag:
+            mag = (num("rlnMagMat00", 1.0), num("rlnMagMat01", 0.0), num("rlnMagMat10", 0.0), num("rlnMagMat11", 1.0))
+            require(abs(mag[0] * mag[3] - mag[1] * mag[2]) > 1e-6, f"{where}: the magnification matrix is singular")
+        out[g] = OpticsModel(box=box, angpix=angpix, odd=odd, even=even, mag=mag,
+                             premultiplied=num("rlnCtfDataAreCtfPremultiplied", 0.0) > 0,
+                             phase_flipped=num("rlnCtfDataArePhaseFlipped", 0.0) > 0)
+    return out

@@ -53,7 +53,7 @@ def estimate_accuracy(state: RunState, proj: Projector, rng: np.random.Generator
     o = int(data.optics_index[rows].min())        # half-sets are never empty (refine.command checks)
     rows = rows[data.optics_index[rows] == o][:100]
     og = data.optics[o]
-    ps = pixel_set(og.box, state.counters.current_size, og.model_scale)
+    ps = pixel_set(og.box, state.counters.current_size, og.model_scale, og.mag)
     ctf = ctf_on_pixels(data, rows, ps.kx, ps.ky, state.opts.ctf)
     return expected_accuracies(proj, ps, ctf, 1.0 / state.models[0].sigma2[o], state.poses.rot[rows],
                                state.poses.tilt[rows], state.poses.psi[rows], og.angpix, rng,

@@ -8,11 +8,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
-from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table, ctf_values
+from cryorefine.fourier.aberrations import OpticsModel, model_ctf
+from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
 from cryorefine.fourier.filters import mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
-from cryorefine.io.star import ParticleTable, particle_optics, read_particles
+from cryorefine.io.star import ParticleTable, optics_models, particle_optics, read_particles
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,17 @@ class OpticsGroup:
     box: int             # N_o
     angpix: float        # p_o
     model_scale: float   # (N p)/(N_o p_o)
+    model: OpticsModel | None = None   # aberrations, premultiplied / phase-flipped flags (fourier.aberrations)
+
+    @property
+    def optics_model(self) -> OpticsModel:
+        """The group's OpticsModel (an aberration-free one when none was read)."""
+        return self.model if self.model is not None else OpticsModel(self.box, self.angpix)
+
+    @property
+    def mag(self) -> tuple[float, float, float, float]:
+        """(M00, M01, M10, M11) of the group's magnification matrix (identity without rlnMagMat)."""
+        return self.optics_model.mag
 
 
 @dataclass
@@ -72,11 +84,12 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     first = {o: int(np.nonzero(opt_numbers == o)[0][0]) for o in uniq}
     n0, p0 = (int(boxes[first[uniq[0]]]), float(pix[first[uniq[0]]])) if model_box is None else (model_box, model_angpix)
     optics = []
+    models = optics_models(table, {int(o): int(boxes[first[o]]) for o in uniq})
     for o in uniq:
         b, p = int(boxes[first[o]]), float(pix[first[o]])
         if b % 2:
             raise InputError(f"{path}: optics group {o} has an odd box size {b}; an even box is needed")
-        optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p)))
+        optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p), models[int(o)]))
     optics_index = np.searchsorted(np.array(uniq), opt_numbers)
     ctf = ctf_params_from_table(table)
     if "rlnGroupName" in df.columns:
@@ -145,8 +158,10 @@ def iter_batches(rows: NDArray[np.int64], optics_index: NDArray[np.int64], batch
 
 def ctf_on_pixels(data: ParticleData, rows: NDArray[np.int64], kx: NDArray, ky: NDArray,
                   do_ctf: bool) -> NDArray[np.float32]:
-    """CTF values (n, m) of particles of one optics group at Fourier pixels (kx, ky) of its box; ones without --ctf."""
+    """CTF values (n, m) of particles of one optics group at Fourier pixels (kx, ky) of its box, as the likelihood
+    and back-projection use them: CTF(M·k) with the even Zernikes, |CTF| for phase-flipped data, CTF² for
+    premultiplied data (fourier.aberrations.model_ctf); ones without --ctf."""
     if not do_ctf:
         return np.ones((len(rows), len(kx)), np.float32)
     og = data.optics[int(data.optics_index[rows[0]])]
-    return ctf_values(data.ctf.subset(rows), kx, ky, og.box, og.angpix).astype(np.float32)
+    return model_ctf(data.ctf.subset(rows), og.optics_model, kx, ky).astype(np.float32)

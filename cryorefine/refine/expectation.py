@@ -8,6 +8,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from cryorefine.fourier.aberrations import demodulate
 from cryorefine.fourier.projector import Projector
 from cryorefine.refine.data import ctf_on_pixels, column, iter_batches, prepare_batch
 from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, empty_accumulator,
@@ -43,13 +44,14 @@ def batch_inputs(state: RunState, rows: NDArray[np.int64], model: HalfModel, siz
     """Read and prepare a batch of one optics group on its coarse and fine pixel sets (spec §2.1)."""
     opts, data, poses = state.opts, state.data, state.poses
     og = data.optics[int(data.optics_index[rows[0]])]
-    ps_f = pixel_set(og.box, size, og.model_scale)
-    ps_c = pixel_set(og.box, coarse_size, og.model_scale)
+    ps_f = pixel_set(og.box, size, og.model_scale, og.mag)
+    ps_c = pixel_set(og.box, coarse_size, og.model_scale, og.mag)
     norm_factor = (model.norm_average / poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
     prep = prepare_batch(data, rows, poses.origin_x[rows], poses.origin_y[rows], norm_factor,
                          *particle_mask(opts, state.angpix, og.angpix))
-    flat_m = prep.masked.reshape(len(rows), -1)
-    flat_u = prep.unmasked.reshape(len(rows), -1)
+    # odd aberrations (beam tilt, odd Zernikes) are demodulated from the data, as RELION does
+    flat_m = demodulate(prep.masked, og.optics_model).reshape(len(rows), -1)
+    flat_u = demodulate(prep.unmasked, og.optics_model).reshape(len(rows), -1)
     power = shell_power(prep.masked, og.box)
     power[:, : size // 2 + 1] = 0.0
     scale = model.group_scales[data.group[rows]] if model.group_scales is not None else np.ones(len(rows))
@@ -72,7 +74,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
     if not grid.local:
         with np.errstate(divide="ignore"):
             log_pdf = np.log(model.pdf_direction)
-    caches: dict[int, ProjectionCache] = {}
+    caches: dict[tuple, ProjectionCache] = {}     # groups with equal box, pixel size and mag matrix share one
     prior = np.stack([column(data.table, "rlnOriginXPriorAngst", 0.0),
                       column(data.table, "rlnOriginYPriorAngst", 0.0)], -1)
     s = state.sampling
@@ -83,10 +85,12 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
             size_o = min(og.box, 2 * math.ceil(0.5 * c.current_size / og.model_scale))
             csize_o = min(size_o, 2 * math.ceil(0.5 * c.coarse_size / og.model_scale))
             inp = batch_inputs(state, rows, model, size_o, csize_o, prior)
-            ps_f, ps_c = pixel_set(og.box, size_o, og.model_scale), pixel_set(og.box, csize_o, og.model_scale)
-            if o not in caches:
-                caches[o] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project)
-                if not grid.local and caches[o].fine is None:
+            ps_f = pixel_set(og.box, size_o, og.model_scale, og.mag)
+            ps_c = pixel_set(og.box, csize_o, og.model_scale, og.mag)
+            key = og.optics_model.projection_key
+            if key not in caches:
+                caches[key] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project)
+                if not grid.local and caches[key].fine is None:
                     n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
                     state.log.line(f" Fine projections of optics group {og.number} are not cached (they would "
                                    f"take {n_fine * ps_f.m * 8 / 2 ** 30:.1f} GiB): they are computed per batch")
@@ -100,7 +104,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
                 ps_coarse=ps_c, ps_fine=ps_f, inv_sigma2=1.0 / model.sigma2[o], adaptive_fraction=opts.adaptive_fraction,
                 cc_mode=cc, sigma_offset=model.sigma_offset, log_pdf_direction=log_pdf, local=local,
                 scale_shells=group_scale_shells(opts, model, len(data.group_names), len(model.sigma2[o])),
-                norm_average=model.norm_average, maxsig=opts.maxsig, cache=caches[o])
+                norm_average=model.norm_average, maxsig=opts.maxsig, cache=caches[key])
             batch = expectation_batch(inp, st, acc, state.backend)
             if not opts.norm:
                 batch.norm_correction[:] = state.poses.norm_correction[rows]

@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
+from cryorefine.fourier.aberrations import IDENTITY, mag_frequencies
 from cryorefine.fourier.transforms import rfft_freqs_2d, unique_halfplane_mask
 
 
@@ -26,6 +27,7 @@ class PixelSet:
     ky: NDArray[np.float64]
     shell: NDArray[np.int64]        # round(|k|) in the N_o box
     model_scale: float              # (N p)/(N_o p_o): multiply kx, ky to get model-box pixels
+    mag: tuple[float, float, float, float] = IDENTITY   # rlnMagMat (M00, M01, M10, M11)
 
     @property
     def m(self) -> int:
@@ -34,24 +36,26 @@ class PixelSet:
 
     @property
     def kx_model(self) -> NDArray[np.float64]:
-        """kx in Fourier pixels of the model box."""
-        return self.kx * self.model_scale
+        """kx in Fourier pixels of the model box: (s·M·k)_x (fourier.aberrations.model_frequencies)."""
+        return self.model_scale * mag_frequencies(self.mag, self.kx, self.ky)[0]
 
     @property
     def ky_model(self) -> NDArray[np.float64]:
-        """ky in Fourier pixels of the model box."""
-        return self.ky * self.model_scale
+        """ky in Fourier pixels of the model box: (s·M·k)_y."""
+        return self.model_scale * mag_frequencies(self.mag, self.kx, self.ky)[1]
 
 
 @lru_cache(maxsize=32)
-def pixel_set(box: int, size: int, model_scale: float = 1.0) -> PixelSet:
-    """Unique half-plane (kx > 0, or kx == 0 and ky >= 0) pixels with round(|k|) <= size/2, DC included."""
+def pixel_set(box: int, size: int, model_scale: float = 1.0,
+              mag: tuple[float, float, float, float] = IDENTITY) -> PixelSet:
+    """Unique half-plane (kx > 0, or kx == 0 and ky >= 0) pixels with round(|k|) <= size/2, DC included;
+    `mag` (rlnMagMat) only changes where they sample the model (kx_model, ky_model)."""
     ky, kx = rfft_freqs_2d(box)
     r = np.rint(np.sqrt(kx * kx + ky * ky)).astype(np.int64)
     keep = (r <= size // 2) & unique_halfplane_mask(box)
     flat = np.flatnonzero(keep)
     return PixelSet(box, size, flat, kx.ravel()[flat].astype(np.float64), ky.ravel()[flat].astype(np.float64),
-                    r.ravel()[flat], float(model_scale))
+                    r.ravel()[flat], float(model_scale), tuple(float(v) for v in mag))
 
 
 @lru_cache(maxsize=16)
