@@ -334,16 +334,16 @@ def test_refine_round_trip_keeps_every_label(all_set, tmp_path, monkeypatch):
     """One refine iteration on the aberrated 4-group set: the optics table comes back unchanged, every particle
     column is kept, and the text of the vector labels is byte-identical. The 4 groups (same box, pixel size and
     mag matrix) share one projection cache per half."""
-    from cryorefine.refine import loop
+    from cryorefine.refine import expectation
 
     made = []
 
-    class CountingCache(loop.ProjectionCache):
+    class CountingCache(expectation.ProjectionCache):
         def __init__(self, *a, **kw):
             made.append(1)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(loop, "ProjectionCache", CountingCache)
+    monkeypatch.setattr(expectation, "ProjectionCache", CountingCache)
     out = tmp_path / "run"
     assert main(["refine", "--i", str(all_set / "particles.star"), "--ref", str(all_set / "reference.mrc"),
                  "--o", str(out), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150",
@@ -395,15 +395,19 @@ def _estep_log_likelihood(sim: Path, star: Path, tmp: Path) -> float:
     from cryorefine.fourier.projector import make_projector
     from cryorefine.refine.command import options_from_args
     from cryorefine.refine.log import RunLog
-    from cryorefine.refine.loop import expectation_half, initialise
+    from dataclasses import replace
+
+    from cryorefine.refine import counters as cnt
+    from cryorefine.refine.expectation import expectation_half
     from cryorefine.refine.orientations import make_grid
+    from cryorefine.refine.setup import initialise
 
     args = build_parser("refine").parse_args([
         "refine", "--i", str(star), "--ref", str(sim / "plain" / "truth.mrc"), "--o", str(tmp / "run"),
         "--ini_high", "5", "--sym", "D2", "--particle_diameter", "150", "--healpix_order", "4",
         "--auto_local_healpix_order", "4", "--offset_range", "2", "--offset_step", "1", "--quiet"])
     run = initialise(options_from_args(args), RunLog(None, quiet=True))
-    run.counters.current_size = run.counters.coarse_size = N
+    run = replace(run, counters=cnt.with_iteration(run.counters, 1, N, N))
     proj = make_projector(run.models[0].volume, pad=2, r_max=N / 2)
     s = run.sampling
     grid = make_grid(s.healpix_order, "D2", s.psi_step, s.oversampling, 0.0, True)
