@@ -9,7 +9,7 @@ import pytest
 
 from cryorefine.cli import main
 from cryorefine.fourier.resize import resize_fourier, window_real
-from cryorefine.io.mrc import read_header, read_map, write_map, write_stack
+from cryorefine.io.mrc import read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import particle_optics, read_particles
 from cryorefine.tools.image_handler import lowpass_map, rescaled_box

@@ -17,7 +17,6 @@ _WORKERS = -1  # all cores; scipy.fft threads over the batch
 def rfft2_centered(images: NDArray) -> NDArray[np.complex64]:
     """(..., N, N) real images -> (..., N, N//2+1) transforms, origin at pixel N//2, scaled 1/N^2."""
     images = np.asarray(images)
-    n = images.shape[-1]
     shifted = sfft.ifftshift(images, axes=(-2, -1))
     ft = sfft.rfft2(shifted, axes=(-2, -1), norm="forward", workers=_WORKERS)
     return ft.astype(np.complex64 if images.dtype != np.float64 else np.complex128, copy=False)

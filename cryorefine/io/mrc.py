@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gzip
-import os
 import warnings
 import zlib
 from pathlib import Path

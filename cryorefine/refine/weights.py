@@ -44,7 +44,6 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
         above += hist_n[k]
         k -= 1
     lo = k * (88.0 / _NBINS) - 88.0
-    hi = lo + 88.0 / _NBINS if k < _NBINS - 1 else 1.0
     vals = np.empty(hist_n[k])
     m = 0
     for j in range(n):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft as sfft
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import require
 from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
