@@ -397,13 +397,15 @@ def test_relion30_file_is_read_for_metadata_without_its_stacks(tmp_path):
 
 def test_progress_lines_reach_a_redirected_stdout_during_the_estep(small_set, tmp_path):
     """`cryorefine refine ... > run.out` (stdout not a terminal): progress with ETA appears while the E-step runs."""
-    star = _subset_star(small_set / "particles.star", 64, tmp_path / "p.star")
+    # enough particles that an E-step half lasts well beyond the 0.5 s between progress lines, also with warm
+    # numba caches on an idle machine (64 particles took < 0.5 s per half there)
+    star = _subset_star(small_set / "particles.star", 400, tmp_path / "p.star")
     out = tmp_path / "Refine3D" / "job001"
     out.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "cryorefine", "refine", "--i", str(star), "--ref", str(small_set / "reference.mrc"),
            "--o", str(out / "run"), "--sym", "D2", "--ini_high", "50", "--particle_diameter", "150",
-           "--auto_iter_max", "1", "--batch_size", "8", "--j", "1"]
+           "--auto_iter_max", "1", "--batch_size", "4", "--j", "1"]
     run_out = out / "run.out"
     seen_during = None
     with open(run_out, "w") as fh:
