@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from cryorefine.errors import option_error
 from cryorefine.fourier import backprojector as bpm
 from cryorefine.fourier import projector as pjm
@@ -29,7 +27,6 @@ class Backend:
     coarse_significant: Callable  # likelihood.coarse_significant
     local_scores: Callable        # likelihood.local_scores
     pair_scores: Callable         # likelihood.pair_scores
-    matmul: Callable              # (a, b) -> a @ b (weighted image sums)
     finish: Callable = lambda bp: None   # (BackProjector) -> None: device sums back into bp after a half's E-step
     memory_note: Callable = lambda: ""   # () -> a log line on device memory ("" on the CPU)
 
@@ -41,7 +38,7 @@ class Backend:
 def cpu_backend() -> Backend:
     """numba kernels for projection/insertion, numpy BLAS for the likelihood products."""
     return Backend("CPU (numba, numpy BLAS)", pjm.make_projector, pjm.project, bpm.insert,
-                   likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores, np.matmul)
+                   likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores)
 
 
 def make_backend(gpu: str | None, rank: int = 0) -> tuple[Backend, str]:

@@ -254,10 +254,6 @@ class TorchKernels:
             return ""
         return f"GPU memory peak: {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB"
 
-    def matmul(self, a, b) -> np.ndarray:
-        """a @ b on the device."""
-        return (self._t(a) @ self._t(b)).cpu().numpy()
-
 
 def torch_backend(gpu: str, rank: int = 0):
     """The Backend of refine.backend with these kernels on the device --gpu names."""
@@ -266,4 +262,4 @@ def torch_backend(gpu: str, rank: int = 0):
     k = TorchKernels(dev)
     name = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}"
     return Backend(name, k.make_projector, k.project, k.insert, k.coarse_significant, k.local_scores,
-                   k.pair_scores, k.matmul, k.finish, k.memory_note)
+                   k.pair_scores, k.finish, k.memory_note)

@@ -48,8 +48,9 @@ def run_refinement(state: RunState) -> RunState:
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
         if state.reducer.is_leader:
             report.maybe_refresh(opts.fn_out, state.log.line)
-        if state.backend.memory_note():
-            state.log.line(f" {state.backend.memory_note()}")
+        note = state.backend.memory_note()
+        if note:
+            state.log.line(f" {note}")
         if state.counters.has_converged:
             final_messages(state)
             return state

@@ -139,10 +139,6 @@ class Poses:
         """Deep copy (the previous iteration's poses feed the change statistics)."""
         return Poses(**{f: np.array(getattr(self, f)) for f in self.__dataclass_fields__})
 
-    def take(self, rows: NDArray[np.int64]) -> "Poses":
-        """The poses of some particles (a batch), as a new Poses."""
-        return Poses(**{f: np.array(getattr(self, f)[rows]) for f in self.__dataclass_fields__})
-
     def assign(self, rows: NDArray[np.int64], batch: "Poses") -> None:
         """Write a batch's poses (from `take` order) into rows of this set."""
         for f in self.__dataclass_fields__:
