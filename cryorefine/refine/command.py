@@ -86,9 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RELION GUI 'Use finer angular sampling faster?': both --auto_ignore_angles and "
                         "--auto_resol_angles")
     s.add_argument("--adaptive_fraction", type=float, default=0.999)
-    s.add_argument("--maxsig", type=int, default=500,
-                   help="at most this many significant samples per particle in each pass (default 500, for CPU "
-                        "speed while posteriors are broad; -1 = no cap, RELION's default)")
+    s.add_argument("--maxsig", type=int, default=-1,
+                   help="at most this many significant coarse samples per particle in pass 1 (RELION --maxsig; "
+                        "default -1 = no cap)")
     s.add_argument("--perturb", type=float, default=0.5)
     s.add_argument("--offset", dest="sigma_offset", type=float, default=10.0, help="initial offset sigma (A)")
     s.add_argument("--auto_iter_max", type=int, default=999)

@@ -44,14 +44,9 @@ def with_resolution(c: Counters, ssnr: NDArray | None, box: int, angpix: float, 
     """updateCurrentResolution: from ini_high in iteration 0 (and after a CC iteration 1), else from the SSNR."""
     r = round(box * angpix / ini_high) if keep_ini_high and ini_high > 0 else resolution_shell(ssnr)
     new = r / (box * angpix)
-    gain = new > c.best_resolution + 1e-4
+    gain = new > c.current_resolution + 1e-4       # vs the previous iteration, as RELION (spec §3.8)
     return replace(c, current_resolution=new, best_resolution=max(c.best_resolution, new),
                    nr_iter_wo_resol_gain=0 if gain else c.nr_iter_wo_resol_gain + 1)
-
-
-def with_reported_resolution(c: Counters, resolution: float) -> Counters:
-    """The current resolution (1/Å) replaced by a limit derived outside the FSC (logged by the caller)."""
-    return replace(c, current_resolution=resolution)
 
 
 def with_iteration(c: Counters, iteration: int, current_size: int, coarse_size: int) -> Counters:

@@ -159,7 +159,7 @@ class PassSettings:
     local: LocalWindow | None = None         # local mode: per-particle candidates (rows aligned with batch)
     scale_shells: NDArray[np.bool_] | None = None   # shells used for the group-scale update (SSNR > 3)
     norm_average: float = 1.0
-    maxsig: int = -1                         # cap on significant samples per particle and pass (-1: none)
+    maxsig: int = -1                         # cap on significant coarse samples per particle (-1: none)
     cache: ProjectionCache | None = None     # required by expectation_batch
 
 
@@ -193,9 +193,10 @@ def inverse_sigma2(st: PassSettings, ps: PixelSet, keep_dc: bool) -> NDArray[np.
 
 def significant_weights(d: NDArray[np.float64], log_prior: NDArray, cc_mode: bool, fraction: float,
                         maxsig: int) -> tuple[NDArray[np.bool_], NDArray[np.float64], int, float]:
-    """(keep, posterior weights summing to 1 over keep, number kept, log Σ exp(log-weights)) of one particle.
+    """(keep, posterior weights w/W_sum on keep and 0 elsewhere, number kept, log W_sum) of one particle.
 
-    Log-weights are −(d − min d) + log-prior; CC mode keeps only the best sample (hard assignment, no priors).
+    Log-weights are −(d − min d) + log-prior and W_sum sums all evaluated samples, so the kept weights sum to about
+    `fraction`, as RELION's (spec §2.6); CC mode keeps only the best sample (hard assignment, no priors).
     """
     if cc_mode:
         keep = np.zeros(d.shape, bool)
@@ -205,8 +206,7 @@ def significant_weights(d: NDArray[np.float64], log_prior: NDArray, cc_mode: boo
     mx = float(logw.max())
     thr, count, wsum, _ = significance_threshold(logw.ravel(), fraction, maxsig)
     keep = logw >= thr
-    w = np.where(keep, np.exp(logw - mx), 0.0)
-    w /= w.sum()          # kept weights sum to 1, also when --maxsig cut the tail
+    w = np.where(keep, np.exp(logw - mx) / wsum, 0.0)
     return keep, w, int(count), float(np.log(wsum) + mx)
 
 
@@ -341,7 +341,7 @@ def fine_posterior(inp: BatchInputs, st: PassSettings, j: int, sig: Significant,
                               rows_o, st.cc_mode)                           # (K, n_tch, n_ch)
     acc.gflop += 2e-9 * d_f.size * 2 * st.ps_fine.m
     keep, wpair, _, log_wsum = significant_weights(d_f, sig.log_prior[j][:, None, None], st.cc_mode,
-                                                   st.adaptive_fraction, st.maxsig)
+                                                   st.adaptive_fraction, -1)     # --maxsig caps pass 1 only
     wbar = np.zeros((t_fine.shape[0], p_f.shape[0]))
     kk = np.nonzero(wpair.reshape(len(wpair), -1).max(1) > 0)[0]
     np.add.at(wbar, (np.broadcast_to(rows_t[kk][:, :, None], wpair[kk].shape),

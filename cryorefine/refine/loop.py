@@ -194,6 +194,10 @@ def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float):
     data = state.data
     gather_poses(state.reducer, new_poses, np.concatenate(
         [state.reducer.share(np.nonzero(data.subset == h)[0]) for h in (1, 2)]))
+    if state.opts.maxsig > 0 and not cc:
+        n_hit = int((new_poses.nr_significant >= state.opts.maxsig).sum())
+        state.log.line(f" --maxsig {state.opts.maxsig}: {n_hit} of {len(new_poses.nr_significant)} particles reached "
+                       "the cap on significant coarse samples")
     return new_poses, accs
 
 
@@ -232,19 +236,17 @@ def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, 
     counters = cnt.with_resolution(state.counters, models[0].ssnr, state.box, state.angpix, opts.ini_high,
                                    keep_ini_high=cc)
     if final:
-        counters = accuracy_limit(state, counters)
+        warn_if_accuracy_limits(state, counters)
     return replace(state, models=tuple(models), counters=counters, unfiltered=unfiltered)
 
 
-def accuracy_limit(state: RunState, c):
-    """The final resolution no better than the estimated alignment accuracy allows (a logged override)."""
+def warn_if_accuracy_limits(state: RunState, c) -> None:
+    """A warning (never a replaced number) when the estimated alignment accuracy is coarser than the FSC's figure."""
     limit = autos.accuracy_limited_resolution(c.acc_rot, c.acc_trans, state.opts.particle_diameter)
-    if limit <= 1.0 / c.current_resolution:
-        return c
-    state.log.line(f" WARNING: the half-map FSC suggests {1.0 / c.current_resolution:.2f} A, but the estimated "
-                   f"alignment accuracy ({c.acc_rot:g} deg, {c.acc_trans:g} A) cannot resolve better than "
-                   f"{limit:.2f} A; the FSC only reflects the shared starting reference. Reporting {limit:.2f} A.")
-    return cnt.with_reported_resolution(c, 1.0 / limit)
+    if limit > 1.0 / c.current_resolution:
+        state.log.auto(f"WARNING: the estimated alignment accuracy ({c.acc_rot:g} degrees, {c.acc_trans:g} "
+                       f"Angstroms) would resolve about {limit:.2f} A, worse than the gold-standard FSC's "
+                       f"{1.0 / c.current_resolution:.2f} A; check the FSC curve and the half maps.")
 
 
 def with_pose_changes(state: RunState, new_poses) -> RunState:

@@ -44,7 +44,7 @@ class RefineOptions:
     low_resol_join_halves: float = 40.0
     tau2_fudge: float = 1.0
     adaptive_fraction: float = 0.999
-    maxsig: int = 500
+    maxsig: int = -1
     perturb: float = 0.5
     incr_size: int = 10
     sigma_offset_A: float = 10.0
