@@ -9,7 +9,7 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
-from cryorefine.fourier.transforms import shell_index
+from cryorefine.fourier.transforms import shell_index, shell_index_3d
 
 
 def shell_correlation(a: NDArray, b: NDArray, shell: NDArray[np.int64], n_shells: int) -> NDArray[np.float64]:
@@ -84,6 +84,14 @@ def randomise_phases_beyond(volume: NDArray, shell: int, rng: np.random.Generato
     phases = rng.uniform(0.0, 2.0 * np.pi, size=int(sel.sum()))
     ft[sel] = np.abs(ft[sel]) * np.exp(1j * phases)
     return sfft.irfftn(ft, s=volume.shape, workers=-1)
+
+
+def fsc_sigma(box: int, n_sym: int = 1) -> NDArray[np.float64]:
+    """Standard deviation 1/√n of the FSC of two independent noise maps per shell 0..N/2, with n the voxels of the
+    shell on the full N³ grid (2 × the half-complex count) divided by the symmetry order (van Heel & Schatz 2005)."""
+    nb = box // 2 + 1
+    counts = 2 * np.bincount(shell_index_3d(box).ravel(), minlength=nb)[:nb]
+    return 1.0 / np.sqrt(np.maximum(counts / max(n_sym, 1), 1.0))
 
 
 def first_shell_below(fsc_curve: NDArray, threshold: float) -> int:

@@ -49,6 +49,41 @@ def with_resolution(c: Counters, ssnr: NDArray | None, box: int, angpix: float, 
                    nr_iter_wo_resol_gain=0 if gain else c.nr_iter_wo_resol_gain + 1)
 
 
+LEAK_SHELLS = 3
+SIGNIFICANT_FSC = 0.9     # in shells of fewer than ~11 independent voxels 3σ exceeds this; real data still reach it
+
+
+def information_threshold(sigma: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per shell, the half-map FSC that shows information: 0.143, and significantly above chance (3σ, van Heel &
+    Schatz 2005) where shells hold few independent voxels (low resolution, high symmetry); 3σ capped at 0.9."""
+    return np.maximum(0.143, np.minimum(3.0 * sigma, SIGNIFICANT_FSC))
+
+
+def reference_limit(previous: float, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> float:
+    """Radius (px of the model box) to which the references are projected: the ini_high edge while they are the
+    low-passed start (`fsc` None), else the first shell whose FSC is below `threshold` (information_threshold),
+    grown past `previous` only when the FSC stays above it on the LEAK_SHELLS shells beyond `previous`.
+
+    Aligning to references cut at `previous` correlates the halves by construction in the shell next to it
+    (trilinear insertion and the FSC's down-sampling spread the aligned shells outwards), and at low resolution a
+    shell holds few independent voxels, so chance correlations of 0.2-0.3 are common there; letting either into the
+    references makes both halves align to the same spurious features, which then grow (Einstein from noise).
+    """
+    if fsc is None:
+        return ini_edge
+    n = min(len(fsc), len(threshold))
+    bad = np.nonzero(fsc[1:n] < threshold[1:n])[0]
+    s_bad = float(bad[0] + 1 if bad.size else n - 1)
+    if s_bad <= previous:
+        return s_bad
+    return s_bad if s_bad > previous + LEAK_SHELLS else previous
+
+
+def with_reference_limit(c: Counters, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> Counters:
+    """The reference limit of this iteration (reference_limit) from the last one's."""
+    return replace(c, reference_limit=reference_limit(c.reference_limit, fsc, threshold, ini_edge))
+
+
 def with_iteration(c: Counters, iteration: int, current_size: int, coarse_size: int) -> Counters:
     """The iteration number and its image sizes (C, C_coarse)."""
     return replace(c, iteration=iteration, current_size=current_size, coarse_size=coarse_size)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from cryorefine.fourier import backprojector as bpm
-from cryorefine.fourier.fsc import first_shell_below
+from cryorefine.fourier.fsc import fsc_sigma
 from cryorefine.geometry.sampling import angular_step, n_directions
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import counters as cnt
@@ -67,7 +67,7 @@ def iterate_once(state: RunState, it: int) -> RunState:
     final = state.counters.has_converged
     cc = it == 1 and state.opts.firstiter_cc
     state = with_image_sizes(state, it, final)
-    projectors, rmax = references(state, it)
+    state, projectors, rmax = references(state, it)
     if not cc:
         state = with_accuracy(state, projectors[0], rng, it)
     if it > 1:
@@ -109,30 +109,26 @@ def with_image_sizes(state: RunState, it: int, final: bool) -> RunState:
     return replace(state, counters=cnt.with_iteration(c, it, size, coarse))
 
 
-def references(state: RunState, it: int) -> tuple[list, float]:
-    """Projectors of the two half references and the data radius r_max (px) of this iteration.
+def references(state: RunState, it: int) -> tuple[RunState, list, float]:
+    """The state with this iteration's reference limit, projectors of the two half references and the data radius
+    r_max (px) of this iteration.
 
-    References are projected only up to the shell where their half-map FSC fell below 0.143 (or the ini_high
-    edge): beyond it they hold no information, only interpolation leakage and mask ringing of the low
-    resolutions, which noise can be aligned to identically in both halves (Einstein from noise).
+    References are projected only up to where their half-map FSC shows information (counters.reference_limit):
+    beyond it they hold only interpolation leakage and mask ringing of the low resolutions, which noise can be
+    aligned to identically in both halves (Einstein from noise).
     """
     opts, c = state.opts, state.counters
     rmax = c.current_size / 2
-    r_ref = reference_information_limit(state, it)
+    low_passed = c.fsc is None or (opts.firstiter_cc and it <= 2)
+    ini_edge = float(math.floor(state.box * state.angpix / opts.ini_high + 1)) if opts.ini_high > 0 else state.box // 2
+    threshold = cnt.information_threshold(fsc_sigma(state.box, len(state.sym_mats)))
+    c = cnt.with_reference_limit(c, None if low_passed else c.fsc, threshold, ini_edge)
+    r_ref = c.reference_limit
     projectors = [state.backend.make_projector(m.volume, pad=opts.pad, r_max=min(rmax, r_ref)) for m in state.models]
     if r_ref < rmax:
-        state.log.line(f" References are used up to {state.box * state.angpix / r_ref:.2f} A (shell {r_ref}), where "
-                       f"their FSC fell below 0.143; data are used up to {state.box * state.angpix / rmax:.2f} A")
-    return projectors, rmax
-
-
-def reference_information_limit(state: RunState, it: int) -> int:
-    """Last shell of the references with information: the ini_high edge while the references are the
-    low-passed start (iteration 1, and 2 after a CC iteration), else the first shell with half-map FSC < 0.143."""
-    c, opts, box = state.counters, state.opts, state.box
-    if c.fsc is None or (opts.firstiter_cc and it <= 2):
-        return int(math.floor(box * state.angpix / opts.ini_high + 1)) if opts.ini_high > 0 else box // 2
-    return min(box // 2, first_shell_below(c.fsc, 0.143))
+        state.log.line(f" References are used up to {state.box * state.angpix / r_ref:.2f} A (shell {r_ref:g}), where "
+                       f"their FSC shows information; data are used up to {state.box * state.angpix / rmax:.2f} A")
+    return replace(state, counters=c), projectors, rmax
 
 
 def with_accuracy(state: RunState, proj, rng: np.random.Generator, it: int) -> RunState:

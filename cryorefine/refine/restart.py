@@ -17,6 +17,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError, require
+from cryorefine.fourier.fsc import first_shell_below
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_particles, read_star
 from cryorefine.geometry.sampling import n_directions
@@ -26,6 +27,7 @@ from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, S
 OPTIMISER_SUFFIX = "_optimiser.star"
 # cryorefine-only optimiser label (RELION recomputes this flag instead of storing it)
 FINE_ENOUGH_LABEL = "cryorefineHasFineEnoughAngularSampling"
+REFERENCE_LIMIT_LABEL = "cryorefineReferenceLimit"
 
 
 def iteration_rng(seed: int, iteration: int) -> np.random.Generator:
@@ -283,7 +285,10 @@ def read_counters(opt: dict, path: Path, model_general: dict, model_path: Path, 
         # RELION does not store this flag (it re-derives it in the next sampling update): absent = False
         has_fine_enough_angular_sampling=_value(opt, FINE_ENOUGH_LABEL, path, bool, default=False),
         has_converged=v("rlnHasConverged", bool),
-        fsc=fsc)
+        fsc=fsc,
+        # absent (older files): the first shell below 0.143, what the references were then projected to
+        reference_limit=_value(opt, REFERENCE_LIMIT_LABEL, path, float,
+                               default=float(min(box // 2, first_shell_below(fsc, 0.143))) if fsc is not None else 0.0))
 
 
 @dataclass

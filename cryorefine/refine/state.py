@@ -118,6 +118,7 @@ class Counters:
     has_fine_enough_angular_sampling: bool = False
     has_converged: bool = False
     fsc: NDArray[np.float64] | None = None
+    reference_limit: float = 0.0        # shells (px of the model box) the references are projected to
     sampling_note: str = ""
 
 
