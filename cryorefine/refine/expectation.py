@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -15,7 +13,7 @@ from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings,
                                      expectation_batch)
 from cryorefine.refine.mstep import shell_power
 from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations
-from cryorefine.refine.pixels import pixel_set
+from cryorefine.refine.pixels import optics_size, pixel_set
 from cryorefine.refine.state import HalfModel, Poses, RefineOptions, RunState
 
 
@@ -82,8 +80,8 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
         for rows in iter_batches(rows_half, data.optics_index, opts.batch_size):
             o = int(data.optics_index[rows[0]])
             og = data.optics[o]
-            size_o = min(og.box, 2 * math.ceil(0.5 * c.current_size / og.model_scale))
-            csize_o = min(size_o, 2 * math.ceil(0.5 * c.coarse_size / og.model_scale))
+            size_o = optics_size(c.current_size, og.box, og.model_scale)
+            csize_o = min(size_o, optics_size(c.coarse_size, og.box, og.model_scale))
             inp = batch_inputs(state, rows, model, size_o, csize_o, prior)
             ps_f = pixel_set(og.box, size_o, og.model_scale, og.mag)
             ps_c = pixel_set(og.box, csize_o, og.model_scale, og.mag)
