@@ -120,8 +120,10 @@ def test_fsc_statistics_raise_incr_size_and_latch_high_fsc():
 # --- the accuracy estimate on a known answer, over a random sample of two optics groups -------------------------
 
 MODEL_BOX, MODEL_ANGPIX = 16, 2.0
-GROUPS = [OpticsGroup(1, 16, 2.0, 1.0), OpticsGroup(2, 20, 1.4, 32.0 / 28.0)]    # different box and pixel size
-INV_SIGMA2 = [3e4, 1.2e5]       # white noise, a different level per group
+GROUPS = [OpticsGroup(1, 16, 2.0, 1.0), OpticsGroup(2, 24, 1.0, 32.0 / 24.0)]    # different box and pixel size
+CURRENT_SIZE = 12               # C of the model box: C_o = min(N_o, 2 ceil(C / (2 model_scale))) = 12 and 10 px
+SIZES = [12, 10]
+KNOWN_PX = [0.6, 0.8]           # the translational accuracy (px) each group is given by its noise level below
 
 
 def _delta_projector():
@@ -132,29 +134,35 @@ def _delta_projector():
     return make_projector(vol, 2, MODEL_BOX / 2)
 
 
-def _known_shift_px(box: int, size: int, inv_sigma2: float) -> float:
-    """The translational accuracy (px) of any particle against the point: rotations change nothing, and a shift by e
-    along x gives Σ_k (1/N²)² (1/σ²) |1 − e^{−2πi kx e/N_o}|² / 2 over the unique half-plane pixels with
-    1 ≤ round|k| ≤ size/2 (y gives the same sum by symmetry); the first schedule value above −ln 0.01."""
-    c2 = (1.0 / MODEL_BOX ** 2) ** 2
-    for e in shift_schedule():
-        total = 0.0
-        for ky in range(-box // 2, box // 2):
-            for kx in range(box // 2 + 1):
-                r = int(np.rint(np.hypot(kx, ky)))
-                if (kx > 0 or ky >= 0) and 1 <= r <= size // 2:
-                    total += c2 * inv_sigma2 * (1.0 - np.cos(2 * np.pi * kx * e / box))
-        if total > -np.log(0.01):
-            return float(e)
-    return SHIFT_LIMIT
+def _shift_energy(box: int, size: int, e: float) -> float:
+    """Σ_k |P(k)|² |1 − e^{−2πi kx e/N_o}|² / 2 for the point's projection P = 1/N² and 1/σ² = 1, over the unique
+    half-plane pixels with 1 ≤ round|k| ≤ size/2 (a shift along y gives the same sum by symmetry)."""
+    total = 0.0
+    for ky in range(-box // 2, box // 2):
+        for kx in range(box // 2 + 1):
+            r = int(np.rint(np.hypot(kx, ky)))
+            if (kx > 0 or ky >= 0) and 1 <= r <= size // 2:
+                total += (1.0 / MODEL_BOX ** 2) ** 2 * (1.0 - np.cos(2 * np.pi * kx * e / box))
+    return total
 
 
-def _run_state(subset: np.ndarray, optics_index: np.ndarray, current_size: int = 12):
+def _inv_sigma2(o: int) -> float:
+    """White 1/σ² of group o that puts the point's energy 2 % above −ln 0.01 at KNOWN_PX[o] (rotations change
+    nothing), so that the schedule's first crossing is KNOWN_PX[o]: the step before stays below."""
+    g = GROUPS[o]
+    isig = 1.02 * -np.log(0.01) / _shift_energy(g.box, SIZES[o], KNOWN_PX[o])
+    sched = shift_schedule()
+    before = sched[np.searchsorted(sched, KNOWN_PX[o] - 1e-9) - 1]
+    assert isig * _shift_energy(g.box, SIZES[o], before) < -np.log(0.01)
+    return isig
+
+
+def _run_state(subset: np.ndarray, optics_index: np.ndarray, current_size: int = CURRENT_SIZE):
     """What estimate_accuracy reads of a RunState: half-sets, optics groups, σ², poses, C, the backend."""
     n = len(subset)
     rng = np.random.default_rng(0)
     data = SimpleNamespace(subset=subset, optics_index=optics_index, optics=GROUPS)
-    model = SimpleNamespace(sigma2={o: np.full(g.box // 2 + 1, 1.0 / INV_SIGMA2[o]) for o, g in enumerate(GROUPS)})
+    model = SimpleNamespace(sigma2={o: np.full(g.box // 2 + 1, 1.0 / _inv_sigma2(o)) for o, g in enumerate(GROUPS)})
     poses = SimpleNamespace(rot=rng.uniform(-180, 180, n), tilt=rng.uniform(0, 180, n), psi=rng.uniform(-180, 180, n))
     return SimpleNamespace(data=data, opts=SimpleNamespace(ctf=False), counters=SimpleNamespace(
         current_size=current_size), models=(model, model), poses=poses, backend=cpu_backend())
@@ -167,10 +175,8 @@ def test_accuracy_of_a_point_is_known_per_optics_group():
     state = _run_state(subset, optics_index)
     acc_rot, acc_trans = estimate_accuracy(state, _delta_projector(), np.random.default_rng(7))
     rows = accuracy_sample(subset, np.random.default_rng(7))      # the draw estimate_accuracy made first
-    # C = 12 in the model box is 12 px in both groups (min(N_o, 2 ceil(C / 2 / model_scale)))
-    e = [_known_shift_px(g.box, 12, INV_SIGMA2[o]) for o, g in enumerate(GROUPS)]
-    assert 0 < e[0] * GROUPS[0].angpix != e[1] * GROUPS[1].angpix < SHIFT_LIMIT
-    per_particle = np.array([e[o] * GROUPS[o].angpix for o in optics_index[rows]])
+    assert set(optics_index[rows]) == {0, 1}
+    per_particle = np.array([KNOWN_PX[o] * GROUPS[o].angpix for o in optics_index[rows]])
     assert acc_trans == pytest.approx(per_particle.mean(), rel=1e-12)
     assert acc_rot == ANGLE_LIMIT                                 # a centred point looks the same from everywhere
 
@@ -192,7 +198,7 @@ def test_accuracy_when_the_first_optics_group_has_no_half1_particle():
     optics_index = np.r_[np.zeros(40, int), np.ones(60, int)]
     state = _run_state(subset, optics_index)
     acc_rot, acc_trans = estimate_accuracy(state, _delta_projector(), np.random.default_rng(3))
-    assert acc_trans == pytest.approx(_known_shift_px(20, 12, INV_SIGMA2[1]) * GROUPS[1].angpix, rel=1e-12)
+    assert acc_trans == pytest.approx(KNOWN_PX[1] * GROUPS[1].angpix, rel=1e-12)
     assert acc_rot == ANGLE_LIMIT
 
 
