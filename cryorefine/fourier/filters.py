@@ -9,7 +9,8 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cryorefine.fourier.transforms import freq_radius, irfftn_centered, real_radius, rfftn_centered
+from cryorefine.fourier.transforms import (freq_radius, irfft2_centered, irfftn_centered, real_radius, rfft2_centered,
+                                          rfftn_centered, shell_index_2d)
 
 
 def raised_cosine_lowpass_profile(r: ArrayLike, shell: float, width_shells: float = 2.0) -> NDArray[np.float64]:
@@ -77,6 +78,18 @@ def mask_particles(images: NDArray, radius_px: float, edge_px: float,
         filler = np.asarray(fill, dtype=np.float32).reshape(stack.shape)
     out = (1.0 - c) * stack + c * filler
     return out[0] if single else out
+
+
+def coloured_noise(white: NDArray, sigma2: NDArray) -> NDArray[np.float32]:
+    """Real images (n, N, N) whose centred transform has Re and Im of variance σ²(r) (E|X(k)|² = 2σ²(r), the
+    likelihood's convention) for shells r < len(sigma2), 0 beyond; `white` are standard normal images (n, N, N)."""
+    white = np.asarray(white, dtype=np.float64)
+    n = white.shape[-1]
+    shells = shell_index_2d(n)
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
+    # a unit-variance white image has E|W(k)|² = 1/N² with the 1/N² forward normalisation
+    amp = np.where(shells < len(sigma2), np.sqrt(2.0 * sigma2[np.minimum(shells, len(sigma2) - 1)]) * n, 0.0)
+    return irfft2_centered(rfft2_centered(white) * amp, n).astype(np.float32)
 
 
 def soft_mask_outside_map(volume: NDArray, radius_px: float | None = None, width_px: float = 3.0) -> NDArray:

@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 from cryorefine.errors import InputError
 from cryorefine.fourier.aberrations import OpticsModel, model_ctf
 from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
-from cryorefine.fourier.filters import mask_particles
+from cryorefine.fourier.filters import coloured_noise, mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import ParticleTable, optics_models, particle_optics, read_particles
@@ -135,16 +135,31 @@ class PreparedBatch:
     preshift_px: NDArray[np.int64]      # (B, 2) integer pre-shift applied (= round(origin/p_o))
 
 
+NOISE_STREAM = 0x6e6f697365      # ("noise"): keeps the filler's random numbers apart from every other stream
+
+
+def background_noise(sigma2: NDArray[np.float64], box: int, rows: NDArray[np.int64], seed: int,
+                     iteration: int) -> NDArray[np.float32]:
+    """Filler images (B, N, N) of --no_zero_mask: coloured noise with per-component Fourier variance σ²(r), a new
+    instance per particle and iteration, a function of (--random_seed, iteration, particle row) only (spec §2.1)."""
+    white = np.stack([np.random.default_rng([int(seed) % 2 ** 63, int(iteration), int(r), NOISE_STREAM])
+                      .standard_normal((box, box)) for r in rows]) if len(rows) else np.zeros((0, box, box))
+    return coloured_noise(white, sigma2)
+
+
 def prepare_batch(data: ParticleData, rows: NDArray[np.int64], origin_x: NDArray, origin_y: NDArray,
-                  norm_factor: NDArray, mask_radius_px: float, mask_edge_px: float) -> PreparedBatch:
-    """Read, norm-correct, pre-shift by the rounded prior origin, mask (filler = background mean, --zero_mask),
-    and Fourier transform (spec §2.1)."""
+                  norm_factor: NDArray, mask_radius_px: float, mask_edge_px: float,
+                  noise: NDArray[np.float32] | None = None) -> PreparedBatch:
+    """Read, norm-correct, pre-shift by the rounded prior origin, mask and Fourier transform (spec §2.1).
+
+    Outside the mask: the background mean (--zero_mask, noise None) or the given noise images (B, N_o, N_o).
+    """
     og = data.optics[int(data.optics_index[rows[0]])]
     imgs = data.images.read(rows).astype(np.float32, copy=False)
     imgs = imgs * norm_factor[:, None, None].astype(np.float32)
     shifts = np.stack([np.rint(origin_x / og.angpix), np.rint(origin_y / og.angpix)], axis=-1).astype(np.int64)
     imgs = preshift(imgs, shifts)
-    masked = mask_particles(imgs, mask_radius_px, mask_edge_px, fill="mean")
+    masked = mask_particles(imgs, mask_radius_px, mask_edge_px, fill="mean" if noise is None else noise)
     return PreparedBatch(rows, rfft2_centered(masked), rfft2_centered(imgs), shifts)
 
 

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import NDArray
 
 from cryorefine.fourier.aberrations import demodulate
 from cryorefine.fourier.projector import Projector
-from cryorefine.refine.data import ctf_on_pixels, column, iter_batches, prepare_batch
+from cryorefine.refine.data import background_noise, ctf_on_pixels, column, iter_batches, prepare_batch
 from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, empty_accumulator,
                                      expectation_batch)
 from cryorefine.refine.mstep import shell_power
 from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations
-from cryorefine.refine.pixels import pixel_set
+from cryorefine.refine.pixels import optics_size, pixel_set
 from cryorefine.refine.state import HalfModel, Poses, RefineOptions, RunState
 
 
@@ -41,14 +39,18 @@ def group_scale_shells(opts: RefineOptions, model: HalfModel, n_groups: int, n_s
 
 def batch_inputs(state: RunState, rows: NDArray[np.int64], model: HalfModel, size: int, coarse_size: int,
                  prior: NDArray[np.float64]) -> BatchInputs:
-    """Read and prepare a batch of one optics group on its coarse and fine pixel sets (spec §2.1)."""
+    """Read and prepare a batch of one optics group on its coarse and fine pixel sets (spec §2.1); outside the
+    particle mask the background mean (--zero_mask) or coloured noise of the half's σ² (--no_zero_mask)."""
     opts, data, poses = state.opts, state.data, state.poses
-    og = data.optics[int(data.optics_index[rows[0]])]
+    o = int(data.optics_index[rows[0]])
+    og = data.optics[o]
     ps_f = pixel_set(og.box, size, og.model_scale, og.mag)
     ps_c = pixel_set(og.box, coarse_size, og.model_scale, og.mag)
     norm_factor = (model.norm_average / poses.norm_correction[rows]) if opts.norm else np.ones(len(rows))
+    noise = None if opts.zero_mask else background_noise(model.sigma2[o], og.box, rows, opts.random_seed,
+                                                         state.counters.iteration)
     prep = prepare_batch(data, rows, poses.origin_x[rows], poses.origin_y[rows], norm_factor,
-                         *particle_mask(opts, state.angpix, og.angpix))
+                         *particle_mask(opts, state.angpix, og.angpix), noise=noise)
     # odd aberrations (beam tilt, odd Zernikes) are demodulated from the data, as RELION does
     flat_m = demodulate(prep.masked, og.optics_model).reshape(len(rows), -1)
     flat_u = demodulate(prep.unmasked, og.optics_model).reshape(len(rows), -1)
@@ -56,7 +58,7 @@ def batch_inputs(state: RunState, rows: NDArray[np.int64], model: HalfModel, siz
     power[:, : size // 2 + 1] = 0.0
     scale = model.group_scales[data.group[rows]] if model.group_scales is not None else np.ones(len(rows))
     return BatchInputs(
-        rows=rows, optics=int(data.optics_index[rows[0]]), angpix=og.angpix, x_coarse=flat_m[:, ps_c.flat],
+        rows=rows, optics=o, angpix=og.angpix, x_coarse=flat_m[:, ps_c.flat],
         x_fine=flat_m[:, ps_f.flat], xnm_fine=flat_u[:, ps_f.flat], power_beyond=power,
         ctf_coarse=ctf_on_pixels(data, rows, ps_c.kx, ps_c.ky, opts.ctf),
         ctf_fine=ctf_on_pixels(data, rows, ps_f.kx, ps_f.ky, opts.ctf), scale=scale, group=data.group[rows],
@@ -82,8 +84,8 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
         for rows in iter_batches(rows_half, data.optics_index, opts.batch_size):
             o = int(data.optics_index[rows[0]])
             og = data.optics[o]
-            size_o = min(og.box, 2 * math.ceil(0.5 * c.current_size / og.model_scale))
-            csize_o = min(size_o, 2 * math.ceil(0.5 * c.coarse_size / og.model_scale))
+            size_o = optics_size(c.current_size, og.box, og.model_scale)
+            csize_o = min(size_o, optics_size(c.coarse_size, og.box, og.model_scale))
             inp = batch_inputs(state, rows, model, size_o, csize_o, prior)
             ps_f = pixel_set(og.box, size_o, og.model_scale, og.mag)
             ps_c = pixel_set(og.box, csize_o, og.model_scale, og.mag)

@@ -6,6 +6,7 @@ number of pixels, so that the coarse pass is matrix products (DESIGN.md §3).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,6 +57,11 @@ def pixel_set(box: int, size: int, model_scale: float = 1.0,
     flat = np.flatnonzero(keep)
     return PixelSet(box, size, flat, kx.ravel()[flat].astype(np.float64), ky.ravel()[flat].astype(np.float64),
                     r.ravel()[flat], float(model_scale), tuple(float(v) for v in mag))
+
+
+def optics_size(size: int, box: int, model_scale: float) -> int:
+    """C_o = min(N_o, 2·ceil(C/(2·model_scale))): the current size C of the model box in an optics group's box."""
+    return min(box, 2 * math.ceil(0.5 * size / model_scale))
 
 
 @lru_cache(maxsize=16)
