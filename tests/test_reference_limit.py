@@ -28,6 +28,12 @@ def test_fsc_well_beyond_the_limit_extends_it():
     assert reference_limit(4.0, _fsc(20), FLAT, 4.0) == 21.0
 
 
+def test_beyond_the_start_the_limit_follows_the_fsc():
+    # once data showed information past the start's edge (4), gradual gains of the FSC move the limit at once
+    assert reference_limit(12.0, _fsc(12), FLAT, 4.0) == 13.0
+    assert reference_limit(12.0, _fsc(13), FLAT, 4.0) == 14.0
+
+
 def test_limit_follows_a_falling_fsc_and_stops_at_nyquist():
     assert reference_limit(15.0, _fsc(9), FLAT, 4.0) == 10.0
     assert reference_limit(4.0, np.ones(33), FLAT, 4.0) == 32.0

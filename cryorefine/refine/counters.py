@@ -61,22 +61,24 @@ def information_threshold(sigma: NDArray[np.float64]) -> NDArray[np.float64]:
 
 def reference_limit(previous: float, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> float:
     """Radius (px of the model box) to which the references are projected: the ini_high edge while they are the
-    low-passed start (`fsc` None), else the first shell whose FSC is below `threshold` (information_threshold),
-    grown past `previous` only when the FSC stays above it on the LEAK_SHELLS shells beyond `previous`.
+    low-passed start (`fsc` None), else the first shell whose FSC is below `threshold` (information_threshold);
+    the first step beyond the start's edge needs the FSC above it on the LEAK_SHELLS shells beyond that edge.
 
-    Aligning to references cut at `previous` correlates the halves by construction in the shell next to it
-    (trilinear insertion and the FSC's down-sampling spread the aligned shells outwards), and at low resolution a
-    shell holds few independent voxels, so chance correlations of 0.2-0.3 are common there; letting either into the
-    references makes both halves align to the same spurious features, which then grow (Einstein from noise).
+    Both halves start from the same low-passed map and are joined below 40 Å; aligning images to references cut at
+    the edge correlates the halves by construction in the next shells (trilinear insertion and the FSC's
+    down-sampling spread the aligned shells outwards), and at low resolution a shell holds few independent voxels,
+    so chance correlations of 0.2-0.3 are common there. Letting either into the references makes both halves align
+    to the same spurious features, which then grow (Einstein from noise); once data have shown information well
+    beyond the start, the limit follows the FSC.
     """
     if fsc is None:
         return ini_edge
     n = min(len(fsc), len(threshold))
     bad = np.nonzero(fsc[1:n] < threshold[1:n])[0]
     s_bad = float(bad[0] + 1 if bad.size else n - 1)
-    if s_bad <= previous:
-        return s_bad
-    return s_bad if s_bad > previous + LEAK_SHELLS else previous
+    if previous <= ini_edge and previous < s_bad <= previous + LEAK_SHELLS:
+        return previous
+    return s_bad
 
 
 def with_reference_limit(c: Counters, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> Counters:
