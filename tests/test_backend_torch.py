@@ -92,9 +92,7 @@ def test_coarse_significance_and_block_scores_match(backends):
     n_blocks, n_ph = 40, 12
     xw = rng.normal(size=(nb, 2 * m)).astype(np.float32)
     ph = rng.normal(size=(n_ph, 2 * m)).astype(np.float32)
-    x_c = xw[:, :m] + 1j * xw[:, m:]
-    ph_c = ph[:, :m] + 1j * ph[:, m:]
-    p_c = p_pair[:, :m] + 1j * p_pair[:, m:]
+    x_c, ph_c, p_c = (v.view(np.complex64) for v in (xw, ph, p_pair))     # interleaved real pairs
     for n_a, n_b in ((4, 8), (9, 1)):
         img = np.sort(rng.integers(0, nb, n_blocks))
         ph_row = rng.integers(0, n_ph - n_a + 1, n_blocks)

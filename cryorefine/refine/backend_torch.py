@@ -238,6 +238,8 @@ class TorchKernels:
         """likelihood.block_scores on the device: each block's shifted images and projections gathered, one batched
         product per chunk of blocks."""
         xt, wt, pht, pt = (self._t(np.asarray(v, np.float32)) for v in (xw, wn, ph, p))
+        xc = torch.view_as_complex(xt.reshape(xt.shape[0], -1, 2))           # interleaved pairs -> complex
+        phc = torch.view_as_complex(pht.reshape(pht.shape[0], -1, 2))
         m = wt.shape[1]
         n_a, n_b = layout.n_a, layout.n_b
         img, ph_row, p_row = (self._t(v, torch.long) for v in (layout.img, layout.ph_row, layout.p_row))
@@ -247,13 +249,11 @@ class TorchKernels:
         step = max(1, _MAX_POINTS // max(1, (n_a + n_b) * 2 * m))
         for s in range(0, len(layout.img), step):
             sl = slice(s, s + step)
-            x = xt[img[sl]][:, None, :]                                   # (k, 1, 2m)
-            c = pht[ph_row[sl][:, None] + ra]                             # (k, n_a, 2m)
-            xr, xi, cr, ci = x[..., :m], x[..., m:], c[..., :m], c[..., m:]
-            shifted = torch.cat([xr * cr - xi * ci, xr * ci + xi * cr], dim=-1)
+            shifted = xc[img[sl]][:, None, :] * phc[ph_row[sl][:, None] + ra]     # (k, n_a, m) complex
+            shifted = torch.view_as_real(shifted).reshape(shifted.shape[0], n_a, 2 * m)
             pp = pt[p_row[sl][:, None] + rb]                              # (k, n_b, 2m)
             cross = torch.bmm(shifted, pp.transpose(1, 2))
-            norm = (wt[img[sl]][:, None, :] * (pp[..., :m] ** 2 + pp[..., m:] ** 2)).sum(-1)
+            norm = (wt[img[sl]][:, None, :] * (pp[..., 0::2] ** 2 + pp[..., 1::2] ** 2)).sum(-1)
             out[sl] = self._residual(cross, norm[:, None, :], cc_mode).double()
         return out.cpu().numpy()
 

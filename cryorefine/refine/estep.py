@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import segment_weights, weighted_sums
+from cryorefine.refine.fine_kernels import segment_weights, sparse_sums, weight_rows
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
@@ -276,40 +276,30 @@ def local_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache
 
 @dataclass
 class FineSamples:
-    """Pass 2 of a batch, flattened: the children of the significant coarse pairs as blocks (n_a fine translations
-    x n_b fine orientations), with everything the weights, best poses and weighted sums need."""
+    """Pass 2 of a batch, flattened: the children of the significant coarse pairs as blocks of n_a fine translations
+    x n_b fine orientations (layout), the batch's fine orientations (projected once) and fine translations."""
 
-    layout: BlockLayout                       # img, phase rows, projection rows of each block (K)
-    pair: NDArray[np.int64]                   # (K,) its (particle, coarse orientation) pair
-    pair_img: NDArray[np.int64]               # (P,) particle of each pair, sorted
-    pair_cid: NDArray[np.int64]               # (P,) coarse orientation id of each pair
-    pair_p: NDArray[np.int64]                 # (P,) first projection row of its children
-    fine_ids: NDArray[np.int64]               # (F,) fine orientation ids of the projection rows
+    layout: BlockLayout                       # image, phase rows, projection rows of each block (K)
+    fine_ids: NDArray[np.int64]               # (F,) fine orientation ids of the projection rows (parent-major)
     rot: NDArray[np.float64]                  # (F, 3, 3)
     p: NDArray[np.complex64]                  # (F, mf) fine projections
     t_fine: NDArray[np.float64]               # (R, 2) fine translations (px, relative to the pre-shift)
-    ph: NDArray[np.float32]                   # (R, 2mf) real pairs of their phase ramps
+    phases: NDArray[np.complex64]             # (R, mf) their phase ramps
 
 
 def fine_samples(sig: Significant, st: PassSettings, cache: ProjectionCache) -> FineSamples:
     """The fine samples of a batch: each significant pair's n_ch orientation children (projected once for the
-    batch, parent-major) x its translation children."""
+    batch) x its translation children."""
     grid, n_ch = st.grid, st.grid.n_children
-    n_coarse = int(sig.cid.max()) + 1
-    pairs, pair = np.unique(sig.img * n_coarse + sig.cid, return_inverse=True)
-    pair_img, pair_cid = pairs // n_coarse, pairs % n_coarse
-    parents, q = np.unique(pair_cid, return_inverse=True)
+    parents, q = np.unique(sig.cid, return_inverse=True)
     fine_ids = (parents[:, None] * n_ch + np.arange(n_ch)[None, :]).ravel()
     rot = fine_matrices(grid, fine_ids)
     p_f = cache.fine_projections(fine_ids, rot)                                           # (F, mf)
     u_t, t_pos = np.unique(sig.t, return_inverse=True)
     t_fine = st.translations.children(u_t).reshape(-1, 2)                                  # (R, 2) px
     n_tch = t_fine.shape[0] // len(u_t)
-    pair_p = q.ravel() * n_ch
-    pair = pair.ravel()
-    layout = BlockLayout(sig.img, t_pos.ravel() * n_tch, pair_p[pair], n_tch, n_ch)
-    return FineSamples(layout, pair, pair_img, pair_cid, pair_p, fine_ids, rot, p_f, t_fine,
-                       real_pair(shift_phases(st.ps_fine, t_fine)))
+    layout = BlockLayout(sig.img, t_pos.ravel() * n_tch, q.ravel() * n_ch, n_tch, n_ch)
+    return FineSamples(layout, fine_ids, rot, p_f, t_fine, shift_phases(st.ps_fine, t_fine))
 
 
 @dataclass
@@ -327,7 +317,7 @@ def fine_weights(inp: BatchInputs, st: PassSettings, sig: Significant, fs: FineS
     """Pass 2: score the children of the significant pairs at the current size and weight them (RELION's rule
     again with no --maxsig cap, weights over the pass-2 W_sum; children inherit their parent's log-prior)."""
     xw, wn = image_weights(inp.x_fine, inp.ctf_fine, inp.scale, isig_f)
-    d = backend.block_scores(xw, wn, fs.ph, real_pair(fs.p), fs.layout, st.cc_mode)      # (K, n_a, n_b)
+    d = backend.block_scores(xw, wn, real_pair(fs.phases), real_pair(fs.p), fs.layout, st.cc_mode)  # (K, n_a, n_b)
     acc.gflop += 2e-9 * d.size * 2 * st.ps_fine.m
     per_block = fs.layout.n_a * fs.layout.n_b
     off = offsets_of(sig.img, len(inp.rows), per_block)
@@ -352,7 +342,7 @@ def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, 
                                                "log_likelihood", "max_prob")},
                 nr_significant=sig.count.astype(np.int64))
     best_poses(out, inp, fs, fw, isig_f)
-    batch_sums(acc, out, inp, st, sig, fs, fw, backend)
+    batch_sums(acc, out, inp, st, fs, fw, backend)
     return out
 
 
@@ -380,37 +370,73 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const)
 
 
-def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSettings, sig: Significant,
-               fs: FineSamples, fw: FineWeights, backend) -> None:
+_SUMS_CHUNK_BYTES = 128 * 2 ** 20   # orientation rows of the weighted sums (and of an insertion) at a time
+_DENSE_FRACTION = 0.15              # weight-matrix density above which the sums are dense BLAS products
+
+
+def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSettings, fs: FineSamples,
+               fw: FineWeights, backend) -> None:
     """Weighted sums of the batch (spec §3.1, §3.6) into `acc` (back-projection included), norm corrections into
-    `out`."""
-    nb, ps_f = len(inp.rows), st.ps_fine
+    `out`.
+
+    The posterior weights form a sparse matrix W̄ over (orientation o, particle-translation (j, t)). The values
+    back-projected at o sum over the batch's particles, Σ_(j,t) W̄ X^nm_j e^{-2πik·t/N} s CTF_j/σ² = (W̄ @ Z)_o, so
+    each orientation is inserted once per batch; Q = W̄ᵀ @ P gives the residual statistics, Σ_o w̄ Re(conj(X e) P)
+    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else a sparse kernel; in chunks of rows.
+    """
+    nb, ps_f, m = len(inp.rows), st.ps_fine, st.ps_fine.m
     _, n_a, n_b = fw.w.shape
-    n_pairs = len(fs.pair_img)
-    # Σ w̄ of each (pair, orientation child): the rows that are back-projected
+    lay = fs.layout
+    # columns: the (particle, fine translation) pairs of the batch, sorted by particle
+    n_t = len(fs.t_fine)
+    jt_key, blk_jt = np.unique(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), return_inverse=True)
+    jt_img, jt_t = jt_key // n_t, jt_key % n_t
+    # rows: the orientations with weight, and Σ_t w̄ of each (orientation, particle)
     wb = fw.w.sum(axis=1)                                                                  # (K, n_b)
-    colw = np.stack([np.bincount(fs.pair, wb[:, b], minlength=n_pairs) for b in range(n_b)], axis=1)
-    row_pair, row_b = np.nonzero(colw > 0)                       # sorted by pair, hence by particle
-    row_w = colw[row_pair, row_b]
-    row_off = offsets_of(fs.pair_img[row_pair], nb)
-    row_p = fs.pair_p[row_pair] + row_b
-    pair_blk = np.argsort(fs.pair, kind="stable")
+    o_row = lay.p_row[:, None] + np.arange(n_b)
+    used = wb > 0
+    rows = np.unique(o_row[used])
+    row_of = np.full(len(fs.fine_ids), -1, np.int64)
+    row_of[rows] = np.arange(len(rows))
+    cell = row_of[o_row[used]] * nb + np.broadcast_to(lay.img[:, None], o_row.shape)[used]
+    colw = np.bincount(cell, wb[used], minlength=len(rows) * nb).reshape(len(rows), nb)
+    ptr, col, val = weight_rows(fw.w, blk_jt.reshape(-1, n_a), lay.p_row, row_of, len(rows))
     s = inp.scale[:, None].astype(np.float32)
     isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
     ctf = inp.ctf_fine
-    vals, wts, cross, norm = weighted_sums(
-        fw.w, fs.layout.ph_row, offsets_of(fs.pair, n_pairs), pair_blk, row_off, row_pair, row_b, row_p, row_w,
-        fs.ph, inp.x_fine, inp.xnm_fine, real_pair(fs.p), ctf * s * isig_bp, ctf * ctf * s * s * isig_bp)
-    backend.insert(acc.bp, fs.rot[row_p], ps_f.kx_model, ps_f.ky_model, vals, wts)
+    z = real_pair(inp.xnm_fine[jt_img] * fs.phases[jt_t] * (ctf * s * isig_bp)[jt_img])  # (J, 2mf)
+    bp_n = ctf * ctf * s * s * isig_bp                                                     # (B, mf)
+    p_pair = real_pair(fs.p)
+    n_rows, n_cols = len(rows), len(jt_key)
+    dense = len(val) >= _DENSE_FRACTION * n_rows * n_cols
+    q = np.zeros((n_cols, 2 * m), np.float32)
+    norm = np.zeros((nb, m), np.float32)
+    step = max(1, _SUMS_CHUNK_BYTES // (4 * (6 * m + (n_cols if dense else 0))))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        p_c = p_pair[rows[r0:r1]]
+        if dense:
+            wc = np.zeros((r1 - r0, n_cols), np.float32)
+            wc[np.repeat(np.arange(r1 - r0), np.diff(ptr[r0:r1 + 1])), col[ptr[r0]:ptr[r1]]] = val[ptr[r0]:ptr[r1]]
+            vals = wc @ z
+            if not st.cc_mode:
+                q += wc.T @ p_c
+        else:
+            vals = np.zeros((r1 - r0, 2 * m), np.float32)
+            sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q, not st.cc_mode)
+        cw = colw[r0:r1].astype(np.float32)
+        backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), cw @ bp_n)
+        norm += cw.T @ (p_c[:, 0::2] ** 2 + p_c[:, 1::2] ** 2)
     acc.ll_sum += float(out.log_likelihood.sum())
     acc.pmax_sum += float(out.max_prob.sum())
     acc.count += nb
     if st.cc_mode:
         out.norm_correction[:] = inp.old_norm
         return
-    cross_k = cross * ctf                                       # Σ_o Re(conj(Y) P) CTF per particle
-    norm_k = norm * ctf * ctf
-    sw = np.bincount(sig.img, fw.w.sum(axis=(1, 2)), minlength=nb)
+    xs = real_pair(inp.x_fine[jt_img] * fs.phases[jt_t]) * q                                # Re(conj(X e) Q) pairs
+    cross_k = np.add.reduceat(xs[:, 0::2] + xs[:, 1::2], offsets_of(jt_img, nb)[:-1], axis=0) * ctf
+    norm_k = norm * ctf * ctf                                   # Σ_o w̄ |P|² CTF² per particle
+    sw = colw.sum(axis=0)
     xpow = inp.x_fine.real ** 2 + inp.x_fine.imag ** 2
     resid = residual_power(xpow, cross_k, norm_k, sw[:, None], inp.scale[:, None])       # (B, mf)
     nshell = len(st.inv_sigma2)
@@ -424,10 +450,11 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         sel = st.scale_shells[ps_f.shell]
         np.add.at(acc.scale_num, inp.group, cross_k[:, sel].sum(1))
         np.add.at(acc.scale_den, inp.group, norm_k[:, sel].sum(1))
-    tau = (inp.preshift_px[sig.img][:, None, :] + fs.t_fine[fs.layout.ph_row[:, None] + np.arange(n_a)]) * inp.angpix
-    d2 = ((tau - inp.prior_mu[sig.img][:, None, :]) ** 2).sum(-1)                          # (K, n_a)
+    tau = (inp.preshift_px[lay.img][:, None, :] + fs.t_fine[lay.ph_row[:, None] + np.arange(n_a)]) * inp.angpix
+    d2 = ((tau - inp.prior_mu[lay.img][:, None, :]) ** 2).sum(-1)                          # (K, n_a)
     acc.offset_num += float((fw.w.sum(axis=2) * d2).sum())
     acc.wsum += float(sw.sum())
     acc.norm_sum += float(out.norm_correction.sum())
     if st.local is None and acc.pdf.size:
-        acc.pdf += np.bincount(coarse_direction_of(st.grid, fs.pair_cid[row_pair]), row_w, minlength=acc.pdf.size)
+        parents = fs.fine_ids[rows] // st.grid.n_children
+        acc.pdf += np.bincount(coarse_direction_of(st.grid, parents), colw.sum(1), minlength=acc.pdf.size)

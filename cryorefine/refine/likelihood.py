@@ -3,7 +3,7 @@
 Residual D(θ,t) = Σ_k |X_k e^{-2πik·t/N} − s·CTF_k P_k(θ)|² / 2σ²_k, expanded as
 const − Re Σ conj(X_k e^{..}) s CTF_k P_k / σ²_k + ½ Σ s² CTF_k² |P_k|² / σ²_k = const + ½·norm − cross, so the
 coarse pass is two real matrix products over (particles·translations × pixels) @ (pixels × orientations).
-Complex vectors enter the products as real pairs [Re, Im], for which Re(conj(a)·b) = pair(a) · pair(b).
+Complex vectors enter the products as real pairs (Re, Im interleaved), for which Re(conj(a)·b) = pair(a) · pair(b).
 A backend (refine.backend) bundles these functions with the projection and insertion kernels.
 """
 
@@ -19,8 +19,9 @@ from cryorefine.refine.weights import coarse_significance
 
 
 def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
-    """[Re z, Im z] along the last axis, so that Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
-    return np.concatenate([z.real, z.imag], axis=-1).astype(np.float32, copy=False)
+    """(Re z, Im z) interleaved along the last axis (a float32 view of complex64 z, no copy when contiguous), so that
+    Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
+    return np.ascontiguousarray(z, np.complex64).view(np.float32)
 
 
 def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
@@ -48,8 +49,7 @@ def weighted_images(x: NDArray[np.complex64], phases: NDArray[np.complex64],
 
     x (B, m), phases (T, m), weight (B, m) = s·CTF/σ² (the factor that turns the product with P into `cross`).
     """
-    xs = x[:, None, :] * phases[None, :, :]
-    return np.concatenate([xs.real * weight[:, None, :], xs.imag * weight[:, None, :]], axis=-1)
+    return real_pair(x[:, None, :] * phases[None, :, :] * weight[:, None, :])
 
 
 def coarse_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
