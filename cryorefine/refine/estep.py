@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import segment_weights, sparse_sums, weight_rows
+from cryorefine.refine.fine_kernels import segment_best, segment_weights, sparse_sums, weight_rows
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
@@ -174,6 +174,14 @@ class Significant:
     cid: NDArray[np.int64]           # coarse orientation id
     log_prior: NDArray[np.float64]   # log π_off(t) + log π_ang(cid)
     count: NDArray[np.int64]         # (B,) rlnNrOfSignificantSamples
+
+
+def dense_index(keys: NDArray[np.int64], n: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(sorted distinct keys, position of each key among them) for keys in [0, n): np.unique by a table."""
+    used = np.zeros(n, bool)
+    used[keys] = True
+    pos = np.cumsum(used) - 1
+    return np.flatnonzero(used), pos[keys]
 
 
 def inverse_sigma2(st: PassSettings, ps: PixelSet, keep_dc: bool) -> NDArray[np.float32]:
@@ -350,19 +358,10 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     """Write each particle's maximum-posterior pose, its probability and log-likelihood into `out`; ties go to the
     first fine (translation, orientation) in index order."""
     _, n_a, n_b = fw.w.shape
-    w = fw.w.ravel()
-    wmax = np.maximum.reduceat(w, fw.elem_off[:-1])
-    # sample order key: (fine translation row, projection row), as a dense (translation x orientation) argmax
-    t_row = fs.layout.ph_row[:, None, None] + np.arange(n_a)[None, :, None]
-    o_row = fs.layout.p_row[:, None, None] + np.arange(n_b)[None, None, :]
-    key = (t_row * len(fs.fine_ids) + o_row).ravel()
-    owner = np.repeat(np.arange(len(wmax)), np.diff(fw.elem_off))
-    cand = np.flatnonzero(w == wmax[owner])
-    cand = cand[np.lexsort((key[cand], owner[cand]))]
-    best = cand[np.unique(owner[cand], return_index=True)[1]]
+    best = segment_best(fw.w, fw.elem_off // (n_a * n_b), fs.layout.ph_row, fs.layout.p_row)
     k, a, b = np.unravel_index(best, fw.w.shape)
     o_best = fs.layout.p_row[k] + b
-    out.max_prob[:] = wmax
+    out.max_prob[:] = fw.w.ravel()[best]
     out.rot[:], out.tilt[:], out.psi[:] = matrix_to_euler(fs.rot[o_best])
     tau = (inp.preshift_px + fs.t_fine[fs.layout.ph_row[k] + a]) * inp.angpix
     out.origin_x[:], out.origin_y[:] = tau[:, 0], tau[:, 1]
@@ -389,18 +388,18 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     lay = fs.layout
     # columns: the (particle, fine translation) pairs of the batch, sorted by particle
     n_t = len(fs.t_fine)
-    jt_key, blk_jt = np.unique(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), return_inverse=True)
+    jt_key, blk_jt = dense_index(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), nb * n_t)
     jt_img, jt_t = jt_key // n_t, jt_key % n_t
     # rows: the orientations with weight, and Σ_t w̄ of each (orientation, particle)
     wb = fw.w.sum(axis=1)                                                                  # (K, n_b)
     o_row = lay.p_row[:, None] + np.arange(n_b)
     used = wb > 0
-    rows = np.unique(o_row[used])
+    rows = dense_index(o_row[used], len(fs.fine_ids))[0]
     row_of = np.full(len(fs.fine_ids), -1, np.int64)
     row_of[rows] = np.arange(len(rows))
     cell = row_of[o_row[used]] * nb + np.broadcast_to(lay.img[:, None], o_row.shape)[used]
     colw = np.bincount(cell, wb[used], minlength=len(rows) * nb).reshape(len(rows), nb)
-    ptr, col, val = weight_rows(fw.w, blk_jt.reshape(-1, n_a), lay.p_row, row_of, len(rows))
+    ptr, col, val = weight_rows(fw.w, blk_jt, lay.p_row, row_of, len(rows))
     s = inp.scale[:, None].astype(np.float32)
     isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
     ctf = inp.ctf_fine
@@ -450,9 +449,9 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         sel = st.scale_shells[ps_f.shell]
         np.add.at(acc.scale_num, inp.group, cross_k[:, sel].sum(1))
         np.add.at(acc.scale_den, inp.group, norm_k[:, sel].sum(1))
-    tau = (inp.preshift_px[lay.img][:, None, :] + fs.t_fine[lay.ph_row[:, None] + np.arange(n_a)]) * inp.angpix
-    d2 = ((tau - inp.prior_mu[lay.img][:, None, :]) ** 2).sum(-1)                          # (K, n_a)
-    acc.offset_num += float((fw.w.sum(axis=2) * d2).sum())
+    tau = (inp.preshift_px[jt_img] + fs.t_fine[jt_t]) * inp.angpix                         # (J, 2) Å
+    w_jt = np.bincount(blk_jt.ravel(), fw.w.sum(axis=2).ravel(), minlength=len(jt_key))
+    acc.offset_num += float((w_jt * ((tau - inp.prior_mu[jt_img]) ** 2).sum(-1)).sum())
     acc.wsum += float(sw.sum())
     acc.norm_sum += float(out.norm_correction.sum())
     if st.local is None and acc.pdf.size:

@@ -223,3 +223,23 @@ def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: 
             o = crow[e]
             for i in range(n2):
                 q[t, i] += v * p[o, i]
+
+
+@numba.njit(cache=True, parallel=True)
+def segment_best(w: np.ndarray, blk_off: np.ndarray, ph_row: np.ndarray, p_row: np.ndarray) -> np.ndarray:
+    """Flat index into w (K, n_a, n_b) of the largest weight of each image's blocks blk_off[j]:blk_off[j+1]; among
+    equal maxima the smallest (phase row, projection row), as a dense (translation x orientation) argmax."""
+    _, n_a, n_b = w.shape
+    n_seg = blk_off.shape[0] - 1
+    best = np.empty(n_seg, np.int64)
+    for s in numba.prange(n_seg):
+        bk, ba, bb = blk_off[s], 0, 0
+        for k in range(blk_off[s], blk_off[s + 1]):
+            for a in range(n_a):
+                for b in range(n_b):
+                    v, u = w[k, a, b], w[bk, ba, bb]
+                    if v > u or (v == u and (ph_row[k] + a < ph_row[bk] + ba or (
+                            ph_row[k] + a == ph_row[bk] + ba and p_row[k] + b < p_row[bk] + bb))):
+                        bk, ba, bb = k, a, b
+        best[s] = (bk * n_a + ba) * n_b + bb
+    return best
