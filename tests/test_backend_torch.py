@@ -69,7 +69,7 @@ def test_insertion_matches_the_numba_kernel(backends):
     assert bps[0].weight.sum() > 0
 
 
-def test_coarse_significance_and_pair_scores_match(backends):
+def test_coarse_significance_and_block_scores_match(backends):
     cpu, tb = backends
     rng = np.random.default_rng(4)
     nb, nt, nu, m = 6, 9, 200, 120
@@ -87,12 +87,27 @@ def test_coarse_significance_and_pair_scores_match(backends):
     k1, c1 = cpu.coarse_significant(*flat, False, 0.999, 20)
     k2, c2 = tb.coarse_significant(*flat, False, 0.999, 20)
     assert np.all(c1 == 20) and np.all(c2 == 20) and np.array_equal(k1, k2)
-    rows_t = rng.integers(0, nt, size=(5, 4))
-    rows_o = rng.integers(0, nu, size=(5, 8))
-    norm_o = rng.uniform(0, 10, size=nu)
-    d1 = likelihood.pair_scores(a[0], p_pair, norm_o, rows_t, rows_o, False)
-    d2 = tb.pair_scores(a[0], p_pair, norm_o, rows_t, rows_o, False)
-    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-3)
+    # blocks of n_a shifted images x n_b projections (fine pass: 4 x 8; local coarse pass: all translations x 1),
+    # sorted by image; a brute-force product as the reference
+    n_blocks, n_ph = 40, 12
+    xw = rng.normal(size=(nb, 2 * m)).astype(np.float32)
+    ph = rng.normal(size=(n_ph, 2 * m)).astype(np.float32)
+    x_c, ph_c, p_c = (v.view(np.complex64) for v in (xw, ph, p_pair))     # interleaved real pairs
+    for n_a, n_b in ((4, 8), (9, 1)):
+        img = np.sort(rng.integers(0, nb, n_blocks))
+        ph_row = rng.integers(0, n_ph - n_a + 1, n_blocks)
+        p_row = rng.integers(0, nu - n_b + 1, n_blocks)
+        layout = likelihood.BlockLayout(img, ph_row, p_row, n_a, n_b)
+        for cc in (False, True):
+            want = np.empty((n_blocks, n_a, n_b))
+            for k in range(n_blocks):
+                xs = x_c[img[k]] * ph_c[ph_row[k]:ph_row[k] + n_a]
+                pk = p_c[p_row[k]:p_row[k] + n_b]
+                norm = (norm_w[img[k]] * np.abs(pk) ** 2).sum(1)[None]
+                want[k] = likelihood.residual(np.real(np.conj(xs) @ pk.T), norm, cc)
+            for be in (cpu, tb):
+                got = be.block_scores(xw, norm_w, ph, p_pair, layout, cc)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def _refine(star: Path, small_set: Path, out: Path, *extra: str) -> None:

@@ -25,8 +25,7 @@ class Backend:
     project: Callable             # (Projector, rotations (n,3,3), kx, ky) -> (n, m) complex64
     insert: Callable              # (BackProjector, rotations, kx, ky, values (n,m), weights (n,m)) -> None
     coarse_significant: Callable  # likelihood.coarse_significant
-    local_scores: Callable        # likelihood.local_scores
-    pair_scores: Callable         # likelihood.pair_scores
+    block_scores: Callable        # likelihood.block_scores: fine pass and local coarse pass (flattened blocks)
     finish: Callable = lambda bp: None   # (BackProjector) -> None: device sums back into bp after a half's E-step
     memory_note: Callable = lambda: ""   # () -> a log line on device memory ("" on the CPU)
 
@@ -36,9 +35,9 @@ class Backend:
 
 
 def cpu_backend() -> Backend:
-    """numba kernels for projection/insertion, numpy BLAS for the likelihood products."""
+    """numba kernels for projection, insertion and the block products, numpy BLAS for the global coarse products."""
     return Backend("CPU (numba, numpy BLAS)", pjm.make_projector, pjm.project, bpm.insert,
-                   likelihood.coarse_significant, likelihood.local_scores, likelihood.pair_scores)
+                   likelihood.coarse_significant, likelihood.block_scores)
 
 
 def make_backend(gpu: str | None, rank: int = 0) -> tuple[Backend, str]:

@@ -234,19 +234,28 @@ class TorchKernels:
         thr = vals.gather(1, (count - 1)[:, None])
         return lw >= thr, count
 
-    def local_scores(self, a, p_pair, norm_w, p_pow, cc_mode: bool) -> np.ndarray:
-        """likelihood.local_scores on the device."""
-        cross = self._t(a) @ self._t(p_pair).T
-        norm = self._t(norm_w) @ self._t(p_pow).T
-        return self._residual(cross, norm[None, :], cc_mode).double().cpu().numpy()
-
-    def pair_scores(self, a_t, p_o, norm_o, rows_t, rows_o, cc_mode: bool) -> np.ndarray:
-        """likelihood.pair_scores on the device (one batched product for all blocks)."""
-        at, po = self._t(a_t), self._t(p_o)
-        rt, ro = self._t(rows_t, torch.long), self._t(rows_o, torch.long)
-        cross = torch.bmm(at[rt], po[ro].transpose(1, 2))
-        nrm = self._t(norm_o, torch.float32)[ro][:, None, :]
-        return self._residual(cross, nrm, cc_mode).double().cpu().numpy()
+    def block_scores(self, xw, wn, ph, p, layout, cc_mode: bool) -> np.ndarray:
+        """likelihood.block_scores on the device: each block's shifted images and projections gathered, one batched
+        product per chunk of blocks."""
+        xt, wt, pht, pt = (self._t(np.asarray(v, np.float32)) for v in (xw, wn, ph, p))
+        xc = torch.view_as_complex(xt.reshape(xt.shape[0], -1, 2))           # interleaved pairs -> complex
+        phc = torch.view_as_complex(pht.reshape(pht.shape[0], -1, 2))
+        m = wt.shape[1]
+        n_a, n_b = layout.n_a, layout.n_b
+        img, ph_row, p_row = (self._t(v, torch.long) for v in (layout.img, layout.ph_row, layout.p_row))
+        ra = torch.arange(n_a, device=self.device)
+        rb = torch.arange(n_b, device=self.device)
+        out = torch.empty((len(layout.img), n_a, n_b), dtype=torch.float64, device=self.device)
+        step = max(1, _MAX_POINTS // max(1, (n_a + n_b) * 2 * m))
+        for s in range(0, len(layout.img), step):
+            sl = slice(s, s + step)
+            shifted = xc[img[sl]][:, None, :] * phc[ph_row[sl][:, None] + ra]     # (k, n_a, m) complex
+            shifted = torch.view_as_real(shifted).reshape(shifted.shape[0], n_a, 2 * m)
+            pp = pt[p_row[sl][:, None] + rb]                              # (k, n_b, 2m)
+            cross = torch.bmm(shifted, pp.transpose(1, 2))
+            norm = (wt[img[sl]][:, None, :] * (pp[..., 0::2] ** 2 + pp[..., 1::2] ** 2)).sum(-1)
+            out[sl] = self._residual(cross, norm[:, None, :], cc_mode).double()
+        return out.cpu().numpy()
 
     def memory_note(self) -> str:
         """The device's peak memory so far (the log's last line reports it)."""
@@ -261,5 +270,5 @@ def torch_backend(gpu: str, rank: int = 0):
     dev = pick_device(gpu, rank)
     k = TorchKernels(dev)
     name = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}"
-    return Backend(name, k.make_projector, k.project, k.insert, k.coarse_significant, k.local_scores,
-                   k.pair_scores, k.finish, k.memory_note)
+    return Backend(name, k.make_projector, k.project, k.insert, k.coarse_significant, k.block_scores, k.finish,
+                   k.memory_note)

@@ -16,13 +16,13 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.likelihood import (gflop_of_products, offset_log_prior, real_pair, residual_power,
-                                          weighted_images)
+from cryorefine.refine.fine_kernels import segment_best, segment_weights, sparse_sums, weight_rows
+from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
+                                          residual_power, weighted_images)
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
 from cryorefine.refine.state import Poses
-from cryorefine.refine.weights import significance_threshold
 
 
 @dataclass
@@ -164,21 +164,24 @@ class PassSettings:
 
 
 @dataclass
-class Candidates:
-    """Coarse orientations of a batch: the union `ids`, and per particle its positions in `ids` and log-priors."""
-
-    ids: NDArray[np.int64]
-    index: list[NDArray[np.int64]]
-    log_prior: list[NDArray[np.float64]]
-
-
-@dataclass
 class Significant:
-    """Pass-1 result per particle: significant (translation index, candidate position) pairs and their log-priors."""
+    """Pass-1 result of a batch, flattened: the significant coarse (translation, orientation) pairs of every particle,
+    sorted by (particle, coarse id, translation index) so that pass 2 reuses each projection from cache, their
+    log-priors, and the pass-1 counts per particle."""
 
-    pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]]
-    log_prior: list[NDArray[np.float64]]
-    count: NDArray[np.int64]
+    img: NDArray[np.int64]           # particle (row of the batch)
+    t: NDArray[np.int64]             # coarse translation index
+    cid: NDArray[np.int64]           # coarse orientation id
+    log_prior: NDArray[np.float64]   # log π_off(t) + log π_ang(cid)
+    count: NDArray[np.int64]         # (B,) rlnNrOfSignificantSamples
+
+
+def dense_index(keys: NDArray[np.int64], n: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(sorted distinct keys, position of each key among them) for keys in [0, n): np.unique by a table."""
+    used = np.zeros(n, bool)
+    used[keys] = True
+    pos = np.cumsum(used) - 1
+    return np.flatnonzero(used), pos[keys]
 
 
 def inverse_sigma2(st: PassSettings, ps: PixelSet, keep_dc: bool) -> NDArray[np.float32]:
@@ -191,85 +194,144 @@ def inverse_sigma2(st: PassSettings, ps: PixelSet, keep_dc: bool) -> NDArray[np.
     return isig
 
 
-def significant_weights(d: NDArray[np.float64], log_prior: NDArray, cc_mode: bool, fraction: float,
-                        maxsig: int) -> tuple[NDArray[np.bool_], NDArray[np.float64], int, float]:
-    """(keep, posterior weights w/W_sum on keep and 0 elsewhere, number kept, log W_sum) of one particle.
-
-    Log-weights are −(d − min d) + log-prior and W_sum sums all evaluated samples, so the kept weights sum to about
-    `fraction`, as RELION's (spec §2.6); CC mode keeps only the best sample (hard assignment, no priors).
-    """
-    if cc_mode:
-        keep = np.zeros(d.shape, bool)
-        keep.flat[int(np.argmin(d))] = True
-        return keep, keep.astype(np.float64), 1, 0.0
-    logw = -(d - float(d.min())) + log_prior
-    mx = float(logw.max())
-    thr, count, wsum, _ = significance_threshold(logw.ravel(), fraction, maxsig)
-    keep = logw >= thr
-    w = np.where(keep, np.exp(logw - mx) / wsum, 0.0)
-    return keep, w, int(count), float(np.log(wsum) + mx)
+def offsets_of(img: NDArray[np.int64], n: int, per_item: int = 1) -> NDArray[np.int64]:
+    """CSR offsets (n + 1,) of items sorted by owner `img`, each item `per_item` elements long."""
+    return np.concatenate([[0], np.cumsum(np.bincount(img, minlength=n))]).astype(np.int64) * per_item
 
 
-def coarse_candidates(st: PassSettings, nb: int) -> Candidates:
-    """The coarse orientations of each particle: the whole grid (global) or its local window (local)."""
-    grid = st.grid
-    if st.local is None:
-        dirs = np.nonzero(np.isfinite(st.log_pdf_direction))[0]
-        ids = (dirs[:, None] * grid.n_psi + np.arange(grid.n_psi)[None, :]).ravel()
-        lp = st.log_pdf_direction[coarse_direction_of(grid, ids)]
-        return Candidates(ids, [np.arange(len(ids))] * nb, [lp] * nb)
-    chunks = [st.local.ids[st.local.offsets[j]:st.local.offsets[j + 1]] for j in range(nb)]
-    ids, inv = np.unique(np.concatenate(chunks), return_inverse=True)
-    bounds = np.cumsum([0] + [len(c) for c in chunks])
-    return Candidates(ids, [inv[bounds[j]:bounds[j + 1]] for j in range(nb)],
-                      [st.local.log_prior[st.local.offsets[j]:st.local.offsets[j + 1]] for j in range(nb)])
+def image_weights(x: NDArray[np.complex64], ctf: NDArray[np.float32], scale: NDArray[np.float64],
+                  isig: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """(real pairs of X·s·CTF/σ² (B, 2m), s²CTF²/σ² (B, m)): the image factors of `cross` and `norm`."""
+    s = scale[:, None].astype(np.float32)
+    return real_pair(x * (ctf * s * isig[None, :])), (ctf * ctf) * (s * s) * isig[None, :]
 
 
-def coarse_pass(inp: BatchInputs, st: PassSettings, cand: Candidates, cache: ProjectionCache, backend,
-                acc: HalfAccumulator) -> Significant:
-    """Pass 1: coarse orientations x coarse translations at the coarse size; keeps the significant pairs."""
-    nb = len(inp.rows)
+def offset_priors(inp: BatchInputs, st: PassSettings) -> NDArray[np.float64]:
+    """log π_off of every particle and coarse translation (B, T); 0 in CC mode (no priors)."""
+    tau = (inp.preshift_px[:, None, :] + st.translations.coarse[None, :, :]) * inp.angpix   # (B, T, 2) Å
+    lp_off = offset_log_prior(tau, inp.prior_mu[:, None, :], st.sigma_offset)
+    return np.zeros_like(lp_off) if st.cc_mode else lp_off
+
+
+def global_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache, backend,
+                       acc: HalfAccumulator) -> Significant:
+    """Pass 1 of a global search: the batch against the shared coarse orientations (directions with pdf > 0)."""
+    nb, grid = len(inp.rows), st.grid
+    dirs = np.nonzero(np.isfinite(st.log_pdf_direction))[0]
+    ids = (dirs[:, None] * grid.n_psi + np.arange(grid.n_psi)[None, :]).ravel()
+    lp_dir = st.log_pdf_direction[coarse_direction_of(grid, ids)]
     isig = inverse_sigma2(st, st.ps_coarse, keep_dc=False)
-    p_pair, p_pow = cache.coarse_pairs(cand.ids)                                           # (U, 2mc), (U, mc)
+    p_pair, p_pow = cache.coarse_pairs(ids)                                                 # (U, 2mc), (U, mc)
     phases = shift_phases(st.ps_coarse, st.translations.coarse)                             # (T, mc)
     a = weighted_images(inp.x_coarse, phases, inp.ctf_coarse * inp.scale[:, None].astype(np.float32) * isig[None, :])
     norm_w = (inp.ctf_coarse ** 2) * (inp.scale[:, None] ** 2).astype(np.float32) * isig[None, :]
-    tau = (inp.preshift_px[:, None, :] + st.translations.coarse[None, :, :]) * inp.angpix   # (B, T, 2) Å
-    lp_off = offset_log_prior(tau, inp.prior_mu[:, None, :], st.sigma_offset)               # (B, T)
-    if st.cc_mode:
-        lp_off = np.zeros_like(lp_off)
+    lp_off = offset_priors(inp, st)
+    keep, count = backend.coarse_significant(a, p_pair, norm_w, p_pow, lp_off, lp_dir, st.cc_mode,
+                                             st.adaptive_fraction, st.maxsig)
     n_t, depth = a.shape[1], a.shape[2]
-    pairs, lps, count = [], [], np.zeros(nb, np.int64)
-    if st.local is None:
-        lp_dir = cand.log_prior[0]
-        keep, count = backend.coarse_significant(a, p_pair, norm_w, p_pow, lp_off, lp_dir, st.cc_mode,
-                                                 st.adaptive_fraction, st.maxsig)
-        acc.gflop += gflop_of_products(nb * n_t, len(cand.ids), depth) + gflop_of_products(nb, len(cand.ids),
-                                                                                         depth // 2)
-        for j in range(nb):
-            pair = np.nonzero(keep[j])
-            pairs.append(pair)
-            lps.append(lp_off[j][pair[0]] + lp_dir[pair[1]])
-        return Significant(pairs, lps, count)
-    for j in range(nb):
-        idx = cand.index[j]
-        d = backend.local_scores(a[j], p_pair[idx], norm_w[j], p_pow[idx], st.cc_mode)
-        acc.gflop += gflop_of_products(n_t, len(idx), depth) + gflop_of_products(1, len(idx), depth // 2)
-        lp = lp_off[j][:, None] + cand.log_prior[j][None, :]
-        keep, _, count[j], _ = significant_weights(d, lp, st.cc_mode, st.adaptive_fraction, st.maxsig)
-        pair = np.nonzero(keep)
-        pairs.append(pair)
-        lps.append(lp[pair])
-    return Significant(pairs, lps, count)
+    acc.gflop += gflop_of_products(nb * n_t, len(ids), depth) + gflop_of_products(nb, len(ids), depth // 2)
+    j, t, u = np.nonzero(keep)
+    order = np.lexsort((t, u, j))                # ids are increasing in u
+    j, t, u = j[order], t[order], u[order]
+    return Significant(j, t, ids[u], lp_off[j, t] + lp_dir[u], np.asarray(count, np.int64))
 
 
-def fine_orientations(cand: Candidates, sig: Significant, n_children: int) -> list[NDArray[np.int64]]:
-    """Per particle, the fine ids (children) of its significant coarse orientations, parent-major."""
-    out = []
-    for j, (_, o_loc) in enumerate(sig.pairs):
-        parents = np.unique(cand.ids[cand.index[j][o_loc]])
-        out.append((parents[:, None] * n_children + np.arange(n_children)[None, :]).ravel())
+def local_chunks(offsets: NDArray[np.int64], max_rows: int) -> list[tuple[int, int]]:
+    """Particle ranges [j0, j1) whose windows hold about max_rows candidates together (at least one particle)."""
+    out, j0, nb = [], 0, len(offsets) - 1
+    while j0 < nb:
+        j1 = max(j0 + 1, int(np.searchsorted(offsets, offsets[j0] + max_rows, side="right")) - 1)
+        j1 = min(j1, nb)
+        out.append((j0, j1))
+        j0 = j1
     return out
+
+
+_LOCAL_CHUNK_BYTES = 256 * 2 ** 20     # coarse projections of a chunk of local windows (and their scores)
+
+
+def local_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache, backend,
+                      acc: HalfAccumulator) -> Significant:
+    """Pass 1 of a local search: each particle against its own window, in chunks of particles whose windows'
+    projections fit _LOCAL_CHUNK_BYTES (one product kernel per chunk)."""
+    nb, win = len(inp.rows), st.local
+    isig = inverse_sigma2(st, st.ps_coarse, keep_dc=False)
+    xw, wn = image_weights(inp.x_coarse, inp.ctf_coarse, inp.scale, isig)
+    ph = real_pair(shift_phases(st.ps_coarse, st.translations.coarse))                     # (T, 2mc)
+    n_t, mc = len(ph), st.ps_coarse.m
+    lp_off = offset_priors(inp, st)
+    owner = np.repeat(np.arange(nb), np.diff(win.offsets))
+    parts = []
+    count = np.zeros(nb, np.int64)
+    for j0, j1 in local_chunks(win.offsets, max(1, _LOCAL_CHUNK_BYTES // ((8 + 8 * n_t) * mc))):
+        lo, hi = win.offsets[j0], win.offsets[j1]
+        ids, inv = np.unique(win.ids[lo:hi], return_inverse=True)
+        p_pair = real_pair(cache.coarse_projections(ids))
+        img = owner[lo:hi]
+        # one block per candidate: all coarse translations (rows 0..T of ph) against its projection
+        layout = BlockLayout(img, np.zeros(hi - lo, np.int64), inv.ravel().astype(np.int64), n_t, 1)
+        d = backend.block_scores(xw, wn, ph, p_pair, layout, st.cc_mode)[:, :, 0]          # (K, T)
+        acc.gflop += gflop_of_products(n_t, hi - lo, 2 * mc) + gflop_of_products(1, hi - lo, mc)
+        lp = win.log_prior[lo:hi, None] + lp_off[img]                                        # (K, T)
+        w, count[j0:j1], _, _ = segment_weights(d.ravel(), lp.ravel(), (win.offsets[j0:j1 + 1] - lo) * n_t,
+                                                st.cc_mode, st.adaptive_fraction, st.maxsig)
+        k, t = np.divmod(np.flatnonzero(w > 0), n_t)
+        parts.append((img[k], t, win.ids[lo:hi][k], lp[k, t]))
+    j, t, cid, lp = (np.concatenate(v) for v in zip(*parts))
+    order = np.lexsort((t, cid, j))
+    return Significant(j[order], t[order], cid[order], lp[order], count)
+
+
+@dataclass
+class FineSamples:
+    """Pass 2 of a batch, flattened: the children of the significant coarse pairs as blocks of n_a fine translations
+    x n_b fine orientations (layout), the batch's fine orientations (projected once) and fine translations."""
+
+    layout: BlockLayout                       # image, phase rows, projection rows of each block (K)
+    fine_ids: NDArray[np.int64]               # (F,) fine orientation ids of the projection rows (parent-major)
+    rot: NDArray[np.float64]                  # (F, 3, 3)
+    p: NDArray[np.complex64]                  # (F, mf) fine projections
+    t_fine: NDArray[np.float64]               # (R, 2) fine translations (px, relative to the pre-shift)
+    phases: NDArray[np.complex64]             # (R, mf) their phase ramps
+
+
+def fine_samples(sig: Significant, st: PassSettings, cache: ProjectionCache) -> FineSamples:
+    """The fine samples of a batch: each significant pair's n_ch orientation children (projected once for the
+    batch) x its translation children."""
+    grid, n_ch = st.grid, st.grid.n_children
+    parents, q = np.unique(sig.cid, return_inverse=True)
+    fine_ids = (parents[:, None] * n_ch + np.arange(n_ch)[None, :]).ravel()
+    rot = fine_matrices(grid, fine_ids)
+    p_f = cache.fine_projections(fine_ids, rot)                                           # (F, mf)
+    u_t, t_pos = np.unique(sig.t, return_inverse=True)
+    t_fine = st.translations.children(u_t).reshape(-1, 2)                                  # (R, 2) px
+    n_tch = t_fine.shape[0] // len(u_t)
+    layout = BlockLayout(sig.img, t_pos.ravel() * n_tch, q.ravel() * n_ch, n_tch, n_ch)
+    return FineSamples(layout, fine_ids, rot, p_f, t_fine, shift_phases(st.ps_fine, t_fine))
+
+
+@dataclass
+class FineWeights:
+    """Pass-2 posterior of a batch: weights w̄ per block element (K, n_a, n_b), per particle log W_sum and D_min."""
+
+    w: NDArray[np.float64]
+    log_wsum: NDArray[np.float64]
+    dmin: NDArray[np.float64]
+    elem_off: NDArray[np.int64]               # (B + 1,) particle j owns w.ravel()[elem_off[j]:elem_off[j+1]]
+
+
+def fine_weights(inp: BatchInputs, st: PassSettings, sig: Significant, fs: FineSamples, isig_f: NDArray[np.float32],
+                 backend, acc: HalfAccumulator) -> FineWeights:
+    """Pass 2: score the children of the significant pairs at the current size and weight them (RELION's rule
+    again with no --maxsig cap, weights over the pass-2 W_sum; children inherit their parent's log-prior)."""
+    xw, wn = image_weights(inp.x_fine, inp.ctf_fine, inp.scale, isig_f)
+    d = backend.block_scores(xw, wn, real_pair(fs.phases), real_pair(fs.p), fs.layout, st.cc_mode)  # (K, n_a, n_b)
+    acc.gflop += 2e-9 * d.size * 2 * st.ps_fine.m
+    per_block = fs.layout.n_a * fs.layout.n_b
+    off = offsets_of(sig.img, len(inp.rows), per_block)
+    w, _, log_wsum, dmin = segment_weights(d.ravel(), np.repeat(sig.log_prior, per_block), off, st.cc_mode,
+                                           st.adaptive_fraction, -1)     # --maxsig caps pass 1 only
+    return FineWeights(w.reshape(d.shape), log_wsum, dmin, off)
 
 
 def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, backend) -> Poses:
@@ -277,135 +339,121 @@ def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, 
     returns the batch's best poses and statistics."""
     nb = len(inp.rows)
     cache = st.cache
-    cand = coarse_candidates(st, nb)
-    sig = coarse_pass(inp, st, cand, cache, backend, acc)
-
-    # pass 2: children of the significant coarse samples at the current size, projected once for the batch
-    fine_lists = fine_orientations(cand, sig, st.grid.n_children)
-    fine_uniq, fine_inv = np.unique(np.concatenate(fine_lists), return_inverse=True)
-    fine_rot = fine_matrices(st.grid, fine_uniq)
-    p_f = cache.fine_projections(fine_uniq, fine_rot)                                     # (F, mf)
-    p_f_pow = (p_f.real ** 2 + p_f.imag ** 2).astype(np.float32)
+    if st.local is None:
+        sig = global_coarse_pass(inp, st, cache, backend, acc)
+    else:
+        sig = local_coarse_pass(inp, st, cache, backend, acc)
+    fs = fine_samples(sig, st, cache)
+    isig_f = inverse_sigma2(st, st.ps_fine, keep_dc=False)
+    fw = fine_weights(inp, st, sig, fs, isig_f, backend, acc)
     out = Poses(**{f: np.zeros(nb) for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "norm_correction",
                                                "log_likelihood", "max_prob")},
                 nr_significant=sig.count.astype(np.int64))
-    isig_f = inverse_sigma2(st, st.ps_fine, keep_dc=False)
-    isig_bp = inverse_sigma2(st, st.ps_fine, keep_dc=True)
-    inserts = []
-    pos = 0
-    for j in range(nb):
-        n_of = len(fine_lists[j])
-        f_idx = fine_inv[pos:pos + n_of]
-        pos += n_of
-        post = fine_posterior(inp, st, j, sig, cand, p_f[f_idx], p_f_pow[f_idx], isig_f, backend, acc)
-        best_pose(out, j, post, inp, st, fine_uniq[f_idx], isig_f)
-        inserts.append(particle_sums(acc, out, j, post, inp, st, isig_bp, fine_rot[f_idx], fine_uniq[f_idx]))
-    backend.insert(acc.bp, np.concatenate([r for r, _, _ in inserts]), st.ps_fine.kx_model, st.ps_fine.ky_model,
-                   np.concatenate([v for _, v, _ in inserts]), np.concatenate([w for _, _, w in inserts]))
+    best_poses(out, inp, fs, fw, isig_f)
+    batch_sums(acc, out, inp, st, fs, fw, backend)
     return out
 
 
-@dataclass
-class FinePosterior:
-    """One particle's pass-2 posterior: dense weights over (fine translation, fine orientation) and its inputs."""
-
-    wbar: NDArray[np.float64]             # (Tf, Of) posterior weights, summing to 1
-    t_fine: NDArray[np.float64]           # (Tf, 2) fine translations (px, relative to the pre-shift)
-    phases: NDArray[np.complex64]         # (Tf, mf)
-    shifted: NDArray[np.complex64]        # (Tf, mf) masked image shifted by each fine translation
-    p_f: NDArray[np.complex64]            # (Of, mf) projections of the fine orientations
-    p_f_pow: NDArray[np.float32]
-    dmin: float
-    log_wsum: float
-
-
-def fine_posterior(inp: BatchInputs, st: PassSettings, j: int, sig: Significant, cand: Candidates,
-                   p_f: NDArray[np.complex64], p_f_pow: NDArray[np.float32], isig_f: NDArray[np.float32],
-                   backend, acc: HalfAccumulator) -> FinePosterior:
-    """Pass 2 of particle j: score only the children of its significant coarse pairs and weight them."""
-    n_ch = st.grid.n_children
-    t_idx, o_loc = sig.pairs[j]
-    _, o_pos = np.unique(cand.ids[cand.index[j][o_loc]], return_inverse=True)
-    u_t, t_pos = np.unique(t_idx, return_inverse=True)
-    t_fine = st.translations.children(u_t).reshape(-1, 2)                  # (Tf, 2) px
-    n_tch = t_fine.shape[0] // len(u_t)
-    ph = shift_phases(st.ps_fine, t_fine)
-    xs_f = inp.x_fine[j][None, :] * ph                                     # (Tf, mf)
-    s = float(inp.scale[j])
-    ctf = inp.ctf_fine[j]
-    norm_f = (ctf * ctf * s * s * isig_f) @ p_f_pow.T                      # (Of,)
-    # (K, n_tch) x (K, n_ch) blocks: the children of each significant coarse (translation, orientation) pair
-    rows_t = t_pos[:, None] * n_tch + np.arange(n_tch)[None, :]
-    rows_o = o_pos[:, None] * n_ch + np.arange(n_ch)[None, :]
-    d_f = backend.pair_scores(real_pair(xs_f * (ctf * s * isig_f)[None, :]), real_pair(p_f), norm_f, rows_t,
-                              rows_o, st.cc_mode)                           # (K, n_tch, n_ch)
-    acc.gflop += 2e-9 * d_f.size * 2 * st.ps_fine.m
-    keep, wpair, _, log_wsum = significant_weights(d_f, sig.log_prior[j][:, None, None], st.cc_mode,
-                                                   st.adaptive_fraction, -1)     # --maxsig caps pass 1 only
-    wbar = np.zeros((t_fine.shape[0], p_f.shape[0]))
-    kk = np.nonzero(wpair.reshape(len(wpair), -1).max(1) > 0)[0]
-    np.add.at(wbar, (np.broadcast_to(rows_t[kk][:, :, None], wpair[kk].shape),
-                     np.broadcast_to(rows_o[kk][:, None, :], wpair[kk].shape)), wpair[kk])
-    return FinePosterior(wbar, t_fine, ph, xs_f, p_f, p_f_pow, float(d_f.min()), log_wsum)
+def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, isig: NDArray[np.float32]) -> None:
+    """Write each particle's maximum-posterior pose, its probability and log-likelihood into `out`; ties go to the
+    first fine (translation, orientation) in index order."""
+    _, n_a, n_b = fw.w.shape
+    best = segment_best(fw.w, fw.elem_off // (n_a * n_b), fs.layout.ph_row, fs.layout.p_row)
+    k, a, b = np.unravel_index(best, fw.w.shape)
+    o_best = fs.layout.p_row[k] + b
+    out.max_prob[:] = fw.w.ravel()[best]
+    out.rot[:], out.tilt[:], out.psi[:] = matrix_to_euler(fs.rot[o_best])
+    tau = (inp.preshift_px + fs.t_fine[fs.layout.ph_row[k] + a]) * inp.angpix
+    out.origin_x[:], out.origin_y[:] = tau[:, 0], tau[:, 1]
+    const = 0.5 * ((inp.x_fine.real ** 2 + inp.x_fine.imag ** 2) * isig[None, :]).sum(1)
+    out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const)
 
 
-def best_pose(out: Poses, j: int, post: FinePosterior, inp: BatchInputs, st: PassSettings,
-              fine_ids: NDArray[np.int64], isig: NDArray[np.float32]) -> None:
-    """Write particle j's maximum-posterior pose, its probability and log-likelihood into `out`."""
-    best = np.unravel_index(int(np.argmax(post.wbar)), post.wbar.shape)
-    out.max_prob[j] = float(post.wbar[best])
-    r_, t_, p_ = matrix_to_euler(fine_matrices(st.grid, np.array([fine_ids[best[1]]]))[0])
-    out.rot[j], out.tilt[j], out.psi[j] = float(r_), float(t_), float(p_)
-    tau_best = (inp.preshift_px[j] + post.t_fine[best[0]]) * inp.angpix
-    out.origin_x[j], out.origin_y[j] = float(tau_best[0]), float(tau_best[1])
-    const = 0.5 * float(((inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2) * isig).sum())
-    out.log_likelihood[j] = post.log_wsum - (post.dmin + const)
+_SUMS_CHUNK_BYTES = 128 * 2 ** 20   # orientation rows of the weighted sums (and of an insertion) at a time
+_DENSE_FRACTION = 0.15              # weight-matrix density above which the sums are dense BLAS products
 
 
-def particle_sums(acc: HalfAccumulator, out: Poses, j: int, post: FinePosterior, inp: BatchInputs,
-                  st: PassSettings, isig_bp: NDArray[np.float32], fine_rot: NDArray,
-                  fine_ids: NDArray[np.int64]) -> tuple[NDArray, NDArray, NDArray]:
-    """Weighted sums of particle j (spec §3.1, §3.6) into `acc`, its norm correction into `out`; returns what it
-    back-projects: (rotations, CTF-weighted image sums, CTF² weights)."""
-    ps_f = st.ps_fine
-    wbar = post.wbar
-    colw = wbar.sum(axis=0)
-    cols = np.nonzero(colw > 0)[0]
-    rows_w = wbar[:, cols].astype(np.float32)                               # (Tf, Ok)
-    sw = float(colw.sum())
-    s = float(inp.scale[j])
-    ctf = inp.ctf_fine[j]
-    y_nm = rows_w.T.astype(np.complex64) @ (inp.xnm_fine[j][None, :] * post.phases)     # (Ok, mf)
-    back = (fine_rot[cols], (y_nm * (ctf * s * isig_bp)[None, :]).astype(np.complex64),
-            (colw[cols][:, None] * (ctf * ctf * s * s * isig_bp)[None, :]).astype(np.float32))
-    acc.ll_sum += out.log_likelihood[j]
-    acc.pmax_sum += out.max_prob[j]
-    acc.count += 1
+def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSettings, fs: FineSamples,
+               fw: FineWeights, backend) -> None:
+    """Weighted sums of the batch (spec §3.1, §3.6) into `acc` (back-projection included), norm corrections into
+    `out`.
+
+    The posterior weights form a sparse matrix W̄ over (orientation o, particle-translation (j, t)). The values
+    back-projected at o sum over the batch's particles, Σ_(j,t) W̄ X^nm_j e^{-2πik·t/N} s CTF_j/σ² = (W̄ @ Z)_o, so
+    each orientation is inserted once per batch; Q = W̄ᵀ @ P gives the residual statistics, Σ_o w̄ Re(conj(X e) P)
+    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else a sparse kernel; in chunks of rows.
+    """
+    nb, ps_f, m = len(inp.rows), st.ps_fine, st.ps_fine.m
+    _, n_a, n_b = fw.w.shape
+    lay = fs.layout
+    # columns: the (particle, fine translation) pairs of the batch, sorted by particle
+    n_t = len(fs.t_fine)
+    jt_key, blk_jt = dense_index(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), nb * n_t)
+    jt_img, jt_t = jt_key // n_t, jt_key % n_t
+    # rows: the orientations with weight, and Σ_t w̄ of each (orientation, particle)
+    wb = fw.w.sum(axis=1)                                                                  # (K, n_b)
+    o_row = lay.p_row[:, None] + np.arange(n_b)
+    used = wb > 0
+    rows = dense_index(o_row[used], len(fs.fine_ids))[0]
+    row_of = np.full(len(fs.fine_ids), -1, np.int64)
+    row_of[rows] = np.arange(len(rows))
+    cell = row_of[o_row[used]] * nb + np.broadcast_to(lay.img[:, None], o_row.shape)[used]
+    colw = np.bincount(cell, wb[used], minlength=len(rows) * nb).reshape(len(rows), nb)
+    ptr, col, val = weight_rows(fw.w, blk_jt, lay.p_row, row_of, len(rows))
+    s = inp.scale[:, None].astype(np.float32)
+    isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
+    ctf = inp.ctf_fine
+    z = real_pair(inp.xnm_fine[jt_img] * fs.phases[jt_t] * (ctf * s * isig_bp)[jt_img])  # (J, 2mf)
+    bp_n = ctf * ctf * s * s * isig_bp                                                     # (B, mf)
+    p_pair = real_pair(fs.p)
+    n_rows, n_cols = len(rows), len(jt_key)
+    dense = len(val) >= _DENSE_FRACTION * n_rows * n_cols
+    q = np.zeros((n_cols, 2 * m), np.float32)
+    norm = np.zeros((nb, m), np.float32)
+    step = max(1, _SUMS_CHUNK_BYTES // (4 * (6 * m + (n_cols if dense else 0))))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        p_c = p_pair[rows[r0:r1]]
+        if dense:
+            wc = np.zeros((r1 - r0, n_cols), np.float32)
+            wc[np.repeat(np.arange(r1 - r0), np.diff(ptr[r0:r1 + 1])), col[ptr[r0]:ptr[r1]]] = val[ptr[r0]:ptr[r1]]
+            vals = wc @ z
+            if not st.cc_mode:
+                q += wc.T @ p_c
+        else:
+            vals = np.zeros((r1 - r0, 2 * m), np.float32)
+            sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q, not st.cc_mode)
+        cw = colw[r0:r1].astype(np.float32)
+        backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), cw @ bp_n)
+        norm += cw.T @ (p_c[:, 0::2] ** 2 + p_c[:, 1::2] ** 2)
+    acc.ll_sum += float(out.log_likelihood.sum())
+    acc.pmax_sum += float(out.max_prob.sum())
+    acc.count += nb
     if st.cc_mode:
-        out.norm_correction[j] = inp.old_norm[j]
-        return back
-    y_m = rows_w.T.astype(np.complex64) @ post.shifted                      # (Ok, mf)
-    pk = post.p_f[cols]
-    cross_k = (y_m.real * pk.real + y_m.imag * pk.imag).sum(0) * ctf       # Σ_o Re(conj(Y) P) CTF
-    norm_k = (colw[cols][:, None] * post.p_f_pow[cols]).sum(0) * ctf * ctf
-    xpow = inp.x_fine[j].real ** 2 + inp.x_fine[j].imag ** 2
-    resid = residual_power(xpow, cross_k, norm_k, sw, s)
+        out.norm_correction[:] = inp.old_norm
+        return
+    xs = real_pair(inp.x_fine[jt_img] * fs.phases[jt_t]) * q                                # Re(conj(X e) Q) pairs
+    cross_k = np.add.reduceat(xs[:, 0::2] + xs[:, 1::2], offsets_of(jt_img, nb)[:-1], axis=0) * ctf
+    norm_k = norm * ctf * ctf                                   # Σ_o w̄ |P|² CTF² per particle
+    sw = colw.sum(axis=0)
+    xpow = inp.x_fine.real ** 2 + inp.x_fine.imag ** 2
+    resid = residual_power(xpow, cross_k, norm_k, sw[:, None], inp.scale[:, None])       # (B, mf)
     nshell = len(st.inv_sigma2)
-    beyond = inp.power_beyond[j]
-    acc.sigma2_num[inp.optics] += np.bincount(ps_f.shell, resid, minlength=nshell)[:nshell]
-    acc.sigma2_num[inp.optics] += sw * beyond
-    acc.sigma2_wsum[inp.optics] += sw
-    energy = float(resid.sum() + beyond.sum())
-    out.norm_correction[j] = (inp.old_norm[j] / st.norm_average) * np.sqrt(max(2.0 * energy, 1e-30))
+    beyond = inp.power_beyond
+    acc.sigma2_num[inp.optics] += np.bincount(ps_f.shell, resid.sum(0), minlength=nshell)[:nshell]
+    acc.sigma2_num[inp.optics] += (sw[:, None] * beyond).sum(0)
+    acc.sigma2_wsum[inp.optics] += sw.sum()
+    energy = resid.sum(1) + beyond.sum(1)
+    out.norm_correction[:] = (inp.old_norm / st.norm_average) * np.sqrt(np.maximum(2.0 * energy, 1e-30))
     if st.scale_shells is not None:
         sel = st.scale_shells[ps_f.shell]
-        acc.scale_num[inp.group[j]] += float(cross_k[sel].sum())
-        acc.scale_den[inp.group[j]] += float(norm_k[sel].sum())
-    tau_rows = (inp.preshift_px[j][None, :] + post.t_fine) * inp.angpix
-    d2 = ((tau_rows - inp.prior_mu[j][None, :]) ** 2).sum(-1)
-    acc.offset_num += float((wbar.sum(axis=1) * d2).sum())
-    acc.wsum += sw
-    acc.norm_sum += out.norm_correction[j]
+        np.add.at(acc.scale_num, inp.group, cross_k[:, sel].sum(1))
+        np.add.at(acc.scale_den, inp.group, norm_k[:, sel].sum(1))
+    tau = (inp.preshift_px[jt_img] + fs.t_fine[jt_t]) * inp.angpix                         # (J, 2) Å
+    w_jt = np.bincount(blk_jt.ravel(), fw.w.sum(axis=2).ravel(), minlength=len(jt_key))
+    acc.offset_num += float((w_jt * ((tau - inp.prior_mu[jt_img]) ** 2).sum(-1)).sum())
+    acc.wsum += float(sw.sum())
+    acc.norm_sum += float(out.norm_correction.sum())
     if st.local is None and acc.pdf.size:
-        np.add.at(acc.pdf, coarse_direction_of(st.grid, fine_ids[cols] // st.grid.n_children), colw[cols])
-    return back
+        parents = fs.fine_ids[rows] // st.grid.n_children
+        acc.pdf += np.bincount(coarse_direction_of(st.grid, parents), colw.sum(1), minlength=acc.pdf.size)

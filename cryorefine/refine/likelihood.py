@@ -3,21 +3,25 @@
 Residual D(θ,t) = Σ_k |X_k e^{-2πik·t/N} − s·CTF_k P_k(θ)|² / 2σ²_k, expanded as
 const − Re Σ conj(X_k e^{..}) s CTF_k P_k / σ²_k + ½ Σ s² CTF_k² |P_k|² / σ²_k = const + ½·norm − cross, so the
 coarse pass is two real matrix products over (particles·translations × pixels) @ (pixels × orientations).
-Complex vectors enter the products as real pairs [Re, Im], for which Re(conj(a)·b) = pair(a) · pair(b).
+Complex vectors enter the products as real pairs (Re, Im interleaved), for which Re(conj(a)·b) = pair(a) · pair(b).
 A backend (refine.backend) bundles these functions with the projection and insertion kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import NDArray
 
+from cryorefine.refine import fine_kernels
 from cryorefine.refine.weights import coarse_significance
 
 
 def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
-    """[Re z, Im z] along the last axis, so that Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
-    return np.concatenate([z.real, z.imag], axis=-1).astype(np.float32, copy=False)
+    """(Re z, Im z) interleaved along the last axis (a float32 view of complex64 z, no copy when contiguous), so that
+    Re(conj(a)·b) = real_pair(a) · real_pair(b)."""
+    return np.ascontiguousarray(z, np.complex64).view(np.float32)
 
 
 def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
@@ -45,8 +49,7 @@ def weighted_images(x: NDArray[np.complex64], phases: NDArray[np.complex64],
 
     x (B, m), phases (T, m), weight (B, m) = s·CTF/σ² (the factor that turns the product with P into `cross`).
     """
-    xs = x[:, None, :] * phases[None, :, :]
-    return np.concatenate([xs.real * weight[:, None, :], xs.imag * weight[:, None, :]], axis=-1)
+    return real_pair(x[:, None, :] * phases[None, :, :] * weight[:, None, :])
 
 
 def coarse_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
@@ -71,26 +74,45 @@ def coarse_significant(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm
                                cc_mode, fraction, maxsig)
 
 
-def pair_scores(a_t: NDArray[np.float32], p_o: NDArray[np.float32], norm_o: NDArray, rows_t: NDArray,
-                rows_o: NDArray, cc_mode: bool, chunk: int = 64) -> NDArray[np.float64]:
-    """Residuals (K, n_t, n_o) of K blocks pairing translation rows rows_t[k] with orientation rows rows_o[k].
+@dataclass(frozen=True)
+class BlockLayout:
+    """Blocks of (image, translation, orientation) samples of a batch, flattened (CSR): block k pairs the shifted
+    images X[img[k]]·ph[ph_row[k] + a] (a < n_a) with the projections P[p_row[k] + b] (b < n_b).
 
-    a_t (Tf, 2m) holds the CTF/σ²-weighted shifted images and p_o (Of, 2m) the projections, both as real pairs;
-    norm_o (Of,) the norm term of each orientation.
+    Blocks are sorted by image (and best by p_row within an image, so that the CPU kernel reuses projections from
+    cache).
     """
-    k = len(rows_t)
-    out = np.empty((k, rows_t.shape[1], rows_o.shape[1]))
-    for s0 in range(0, k, chunk):
-        sl = slice(s0, min(k, s0 + chunk))
-        cross = np.matmul(a_t[rows_t[sl]], p_o[rows_o[sl]].transpose(0, 2, 1))
-        out[sl] = residual(cross, norm_o[rows_o[sl]][:, None, :], cc_mode)
-    return out
+
+    img: NDArray[np.int64]
+    ph_row: NDArray[np.int64]
+    p_row: NDArray[np.int64]
+    n_a: int
+    n_b: int
+
+    def image_offsets(self, n_images: int) -> NDArray[np.int64]:
+        """img_off: the blocks of image j are img_off[j]:img_off[j+1]."""
+        return np.searchsorted(self.img, np.arange(n_images + 1)).astype(np.int64)
+
+    def pairs(self, n_p: int) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+        """(image, first projection row) of the distinct (img, p_row) pairs, and each block's pair index."""
+        key, inv = np.unique(self.img * n_p + self.p_row, return_inverse=True)
+        return key // n_p, key % n_p, inv.ravel()
 
 
-def local_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
-                 p_pow: NDArray[np.float32], cc_mode: bool) -> NDArray[np.float64]:
-    """Residuals (T, O) of one particle against its own orientations: a (T, 2m), norm_w (m,), p_* (O, ·)."""
-    return residual(a @ p_pair.T, (norm_w @ p_pow.T)[None, :], cc_mode)
+def block_scores(xw: NDArray[np.float32], wn: NDArray[np.float32], ph: NDArray[np.float32], p: NDArray[np.float32],
+                 layout: BlockLayout, cc_mode: bool) -> NDArray[np.float64]:
+    """Residuals (K, n_a, n_b) of the blocks of `layout` (fine pass; local coarse pass with n_b = 1).
+
+    xw (B, 2m) = real pairs of X·s·CTF/σ², wn (B, m) = s²CTF²/σ², ph (R, 2m) real pairs of the phase ramps
+    e^{-2πik·t/N}, p (F, 2m) real pairs of the projections: cross = pair(X e^{..} s CTF/σ²)·pair(P) and
+    norm = Σ wn |P|², both float32 as the BLAS products, then `residual`.
+    """
+    xw, wn, ph, p = (np.ascontiguousarray(v, np.float32) for v in (xw, wn, ph, p))
+    cross = fine_kernels.block_cross(xw, ph, p, layout.image_offsets(len(xw)), layout.ph_row, layout.p_row,
+                                     layout.n_a, layout.n_b)
+    pair_img, pair_p, inv = layout.pairs(len(p))
+    norm = fine_kernels.pair_norms(wn, p, pair_img, pair_p, layout.n_b)
+    return residual(cross, norm[inv][:, None, :], cc_mode)
 
 
 def gflop_of_products(n_rows: int, n_cols: int, depth: int) -> float:

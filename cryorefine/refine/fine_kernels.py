@@ -1,0 +1,245 @@
+"""Compiled kernels of the E-step over a whole batch: block products, segment weights, weighted image sums.
+
+The per-particle work of a batch (pass-2 blocks, local coarse windows, posterior weights, weighted sums) is flattened
+into concatenated arrays with offsets (CSR): particle j owns elements off[j]:off[j+1]. Complex vectors enter as real
+pairs, complex64 arrays viewed as interleaved float32 (Re, Im, Re, Im, ...; likelihood.real_pair), so that
+Re(conj(a)·b) is the plain dot product of the pairs. Kept apart from the E-step driver so that numba's on-disk cache
+survives edits to the driver; the formulas these kernels evaluate are documented in refine.likelihood.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from cryorefine.refine.weights import significance_threshold
+
+
+@numba.njit(cache=True, inline="always", fastmath=True)
+def _dots_4x2(s, a0, p, q0, q1):
+    """The 8 dots of shifted rows a0..a0+3 with projection rows q0, q1 (register tile: 6 loads feed 8 FMAs)."""
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
+    for i in range(p.shape[1]):
+        p0 = p[q0, i]
+        p1 = p[q1, i]
+        x0, x1, x2, x3 = s[a0, i], s[a0 + 1, i], s[a0 + 2, i], s[a0 + 3, i]
+        s00 += x0 * p0
+        s01 += x0 * p1
+        s10 += x1 * p0
+        s11 += x1 * p1
+        s20 += x2 * p0
+        s21 += x2 * p1
+        s30 += x3 * p0
+        s31 += x3 * p1
+    return s00, s01, s10, s11, s20, s21, s30, s31
+
+
+@numba.njit(cache=True, inline="always", fastmath=True)
+def _dots_4x1(s, a0, p, q):
+    """The 4 dots of shifted rows a0..a0+3 with projection row q."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for i in range(p.shape[1]):
+        v = p[q, i]
+        s0 += s[a0, i] * v
+        s1 += s[a0 + 1, i] * v
+        s2 += s[a0 + 2, i] * v
+        s3 += s[a0 + 3, i] * v
+    return s0, s1, s2, s3
+
+
+@numba.njit(cache=True, inline="always", fastmath=True)
+def _dot(s, a, p, q):
+    """One dot of shifted row a with projection row q."""
+    acc = np.float32(0.0)
+    for i in range(p.shape[1]):
+        acc += s[a, i] * p[q, i]
+    return acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def block_cross(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.ndarray, blk_ph: np.ndarray,
+                blk_p: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """cross[k, a, b] = pair(xw[j] · ph[blk_ph[k] + a]) · pair(p[blk_p[k] + b]) (K, n_a, n_b) float32, for the
+    blocks k of every image j (img_off[j]:img_off[j+1]).
+
+    xw (B, 2m), ph (R, 2m), p (F, 2m) float32 interleaved pairs; float32 sums as the BLAS products. Each image
+    forms its shifted images once; blocks sorted by projection rows within an image reuse them from cache.
+    """
+    m = xw.shape[1] // 2
+    n_rows = ph.shape[0]
+    out = np.empty((blk_p.shape[0], n_a, n_b), np.float32)
+    a_end = n_a - n_a % 4
+    b_end = n_b - n_b % 2
+    for j in numba.prange(xw.shape[0]):
+        lo, hi = img_off[j], img_off[j + 1]
+        if lo == hi:
+            continue
+        s = np.empty((n_rows, 2 * m), np.float32)
+        done = np.zeros(n_rows, np.bool_)
+        for k in range(lo, hi):
+            for r in range(blk_ph[k], blk_ph[k] + n_a):
+                if not done[r]:
+                    done[r] = True
+                    for i in range(m):
+                        xr, xi, cr, ci = xw[j, 2 * i], xw[j, 2 * i + 1], ph[r, 2 * i], ph[r, 2 * i + 1]
+                        s[r, 2 * i] = xr * cr - xi * ci
+                        s[r, 2 * i + 1] = xr * ci + xi * cr
+        for k in range(lo, hi):
+            r0 = blk_ph[k]
+            for b in range(0, b_end, 2):
+                q = blk_p[k] + b
+                for a in range(0, a_end, 4):
+                    v = _dots_4x2(s, r0 + a, p, q, q + 1)
+                    out[k, a, b], out[k, a, b + 1], out[k, a + 1, b], out[k, a + 1, b + 1] = v[0], v[1], v[2], v[3]
+                    out[k, a + 2, b], out[k, a + 2, b + 1], out[k, a + 3, b], out[k, a + 3, b + 1] = v[4], v[5], v[6], v[7]
+            for b in range(b_end, n_b):
+                for a in range(0, a_end, 4):
+                    v4 = _dots_4x1(s, r0 + a, p, blk_p[k] + b)
+                    out[k, a, b], out[k, a + 1, b], out[k, a + 2, b], out[k, a + 3, b] = v4[0], v4[1], v4[2], v4[3]
+            for b in range(n_b):
+                for a in range(a_end, n_a):
+                    out[k, a, b] = _dot(s, r0 + a, p, blk_p[k] + b)
+    return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def pair_norms(wn: np.ndarray, p: np.ndarray, pair_img: np.ndarray, pair_p: np.ndarray, n_b: int) -> np.ndarray:
+    """norm[i, b] = Σ_k wn[img_i, k] |p[p0_i + b, k]|² (P, n_b) float32: the norm term s²CTF²|P|²/σ² of each
+    (image, projection) pair. wn (B, m) float32, p (F, 2m) interleaved pairs."""
+    m = wn.shape[1]
+    out = np.empty((pair_img.shape[0], n_b), np.float32)
+    for i in numba.prange(pair_img.shape[0]):
+        j = pair_img[i]
+        for b in range(n_b):
+            q = pair_p[i] + b
+            acc = np.float32(0.0)
+            for k in range(m):
+                acc += wn[j, k] * (p[q, 2 * k] * p[q, 2 * k] + p[q, 2 * k + 1] * p[q, 2 * k + 1])
+            out[i, b] = acc
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def segment_weights(d: np.ndarray, log_prior: np.ndarray, off: np.ndarray, cc_mode: bool, fraction: float,
+                    maxsig: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Posterior weights of every segment (particle) of flat residuals d: (w, count, log W_sum, D_min).
+
+    Per segment, log-weights −(d − min d) + log_prior and W_sum sums all its samples; w = exp(log-weight)/W_sum on
+    the significant samples (the largest ones that sum to `fraction` of W_sum, at most maxsig when > 0; spec §2.6)
+    and 0 elsewhere; count = number kept. CC mode keeps only the best sample with weight 1 (log W_sum = 0).
+    """
+    n_seg = off.shape[0] - 1
+    w = np.zeros(d.shape[0])
+    count = np.zeros(n_seg, np.int64)
+    log_wsum = np.zeros(n_seg)
+    dmin = np.zeros(n_seg)
+    for s in numba.prange(n_seg):
+        lo, hi = off[s], off[s + 1]
+        best = lo
+        for e in range(lo, hi):
+            if d[e] < d[best]:
+                best = e
+        dmin[s] = d[best]
+        if cc_mode:
+            w[best] = 1.0
+            count[s] = 1
+            continue
+        lw = np.empty(hi - lo)
+        for e in range(lo, hi):
+            lw[e - lo] = -(d[e] - dmin[s]) + log_prior[e]
+        thr, cnt, wsum, mx = significance_threshold(lw, fraction, maxsig)
+        count[s] = cnt
+        log_wsum[s] = np.log(wsum) + mx
+        for e in range(lo, hi):
+            if lw[e - lo] >= thr:
+                w[e] = np.exp(lw[e - lo] - mx) / wsum
+    return w, count, log_wsum, dmin
+
+
+@numba.njit(cache=True)
+def weight_rows(w: np.ndarray, blk_jt: np.ndarray, blk_p: np.ndarray, row_of: np.ndarray,
+                n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero weights w[k, a, b] of the blocks as a sparse matrix over (orientation row, image-translation
+    column), CSR by row: (ptr (n_rows + 1,), column (nnz,) int32, value (nnz,) float32).
+
+    Block k's sample (a, b) is column blk_jt[k, a] (its particle's shifted image a) and row row_of[blk_p[k] + b].
+    """
+    n_k, n_a, n_b = w.shape
+    ptr = np.zeros(n_rows + 1, np.int64)
+    for k in range(n_k):
+        for a in range(n_a):
+            for b in range(n_b):
+                if w[k, a, b] > 0.0:
+                    ptr[row_of[blk_p[k] + b] + 1] += 1
+    for r in range(n_rows):
+        ptr[r + 1] += ptr[r]
+    fill = ptr[:-1].copy()
+    col = np.empty(ptr[n_rows], np.int32)
+    val = np.empty(ptr[n_rows], np.float32)
+    for k in range(n_k):
+        for a in range(n_a):
+            for b in range(n_b):
+                if w[k, a, b] > 0.0:
+                    r = row_of[blk_p[k] + b]
+                    col[fill[r]] = blk_jt[k, a]
+                    val[fill[r]] = w[k, a, b]
+                    fill[r] += 1
+    return ptr, col, val
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: int, z: np.ndarray,
+                p: np.ndarray, out: np.ndarray, q: np.ndarray, with_q: bool) -> None:
+    """out[r − r0] += Σ_e val_e z[col_e] over rows r0..r1 of the CSR matrix (ptr, col, val) and, with_q,
+    q[col_e] += val_e p[r − r0]: W @ Z and Wᵀ @ P of a chunk of rows, in place (for sparse W)."""
+    n2 = z.shape[1]
+    for r in numba.prange(r0, r1):
+        for e in range(ptr[r], ptr[r + 1]):
+            v = val[e]
+            t = col[e]
+            for i in range(n2):
+                out[r - r0, i] += v * z[t, i]
+    if not with_q:
+        return
+    # the chunk's entries by column (counting sort), so that threads own rows of q
+    n_cols = q.shape[0]
+    cptr = np.zeros(n_cols + 1, np.int64)
+    for e in range(ptr[r0], ptr[r1]):
+        cptr[col[e] + 1] += 1
+    for t in range(n_cols):
+        cptr[t + 1] += cptr[t]
+    fill = cptr[:-1].copy()
+    crow = np.empty(ptr[r1] - ptr[r0], np.int64)
+    cval = np.empty(ptr[r1] - ptr[r0], np.float32)
+    for r in range(r0, r1):
+        for e in range(ptr[r], ptr[r + 1]):
+            t = col[e]
+            crow[fill[t]] = r - r0
+            cval[fill[t]] = val[e]
+            fill[t] += 1
+    for t in numba.prange(n_cols):
+        for e in range(cptr[t], cptr[t + 1]):
+            v = cval[e]
+            o = crow[e]
+            for i in range(n2):
+                q[t, i] += v * p[o, i]
+
+
+@numba.njit(cache=True, parallel=True)
+def segment_best(w: np.ndarray, blk_off: np.ndarray, ph_row: np.ndarray, p_row: np.ndarray) -> np.ndarray:
+    """Flat index into w (K, n_a, n_b) of the largest weight of each image's blocks blk_off[j]:blk_off[j+1]; among
+    equal maxima the smallest (phase row, projection row), as a dense (translation x orientation) argmax."""
+    _, n_a, n_b = w.shape
+    n_seg = blk_off.shape[0] - 1
+    best = np.empty(n_seg, np.int64)
+    for s in numba.prange(n_seg):
+        bk, ba, bb = blk_off[s], 0, 0
+        for k in range(blk_off[s], blk_off[s + 1]):
+            for a in range(n_a):
+                for b in range(n_b):
+                    v, u = w[k, a, b], w[bk, ba, bb]
+                    if v > u or (v == u and (ph_row[k] + a < ph_row[bk] + ba or (
+                            ph_row[k] + a == ph_row[bk] + ba and p_row[k] + b < p_row[bk] + bb))):
+                        bk, ba, bb = k, a, b
+        best[s] = (bk * n_a + ba) * n_b + bb
+    return best
