@@ -23,8 +23,9 @@ from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.refine import mstep
 from cryorefine.refine.backend import cpu_backend
+from cryorefine.refine.fine_kernels import segment_weights
 from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, empty_accumulator,
-                                     expectation_batch, significant_weights)
+                                     expectation_batch)
 from cryorefine.refine.orientations import coarse_direction_of, fine_matrices, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set
 from cryorefine.refine.state import HalfModel
@@ -277,23 +278,28 @@ def test_maxsig_caps_pass_one_only_and_kept_weights_are_not_renormalised():
     assert np.all(res_c.max_prob < 2.0 / (maxsig * 32))
 
 
-def test_significant_weights_threshold_and_normalisation():
-    """significant_weights on one particle: keep = the largest weights reaching the fraction, divided by the sum of
-    all evaluated weights; with maxsig the count is capped and the weights keep the same denominator."""
+def test_segment_weights_threshold_and_normalisation():
+    """fine_kernels.segment_weights per particle (segment): keep = the largest weights reaching the fraction, divided
+    by the sum of all evaluated weights; with maxsig the count is capped and the weights keep the same denominator."""
     rng = np.random.default_rng(4)
-    d = rng.uniform(0, 6, size=(7, 40))
-    lp = np.log(rng.uniform(0.2, 1.0, size=(7, 1)))
-    logw = -(d - d.min()) + lp
-    w_all = np.exp(logw) / np.exp(logw).sum()
-    order = np.argsort(w_all.ravel())[::-1]
-    n_need = int(np.searchsorted(np.cumsum(w_all.ravel()[order]), 0.95, side="right")) + 1
+    sizes = (280, 97)
+    off = np.r_[0, np.cumsum(sizes)]
+    d = rng.uniform(0, 6, size=off[-1])
+    lp = np.log(rng.uniform(0.2, 1.0, size=off[-1]))
     for maxsig in (-1, 10):
-        keep, w, count, log_wsum = significant_weights(d, lp, False, 0.95, maxsig)
-        n_want = n_need if maxsig < 0 else min(n_need, maxsig)
-        assert count == n_want and keep.sum() == n_want
-        want_keep = np.zeros(w_all.size, bool)
-        want_keep[order[:n_want]] = True
-        np.testing.assert_array_equal(keep.ravel(), want_keep)
-        np.testing.assert_allclose(w, np.where(keep, w_all, 0.0), rtol=1e-12)
-        assert log_wsum == pytest.approx(np.log(np.exp(logw).sum()), rel=1e-12)
-    assert w_all.ravel()[order[:n_need]].sum() >= 0.95 > w_all.ravel()[order[:n_need - 1]].sum()
+        w, count, log_wsum, dmin = segment_weights(d, lp, off, False, 0.95, maxsig)
+        for s in range(len(sizes)):
+            seg = slice(off[s], off[s + 1])
+            logw = -(d[seg] - d[seg].min()) + lp[seg]
+            w_all = np.exp(logw) / np.exp(logw).sum()
+            order = np.argsort(w_all)[::-1]
+            n_need = int(np.searchsorted(np.cumsum(w_all[order]), 0.95, side="right")) + 1
+            assert w_all[order[:n_need]].sum() >= 0.95 > w_all[order[:n_need - 1]].sum()
+            n_want = n_need if maxsig < 0 else min(n_need, maxsig)
+            want_keep = np.zeros(w_all.size, bool)
+            want_keep[order[:n_want]] = True
+            assert count[s] == n_want
+            np.testing.assert_array_equal(w[seg] > 0, want_keep)
+            np.testing.assert_allclose(w[seg], np.where(want_keep, w_all, 0.0), rtol=1e-12)
+            assert log_wsum[s] == pytest.approx(np.log(np.exp(logw).sum()), rel=1e-12)
+            assert dmin[s] == d[seg].min()

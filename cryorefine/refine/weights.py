@@ -43,23 +43,24 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
         acc += hist_w[k]
         above += hist_n[k]
         k -= 1
-    lo = k * (88.0 / _NBINS) - 88.0
+    # the threshold is one of the log-weights itself (not recomputed from logw − max), so `logw >= thr` keeps
+    # exactly the `above` samples counted
+    thr = k * (88.0 / _NBINS) - 88.0 + mx
     vals = np.empty(hist_n[k])
     m = 0
     for j in range(n):
         d = logw[j] - mx
         if d > -88.0 and min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1) == k:
-            vals[m] = d
+            vals[m] = logw[j]
             m += 1
     vals = np.sort(vals[:m])[::-1]
-    thr = lo
     for j in range(m):
-        acc += np.exp(vals[j])
+        acc += np.exp(vals[j] - mx)
         above += 1
         thr = vals[j]
         if acc > target or (maxsig > 0 and above >= maxsig):
             break
-    return thr + mx, above, total, mx
+    return thr, above, total, mx
 
 
 @numba.njit(cache=True, parallel=True)
