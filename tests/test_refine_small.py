@@ -59,7 +59,9 @@ def test_converges_by_itself_with_relion_log_lines(small_run):
 def test_map_resolution_against_truth(score):
     text = score["text"]
     masked_05 = _number(text, r"FSC vs truth \(masked\):\s+0\.5 at ([\d.]+) A")
-    assert masked_05 <= 6.25, text             # RELION 5: 6.20 A; true poses: 5.15 A
+    # RELION 5: 6.20 A; true poses: 5.15 A. 6.24 A with the earlier --maxsig 500 default, 6.29 A with RELION's
+    # significance semantics (issue 13; --maxsig 500 with them: 6.17 A): the bound leaves 1 % for that change
+    assert masked_05 <= 6.32, text
 
 
 def test_angular_and_offset_errors(score):
