@@ -63,7 +63,7 @@ def stripped(d: Path) -> Path:
     return out
 
 
-def refine(d: Path, truth_dir: Path) -> dict:
+def refine(d: Path, truth_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     """`cryorefine refine` in set folder d, timed, with its peak RSS, scored against truth_dir's truth."""
     out = d / "Refine3D"
     out.mkdir(exist_ok=True)
@@ -71,7 +71,7 @@ def refine(d: Path, truth_dir: Path) -> dict:
         f.unlink()
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cryorefine", "refine", "--i", "particles.star",
            "--ref", "reference.mrc", "--o", "Refine3D/bench", "--ini_high", "50", "--sym", "D2",
-           "--particle_diameter", "150"]
+           "--particle_diameter", "150", *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True, check=False)
     wall = time.time() - t0
@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--groups", type=int, default=30)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--refine-args", default="", help="further options for every refine run, e.g. '--maxsig 500'")
     p.add_argument("--no-stripped", action="store_true",
                    help="skip the third run (the aberrated set with its labels removed)")
     p.add_argument("--reconstruct", action="store_true",
@@ -210,12 +211,13 @@ def main() -> None:
     aberr = simulate(root / f"aberr_g{a.groups}", a.size, a.n, a.seed,
                      ["--optics-groups", str(a.groups), *GEOMETRY[a.size][1]])
     load = Path("/proc/loadavg").read_text().split()[:3]
-    runs = [refine(plain, plain), refine(aberr, plain)]
+    extra = tuple(a.refine_args.split())
+    runs = [refine(plain, plain, extra), refine(aberr, plain, extra)]
     if not a.no_stripped:
-        runs.append(refine(stripped(aberr), plain))
+        runs.append(refine(stripped(aberr), plain, extra))
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     r0, r1 = runs[:2]
-    res = {"size": a.size, "n": a.n, "groups": a.groups, "aberrations": GEOMETRY[a.size][1], "runs": runs,
+    res = {"size": a.size, "n": a.n, "groups": a.groups, "refine_args": a.refine_args, "aberrations": GEOMETRY[a.size][1], "runs": runs,
            "loadavg_before": load, "loadavg_after": load_after,
            "fsc05_masked_ratio": round(r1["fsc05_masked_A"] / r0["fsc05_masked_A"], 4),
            "fsc05_masked_ratio_nolabels": (round(runs[2]["fsc05_masked_A"] / r0["fsc05_masked_A"], 4)
