@@ -13,7 +13,7 @@ from cryorefine.geometry.sampling import angular_step
 from cryorefine.io.mrc import write_map
 from cryorefine.io.star import write_particles, write_star
 from cryorefine.refine.orientations import make_grid
-from cryorefine.refine.restart import REFERENCE_LIMIT_LABEL
+from cryorefine.refine.restart import FINE_ENOUGH_LABEL, REFERENCE_LIMIT_LABEL
 from cryorefine.report.bild import angdist_bild
 
 RELION_VERSION_TAG = "50001"
@@ -135,7 +135,7 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         "rlnDoCorrectNorm": int(o.norm), "rlnDoCorrectScale": int(o.scale), "rlnDoCorrectCtf": int(o.ctf),
         "rlnRefsAreCtfCorrected": 1, "rlnMaxNumberOfPooledParticles": o.batch_size,
         # not a RELION label (RELION re-derives the flag): lets --continue check convergence exactly
-        "cryorefineHasFineEnoughAngularSampling": int(c.has_fine_enough_angular_sampling),
+        FINE_ENOUGH_LABEL: int(c.has_fine_enough_angular_sampling),
         # not a RELION label: the shell the references were projected to (counters.reference_limit)
         REFERENCE_LIMIT_LABEL: c.reference_limit,
     }
