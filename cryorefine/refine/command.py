@@ -97,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--j", "--threads", dest="threads", type=int, default=0, help="threads (default: all cores)")
     r.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64,
                    help="particles per E-step batch (default 64)")
+    r.add_argument("--max_memory", dest="max_memory", type=float, default=None, metavar="GB",
+                   help="memory budget of each process in GiB (default: the memory available); batch sizes, "
+                        "chunk and cache sizes are lowered until each iteration's estimated peak fits, with a log line")
     r.add_argument("--pool", dest="pool", type=int, default=None,
                    help="RELION: images read together per thread (accepted; images are read per --batch_size batch)")
     r.add_argument("--split_random_halves", action="store_true", help="accepted for RELION compatibility (always on)")
@@ -249,6 +252,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     if args.offset_step <= 0 or args.offset_range < 0:
         raise InputError("--offset_step must be positive and --offset_range not negative")
     require(args.batch_size >= 1, f"--batch_size: must be at least 1 (got {args.batch_size})")
+    require(args.max_memory is None or args.max_memory > 0,
+            f"--max_memory: must be a positive number of GiB (got {args.max_memory})")
     require(0 <= args.auto_local_healpix_order <= 8, f"--auto_local_healpix_order: must be between 0 and 8 "
                                                      f"(got {args.auto_local_healpix_order})")
     require(args.tau2_fudge > 0, f"--tau2_fudge: must be > 0 (got {args.tau2_fudge:g})")
@@ -278,8 +283,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
         adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
-        batch_size=args.batch_size, continue_from=args.continue_from, command_line=command_line,
-        gpu=args.gpu)
+        batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
+        command_line=command_line, gpu=args.gpu)
 
 
 def peak_memory_gib() -> float:

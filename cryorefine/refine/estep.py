@@ -19,6 +19,7 @@ from cryorefine.geometry.euler import matrix_to_euler
 from cryorefine.refine.fine_kernels import segment_best, segment_weights, sparse_sums, weight_rows
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
+from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
@@ -42,6 +43,10 @@ class HalfAccumulator:
     pmax_sum: float = 0.0
     count: int = 0
     gflop: float = 0.0
+    # sizes of the batches' pass-2 buffers summed over batches, for the next iteration's memory plan
+    n_blocks: int = 0                              # significant coarse pairs
+    n_fine_rows: int = 0                           # fine orientations projected
+    n_columns: int = 0                             # (particle, fine translation) columns of the weighted sums
 
     def reduce(self, reducer) -> None:
         """Sum every field over processes (identity in one process); a new field is summed without edits here."""
@@ -99,7 +104,7 @@ class ProjectionCache:
     """
 
     def __init__(self, proj: Projector, grid: OrientationGrid, ps_coarse: PixelSet, ps_fine: PixelSet,
-                 project, max_bytes: float = 1.5e9):
+                 project, max_bytes: float = FINE_CACHE_BYTES):
         self.proj, self.grid, self.ps_coarse, self.ps_fine, self.project = proj, grid, ps_coarse, ps_fine, project
         self.coarse_ids: NDArray[np.int64] | None = None
         self.coarse: NDArray[np.complex64] | None = None
@@ -161,6 +166,7 @@ class PassSettings:
     norm_average: float = 1.0
     maxsig: int = -1                         # cap on significant coarse samples per particle (-1: none)
     cache: ProjectionCache | None = None     # required by expectation_batch
+    limits: EStepLimits = EStepLimits(64)    # chunk caps of the batch's buffers (refine.memory plans them)
 
 
 @dataclass
@@ -247,13 +253,10 @@ def local_chunks(offsets: NDArray[np.int64], max_rows: int) -> list[tuple[int, i
     return out
 
 
-_LOCAL_CHUNK_BYTES = 256 * 2 ** 20     # coarse projections of a chunk of local windows (and their scores)
-
-
 def local_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache, backend,
                       acc: HalfAccumulator) -> Significant:
     """Pass 1 of a local search: each particle against its own window, in chunks of particles whose windows'
-    projections fit _LOCAL_CHUNK_BYTES (one product kernel per chunk)."""
+    projections fit st.limits.local_chunk_bytes (one product kernel per chunk)."""
     nb, win = len(inp.rows), st.local
     isig = inverse_sigma2(st, st.ps_coarse, keep_dc=False)
     xw, wn = image_weights(inp.x_coarse, inp.ctf_coarse, inp.scale, isig)
@@ -263,7 +266,7 @@ def local_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache
     owner = np.repeat(np.arange(nb), np.diff(win.offsets))
     parts = []
     count = np.zeros(nb, np.int64)
-    for j0, j1 in local_chunks(win.offsets, max(1, _LOCAL_CHUNK_BYTES // ((8 + 8 * n_t) * mc))):
+    for j0, j1 in local_chunks(win.offsets, max(1, st.limits.local_chunk_bytes // ((8 + 8 * n_t) * mc))):
         lo, hi = win.offsets[j0], win.offsets[j1]
         ids, inv = np.unique(win.ids[lo:hi], return_inverse=True)
         p_pair = real_pair(cache.coarse_projections(ids))
@@ -344,6 +347,8 @@ def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, 
     else:
         sig = local_coarse_pass(inp, st, cache, backend, acc)
     fs = fine_samples(sig, st, cache)
+    acc.n_blocks += len(sig.img)
+    acc.n_fine_rows += len(fs.fine_ids)
     isig_f = inverse_sigma2(st, st.ps_fine, keep_dc=False)
     fw = fine_weights(inp, st, sig, fs, isig_f, backend, acc)
     out = Poses(**{f: np.zeros(nb) for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "norm_correction",
@@ -369,7 +374,6 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const)
 
 
-_SUMS_CHUNK_BYTES = 128 * 2 ** 20   # orientation rows of the weighted sums (and of an insertion) at a time
 _DENSE_FRACTION = 0.15              # weight-matrix density above which the sums are dense BLAS products
 
 
@@ -390,6 +394,7 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     n_t = len(fs.t_fine)
     jt_key, blk_jt = dense_index(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), nb * n_t)
     jt_img, jt_t = jt_key // n_t, jt_key % n_t
+    acc.n_columns += len(jt_key)
     # rows: the orientations with weight, and Σ_t w̄ of each (orientation, particle)
     wb = fw.w.sum(axis=1)                                                                  # (K, n_b)
     o_row = lay.p_row[:, None] + np.arange(n_b)
@@ -410,7 +415,8 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     dense = len(val) >= _DENSE_FRACTION * n_rows * n_cols
     q = np.zeros((n_cols, 2 * m), np.float32)
     norm = np.zeros((nb, m), np.float32)
-    step = max(1, _SUMS_CHUNK_BYTES // (4 * (6 * m + (n_cols if dense else 0))))
+    # orientation rows of the weighted sums (and of an insertion) at a time
+    step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         p_c = p_pair[rows[r0:r1]]

@@ -11,6 +11,7 @@ from cryorefine.fourier.projector import Projector
 from cryorefine.refine.data import background_noise, ctf_on_pixels, column, iter_batches, prepare_batch
 from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings, ProjectionCache, empty_accumulator,
                                      expectation_batch)
+from cryorefine.refine.memory import EStepLimits
 from cryorefine.refine.mstep import shell_power
 from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations
 from cryorefine.refine.pixels import optics_size, pixel_set
@@ -66,9 +67,11 @@ def batch_inputs(state: RunState, rows: NDArray[np.int64], model: HalfModel, siz
 
 
 def expectation_half(state: RunState, half: int, proj: Projector, grid: OrientationGrid, cc: bool,
-                     new_poses: Poses, rmax: float) -> HalfAccumulator:
-    """E-step over this process's share of one half: writes the new poses of its rows, returns its sums."""
+                     new_poses: Poses, rmax: float, limits: EStepLimits | None = None) -> HalfAccumulator:
+    """E-step over this process's share of one half in batches and buffers bounded by `limits` (the iteration's
+    memory plan; default: --batch_size and the default caps): writes the new poses of its rows, returns its sums."""
     opts, c, data, model = state.opts, state.counters, state.data, state.models[half - 1]
+    limits = limits or EStepLimits(opts.batch_size)
     rows_half = state.reducer.share(np.nonzero(data.subset == half)[0])
     acc = empty_accumulator(state.box, opts.pad, rmax, [og.box for og in data.optics], len(data.group_names),
                             0 if grid.local else len(grid.dir_pix))
@@ -81,7 +84,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
                       column(data.table, "rlnOriginYPriorAngst", 0.0)], -1)
     s = state.sampling
     with state.log.progress(f"E-step half {half}", len(rows_half)) as advance:
-        for rows in iter_batches(rows_half, data.optics_index, opts.batch_size):
+        for rows in iter_batches(rows_half, data.optics_index, limits.batch_size):
             o = int(data.optics_index[rows[0]])
             og = data.optics[o]
             size_o = optics_size(c.current_size, og.box, og.model_scale)
@@ -91,7 +94,8 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
             ps_c = pixel_set(og.box, csize_o, og.model_scale, og.mag)
             key = og.optics_model.projection_key
             if key not in caches:
-                caches[key] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project)
+                caches[key] = ProjectionCache(proj, grid, ps_c, ps_f, state.backend.project,
+                                              limits.fine_cache_bytes)
                 if not grid.local and caches[key].fine is None:
                     n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
                     state.log.line(f" Fine projections of optics group {og.number} are not cached (they would "
@@ -106,7 +110,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
                 ps_coarse=ps_c, ps_fine=ps_f, inv_sigma2=1.0 / model.sigma2[o], adaptive_fraction=opts.adaptive_fraction,
                 cc_mode=cc, sigma_offset=model.sigma_offset, log_pdf_direction=log_pdf, local=local,
                 scale_shells=group_scale_shells(opts, model, len(data.group_names), len(model.sigma2[o])),
-                norm_average=model.norm_average, maxsig=opts.maxsig, cache=caches[key])
+                norm_average=model.norm_average, maxsig=opts.maxsig, cache=caches[key], limits=limits)
             batch = expectation_batch(inp, st, acc, state.backend)
             if not opts.norm:
                 batch.norm_correction[:] = state.poses.norm_correction[rows]

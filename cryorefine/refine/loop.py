@@ -21,7 +21,7 @@ from cryorefine.fourier.fsc import fsc_sigma
 from cryorefine.geometry.sampling import angular_step, n_directions
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import counters as cnt
-from cryorefine.refine import mstep, outputs
+from cryorefine.refine import memory, mstep, outputs
 from cryorefine.refine.accuracy import estimate_accuracy
 from cryorefine.refine.convergence import pose_changes
 from cryorefine.refine.estep import HalfAccumulator
@@ -44,8 +44,12 @@ def run_refinement(state: RunState) -> RunState:
         state = replace(state, counters=cnt.with_convergence(state.counters, opts.auto_ignore_angles))
         log_iteration_start(state, it)
         t0 = time.time()
+        measured = memory.reset_peak()
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
+        if measured:
+            state.log.line(f" Memory: measured peak {memory.resident_bytes('VmHWM') / memory.GIB:.2f} GiB this "
+                           f"iteration")
         if state.reducer.is_leader:
             report.maybe_refresh(opts.fn_out, state.log.line)
         note = state.backend.memory_note()
@@ -78,7 +82,9 @@ def iterate_once(state: RunState, it: int) -> RunState:
                        f"{'local' if s.local_searches else 'global'} searches)")
     state = replace(state, sampling=autos.perturbed(state.sampling, rng))
     grid = log_search(state, it, cc)
-    new_poses, accs = expectation(state, projectors, grid, cc, rmax)
+    plan = memory_plan(state, grid, cc, rmax)
+    new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
+    state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
     raw = [copy.deepcopy(a.bp) for a in accs] if final else None
     fsc = gold_standard_fsc(state, accs)
     state = replace(state, counters=cnt.with_fsc(state.counters, fsc))
@@ -174,12 +180,26 @@ def log_search(state: RunState, it: int, cc: bool):
     return grid
 
 
-def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float):
-    """E-step of both halves; returns every process's new poses and each half's sums over all processes
-    (symmetrised)."""
+def memory_plan(state: RunState, grid, cc: bool, rmax: float) -> memory.MemoryPlan:
+    """The iteration's estimated peak memory, and the E-step limits (from --batch_size) lowered until it fits
+    --max_memory or the memory available; loudly before the final iteration, as RELION warns of its RAM."""
+    sizes = memory.iteration_sizes(state, grid, rmax, cc)
+    budget = memory.budget_bytes(state.opts.max_memory_gib, state.reducer.size)
+    plan = memory.fit_budget(sizes, memory.EStepLimits(state.opts.batch_size), budget)
+    state.log.line(memory.plan_line(plan))
+    if sizes.final:
+        state.log.auto(f"The last iteration is estimated to need {plan.estimate.peak / memory.GIB:.2f} GiB of memory "
+                       f"per process (budget {budget / memory.GIB:.2f} GiB)"
+                       + ("" if plan.fits else "; WARNING: that is more than the budget"))
+    return plan
+
+
+def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float, limits: memory.EStepLimits):
+    """E-step of both halves in batches bounded by `limits`; returns every process's new poses and each half's sums
+    over all processes (symmetrised)."""
     new_poses = state.poses.copy()
     t_e = time.time()
-    accs = [expectation_half(state, h, projectors[h - 1], grid, cc, new_poses, rmax) for h in (1, 2)]
+    accs = [expectation_half(state, h, projectors[h - 1], grid, cc, new_poses, rmax, limits) for h in (1, 2)]
     t_e = time.time() - t_e
     gflop = sum(a.gflop for a in accs)
     state.log.line(f" E-step: {t_e:.1f} s, {gflop / max(t_e, 1e-9):.1f} GFLOP/s in the likelihood products"

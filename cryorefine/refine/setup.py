@@ -8,11 +8,11 @@ from dataclasses import replace
 import numpy as np
 
 from cryorefine.errors import InputError, option_error
-from cryorefine.fourier import backprojector as bpm
 from cryorefine.fourier.filters import lowpass_raised_cosine, soft_sphere_mask
 from cryorefine.geometry.sampling import n_directions
 from cryorefine.geometry.symmetry import symmetry_matrices
 from cryorefine.parallel.mpi import get_reducer
+from cryorefine.refine import memory
 from cryorefine.refine.autosampling import initial_sampling
 from cryorefine.refine.backend import make_backend
 from cryorefine.refine.counters import initial_counters
@@ -77,8 +77,9 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     log.line(f" Particles: {data.n} ({int((data.subset == 1).sum())} in half 1, {int((data.subset == 2).sum())} in "
              f"half 2), box {box} px, {angpix:g} A/px, {len(data.optics)} optics group(s), {len(data.group_names)} "
              f"group(s); symmetry {opts.sym.upper()} ({len(sym_mats)} operators); {backend.describe()}")
-    mem = 2 * bpm.memory_bytes(box, opts.pad) / 2 ** 30
-    log.line(f" Memory: the final iteration needs about {mem:.2f} GiB for the two padded accumulators")
+    floor = memory.final_floor(box, opts.pad, *memory.particle_bytes(data, input_poses(data)))
+    log.line(f" Memory: the final iteration will need at least {floor.peak / memory.GIB:.2f} GiB (accumulators, "
+             f"projectors and reconstruction to Nyquist; each iteration's estimate is logged before it)")
     common = dict(opts=opts, data=data, box=box, angpix=angpix, sym_mats=sym_mats, solvent_mask=solvent,
                   log=log, reducer=reducer, backend=backend)
     if opts.continue_from:

@@ -54,6 +54,7 @@ class RefineOptions:
     auto_iter_max: int = 999
     threads: int = 1
     batch_size: int = 64
+    max_memory_gib: float | None = None    # memory budget per process; None: what the machine has available
     continue_from: str | None = None
     command_line: str = ""
     gpu: str | None = None          # RELION --gpu [IDS]: None = CPU; "" = all devices; "0", "0:1", "0,1" ...
@@ -165,3 +166,4 @@ class RunState:
     backend: object                                 # refine.backend.Backend
     start_iteration: int = 1
     unfiltered: tuple | None = None                 # final iteration: unregularised half maps
+    estep_stats: object | None = None               # refine.memory.EStepStats of the last E-step (memory plan)

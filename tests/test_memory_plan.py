@@ -1,0 +1,172 @@
+"""The memory plan (refine.memory): each term of the estimate against the bytes of the arrays the code allocates
+for tiny sizes, and the lowering of the E-step limits to a budget."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from cryorefine.fourier.projector import make_projector, project
+from cryorefine.geometry.sampling import angular_step
+from cryorefine.refine import memory
+from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, Significant, empty_accumulator,
+                                     fine_samples, fine_weights, inverse_sigma2)
+from cryorefine.refine.likelihood import coarse_scores, weighted_images
+from cryorefine.refine.memory import EStepLimits, IterationSizes
+from cryorefine.refine.orientations import make_grid, make_translations
+from cryorefine.refine.pixels import pixel_set, shift_phases
+from cryorefine.refine.backend import cpu_backend
+from cryorefine.refine.estep import HalfAccumulator
+
+BOX, ANGPIX, NB = 16, 2.0, 3
+
+
+def _sizes(**kw) -> IterationSizes:
+    """Sizes of a box-16 global iteration (HEALPix order 0, C1) with every coarse sample significant."""
+    grid = make_grid(0, "C1", angular_step(0), 1, 0.0, False)
+    tg = make_translations(3.0, 2.0, ANGPIX, 1, 0.0)
+    ps = pixel_set(BOX, BOX)
+    n_grid = len(grid.dir_pix) * grid.n_psi
+    base = dict(box=BOX, pad=2, n_particles=10, n_half=NB, stack_bytes=0, table_bytes=0, projector_radius=BOX / 2,
+                data_radius=BOX / 2, optics_box=BOX, n_shells=BOX // 2 + 1, mc=ps.m, mf=ps.m,
+                n_translations=len(tg.coarse), n_translation_children=4, n_orientation_children=grid.n_children,
+                n_coarse=n_grid, n_fine_grid=n_grid * grid.n_children, n_grid=n_grid, local=False,
+                significant=len(tg.coarse) * n_grid)
+    return IterationSizes(**(base | kw))
+
+
+def _batch(seed: int = 0):
+    """A tiny global batch: its inputs and pass settings (adaptive fraction 1: every sample significant)."""
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(size=(BOX, BOX, BOX)).astype(np.float32)
+    proj = make_projector(vol, pad=2, r_max=BOX / 2)
+    grid = make_grid(0, "C1", angular_step(0), 1, 0.0, False)
+    tg = make_translations(3.0, 2.0, ANGPIX, 1, 0.0)
+    ps = pixel_set(BOX, BOX)
+    m = ps.m
+    x = (rng.normal(size=(NB, m)) + 1j * rng.normal(size=(NB, m))).astype(np.complex64)
+    ctf = np.ones((NB, m), np.float32)
+    inp = BatchInputs(rows=np.arange(NB), optics=0, angpix=ANGPIX, x_coarse=x, x_fine=x.copy(), xnm_fine=x.copy(),
+                      power_beyond=np.zeros((NB, BOX // 2 + 1)), ctf_coarse=ctf, ctf_fine=ctf.copy(),
+                      scale=np.ones(NB), group=np.zeros(NB, np.int64), preshift_px=np.zeros((NB, 2), np.int64),
+                      prior_mu=np.zeros((NB, 2)), old_norm=np.ones(NB))
+    st = PassSettings(grid=grid, translations=tg, ps_coarse=ps, ps_fine=ps, inv_sigma2=np.ones(BOX // 2 + 1),
+                      adaptive_fraction=1.0, cc_mode=False, sigma_offset=3.0,
+                      log_pdf_direction=np.zeros(len(grid.dir_pix)), cache=ProjectionCache(proj, grid, ps, ps, project))
+    return proj, grid, tg, ps, inp, st
+
+
+def test_accumulators_are_the_two_back_projectors_the_estep_allocates():
+    s = _sizes(data_radius=5.0)
+    acc = empty_accumulator(BOX, 2, 5.0, [BOX], 1, 0)
+    est = memory.estimate_peak(s, EStepLimits(NB))
+    assert est.accumulators == 2 * (acc.bp.data.nbytes + acc.bp.weight.nbytes)
+
+
+def test_projectors_are_the_two_padded_transforms_make_projector_keeps():
+    s = _sizes(projector_radius=3.0)
+    proj = make_projector(np.zeros((BOX, BOX, BOX), np.float32), pad=2, r_max=3.0)
+    assert memory.estimate_peak(s, EStepLimits(NB)).projectors == 2 * proj.ft3d.nbytes
+
+
+def test_final_iteration_adds_the_raw_copies_and_the_joined_sum():
+    s = _sizes()
+    acc_one = memory.estimate_peak(s, EStepLimits(NB)).accumulators // 2
+    diff = (memory.estimate_peak(replace(s, final=True), EStepLimits(NB)).reconstruction
+            - memory.estimate_peak(s, EStepLimits(NB)).reconstruction)
+    assert diff == 3 * acc_one
+
+
+def test_cache_is_what_a_fully_used_projection_cache_holds():
+    proj, grid, tg, ps, inp, st = _batch()
+    cache = st.cache
+    ids = np.arange(len(grid.dir_pix) * grid.n_psi)
+    cache.coarse_pairs(ids)
+    fine_ids = np.arange(len(ids) * grid.n_children)
+    cache.fine_projections(fine_ids, np.tile(np.eye(3), (len(fine_ids), 1, 1)))
+    held = cache.coarse.nbytes + cache.pairs[1].nbytes + cache.fine.nbytes   # pairs[0] is a view of coarse
+    assert memory.cache_bytes(_sizes(), EStepLimits(NB)) == held
+    # above the cap the fine grid is not cached, in the code and in the estimate
+    small_cap = EStepLimits(NB, fine_cache_bytes=cache.fine.nbytes - 1)
+    assert ProjectionCache(proj, grid, ps, ps, project, small_cap.fine_cache_bytes).fine is None
+    assert memory.cache_bytes(_sizes(), small_cap) == cache.coarse.nbytes + cache.pairs[1].nbytes
+
+
+def test_batch_stages_are_the_buffers_of_a_tiny_batch():
+    proj, grid, tg, ps, inp, st = _batch()
+    stages = memory.batch_stages(_sizes(), EStepLimits(NB))
+    inputs = sum(getattr(inp, f).nbytes for f in ("x_coarse", "x_fine", "xnm_fine", "ctf_coarse", "ctf_fine",
+                                                  "power_beyond"))
+    assert stages["inputs"] == inputs
+    # global pass 1: the weighted images and one complex temporary of their size; cross (float32), its float64
+    # copy and the float64 residual, and the keep mask, over (B, T, U)
+    ids = np.arange(len(grid.dir_pix) * grid.n_psi)
+    p_pair, p_pow = st.cache.coarse_pairs(ids)
+    isig = inverse_sigma2(st, ps, keep_dc=False)
+    a = weighted_images(inp.x_coarse, shift_phases(ps, tg.coarse), inp.ctf_coarse * isig[None, :])
+    d = coarse_scores(a, p_pair, inp.ctf_coarse ** 2 * isig[None, :], p_pow, False)
+    assert stages["coarse"] == 2 * a.nbytes + d.size * (4 + 8 + 8 + 1)
+    # pass 2 with every coarse pair significant: the fine projections, phase ramps and weights the code makes
+    j, t, u = np.nonzero(np.ones(d.shape, bool))
+    sig = Significant(j, t, ids[u], np.zeros(len(j)), np.full(NB, len(tg.coarse) * len(ids)))
+    fs = fine_samples(sig, st, st.cache)
+    fw = fine_weights(inp, st, sig, fs, isig.astype(np.float32), cpu_backend(), _acc())
+    kept = fs.p.nbytes + fs.rot.nbytes + fs.phases.nbytes + NB * ps.m * (8 + 4) + fw.w.nbytes
+    assert stages["fine"] == kept + fw.w.size * (4 + 4 + 8 + 8)
+    assert stages["significant"] == 4 * 8 * len(j)
+
+
+def _acc() -> HalfAccumulator:
+    return empty_accumulator(BOX, 2, BOX / 2, [BOX], 1, 1)
+
+
+def test_batch_term_follows_batch_size_and_local_chunks():
+    s = _sizes(n_half=1000, significant=50)
+    assert memory.batch_bytes(s, EStepLimits(8)) < memory.batch_bytes(s, EStepLimits(64))
+    loc = replace(s, local=True, n_coarse=400, n_fine_grid=0, mc=2000)
+    big = memory.batch_stages(loc, EStepLimits(64))["coarse"]
+    small = memory.batch_stages(loc, EStepLimits(64, local_chunk_bytes=memory.MIN_CHUNK_BYTES))["coarse"]
+    assert small < big
+
+
+def test_fit_budget_lowers_the_batch_and_says_so():
+    s = _sizes(n_half=5000, significant=400, mf=3000, mc=800, n_coarse=4000, n_grid=4000, n_fine_grid=32000)
+    # chunks at their floor and no fine cache: only the batch can go down
+    lim = EStepLimits(64, memory.MIN_CHUNK_BYTES, memory.MIN_CHUNK_BYTES, 0)
+    full = memory.estimate_peak(s, lim)
+    plan = memory.fit_budget(s, lim, full.peak - full.estep_batch // 2)
+    assert plan.fits and plan.estimate.peak <= plan.budget
+    assert plan.limits == replace(lim, batch_size=plan.limits.batch_size) and plan.limits.batch_size < 64
+    assert plan.lowered == f"--batch_size 64 -> {plan.limits.batch_size}"
+    assert "lowered --batch_size 64" in memory.plan_line(plan)
+    # with the default caps the step that saves most goes first: here dropping the fine cache
+    cached = memory.fit_budget(s, EStepLimits(64), memory.estimate_peak(s, EStepLimits(64)).peak - 1)
+    assert cached.limits.fine_cache_bytes == 0 and "fine-projection cache off" in cached.lowered
+    roomy = memory.fit_budget(s, lim, full.peak)
+    assert roomy.limits == lim and roomy.lowered == "" and "lowered" not in memory.plan_line(roomy)
+
+
+def test_fit_budget_goes_on_with_a_warning_when_nothing_fits():
+    s = _sizes(n_half=5000, significant=400, mf=3000, mc=800, n_coarse=4000, n_grid=4000, n_fine_grid=32000)
+    plan = memory.fit_budget(s, EStepLimits(64), 1)
+    assert not plan.fits and plan.limits.batch_size == 1 and plan.limits.fine_cache_bytes == 0
+    assert plan.limits.sums_chunk_bytes == memory.MIN_CHUNK_BYTES
+    assert "WARNING" in memory.plan_line(plan) and "going on" in memory.plan_line(plan)
+
+
+def test_expected_significant():
+    counts = np.array([5, 100, 7, 300, 1])
+    assert memory.expected_significant(counts, 2, 500, cc=False, after_cc=False) == 200
+    assert memory.expected_significant(counts, 2, 150, cc=False, after_cc=False) == 150
+    assert memory.expected_significant(counts, 2, 500, cc=True, after_cc=False) == 1
+    assert memory.expected_significant(counts, 2, 500, cc=False, after_cc=True) == 500
+    assert memory.expected_significant(np.zeros(5, np.int64), 2, 500, cc=False, after_cc=False) == 500
+
+
+def test_available_and_resident_bytes_read_proc(tmp_path):
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       16000000 kB\nMemAvailable:    2000000 kB\n")
+    assert memory.available_bytes(str(f)) == 2000000 * 1024
+    assert memory.available_bytes(str(tmp_path / "missing")) is None
+    assert memory.budget_bytes(1.5) == int(1.5 * memory.GIB)
