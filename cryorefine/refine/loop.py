@@ -44,12 +44,11 @@ def run_refinement(state: RunState) -> RunState:
         state = replace(state, counters=cnt.with_convergence(state.counters, opts.auto_ignore_angles))
         log_iteration_start(state, it)
         t0 = time.time()
-        measured = memory.reset_peak()
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
-        if measured:
-            state.log.line(f" Memory: measured peak {memory.resident_bytes('VmHWM') / memory.GIB:.2f} GiB this "
-                           f"iteration")
+        peak = memory.resident_bytes("VmHWM")
+        if peak is not None:
+            state.log.line(f" Memory: measured peak {peak / memory.GIB:.2f} GiB so far")
         if state.reducer.is_leader:
             report.maybe_refresh(opts.fn_out, state.log.line)
         note = state.backend.memory_note()

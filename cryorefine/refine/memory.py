@@ -387,14 +387,3 @@ def resident_bytes(key: str = "VmRSS") -> int | None:
     except OSError:
         return None
     return int(m.group(1)) * 1024 if m else None
-
-
-def reset_peak() -> bool:
-    """Restart this process's VmHWM from its current RSS (Linux clear_refs 5), so the next reading is the peak of
-    what follows; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
