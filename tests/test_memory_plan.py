@@ -10,14 +10,13 @@ import numpy as np
 from cryorefine.fourier.projector import make_projector, project
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.refine import memory
+from cryorefine.refine.backend import cpu_backend
 from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, Significant, empty_accumulator,
                                      fine_samples, fine_weights, inverse_sigma2)
 from cryorefine.refine.likelihood import coarse_scores, weighted_images
 from cryorefine.refine.memory import EStepLimits, IterationSizes
 from cryorefine.refine.orientations import make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set, shift_phases
-from cryorefine.refine.backend import cpu_backend
-from cryorefine.refine.estep import HalfAccumulator
 
 BOX, ANGPIX, NB = 16, 2.0, 3
 
@@ -28,7 +27,7 @@ def _sizes(**kw) -> IterationSizes:
     tg = make_translations(3.0, 2.0, ANGPIX, 1, 0.0)
     ps = pixel_set(BOX, BOX)
     n_grid = len(grid.dir_pix) * grid.n_psi
-    base = dict(box=BOX, pad=2, n_particles=10, n_half=NB, stack_bytes=0, table_bytes=0, projector_radius=BOX / 2,
+    base = dict(box=BOX, pad=2, n_half=NB, stack_bytes=0, table_bytes=0, projector_radius=BOX / 2,
                 data_radius=BOX / 2, optics_box=BOX, n_shells=BOX // 2 + 1, mc=ps.m, mf=ps.m,
                 n_translations=len(tg.coarse), n_translation_children=4, n_orientation_children=grid.n_children,
                 n_coarse=n_grid, n_fine_grid=n_grid * grid.n_children, n_grid=n_grid, local=False,
@@ -111,14 +110,11 @@ def test_batch_stages_are_the_buffers_of_a_tiny_batch():
     j, t, u = np.nonzero(np.ones(d.shape, bool))
     sig = Significant(j, t, ids[u], np.zeros(len(j)), np.full(NB, len(tg.coarse) * len(ids)))
     fs = fine_samples(sig, st, st.cache)
-    fw = fine_weights(inp, st, sig, fs, isig.astype(np.float32), cpu_backend(), _acc())
+    acc = empty_accumulator(BOX, 2, BOX / 2, [BOX], 1, 1)
+    fw = fine_weights(inp, st, sig, fs, isig.astype(np.float32), cpu_backend(), acc)
     kept = fs.p.nbytes + fs.rot.nbytes + fs.phases.nbytes + NB * ps.m * (8 + 4) + fw.w.nbytes
     assert stages["fine"] == kept + fw.w.size * (4 + 4 + 8 + 8)
     assert stages["significant"] == 4 * 8 * len(j)
-
-
-def _acc() -> HalfAccumulator:
-    return empty_accumulator(BOX, 2, BOX / 2, [BOX], 1, 1)
 
 
 def test_batch_term_follows_batch_size_and_local_chunks():

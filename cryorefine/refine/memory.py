@@ -54,7 +54,6 @@ class IterationSizes:
 
     box: int                      # model box N (px)
     pad: int
-    n_particles: int              # particles in this process's data
     n_half: int                   # most particles of one half this process runs the E-step on
     stack_bytes: int              # particle stacks (memory-mapped: resident once an iteration has read them)
     table_bytes: int              # particle metadata: STAR table, CTF parameters, poses
@@ -71,7 +70,7 @@ class IterationSizes:
     n_fine_grid: int              # global: fine orientations of the grid (the fine cache's rows); local: 0
     n_grid: int                   # coarse orientations of the whole grid (bounds distinct parents)
     local: bool
-    significant: int              # most significant coarse (translation, orientation) pairs of one particle
+    significant: int              # significant coarse (translation, orientation) pairs per particle (planned)
     n_caches: int = 1             # projection caches (distinct box, pixel size, mag matrix of optics groups)
     final: bool = False
     fine_rows: float | None = None    # fine orientations projected per particle in the last E-step (None: unknown)
@@ -303,7 +302,7 @@ def particle_bytes(data, poses) -> tuple[int, int]:
 def final_floor(box: int, pad: int, stack_bytes: int, table_bytes: int) -> MemoryEstimate:
     """The part of the final iteration's estimate known before the run: everything but the E-step's batch and
     caches, with the data used to Nyquist."""
-    s = IterationSizes(box=box, pad=pad, n_particles=0, n_half=0, stack_bytes=stack_bytes, table_bytes=table_bytes,
+    s = IterationSizes(box=box, pad=pad, n_half=0, stack_bytes=stack_bytes, table_bytes=table_bytes,
                        projector_radius=box / 2, data_radius=box / 2, optics_box=box, n_shells=box // 2 + 1, mc=0,
                        mf=0, n_translations=0, n_translation_children=0, n_orientation_children=0, n_coarse=0,
                        n_fine_grid=0, n_grid=0, local=True, significant=0, final=True)
@@ -348,7 +347,7 @@ def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool) -> Iter
     halves = [len(state.reducer.share(np.nonzero(data.subset == h)[0])) for h in (1, 2)]
     stack, table = particle_bytes(data, state.poses)
     return IterationSizes(
-        box=state.box, pad=opts.pad, n_particles=data.n, n_half=max(halves), stack_bytes=stack, table_bytes=table,
+        box=state.box, pad=opts.pad, n_half=max(halves), stack_bytes=stack, table_bytes=table,
         projector_radius=min(rmax, c.reference_limit) if c.reference_limit > 0 else rmax, data_radius=rmax,
         optics_box=og.box, n_shells=og.box // 2 + 1, mc=mc, mf=mf, n_translations=n_t,
         n_translation_children=4 ** s.oversampling, n_orientation_children=grid.n_children, n_coarse=n_coarse,
