@@ -166,3 +166,37 @@ def test_available_and_resident_bytes_read_proc(tmp_path):
     assert memory.available_bytes(str(f)) == 2000000 * 1024
     assert memory.available_bytes(str(tmp_path / "missing")) is None
     assert memory.budget_bytes(1.5) == int(1.5 * memory.GIB)
+
+
+def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_path, monkeypatch):
+    """Wired in: a budget below the interpreter's own footprint lowers what saves memory (in iteration 2, whose
+    fine pass is planned for every coarse sample significant, the E-step batch to 1 particle: the batches the E-step
+    forms), logs the estimate, what it lowered and the warning, and the refinement still finishes."""
+    import starfile
+
+    from cryorefine.cli import main
+    from cryorefine.refine import expectation
+
+    src = small_set / "particles.star"
+    blocks = starfile.read(src, always_dict=True)
+    parts = blocks["particles"].head(16).copy()
+    parts["rlnImageName"] = [f"{s.split('@')[0]}@{src.parent / s.split('@')[1]}" for s in parts["rlnImageName"]]
+    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "p.star")
+    batch_args, sizes = [], []
+    real = expectation.iter_batches
+
+    def recording(rows, optics_index, batch):
+        batch_args.append(batch)
+        for chunk in real(rows, optics_index, batch):
+            sizes.append(len(chunk))
+            yield chunk
+    monkeypatch.setattr(expectation, "iter_batches", recording)
+    out = tmp_path / "Refine3D" / "run"
+    argv = ["refine", "--i", str(tmp_path / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o", str(out),
+            "--sym", "D2", "--ini_high", "50", "--particle_diameter", "150", "--auto_iter_max", "2", "--j", "1",
+            "--quiet", "--max_memory", "0.01"]
+    assert main(argv) == 0
+    lines = [ln for ln in (tmp_path / "Refine3D" / "run.out").read_text().splitlines() if "estimated peak" in ln]
+    assert len(lines) == 2 and all("WARNING: above the budget of 0.01 GiB" in ln and "going on" in ln for ln in lines)
+    assert "lowered --batch_size 64 -> 1" in lines[1]
+    assert batch_args[-2:] == [1, 1] and sizes[-1] == 1      # both halves of iteration 2

@@ -238,8 +238,9 @@ class MemoryPlan:
 def _lower_steps(s: IterationSizes, lim: EStepLimits) -> list[EStepLimits]:
     """Each way of lowering the limits one step: halve the batch, halve both chunk caps, drop the fine cache."""
     out = []
-    if lim.batch_size > 1:
-        out.append(replace(lim, batch_size=max(1, lim.batch_size // 2)))
+    batch = min(lim.batch_size, max(1, s.n_half))     # a larger batch size than a half holds changes nothing
+    if batch > 1:
+        out.append(replace(lim, batch_size=batch // 2))
     if max(lim.local_chunk_bytes, lim.sums_chunk_bytes) > MIN_CHUNK_BYTES:
         out.append(replace(lim, local_chunk_bytes=max(MIN_CHUNK_BYTES, lim.local_chunk_bytes // 2),
                            sums_chunk_bytes=max(MIN_CHUNK_BYTES, lim.sums_chunk_bytes // 2)))
