@@ -222,7 +222,8 @@ def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("option, value", [("--pool", "0"), ("--batch_size", "0"), ("--tau2_fudge", "0"),
                                            ("--adaptive_fraction", "1.5"), ("--auto_iter_max", "0"),
                                            ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
-                                           ("--particle_diameter", "nan"), ("--max_memory", "0"), ("--max_memory", "nan")])
+                                           ("--particle_diameter", "nan"), ("--max_memory", "0"),
+                                           ("--max_memory", "nan")])
 def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
     assert rc == 2 and option in err
