@@ -99,7 +99,8 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
                 if not grid.local and caches[key].fine is None:
                     n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
                     state.log.line(f" Fine projections of optics group {og.number} are not cached (they would "
-                                   f"take {n_fine * ps_f.m * 8 / 2 ** 30:.1f} GiB): they are computed per batch")
+                                   f"take {n_fine * ps_f.m * 8 / 2 ** 30:.1f} GiB, above the cap of "
+                                   f"{limits.fine_cache_bytes / 2 ** 30:.1f} GiB): they are computed per batch")
             local = None
             if grid.local:
                 local = local_window(grid, state.poses.rot[rows], state.poses.tilt[rows], state.poses.psi[rows],
