@@ -152,12 +152,14 @@ def test_fit_budget_goes_on_with_a_warning_when_nothing_fits():
 
 
 def test_expected_significant():
-    counts = np.array([5, 100, 7, 300, 1])
-    assert memory.expected_significant(counts, 2, 500, cc=False, after_cc=False) == 200
-    assert memory.expected_significant(counts, 2, 150, cc=False, after_cc=False) == 150
-    assert memory.expected_significant(counts, 2, 500, cc=True, after_cc=False) == 1
-    assert memory.expected_significant(counts, 2, 500, cc=False, after_cc=True) == 500
+    spread = np.array([0, 20, 0, 20])                   # mean 10, standard deviation 10
+    assert memory.expected_significant(spread, 4, 500, cc=False, after_cc=False) == 25     # 10 + 3 * 10 / 2
+    assert memory.expected_significant(spread, 4, 20, cc=False, after_cc=False) == 20
+    assert memory.expected_significant(spread, 4, 500, cc=True, after_cc=False) == 1
+    assert memory.expected_significant(spread, 4, 500, cc=False, after_cc=True) == 500
     assert memory.expected_significant(np.zeros(5, np.int64), 2, 500, cc=False, after_cc=False) == 500
+    seen = memory.EStepStats(blocks=41.2, fine_rows=100.0, columns=8.0)
+    assert memory.expected_significant(spread, 4, 500, cc=False, after_cc=False, seen=seen) == 42
 
 
 def test_available_and_resident_bytes_read_proc(tmp_path):

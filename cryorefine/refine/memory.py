@@ -313,17 +313,17 @@ def final_floor(box: int, pad: int, stack_bytes: int, table_bytes: int) -> Memor
 def expected_significant(nr_significant: np.ndarray, batch: int, cap: int, cc: bool, after_cc: bool,
                          seen: EStepStats | None = None) -> int:
     """Significant coarse pairs per particle to plan for: 1 in a cross-correlation iteration (hard assignment); the
-    mean the last E-step counted when known; else the mean of the `batch` largest counts of the previous iteration
-    (a batch holds at most batch x this); `cap` (--maxsig, or every sample) when no counts exist yet or they come
-    from a cross-correlation iteration."""
+    mean the last E-step counted when known; else from the previous iteration's counts, the mean plus three standard
+    deviations of a batch's mean (a batch of `batch` particles drawn from them: the fullest batch of a half); `cap`
+    (--maxsig, or every sample) when no counts exist yet or they come from a cross-correlation iteration."""
     if cc:
         return 1
     if seen is not None:
         return int(min(cap, max(1, math.ceil(seen.blocks))))
-    top = np.sort(np.asarray(nr_significant))[::-1][:max(1, batch)]
-    if after_cc or top.size == 0 or top[0] <= 0:
+    counts = np.asarray(nr_significant, np.float64)
+    if after_cc or counts.size == 0 or counts.max() <= 0:
         return cap
-    return int(min(cap, math.ceil(float(top.mean()))))
+    return int(min(cap, math.ceil(counts.mean() + 3 * counts.std() / math.sqrt(max(1, batch)))))
 
 
 def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool) -> IterationSizes:
