@@ -27,6 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_noise import final_fsc  # noqa: E402
 from bench.standard_sets import BENCH, DATA, STANDARD_SETS  # noqa: E402
+from cryorefine.fourier.fsc import fsc_sigma  # noqa: E402
+
+N_SYM = 4   # the noise set is refined with D2 (bench_refine's settings)
 
 
 def fresh_noise(out: Path, seed: int) -> Path:
@@ -78,10 +81,8 @@ def main() -> None:
         reported.append(float(res[0]) if res else None)
         print(f"set {seed}: reported {reported[-1]} A; FSC shells 4-8 {np.round(fscs[-1][4:9], 2).tolist()}",
               flush=True)
-    from cryorefine.fourier.fsc import fsc_sigma
-
     f = np.array(fscs)
-    sigma = fsc_sigma(2 * (f.shape[1] - 1), 4)
+    sigma = fsc_sigma(2 * (f.shape[1] - 1), N_SYM)
     rows = [{"shell": s, "mean": round(float(f[:, s].mean()), 3), "sd": round(float(f[:, s].std(ddof=1)), 3),
              "above_0.143": round(float((f[:, s] > 0.143).mean()), 2), "independent_sd": round(float(sigma[s]), 3)}
             for s in range(1, f.shape[1])]
