@@ -3,6 +3,7 @@ checks of issue 13 on each run's final gold-standard FSC (`run_model.star`).
 
     python bench/bench_noise.py               # seeds 1 2 3
     python bench/bench_noise.py 1 --maxsig 500
+    python bench/bench_noise.py 1 --j 1 & python bench/bench_noise.py 2 --j 1   # two seeds at once
 
 Checks: no resolution override in the log; the reported resolution worse than 25 Å; beyond the shell of the
 40 Å join + 2 the unmasked FSC looks like chance: no run of 4 consecutive shells above 0.143 and a mean of at most
@@ -44,13 +45,17 @@ def final_fsc(model_star: Path) -> np.ndarray:
 
 
 def main() -> None:
-    seeds = [int(a) for a in sys.argv[1:] if a.isdigit()] or [1, 2, 3]
-    extra = [a for a in sys.argv[1:] if not a.isdigit()]
+    # seeds lead; everything from the first option on goes to `cryorefine refine` (so `--j 1` stays an option)
+    lead = next((i for i, a in enumerate(sys.argv[1:]) if not a.isdigit()), len(sys.argv) - 1)
+    seeds = [int(a) for a in sys.argv[1:1 + lead]] or [1, 2, 3]
+    extra = sys.argv[1 + lead:]
     d = ensure_set("noise")
     rows = []
     for seed in seeds:
         tag = f"_s{seed}"
         res = run_set("noise", ["--random_seed", str(seed), *extra], tag=tag)
+        if "failed" in res or "timed_out_after_s" in res:
+            sys.exit(f"seed {seed}: the refinement did not finish: {res.get('failed') or res.get('log_tail')}")
         log = (d / "Refine3D" / f"bench{tag}.out").read_text() if (d / "Refine3D" / f"bench{tag}.out").exists() else ""
         fsc = final_fsc(d / "Refine3D" / f"bench{tag}_model.star")
         chk = chance_checks(fsc, 64, 2.5)
@@ -60,7 +65,9 @@ def main() -> None:
         row["passes"] = bool(chk["passes"] and (row["reported_A"] or 0) > 25.0 and not row["override_line"])
         rows.append(row)
         print(json.dumps(row))
-    out = Path(__file__).parent / "results" / f"noise{'_'.join([''] + extra).replace('-', '')}.json"
+    # one file per seed list, so seeds run as separate processes at once do not overwrite each other
+    name = f"noise{'_'.join([''] + extra).replace('-', '')}_s{''.join(map(str, seeds))}"
+    out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps({"extra": extra, "runs": rows}, indent=1))
     print("| seed | reported | FSC shells 5-8 | longest run > 0.143 beyond shell 7 | mean beyond | wall |")
     for r in rows:
