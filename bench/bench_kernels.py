@@ -1,10 +1,12 @@
 """Time the hot Fourier kernels: extract and insert 5,000 central slices of a padded 128³ map.
 
-    python bench/bench_kernels.py [--n 5000] [--box 128] [--pad 2] [--batch 500]
+    python bench/bench_kernels.py [--n 5000] [--box 128] [--pad 2] [--batch 500] [--order random|local]
 
 Extraction: `project_grid` of full box-size slices (rfft layout, |k| ≤ N/2). Insertion: CTF-weighted
 slices (values CTF·P, weights CTF²) over RELION's unique half-plane pixels inside the Nyquist circle,
-in batches, as the M-step does. Prints wall times and a markdown table row.
+in batches, as the M-step does. `--order local` lists the rotations as a local search does (refine.estep): per
+particle a window of 7 x 7 x 7 (rot, tilt, psi) steps of 0.94 deg (HEALPix order 6) around a random orientation,
+windows one after another. Prints wall times and a markdown table row.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
     return euler_to_matrix(rng.uniform(-180, 180, n), tilt, rng.uniform(-180, 180, n))
 
 
+def local_windows(rng: np.random.Generator, n: int, step: float = 0.9375, half: int = 3) -> np.ndarray:
+    """n rotation matrices in local-search order: windows of (2 half + 1)³ Euler steps around random orientations."""
+    d = step * np.arange(-half, half + 1)
+    rot, tilt, psi = (a.ravel() for a in np.meshgrid(d, d, d, indexing="ij"))
+    per = rot.size
+    centres = rng.uniform([-180, 20, -180], [180, 160, 180], ((n + per - 1) // per, 3))
+    r = (centres[:, None, 0] + rot).ravel()[:n]
+    t = (centres[:, None, 1] + tilt).ravel()[:n]
+    p = (centres[:, None, 2] + psi).ravel()[:n]
+    return euler_to_matrix(r, t, p)
+
+
 def toy_ctf(rng: np.random.Generator, n: int, kx: np.ndarray, ky: np.ndarray, box: int, angpix: float) -> np.ndarray:
     """-sin(χ) with 300 kV, Cs 2.7, 10 % amplitude contrast, random defocus 1-2.5 µm -> (n, m) float32."""
     lam = 0.019687  # Å at 300 kV
@@ -48,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box", type=int, default=128)
     ap.add_argument("--pad", type=int, default=2)
     ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--order", choices=("random", "local"), default="random")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     if args.box == 128 and MAP.exists():
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         volume = rng.standard_normal((args.box,) * 3).astype(np.float32)
     n = volume.shape[0]
-    rotations = random_rotations(rng, args.n)
+    rotations = random_rotations(rng, args.n) if args.order == "random" else local_windows(rng, args.n)
 
     t0 = time.perf_counter()
     proj = projector.make_projector(volume, pad=args.pad)
@@ -95,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"make_projector {t_make:.2f} s; extract {args.n} slices {t_extract:.2f} s; "
           f"insert {args.n} slices ({kx.size} px each) {t_insert:.2f} s; symmetrise+reconstruct {t_rec:.2f} s; "
           f"{threads} threads; accumulators {backprojector.memory_bytes(n, args.pad) / 1e6:.0f} MB")
-    print("| box | pad | slices | extract (s) | insert (s) | make_projector (s) | reconstruct (s) | threads |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {args.pad} | {args.n} | {t_extract:.2f} | {t_insert:.2f} | {t_make:.2f} | {t_rec:.2f} "
-          f"| {threads} |")
+    print("| box | pad | slices | order | extract (s) | insert (s) | make_projector (s) | reconstruct (s) | threads |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {n} | {args.pad} | {args.n} | {args.order} | {t_extract:.2f} | {t_insert:.2f} | {t_make:.2f} "
+          f"| {t_rec:.2f} | {threads} |")
     return 0
 
 

@@ -122,6 +122,77 @@ def test_insert_matches_definition_with_one_and_two_threads():
         numba.set_num_threads(threads)
 
 
+def reference_sample(ft3d, rotations, kx, ky, pad, r_max):
+    """Trilinear samples of a half-cube straight from the definition (numpy, float64): (n, m)."""
+    off = (ft3d.shape[0] - 1) // 2
+    inside = kx.astype(float) ** 2 + ky.astype(float) ** 2 <= r_max ** 2
+    k = np.where(inside[:, None], np.stack([kx, ky, np.zeros_like(kx)], 1).astype(float), 0.0)
+    xi = pad * np.einsum("nij,mi->nmj", rotations, k)
+    neg = xi[..., 0] < 0
+    xi = np.where(neg[..., None], -xi, xi)
+    base = np.floor(xi).astype(int)
+    frac = xi - base
+    out = np.zeros(xi.shape[:2], np.complex128)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                f = ((frac[..., 2] if dz else 1 - frac[..., 2]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+                     * (frac[..., 0] if dx else 1 - frac[..., 0]))
+                out += f * ft3d[base[..., 2] + dz + off, base[..., 1] + dy + off, base[..., 0] + dx]
+    out = np.where(neg, np.conj(out), out)
+    return np.where(inside[None, :], out, 0)
+
+
+def neighbouring_rotations(rng: np.random.Generator, n: int, step_deg: float = 1.0) -> np.ndarray:
+    """n rotations in a chain, each a random step_deg-sized turn of the last (a local search's order)."""
+    out = [random_rotations(rng, 1)[0]]
+    for _ in range(n - 1):
+        axis = rng.standard_normal(3)
+        axis /= np.linalg.norm(axis)
+        a = np.radians(step_deg)
+        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        out.append((np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k) @ out[-1])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("order", ["neighbours", "random"])
+def test_kernels_match_definition_across_tiles(order):
+    """Both kernels cut the work into tiles of rotations x pixels (kernels._TILE_ROT x _TILE_PIX for neighbouring
+    rotations, 1 x 1024 otherwise): 300 rotations and 70 pixels span several tiles with ragged ends, on one and two
+    threads (two z-slabs for the insertion)."""
+    rng = np.random.default_rng(11)
+    pad, r_max, n_rot, m = 2, 7.0, 2 * kernels._TILE_ROT + 44, 2 * kernels._TILE_PIX + 6
+    rotations = neighbouring_rotations(rng, n_rot) if order == "neighbours" else random_rotations(rng, n_rot)
+    assert kernels._tile_shape(rotations) == ((kernels._TILE_ROT, kernels._TILE_PIX) if order == "neighbours"
+                                              else (1, 1024))
+    kx = rng.uniform(-7, 7, m).astype(np.float32)
+    ky = rng.uniform(-7, 7, m).astype(np.float32)
+    shape = kernels.half_cube_shape(14)
+    ft3d = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    values = (rng.standard_normal((n_rot, m)) + 1j * rng.standard_normal((n_rot, m))).astype(np.complex64)
+    weights = rng.uniform(0.1, 2, (n_rot, m)).astype(np.float32)
+    expected_p = reference_sample(ft3d.astype(np.complex128), rotations, kx, ky, pad, r_max)
+    expected_d = np.zeros(shape, np.complex128)
+    expected_w = np.zeros(shape)
+    for i in range(n_rot):
+        d, w = reference_splat(shape, rotations[i], kx, ky, values[i], weights[i], pad, r_max)
+        expected_d += d
+        expected_w += w
+    threads = numba.get_num_threads()
+    try:
+        for nt in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(nt)
+            np.testing.assert_allclose(kernels.project_points(ft3d, rotations, kx, ky, pad, r_max), expected_p,
+                                       atol=2e-5)
+            data = np.zeros(shape, np.complex64)
+            weight = np.zeros(shape, np.float32)
+            kernels.backproject_points(data, weight, rotations, kx, ky, values, weights, pad, r_max)
+            np.testing.assert_allclose(data, expected_d, atol=2e-4)
+            np.testing.assert_allclose(weight, expected_w, atol=2e-4)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def test_two_threads_equal_one_thread_on_many_slices(small_map):
     n = 32
     rotations = random_rotations(np.random.default_rng(4), 300)
