@@ -168,6 +168,9 @@ def test_available_and_resident_bytes_read_proc(tmp_path):
     assert memory.available_bytes(str(f)) == 2000000 * 1024
     assert memory.available_bytes(str(tmp_path / "missing")) is None
     assert memory.budget_bytes(1.5) == int(1.5 * memory.GIB)
+    # the peak so far (getrusage, kB on Linux) is at least the resident memory now (VmRSS), in the same unit
+    rss = memory.resident_bytes()
+    assert rss is None or rss <= memory.peak_bytes() < 4 * rss
 
 
 def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_path, monkeypatch):
@@ -202,3 +205,8 @@ def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_p
     assert len(lines) == 2 and all("WARNING: above the budget of 0.01 GiB" in ln and "going on" in ln for ln in lines)
     assert "lowered --batch_size 64 -> 1" in lines[1]
     assert batch_args[-2:] == [1, 1] and sizes[-1] == 1      # both halves of iteration 2
+    # after every iteration, the measured peak so far (this process: pytest with the run in it)
+    import re
+    peaks = [float(x) for x in re.findall(r" Memory: measured peak ([\d.]+) GiB so far",
+                                          (tmp_path / "Refine3D" / "run.out").read_text())]
+    assert len(peaks) == 2 and peaks[0] <= peaks[1] and 0.1 < peaks[1] <= memory.peak_bytes() / memory.GIB + 0.01

@@ -20,7 +20,6 @@ import argparse
 import math
 import re
 import shlex
-import sys
 from pathlib import Path
 
 from cryorefine.errors import InputError, require
@@ -289,9 +288,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
 
 def peak_memory_gib() -> float:
     """Peak resident memory of this process (GiB)."""
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2 ** 20 if sys.platform != "darwin" else kib / 2 ** 30
+    from cryorefine.refine.memory import GIB, peak_bytes    # imported late: it loads numba, --help need not
+    return peak_bytes() / GIB
 
 
 def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:

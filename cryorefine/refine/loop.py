@@ -46,9 +46,7 @@ def run_refinement(state: RunState) -> RunState:
         t0 = time.time()
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
-        peak = memory.resident_bytes("VmHWM")
-        if peak is not None:
-            state.log.line(f" Memory: measured peak {peak / memory.GIB:.2f} GiB so far")
+        state.log.line(f" Memory: measured peak {memory.peak_bytes() / memory.GIB:.2f} GiB so far")
         if state.reducer.is_leader:
             report.maybe_refresh(opts.fn_out, state.log.line)
         note = state.backend.memory_note()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+import resource
+import sys
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -380,10 +382,20 @@ def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
 
 
 def resident_bytes(key: str = "VmRSS") -> int | None:
-    """This process's resident memory (VmRSS) or its peak (VmHWM) in bytes, or None off Linux."""
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM) in bytes, or None off Linux."""
     try:
         with open("/proc/self/status") as fh:
             m = re.search(rf"^{key}:\s+(\d+)\s*kB", fh.read(), re.M)
     except OSError:
         return None
     return int(m.group(1)) * 1024 if m else None
+
+
+def peak_bytes() -> int:
+    """Peak resident memory of this process so far (bytes): VmHWM, else getrusage's maximum RSS (which can lag
+    VmHWM by a few hundred kB on Linux)."""
+    peak = resident_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024      # kB on Linux, bytes on macOS
