@@ -55,3 +55,103 @@ def test_chance_correlations_of_low_shells_are_not_information():
     noise = np.r_[1, 1, 1, 1, 1, 0.26, 0.22, 0.15, -0.17, np.zeros(24)]
     assert reference_limit(4.0, noise, thr, 4.0) == 4.0
     assert thr[20] == 0.143 and thr[1] == 0.9
+
+
+def _smooth_noise_ft(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Half-complex transform of white noise times a Gaussian envelope of 3 px: voxels correlated over ~n/20 shells,
+    as a back-projection of broad posteriors makes them."""
+    from cryorefine.fourier.transforms import rfftn_centered
+    z, y, x = np.mgrid[:n, :n, :n] - n // 2
+    envelope = np.exp(-(x * x + y * y + z * z) / (2 * 3.0 ** 2))
+    return rfftn_centered(rng.normal(size=(n, n, n)) * envelope)
+
+
+def test_null_sigma_measures_the_spread_of_maps_with_correlated_voxels():
+    """Independent maps whose neighbouring voxels are correlated: the FSC's spread over 60 pairs is 3-5 times
+    1/√n, and fsc_null_sigma of single pairs finds it (within 35 %, the mean of 12)."""
+    from cryorefine.fourier.fsc import fsc_ft, fsc_null_sigma
+    rng = np.random.default_rng(5)
+    n = 32
+    pairs = [(_smooth_noise_ft(rng, n), _smooth_noise_ft(rng, n)) for _ in range(60)]
+    spread = np.sqrt(np.mean([fsc_ft(a, b) ** 2 for a, b in pairs], axis=0))
+    null = np.mean([fsc_null_sigma(a, b, n / 2) for a, b in pairs[:12]], axis=0)
+    shells = slice(3, 14)
+    assert np.all(spread[shells] > 2.5 * fsc_sigma(n)[shells])          # 1/√n would be far too optimistic
+    np.testing.assert_allclose(null[shells], spread[shells], rtol=0.35)
+
+
+def test_null_sigma_of_symmetrised_halves_and_common_signal():
+    """Halves symmetrised with C4 (as the M-step symmetrises) sharing a strong map: the common map cancels in the
+    half difference, and a 90° turn about z, which maps each symmetrised half onto itself, must not count as a
+    draw; so the spread stays at the level of independent voxels of a C4 map."""
+    from cryorefine.fourier.fsc import fsc_ft, fsc_null_sigma
+    from cryorefine.fourier.transforms import rfftn_centered
+    rng = np.random.default_rng(6)
+    n = 32
+    c4 = lambda v: sum(np.rot90(v, k, axes=(1, 2)) for k in range(4))    # noqa: E731  C4 about z, centre n//2
+    common = 10 * rng.normal(size=(n, n, n))
+    half1 = rfftn_centered(c4(common + rng.normal(size=(n, n, n))))
+    half2 = rfftn_centered(c4(common + rng.normal(size=(n, n, n))))
+    assert fsc_ft(half1, half2)[4:15].min() > 0.95
+    null = fsc_null_sigma(half1, half2, n / 2)
+    assert np.all(null[4:15] < 2.0 * fsc_sigma(n, 4)[4:15])
+    assert np.all(null[n // 2 + 1:] == 0) and null.shape == (n // 2 + 1,)
+
+
+def test_threshold_takes_the_larger_spread():
+    sigma = fsc_sigma(64, 4)
+    null = np.zeros_like(sigma)
+    null[6] = 0.2
+    thr = information_threshold(sigma, null)
+    assert thr[6] == 3 * 0.2 and thr[7] == information_threshold(sigma)[7]
+    assert np.array_equal(information_threshold(sigma, None), information_threshold(sigma))
+
+
+def test_noise_fsc_within_its_measured_spread_keeps_the_limit():
+    """Pure noise (D2, box 64, broad posteriors; `noise` set, seed 2, iteration 2): FSC 0.72, 0.71, 0.45 at shells
+    5-7 passes the 1/√n threshold but not the measured spread (0.51, 0.36, 0.26)."""
+    sigma = fsc_sigma(64, 4)
+    fsc = np.r_[1, 1, 1, 1, 0.99, 0.72, 0.71, 0.45, 0.36, -0.05, np.zeros(23)]
+    null = np.r_[1, 0.61, 0.61, 0.54, 0.42, 0.51, 0.36, 0.26, 0.24, 0.13, np.zeros(23)]
+    assert reference_limit(4.0, fsc, information_threshold(sigma), 4.0) > 4.0
+    assert reference_limit(4.0, fsc, information_threshold(sigma, null), 4.0) == 4.0
+
+
+def test_first_chance_shell_finds_fsc_within_three_sigma():
+    from cryorefine.refine.counters import chance_sigma, first_chance_shell
+    fsc = np.r_[1, 1, 1, 1, 1, 0.8, 0.7, 0.6, 0.1, np.zeros(24)]
+    sigma = np.full(33, 0.05)
+    assert first_chance_shell(fsc, sigma, 5, 7) is None                  # 0.6 > max(0.143, 0.15)
+    assert first_chance_shell(fsc, sigma, 5, 12) == 8
+    wide = chance_sigma(sigma, np.r_[np.zeros(6), 0.25, np.zeros(26)])   # shell 6 measured at 0.25: 0.7 < 0.75
+    assert first_chance_shell(fsc, wide, 5, 7) == 6
+    assert first_chance_shell(fsc, sigma, 40, 50) is None
+
+
+def test_null_sigma_against_brute_force_on_a_tiny_grid():
+    """Every draw by explicit loops over the stored voxels, with d(Mk) read from the full complex transform."""
+    from cryorefine.fourier.fsc import NULL_ROTATIONS, fsc_null_sigma
+    from cryorefine.fourier.transforms import rfftn_centered
+    rng = np.random.default_rng(8)
+    n, r_max = 8, 3.6
+    v1, v2 = rng.normal(size=(2, n, n, n))
+    full = np.fft.fftn(np.fft.ifftshift(v1 - v2), norm="forward")
+    freq = lambda i: i - n if i >= n // 2 and i != n // 2 else i      # noqa: E731  fft order, +n/2 kept
+    draws = []
+    for rot in NULL_ROTATIONS:
+        num, den = np.zeros(n // 2 + 1), np.zeros(n // 2 + 1)
+        for iz in range(n):
+            for iy in range(n):
+                for ix in range(n // 2 + 1):
+                    kvec = np.array([ix, freq(iy), freq(iz)])
+                    r = np.sqrt((kvec ** 2).sum())
+                    if r > r_max:
+                        continue
+                    mx, my, mz = -(rot @ kvec)
+                    a, b = full[iz, iy, ix], full[mz % n, my % n, mx % n]
+                    num[int(round(r))] += (a * np.conj(b)).real
+                    den[int(round(r))] += abs(a) ** 2
+        draws.append(np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+    want = np.sqrt(np.mean(np.square(draws), axis=0))
+    got = fsc_null_sigma(rfftn_centered(v1), rfftn_centered(v2), r_max)
+    np.testing.assert_allclose(got, want, atol=2e-6)

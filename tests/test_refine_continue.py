@@ -213,3 +213,15 @@ def test_absent_noise_shells_are_filled_from_the_shell_below(uninterrupted, star
     assert _close(got[keep], want[keep], rtol=1e-6, atol=0)
     assert got[0] == got[1] and np.all(got[5:8] == got[4])
     assert _close(run.models[1].sigma2[0], after2["models"][1].sigma2[0], rtol=1e-6, atol=0)
+
+
+def test_null_sigma_vector_round_trip_and_errors(tmp_path):
+    from cryorefine.errors import InputError
+    from cryorefine.io.star import format_star_vector
+    from cryorefine.refine.restart import FSC_NULL_SIGMA_LABEL, _shell_vector
+    v = np.array([1.0, 0.6071071, 0.0, 1.5e-7])
+    block = {FSC_NULL_SIGMA_LABEL: format_star_vector(v)}
+    np.testing.assert_array_equal(_shell_vector(block, FSC_NULL_SIGMA_LABEL, tmp_path), v)
+    for bad in ("0.1,0.2", "[0.1,abc]", "[]", "[nan,1]"):
+        with pytest.raises(InputError, match="run_it001_optimiser.star: _cryorefineFscNullSigma"):
+            _shell_vector({FSC_NULL_SIGMA_LABEL: bad}, FSC_NULL_SIGMA_LABEL, tmp_path / "run_it001_optimiser.star")

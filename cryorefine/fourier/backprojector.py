@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from cryorefine.errors import check
 from cryorefine.fourier import kernels
 from cryorefine.fourier.filters import soft_mask_outside_map
-from cryorefine.fourier.fsc import shell_correlation
+from cryorefine.fourier.fsc import fsc_null_sigma, shell_correlation
 from cryorefine.fourier.projector import gridding_sinc2
 from cryorefine.fourier.transforms import freq_radius
 
@@ -184,15 +184,23 @@ def downsampled_average(bp: BackProjector) -> NDArray[np.complex128]:
 
 def fsc_halves(bp1: BackProjector, bp2: BackProjector) -> NDArray[np.float64]:
     """Unmasked FSC of the down-sampled averages per shell round|κ| = 0..N/2; FSC(0)=1, 0 beyond r_max (§4.3)."""
+    return fsc_halves_and_null_sigma(bp1, bp2, null=False)[0]
+
+
+def fsc_halves_and_null_sigma(bp1: BackProjector, bp2: BackProjector,
+                              null: bool = True) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+    """fsc_halves and, from the same down-sampled averages, the FSC's spread without common signal per shell
+    (fsc.fsc_null_sigma; None when `null` is False)."""
     _check_same(bp1, bp2)
     n = bp1.ori_size
     a1 = downsampled_average(bp1)
     a2 = downsampled_average(bp2)
     rad = freq_radius((n, n, n))
-    sel = rad <= min(bp1.r_max, bp2.r_max)
+    r_max = min(bp1.r_max, bp2.r_max)
+    sel = rad <= r_max
     fsc = shell_correlation(a1[sel], a2[sel], relion_round(rad[sel]), n // 2 + 1)
     fsc[0] = 1.0
-    return fsc
+    return fsc, (fsc_null_sigma(a1, a2, r_max) if null else None)
 
 
 @njit(cache=True)

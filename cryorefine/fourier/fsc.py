@@ -9,7 +9,7 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
-from cryorefine.fourier.transforms import shell_index, shell_index_3d
+from cryorefine.fourier.transforms import freq_radius, rfft_freqs_3d, shell_index, shell_index_3d
 
 
 def shell_correlation(a: NDArray, b: NDArray, shell: NDArray[np.int64], n_shells: int) -> NDArray[np.float64]:
@@ -92,6 +92,58 @@ def fsc_sigma(box: int, n_sym: int = 1) -> NDArray[np.float64]:
     nb = box // 2 + 1
     counts = 2 * np.bincount(shell_index_3d(box).ravel(), minlength=nb)[:nb]
     return 1.0 / np.sqrt(np.maximum(counts / max(n_sym, 1), 1.0))
+
+
+def _null_rotations() -> NDArray[np.int64]:
+    """The 14 proper rotations of the cube of order 3 or 4 (R² ≠ I), as signed permutation matrices (14, 3, 3)."""
+    import itertools
+    mats = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            m = np.zeros((3, 3), np.int64)
+            m[range(3), perm] = signs
+            if round(np.linalg.det(m)) == 1 and not np.array_equal(m @ m, np.eye(3, dtype=np.int64)):
+                mats.append(m)
+    return np.array(mats)
+
+
+NULL_ROTATIONS = _null_rotations()
+
+
+def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float) -> NDArray[np.float64]:
+    """Per shell 0..N/2, the spread of the FSC of two maps with no common signal and the voxel-to-voxel
+    correlations of these half maps: with d = a1 − a2 (half-complex N-grids, rfftn layout, x last), the RMS over
+    the improper operations M = −R, R in NULL_ROTATIONS, of the shell correlation of d(k) with d(Mk); 0 beyond r_max.
+
+    d holds no common signal by construction. M maps Fourier pixels to pixels of the same shell exactly and keeps
+    neighbours neighbours, so each draw keeps the correlations that broad posteriors (an image smeared over
+    neighbouring voxels) and masks give; as M is improper it is in no point group, so a symmetrised d does not
+    match itself; as M² ≠ I no voxel pair is counted twice. 1/√n (fsc_sigma) underestimates this spread when
+    voxels are not independent.
+    """
+    n = a1.shape[0]
+    nb = n // 2 + 1
+    rad = freq_radius(a1.shape[:2] + (n,))
+    sel = rad <= r_max
+    shell = np.rint(rad[sel]).astype(np.int64)
+    k = np.stack([g[sel] for g in rfft_freqs_3d(n)[::-1]])          # (kx, ky, kz) of the selected voxels
+    diff = (np.asarray(a1, np.complex128) - a2).astype(np.complex64)
+    v1 = diff[sel]
+    flat = diff.ravel()
+    # M preserves every shell, so Σ|d(Mk)|² per shell is Σ|d|²
+    den = np.bincount(shell, np.abs(v1) ** 2, minlength=nb)
+    total = np.zeros(nb)
+    for rot in NULL_ROTATIONS:
+        axis, sign = np.nonzero(rot)[1], rot[np.nonzero(rot)]           # (Mk)_i = −sign_i · k_axis(i)
+        qx, qy, qz = (-sign[i] * k[axis[i]] for i in range(3))
+        flip = qx < 0                                                    # stored at −q, conjugated
+        qx, qy, qz = np.where(flip, -qx, qx), np.where(flip, -qy, qy), np.where(flip, -qz, qz)
+        v2 = flat[((qz % n) * n + qy % n) * nb + qx]
+        num = np.bincount(shell, np.where(flip, (v1 * v2).real, (v1 * v2.conj()).real), minlength=nb)
+        f = np.zeros(nb)
+        np.divide(num, den, out=f, where=den > 0)
+        total += f * f
+    return np.sqrt(total / len(NULL_ROTATIONS))
 
 
 def first_shell_below(fsc_curve: NDArray, threshold: float) -> int:

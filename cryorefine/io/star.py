@@ -546,6 +546,11 @@ ABERRATION_LABELS = ("rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike", "rlnEvenZe
                      "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
 
+def format_star_vector(values) -> str:
+    """A vector as one STAR value '[c0,c1,...]' (MetaDataTable's format, 12 significant digits)."""
+    return "[" + ",".join(f"{float(v):.12g}" for v in values) + "]"
+
+
 def parse_star_vector(value, where: str) -> tuple[float, ...]:
     """A RELION vector value '[c0,c1,...]' (MetaDataTable's format; spaces allowed) as a tuple of floats."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):

@@ -53,10 +53,29 @@ LEAK_SHELLS = 3
 SIGNIFICANT_FSC = 0.9     # in shells of fewer than ~11 independent voxels 3σ exceeds this; real data still reach it
 
 
-def information_threshold(sigma: NDArray[np.float64]) -> NDArray[np.float64]:
+def information_threshold(sigma: NDArray[np.float64],
+                          null_sigma: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
     """Per shell, the half-map FSC that shows information: 0.143, and significantly above chance (3σ, van Heel &
-    Schatz 2005) where shells hold few independent voxels (low resolution, high symmetry); 3σ capped at 0.9."""
-    return np.maximum(0.143, np.minimum(3.0 * sigma, SIGNIFICANT_FSC))
+    Schatz 2005) where shells hold few independent voxels (low resolution, high symmetry) or their voxels are not
+    independent (`null_sigma`, the measured spread, fsc.fsc_null_sigma); 3σ capped at 0.9."""
+    return np.maximum(0.143, np.minimum(3.0 * chance_sigma(sigma, null_sigma), SIGNIFICANT_FSC))
+
+
+def chance_sigma(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | None) -> NDArray[np.float64]:
+    """Per shell, the larger of 1/√n (`sigma`, fsc.fsc_sigma) and the spread measured on the half maps."""
+    if null_sigma is None:
+        return np.asarray(sigma, np.float64)
+    m = min(len(sigma), len(null_sigma))
+    return np.concatenate([np.maximum(sigma[:m], null_sigma[:m]), sigma[m:]])
+
+
+def first_chance_shell(fsc: NDArray, sigma: NDArray, start: int, stop: int) -> int | None:
+    """First shell in [start, stop] whose FSC is within 3σ of chance (below max(0.143, 3σ)), or None."""
+    thr = np.maximum(0.143, 3.0 * np.asarray(sigma, np.float64))
+    for s in range(max(start, 1), min(stop, len(fsc) - 1, len(thr) - 1) + 1):
+        if fsc[s] < thr[s]:
+            return s
+    return None
 
 
 def reference_limit(previous: float, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> float:
@@ -96,13 +115,13 @@ def with_accuracy(c: Counters, acc_rot: float, acc_trans: float) -> Counters:
     return replace(c, acc_rot=acc_rot, acc_trans=acc_trans)
 
 
-def with_fsc(c: Counters, fsc: NDArray[np.float64]) -> Counters:
-    """Store the half-map FSC; incr_size ← max(incr_size, s_0.143 − s_0.5 + 5); latch has_high_fsc_at_limit
-    when FSC(C/2−1) > 0.2."""
+def with_fsc(c: Counters, fsc: NDArray[np.float64], null_sigma: NDArray[np.float64] | None = None) -> Counters:
+    """Store the half-map FSC and its spread without common signal; incr_size ← max(incr_size, s_0.143 − s_0.5 + 5);
+    latch has_high_fsc_at_limit when FSC(C/2−1) > 0.2."""
     incr = max(c.incr_size, first_shell_below(fsc, 0.143) - first_shell_below(fsc, 0.5) + 5)
     edge = c.current_size // 2 - 1
     high = c.has_high_fsc_at_limit or bool(0 < edge < len(fsc) and fsc[edge] > 0.2)
-    return replace(c, fsc=fsc, incr_size=incr, has_high_fsc_at_limit=high)
+    return replace(c, fsc=fsc, fsc_null_sigma=null_sigma, incr_size=incr, has_high_fsc_at_limit=high)
 
 
 def with_sampling_decision(c: Counters, decision) -> Counters:

@@ -83,8 +83,8 @@ def iterate_once(state: RunState, it: int) -> RunState:
     new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
     state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
     raw = [copy.deepcopy(a.bp) for a in accs] if final else None
-    fsc = gold_standard_fsc(state, accs)
-    state = replace(state, counters=cnt.with_fsc(state.counters, fsc))
+    fsc, null_sigma = gold_standard_fsc(state, accs)
+    state = replace(state, counters=cnt.with_fsc(state.counters, fsc, null_sigma))
     state = maximization(state, accs, fsc, final, cc, raw)
     state = with_pose_changes(state, new_poses)
     if state.reducer.is_leader:
@@ -124,7 +124,7 @@ def references(state: RunState, it: int) -> tuple[RunState, list, float]:
     rmax = c.current_size / 2
     low_passed = c.fsc is None or (opts.firstiter_cc and it <= 2)
     ini_edge = float(math.floor(state.box * state.angpix / opts.ini_high + 1)) if opts.ini_high > 0 else state.box // 2
-    threshold = cnt.information_threshold(fsc_sigma(state.box, len(state.sym_mats)))
+    threshold = cnt.information_threshold(fsc_sigma(state.box, len(state.sym_mats)), c.fsc_null_sigma)
     c = cnt.with_reference_limit(c, None if low_passed else c.fsc, threshold, ini_edge)
     r_ref = c.reference_limit
     projectors = [state.backend.make_projector(m.volume, pad=opts.pad, r_max=min(rmax, r_ref)) for m in state.models]
@@ -214,14 +214,22 @@ def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float, 
     return new_poses, accs
 
 
-def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> np.ndarray:
-    """Join the halves below --low_resol_join_halves (or the current resolution), then their FSC (§4.3)."""
-    opts, c = state.opts, state.counters
-    if opts.low_resol_join_halves > 0:
-        res_j = max(opts.low_resol_join_halves, 1.0 / c.current_resolution)
-        bpm.join_low_resolution(accs[0].bp, accs[1].bp, math.ceil(state.box * state.angpix / res_j))
+def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> tuple[np.ndarray, np.ndarray]:
+    """Join the halves below --low_resol_join_halves (or the current resolution), then their FSC (§4.3) and its
+    spread without common signal (for the references' information limit)."""
+    if state.opts.low_resol_join_halves > 0:
+        bpm.join_low_resolution(accs[0].bp, accs[1].bp, join_shell(state))
     state.log.line(" Calculating gold-standard FSC ...")
-    return bpm.fsc_halves(accs[0].bp, accs[1].bp)
+    return bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp)
+
+
+def join_shell(state: RunState) -> int:
+    """Shell up to which the halves are averaged (§4.2): N·p / max(--low_resol_join_halves, current resolution),
+    rounded up; 0 without a join."""
+    opts, c = state.opts, state.counters
+    if opts.low_resol_join_halves <= 0:
+        return 0
+    return math.ceil(state.box * state.angpix / max(opts.low_resol_join_halves, 1.0 / c.current_resolution))
 
 
 def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, final: bool, cc: bool,
@@ -250,6 +258,7 @@ def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, 
                                    keep_ini_high=cc)
     if final:
         warn_if_accuracy_limits(state, counters)
+        warn_if_not_significant(state, counters)
     return replace(state, models=tuple(models), counters=counters, unfiltered=unfiltered)
 
 
@@ -260,6 +269,21 @@ def warn_if_accuracy_limits(state: RunState, c) -> None:
         state.log.auto(f"WARNING: the estimated alignment accuracy ({c.acc_rot:g} degrees, {c.acc_trans:g} "
                        f"Angstroms) would resolve about {limit:.2f} A, worse than the gold-standard FSC's "
                        f"{1.0 / c.current_resolution:.2f} A; check the FSC curve and the half maps.")
+
+
+def warn_if_not_significant(state: RunState, c) -> None:
+    """A warning (never a replaced number) when the FSC between the join and the reported resolution falls within
+    3σ of chance, σ the larger of 1/√n and the spread measured on the half maps (fsc.fsc_null_sigma)."""
+    if c.fsc is None:
+        return
+    sigma = cnt.chance_sigma(fsc_sigma(state.box, len(state.sym_mats)), c.fsc_null_sigma)
+    size_a = state.box * state.angpix
+    s = cnt.first_chance_shell(c.fsc, sigma, join_shell(state) + 1, int(round(c.current_resolution * size_a)))
+    if s is not None:
+        state.log.auto(f"WARNING: the gold-standard FSC at {size_a / s:.2f} A (shell {s}) is {c.fsc[s]:.3f}, within "
+                       f"3 sigma of chance (sigma {sigma[s]:.3f}: 1/sqrt(n) or the spread measured on the half "
+                       f"maps), though the reported resolution is {1.0 / c.current_resolution:.2f} A: the FSC there "
+                       f"may be noise; check the curve and the half maps.")
 
 
 def with_pose_changes(state: RunState, new_poses) -> RunState:

@@ -11,9 +11,9 @@ import pandas as pd
 from cryorefine import __version__
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.io.mrc import write_map
-from cryorefine.io.star import write_particles, write_star
+from cryorefine.io.star import format_star_vector, write_particles, write_star
 from cryorefine.refine.orientations import make_grid
-from cryorefine.refine.restart import FINE_ENOUGH_LABEL, REFERENCE_LIMIT_LABEL
+from cryorefine.refine.restart import FINE_ENOUGH_LABEL, FSC_NULL_SIGMA_LABEL, REFERENCE_LIMIT_LABEL
 from cryorefine.report.bild import angdist_bild
 
 RELION_VERSION_TAG = "50001"
@@ -138,7 +138,7 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         FINE_ENOUGH_LABEL: int(c.has_fine_enough_angular_sampling),
         # not a RELION label: the shell the references were projected to (counters.reference_limit)
         REFERENCE_LIMIT_LABEL: c.reference_limit,
-    }
+    } | ({FSC_NULL_SIGMA_LABEL: format_star_vector(c.fsc_null_sigma)} if c.fsc_null_sigma is not None else {})
 
 
 def sampling_blocks(run) -> dict:

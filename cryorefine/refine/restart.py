@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from cryorefine.errors import InputError, require
 from cryorefine.fourier.fsc import first_shell_below
 from cryorefine.io.mrc import read_map
-from cryorefine.io.star import read_particles, read_star
+from cryorefine.io.star import parse_star_vector, read_particles, read_star
 from cryorefine.geometry.sampling import n_directions
 from cryorefine.refine.mstep import fill_small
 from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, SamplingState
@@ -28,6 +28,7 @@ OPTIMISER_SUFFIX = "_optimiser.star"
 # cryorefine-only optimiser label (RELION recomputes this flag instead of storing it)
 FINE_ENOUGH_LABEL = "cryorefineHasFineEnoughAngularSampling"
 REFERENCE_LIMIT_LABEL = "cryorefineReferenceLimit"
+FSC_NULL_SIGMA_LABEL = "cryorefineFscNullSigma"
 
 
 def iteration_rng(seed: int, iteration: int) -> np.random.Generator:
@@ -63,6 +64,14 @@ def _block(blocks: dict, name: str, path: Path, loop: bool):
     require(isinstance(b, pd.DataFrame) if loop else isinstance(b, dict),
             f"{path}: data_{name} should be a {'loop' if loop else 'list of labels'}")
     return b
+
+
+def _shell_vector(block: dict, label: str, path: Path) -> NDArray[np.float64]:
+    """A per-shell vector value '[v0,v1,...]'; InputError naming the file and label unless it holds finite numbers."""
+    out = np.array(parse_star_vector(block[label], f"{path}: _{label}"), dtype=np.float64)
+    require(out.size > 0 and np.all(np.isfinite(out)), f"{path}: _{label} should hold finite numbers, got "
+                                                       f"{block[label]!r}")
+    return out
 
 
 def _value(block: dict, label: str, path: Path, kind=float, default=None):
@@ -286,6 +295,9 @@ def read_counters(opt: dict, path: Path, model_general: dict, model_path: Path, 
         has_fine_enough_angular_sampling=_value(opt, FINE_ENOUGH_LABEL, path, bool, default=False),
         has_converged=v("rlnHasConverged", bool),
         fsc=fsc,
+        # absent (older files): the reference limit's threshold falls back to 1/sqrt(n) for one iteration
+        fsc_null_sigma=(_shell_vector(opt, FSC_NULL_SIGMA_LABEL, path)
+                        if FSC_NULL_SIGMA_LABEL in opt and fsc is not None else None),
         # absent (older files): the first shell below 0.143, what the references were then projected to
         reference_limit=_value(opt, REFERENCE_LIMIT_LABEL, path, float,
                                default=float(min(box // 2, first_shell_below(fsc, 0.143))) if fsc is not None else 0.0))

@@ -119,6 +119,7 @@ class Counters:
     has_fine_enough_angular_sampling: bool = False
     has_converged: bool = False
     fsc: NDArray[np.float64] | None = None
+    fsc_null_sigma: NDArray[np.float64] | None = None   # the FSC's spread without common signal (fsc.fsc_null_sigma)
     reference_limit: float = 0.0        # shells (px of the model box) the references are projected to
     sampling_note: str = ""
 
