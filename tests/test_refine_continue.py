@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ def _snapshot(run) -> dict:
     """Deep copy of the state restore() must give back."""
     return {"models": copy.deepcopy(run.models), "sampling": copy.deepcopy(run.sampling),
             "counters": copy.deepcopy(run.counters), "poses": run.poses.copy(),
-            "subset": run.data.subset.copy(), "seed": run.opts.random_seed}
+            "subset": run.data.subset.copy(), "seed": run.opts.random_seed, "estep_stats": run.estep_stats}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,8 @@ def _check_state(run, want: dict) -> None:
         assert _close(getattr(p, name), getattr(w, name)), f"poses.{name}"
     assert np.array_equal(p.nr_significant, w.nr_significant)
     assert np.array_equal(run.data.subset, want["subset"])
+    a, b = run.estep_stats, want["estep_stats"]     # the memory plan's counts of the last E-step
+    assert (a is None) == (b is None) and (b is None or _close(astuple(a), astuple(b))), "estep_stats"
 
 
 @pytest.mark.parametrize("iteration", [1, 2])

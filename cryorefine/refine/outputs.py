@@ -13,7 +13,7 @@ from cryorefine.geometry.sampling import angular_step
 from cryorefine.io.mrc import write_map
 from cryorefine.io.star import format_star_vector, write_particles, write_star
 from cryorefine.refine.orientations import make_grid
-from cryorefine.refine.restart import FINE_ENOUGH_LABEL, FSC_NULL_SIGMA_LABEL, REFERENCE_LIMIT_LABEL
+from cryorefine.refine.restart import ESTEP_STATS_LABELS, FINE_ENOUGH_LABEL, FSC_NULL_SIGMA_LABEL, REFERENCE_LIMIT_LABEL
 from cryorefine.report.bild import angdist_bild
 
 RELION_VERSION_TAG = "50001"
@@ -112,7 +112,7 @@ def model_blocks(run, half: int | None, map_name: str) -> dict:
 def optimiser_block(run, root: str, it: int, final: bool) -> dict:
     """`data_optimiser_general` (spec §10.4), with everything --continue needs."""
     o, c = run.opts, run.counters
-    return {
+    general = {
         "rlnOutputRootName": o.fn_out, "rlnModelStarFile": f"{root}_half1_model.star" if not final else f"{root}_model.star",
         "rlnModelStarFile2": f"{root}_half2_model.star" if not final else f"{root}_model.star",
         "rlnExperimentalDataStarFile": f"{root}_data.star", "rlnOrientSamplingStarFile": f"{root}_sampling.star",
@@ -138,7 +138,14 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         FINE_ENOUGH_LABEL: int(c.has_fine_enough_angular_sampling),
         # not a RELION label: the shell the references were projected to (counters.reference_limit)
         REFERENCE_LIMIT_LABEL: c.reference_limit,
-    } | ({FSC_NULL_SIGMA_LABEL: format_star_vector(c.fsc_null_sigma)} if c.fsc_null_sigma is not None else {})
+    }
+    # not RELION labels: the FSC's measured chance spread (the references' information limit) and the last E-step's
+    # counts (the memory plan), which a continued run needs to go on as the uninterrupted one
+    if c.fsc_null_sigma is not None:
+        general[FSC_NULL_SIGMA_LABEL] = format_star_vector(c.fsc_null_sigma)
+    if run.estep_stats is not None:
+        general |= {label: getattr(run.estep_stats, f) for f, label in ESTEP_STATS_LABELS.items()}
+    return general
 
 
 def sampling_blocks(run) -> dict:

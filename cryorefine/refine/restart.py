@@ -21,6 +21,7 @@ from cryorefine.fourier.fsc import first_shell_below
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import parse_star_vector, read_particles, read_star
 from cryorefine.geometry.sampling import n_directions
+from cryorefine.refine.memory import EStepStats
 from cryorefine.refine.mstep import fill_small
 from cryorefine.refine.state import Counters, HalfModel, Poses, RefineOptions, SamplingState
 
@@ -29,6 +30,11 @@ OPTIMISER_SUFFIX = "_optimiser.star"
 FINE_ENOUGH_LABEL = "cryorefineHasFineEnoughAngularSampling"
 REFERENCE_LIMIT_LABEL = "cryorefineReferenceLimit"
 FSC_NULL_SIGMA_LABEL = "cryorefineFscNullSigma"
+# what the last E-step counted per particle (refine.memory.EStepStats), so a continued run plans its memory as the
+# uninterrupted one would instead of for every sample significant
+ESTEP_STATS_LABELS = {"blocks": "cryorefineEStepSignificantPerParticle",
+                      "fine_rows": "cryorefineEStepFineRowsPerParticle",
+                      "columns": "cryorefineEStepColumnsPerParticle"}
 
 
 def iteration_rng(seed: int, iteration: int) -> np.random.Generator:
@@ -314,6 +320,7 @@ class Restored:
     models: tuple[HalfModel, HalfModel]
     sampling: SamplingState
     counters: Counters
+    estep_stats: EStepStats | None = None
 
 
 def restore(optimiser_star: str, data, box: int, angpix: float, opts: RefineOptions, log) -> Restored:
@@ -363,4 +370,6 @@ def restore(optimiser_star: str, data, box: int, angpix: float, opts: RefineOpti
     if FINE_ENOUGH_LABEL not in opt:
         log.line(f" Note: {opt_path.name} does not record whether the angular sampling was fine enough; "
                  f"convergence is re-checked from the next sampling update")
-    return Restored(it, seed, subset, poses, models, sampling, counters)
+    stats = (EStepStats(**{f: _value(opt, label, opt_path) for f, label in ESTEP_STATS_LABELS.items()})
+             if all(label in opt for label in ESTEP_STATS_LABELS.values()) else None)
+    return Restored(it, seed, subset, poses, models, sampling, counters, stats)

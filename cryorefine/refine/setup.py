@@ -88,7 +88,7 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
         return RunState(**common | dict(opts=replace(opts, random_seed=r.seed), data=replace(data, subset=r.subset),
                                         models=r.models,
                                         sampling=r.sampling, counters=r.counters, poses=r.poses,
-                                        start_iteration=r.iteration + 1))
+                                        start_iteration=r.iteration + 1, estep_stats=r.estep_stats))
 
     reference = load_reference(opts.fn_ref, box, angpix, log)
     if opts.ini_high > 0:
