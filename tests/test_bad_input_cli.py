@@ -223,7 +223,8 @@ def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
                                            ("--adaptive_fraction", "1.5"), ("--auto_iter_max", "0"),
                                            ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
                                            ("--particle_diameter", "nan"), ("--max_memory", "0"),
-                                           ("--max_memory", "nan")])
+                                           ("--max_memory", "nan"), ("--fsc_sigma_criterion", "-1"),
+                                           ("--fsc_sigma_criterion", "inf")])
 def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
     assert rc == 2 and option in err

@@ -451,6 +451,6 @@ def test_closing_lines_of_a_converged_run_name_cryorefine_postprocess():
     assert "relion_postprocess" not in text and "cryorefine postprocess to mask" in text
     lines = text.splitlines()
     assert lines[-1].startswith(" Next: cryorefine postprocess --i Refine3D/job019/run_half1_class001_unfil.mrc")
-    assert " Iterations: 14 (converged)" in lines and " Reported resolution (gold-standard FSC 0.143, unmasked): 6.25 A" in lines
+    assert " Iterations: 14 (converged)" in lines and " Reported resolution (gold-standard FSC, unmasked): 6.25 A" in lines
     assert any("Wall time: 62.1 min" in ln and "peak memory: 1.50 GiB" in ln for ln in lines)
     assert any("Refine3D/job019/run_class001.mrc" in ln for ln in lines)

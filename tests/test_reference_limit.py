@@ -155,3 +155,21 @@ def test_null_sigma_against_brute_force_on_a_tiny_grid():
     want = np.sqrt(np.mean(np.square(draws), axis=0))
     got = fsc_null_sigma(rfftn_centered(v1), rfftn_centered(v2), r_max)
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_final_resolution_is_cut_where_the_fsc_is_chance():
+    """The `noise` set's seed-1 final FSC and measured spread: 0.143 alone gives shell 7 (22.9 Å); shell 5 is within
+    3σ of chance, so the resolution is shell 4 (40 Å, the join). A curve far above its spread is not cut, and
+    K = 0 is RELION's rule."""
+    from cryorefine.refine.counters import chance_sigma, with_significant_resolution
+    from cryorefine.refine.state import Counters
+    box, apix = 64, 2.5
+    sigma = chance_sigma(fsc_sigma(box, 4), np.r_[0, 0, 0, 0, 0.69, 0.65, 0.39, 0.31, 0.64, np.full(24, 0.3)])
+    noise = Counters(current_resolution=7 / (box * apix), fsc=np.r_[1, 1, 1, 1, 1, 0.49, 0.28, 0.65, -0.3,
+                                                                     np.zeros(24)])
+    cut, s = with_significant_resolution(noise, sigma, 4, box, apix, 3.0)
+    assert s == 5 and cut.current_resolution == 4 / (box * apix)
+    assert with_significant_resolution(noise, sigma, 4, box, apix, 0.0) == (noise, None)
+    data = Counters(current_resolution=24 / (box * apix), fsc=np.r_[np.ones(20), 0.6, 0.4, 0.3, 0.2, 0.16, 0.1,
+                                                                    np.zeros(7)])
+    assert with_significant_resolution(data, fsc_sigma(box, 4), 4, box, apix, 3.0) == (data, None)

@@ -88,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--maxsig", type=int, default=-1,
                    help="at most this many significant coarse samples per particle in pass 1 (RELION --maxsig; "
                         "default -1 = no cap)")
+    s.add_argument("--fsc_sigma_criterion", type=float, default=3.0, metavar="K",
+                   help="the final resolution is the last shell before the gold-standard FSC drops below 0.143 or "
+                        "within K sigma of chance (sigma measured on the half maps; default 3; 0 = 0.143 only, "
+                        "as RELION)")
     s.add_argument("--perturb", type=float, default=0.5)
     s.add_argument("--offset", dest="sigma_offset", type=float, default=10.0, help="initial offset sigma (A)")
     s.add_argument("--auto_iter_max", type=int, default=999)
@@ -262,6 +266,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     require(args.auto_iter_max >= 1, f"--auto_iter_max: must be at least 1 (got {args.auto_iter_max})")
     require(args.maskedge >= 0, f"--maskedge: must be >= 0 px (got {args.maskedge:g})")
     require(args.maxsig == -1 or args.maxsig >= 1, f"--maxsig: must be -1 (no cap) or at least 1 (got {args.maxsig})")
+    require(math.isfinite(args.fsc_sigma_criterion) and args.fsc_sigma_criterion >= 0,
+            f"--fsc_sigma_criterion: must be a number >= 0 (got {args.fsc_sigma_criterion:g})")
     for name, v in (("--ini_high", args.ini_high), ("--particle_diameter", args.particle_diameter),
                     ("--offset_range", args.offset_range), ("--offset_step", args.offset_step),
                     ("--low_resol_join_halves", args.low_resol_join_halves)):
@@ -280,7 +286,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         auto_ignore_angles=args.auto_ignore_angles or args.finer_faster,
         auto_resol_angles=args.auto_resol_angles or args.finer_faster,
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
-        adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
+        adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig,
+        fsc_sigma_criterion=args.fsc_sigma_criterion, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
         batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
         command_line=command_line, gpu=args.gpu)
@@ -302,7 +309,7 @@ def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
     lines = [" ===== Summary =====",
              f" Iterations: {c.iteration} ({'converged' if done else 'not converged'})",
              f" Wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s); peak memory: {peak_gib:.2f} GiB",
-             f" Reported resolution (gold-standard FSC 0.143, unmasked): {res:.2f} A",
+             f" Reported resolution (gold-standard FSC, unmasked): {res:.2f} A",
              f" Maps: {maps}",
              f" Particles and poses: {root}{'' if done else f'_it{c.iteration:03d}'}_data.star; model: "
              f"{root}{'' if done else f'_it{c.iteration:03d}_half1'}_model.star; log: {root}.out"]

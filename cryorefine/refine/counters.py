@@ -69,13 +69,24 @@ def chance_sigma(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | N
     return np.concatenate([np.maximum(sigma[:m], null_sigma[:m]), sigma[m:]])
 
 
-def first_chance_shell(fsc: NDArray, sigma: NDArray, start: int, stop: int) -> int | None:
-    """First shell in [start, stop] whose FSC is within 3σ of chance (below max(0.143, 3σ)), or None."""
-    thr = np.maximum(0.143, 3.0 * np.asarray(sigma, np.float64))
+def first_chance_shell(fsc: NDArray, sigma: NDArray, start: int, stop: int, k: float = 3.0) -> int | None:
+    """First shell in [start, stop] whose FSC is within kσ of chance (below max(0.143, kσ)), or None."""
+    thr = np.maximum(0.143, k * np.asarray(sigma, np.float64))
     for s in range(max(start, 1), min(stop, len(fsc) - 1, len(thr) - 1) + 1):
         if fsc[s] < thr[s]:
             return s
     return None
+
+
+def with_significant_resolution(c: Counters, sigma: NDArray, join: int, box: int, angpix: float,
+                                k: float) -> tuple[Counters, int | None]:
+    """The final resolution, cut to the shell before the first one beyond the join whose FSC is within kσ of
+    chance (first_chance_shell), and that shell (None: nothing cut; k = 0: never)."""
+    reported = int(round(c.current_resolution * box * angpix))
+    s = first_chance_shell(c.fsc, sigma, join + 1, reported, k) if k > 0 and c.fsc is not None else None
+    if s is None:
+        return c, None
+    return replace(c, current_resolution=max(s - 1, 1) / (box * angpix)), s
 
 
 def reference_limit(previous: float, fsc: NDArray | None, threshold: NDArray, ini_edge: float) -> float:

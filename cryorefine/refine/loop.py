@@ -28,7 +28,7 @@ from cryorefine.refine.estep import HalfAccumulator
 from cryorefine.refine.expectation import expectation_half, gather_poses
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
-from cryorefine.refine.state import RunState
+from cryorefine.refine.state import Counters, RunState
 from cryorefine.report import ThrottledReport
 
 
@@ -257,8 +257,8 @@ def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, 
     counters = cnt.with_resolution(state.counters, models[0].ssnr, state.box, state.angpix, opts.ini_high,
                                    keep_ini_high=cc)
     if final:
+        counters = significant_final_resolution(state, counters)
         warn_if_accuracy_limits(state, counters)
-        warn_if_not_significant(state, counters)
     return replace(state, models=tuple(models), counters=counters, unfiltered=unfiltered)
 
 
@@ -271,19 +271,28 @@ def warn_if_accuracy_limits(state: RunState, c) -> None:
                        f"{1.0 / c.current_resolution:.2f} A; check the FSC curve and the half maps.")
 
 
-def warn_if_not_significant(state: RunState, c) -> None:
-    """A warning (never a replaced number) when the FSC between the join and the reported resolution falls within
-    3σ of chance, σ the larger of 1/√n and the spread measured on the half maps (fsc.fsc_null_sigma)."""
-    if c.fsc is None:
-        return
+def significant_final_resolution(state: RunState, c: Counters) -> Counters:
+    """RELION's final resolution (the joined FSC's, i.e. half-map FSC 0.143), cut to the shell before the first one
+    beyond the join whose FSC is within --fsc_sigma_criterion σ of chance, σ the larger of 1/√n and the spread
+    measured on the half maps (fsc.fsc_null_sigma); the log says so and what the 0.143 rule alone gives. With the
+    criterion 0 the number is RELION's and a 3σ finding is a WARNING only."""
+    k = state.opts.fsc_sigma_criterion
     sigma = cnt.chance_sigma(fsc_sigma(state.box, len(state.sym_mats)), c.fsc_null_sigma)
+    cut, s = cnt.with_significant_resolution(c, sigma, join_shell(state), state.box, state.angpix, k or 3.0)
+    if s is None:
+        return c
     size_a = state.box * state.angpix
-    s = cnt.first_chance_shell(c.fsc, sigma, join_shell(state) + 1, int(round(c.current_resolution * size_a)))
-    if s is not None:
-        state.log.auto(f"WARNING: the gold-standard FSC at {size_a / s:.2f} A (shell {s}) is {c.fsc[s]:.3f}, within "
-                       f"3 sigma of chance (sigma {sigma[s]:.3f}: 1/sqrt(n) or the spread measured on the half "
-                       f"maps), though the reported resolution is {1.0 / c.current_resolution:.2f} A: the FSC there "
-                       f"may be noise; check the curve and the half maps.")
+    what = (f"the gold-standard FSC at {size_a / s:.2f} A (shell {s}) is {c.fsc[s]:.3f}, within {k or 3.0:g} sigma "
+            f"of chance (sigma {sigma[s]:.3f}: 1/sqrt(n) or the spread measured on the half maps)")
+    relion_a = 1.0 / c.current_resolution
+    if k > 0:
+        state.log.auto(f"Resolution: {what}, so the resolution is {1.0 / cut.current_resolution:.2f} A, the shell "
+                       f"before it; the 0.143 threshold alone gives {relion_a:.2f} A (--fsc_sigma_criterion 0 reports "
+                       f"that, as RELION)")
+        return cut
+    state.log.auto(f"WARNING: {what}, though the reported resolution is {relion_a:.2f} A: the FSC there may be "
+                   f"noise; check the curve and the half maps.")
+    return c
 
 
 def with_pose_changes(state: RunState, new_poses) -> RunState:

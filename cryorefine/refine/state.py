@@ -45,6 +45,7 @@ class RefineOptions:
     tau2_fudge: float = 1.0
     adaptive_fraction: float = 0.999
     maxsig: int = -1
+    fsc_sigma_criterion: float = 3.0    # the final resolution also needs FSC > this many σ of chance (0: 0.143 only)
     perturb: float = 0.5
     incr_size: int = 10
     sigma_offset_A: float = 10.0
