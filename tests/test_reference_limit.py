@@ -173,3 +173,6 @@ def test_final_resolution_is_cut_where_the_fsc_is_chance():
     data = Counters(current_resolution=24 / (box * apix), fsc=np.r_[np.ones(20), 0.6, 0.4, 0.3, 0.2, 0.16, 0.1,
                                                                     np.zeros(7)])
     assert with_significant_resolution(data, fsc_sigma(box, 4), 4, box, apix, 3.0) == (data, None)
+    # a shell whose FSC is above 0.9 shows information however few voxels it holds
+    strong = Counters(current_resolution=8 / (box * apix), fsc=np.r_[np.ones(5), 0.95, 0.93, 0.92, 0.91, np.zeros(24)])
+    assert with_significant_resolution(strong, np.full(33, 0.6), 4, box, apix, 3.0) == (strong, None)

@@ -70,8 +70,8 @@ def chance_sigma(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | N
 
 
 def first_chance_shell(fsc: NDArray, sigma: NDArray, start: int, stop: int, k: float = 3.0) -> int | None:
-    """First shell in [start, stop] whose FSC is within kσ of chance (below max(0.143, kσ)), or None."""
-    thr = np.maximum(0.143, k * np.asarray(sigma, np.float64))
+    """First shell in [start, stop] whose FSC is within kσ of chance (below max(0.143, min(kσ, 0.9))), or None."""
+    thr = np.maximum(0.143, np.minimum(k * np.asarray(sigma, np.float64), SIGNIFICANT_FSC))
     for s in range(max(start, 1), min(stop, len(fsc) - 1, len(thr) - 1) + 1):
         if fsc[s] < thr[s]:
             return s
