@@ -176,3 +176,23 @@ def test_final_resolution_is_cut_where_the_fsc_is_chance():
     # a shell whose FSC is above 0.9 shows information however few voxels it holds
     strong = Counters(current_resolution=8 / (box * apix), fsc=np.r_[np.ones(5), 0.95, 0.93, 0.92, 0.91, np.zeros(24)])
     assert with_significant_resolution(strong, np.full(33, 0.6), 4, box, apix, 3.0) == (strong, None)
+
+
+def test_final_resolution_log_lines_with_and_without_the_criterion():
+    """The loop's final step: with K = 3 the number is cut and the log gives both; with K = 0 it stays RELION's and
+    the log warns."""
+    from types import SimpleNamespace
+    from cryorefine.refine.loop import significant_final_resolution
+    from cryorefine.refine.state import Counters
+    box, apix = 64, 2.5
+    c = Counters(current_resolution=7 / (box * apix), fsc=np.r_[1, 1, 1, 1, 1, 0.49, 0.28, 0.65, -0.3, np.zeros(24)],
+                 fsc_null_sigma=np.r_[0, 0, 0, 0, 0.69, 0.65, 0.39, 0.31, 0.64, np.full(24, 0.3)])
+    for k, want_res, want_line in [(3.0, 40.0, "Resolution: the gold-standard FSC at 32.00 A (shell 5)"),
+                                   (0.0, 160 / 7, "WARNING: the gold-standard FSC at 32.00 A (shell 5)")]:
+        lines = []
+        state = SimpleNamespace(opts=SimpleNamespace(fsc_sigma_criterion=k, low_resol_join_halves=40.0), box=box,
+                                angpix=apix, sym_mats=np.zeros((4, 3, 3)), counters=c,
+                                log=SimpleNamespace(auto=lines.append))
+        out = significant_final_resolution(state, c)
+        assert abs(1 / out.current_resolution - want_res) < 1e-9
+        assert len(lines) == 1 and lines[0].startswith(want_line) and "22.86 A" in lines[0], lines
