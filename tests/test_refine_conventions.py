@@ -63,8 +63,10 @@ def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = re.search(r"Final resolution \(without masking\) is: ([\d.]+)", proc.stdout)
     assert final, proc.stdout[-2000:]
-    assert float(final.group(1)) > 20.0
+    # issue 13 asks > 25 Å; beyond the 40 Å join the FSC of noise is within 3σ of chance, so the join it is
+    assert float(final.group(1)) >= 40.0 - 1e-3, final.group(1)
     assert "Refinement has converged, stopping now" in proc.stdout
+    assert "Reporting" not in proc.stdout        # no resolution override line of any kind
 
 
 @pytest.fixture(scope="module")
