@@ -126,7 +126,7 @@ def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float) -> NDArray[np.float64
     rad = freq_radius(a1.shape[:2] + (n,))
     sel = rad <= r_max
     shell = np.rint(rad[sel]).astype(np.int64)
-    k = np.stack([g[sel] for g in rfft_freqs_3d(n)[::-1]])          # (kx, ky, kz) of the selected voxels
+    k = np.stack([g[sel] for g in rfft_freqs_3d(n)[::-1]]).astype(np.int32)    # (kx, ky, kz) of the voxels
     diff = (np.asarray(a1, np.complex128) - a2).astype(np.complex64)
     v1 = diff[sel]
     flat = diff.ravel()
@@ -138,7 +138,7 @@ def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float) -> NDArray[np.float64
         qx, qy, qz = (-sign[i] * k[axis[i]] for i in range(3))
         flip = qx < 0                                                    # stored at −q, conjugated
         qx, qy, qz = np.where(flip, -qx, qx), np.where(flip, -qy, qy), np.where(flip, -qz, qz)
-        v2 = flat[((qz % n) * n + qy % n) * nb + qx]
+        v2 = flat[((qz % n).astype(np.int64) * n + qy % n) * nb + qx]     # int64: no overflow at large boxes
         num = np.bincount(shell, np.where(flip, (v1 * v2).real, (v1 * v2.conj()).real), minlength=nb)
         f = np.zeros(nb)
         np.divide(num, den, out=f, where=den > 0)
