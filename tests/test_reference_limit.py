@@ -118,14 +118,14 @@ def test_noise_fsc_within_its_measured_spread_keeps_the_limit():
 
 
 def test_first_chance_shell_finds_fsc_within_three_sigma():
-    from cryorefine.refine.counters import chance_sigma, first_chance_shell
+    from cryorefine.refine.counters import first_chance_shell
     fsc = np.r_[1, 1, 1, 1, 1, 0.8, 0.7, 0.6, 0.1, np.zeros(24)]
-    sigma = np.full(33, 0.05)
-    assert first_chance_shell(fsc, sigma, 5, 7) is None                  # 0.6 > max(0.143, 0.15)
-    assert first_chance_shell(fsc, sigma, 5, 12) == 8
-    wide = chance_sigma(sigma, np.r_[np.zeros(6), 0.25, np.zeros(26)])   # shell 6 measured at 0.25: 0.7 < 0.75
+    thr = information_threshold(np.full(33, 0.05))
+    assert first_chance_shell(fsc, thr, 5, 7) is None                    # 0.6 > max(0.143, 0.15)
+    assert first_chance_shell(fsc, thr, 5, 12) == 8
+    wide = information_threshold(np.full(33, 0.05), np.r_[np.zeros(6), 0.25, np.zeros(26)])   # 0.7 < 0.75
     assert first_chance_shell(fsc, wide, 5, 7) == 6
-    assert first_chance_shell(fsc, sigma, 40, 50) is None
+    assert first_chance_shell(fsc, thr, 40, 50) is None
 
 
 def test_null_sigma_against_brute_force_on_a_tiny_grid():
@@ -159,23 +159,22 @@ def test_null_sigma_against_brute_force_on_a_tiny_grid():
 
 def test_final_resolution_is_cut_where_the_fsc_is_chance():
     """The `noise` set's seed-1 final FSC and measured spread: 0.143 alone gives shell 7 (22.9 Å); shell 5 is within
-    3σ of chance, so the resolution is shell 4 (40 Å, the join). A curve far above its spread is not cut, and
-    K = 0 is RELION's rule."""
-    from cryorefine.refine.counters import chance_sigma, with_significant_resolution
+    3σ of chance, so the resolution is shell 4 (40 Å, the join). A curve far above its spread is not cut (K = 0,
+    RELION's rule, is the loop's test below)."""
+    from cryorefine.refine.counters import with_significant_resolution
     from cryorefine.refine.state import Counters
     box, apix = 64, 2.5
-    sigma = chance_sigma(fsc_sigma(box, 4), np.r_[0, 0, 0, 0, 0.69, 0.65, 0.39, 0.31, 0.64, np.full(24, 0.3)])
+    thr = information_threshold(fsc_sigma(box, 4), np.r_[0, 0, 0, 0, 0.69, 0.65, 0.39, 0.31, 0.64, np.full(24, 0.3)])
     noise = Counters(current_resolution=7 / (box * apix), fsc=np.r_[1, 1, 1, 1, 1, 0.49, 0.28, 0.65, -0.3,
                                                                      np.zeros(24)])
-    cut, s = with_significant_resolution(noise, sigma, 4, box, apix, 3.0)
+    cut, s = with_significant_resolution(noise, thr, 4, box, apix)
     assert s == 5 and cut.current_resolution == 4 / (box * apix)
-    assert with_significant_resolution(noise, sigma, 4, box, apix, 0.0) == (noise, None)
     data = Counters(current_resolution=24 / (box * apix), fsc=np.r_[np.ones(20), 0.6, 0.4, 0.3, 0.2, 0.16, 0.1,
                                                                     np.zeros(7)])
-    assert with_significant_resolution(data, fsc_sigma(box, 4), 4, box, apix, 3.0) == (data, None)
+    assert with_significant_resolution(data, information_threshold(fsc_sigma(box, 4)), 4, box, apix) == (data, None)
     # a shell whose FSC is above 0.9 shows information however few voxels it holds
     strong = Counters(current_resolution=8 / (box * apix), fsc=np.r_[np.ones(5), 0.95, 0.93, 0.92, 0.91, np.zeros(24)])
-    assert with_significant_resolution(strong, np.full(33, 0.6), 4, box, apix, 3.0) == (strong, None)
+    assert with_significant_resolution(strong, information_threshold(np.full(33, 0.6)), 4, box, apix) == (strong, None)
 
 
 def test_final_resolution_log_lines_with_and_without_the_criterion():

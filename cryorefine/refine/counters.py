@@ -53,12 +53,12 @@ LEAK_SHELLS = 3
 SIGNIFICANT_FSC = 0.9     # in shells of fewer than ~11 independent voxels 3σ exceeds this; real data still reach it
 
 
-def information_threshold(sigma: NDArray[np.float64],
-                          null_sigma: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
-    """Per shell, the half-map FSC that shows information: 0.143, and significantly above chance (3σ, van Heel &
-    Schatz 2005) where shells hold few independent voxels (low resolution, high symmetry) or their voxels are not
-    independent (`null_sigma`, the measured spread, fsc.fsc_null_sigma); 3σ capped at 0.9."""
-    return np.maximum(0.143, np.minimum(3.0 * chance_sigma(sigma, null_sigma), SIGNIFICANT_FSC))
+def information_threshold(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | None = None,
+                          k: float = 3.0) -> NDArray[np.float64]:
+    """Per shell, the half-map FSC that shows information: 0.143, and significantly above chance (kσ, van Heel &
+    Schatz 2005: 3σ) where shells hold few independent voxels (low resolution, high symmetry) or their voxels are
+    not independent (`null_sigma`, the measured spread, fsc.fsc_null_sigma); kσ capped at 0.9."""
+    return np.maximum(0.143, np.minimum(k * chance_sigma(sigma, null_sigma), SIGNIFICANT_FSC))
 
 
 def chance_sigma(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | None) -> NDArray[np.float64]:
@@ -69,21 +69,20 @@ def chance_sigma(sigma: NDArray[np.float64], null_sigma: NDArray[np.float64] | N
     return np.concatenate([np.maximum(sigma[:m], null_sigma[:m]), sigma[m:]])
 
 
-def first_chance_shell(fsc: NDArray, sigma: NDArray, start: int, stop: int, k: float = 3.0) -> int | None:
-    """First shell in [start, stop] whose FSC is within kσ of chance (below max(0.143, min(kσ, 0.9))), or None."""
-    thr = np.maximum(0.143, np.minimum(k * np.asarray(sigma, np.float64), SIGNIFICANT_FSC))
-    for s in range(max(start, 1), min(stop, len(fsc) - 1, len(thr) - 1) + 1):
-        if fsc[s] < thr[s]:
+def first_chance_shell(fsc: NDArray, threshold: NDArray, start: int, stop: int) -> int | None:
+    """First shell in [start, stop] whose FSC is below `threshold` (information_threshold), or None."""
+    for s in range(max(start, 1), min(stop, len(fsc) - 1, len(threshold) - 1) + 1):
+        if fsc[s] < threshold[s]:
             return s
     return None
 
 
-def with_significant_resolution(c: Counters, sigma: NDArray, join: int, box: int, angpix: float,
-                                k: float) -> tuple[Counters, int | None]:
-    """The final resolution, cut to the shell before the first one beyond the join whose FSC is within kσ of
-    chance (first_chance_shell), and that shell (None: nothing cut; k = 0: never)."""
+def with_significant_resolution(c: Counters, threshold: NDArray, join: int, box: int,
+                                angpix: float) -> tuple[Counters, int | None]:
+    """The final resolution, cut to the shell before the first one beyond the join whose FSC is below `threshold`
+    (first_chance_shell), and that shell (None: nothing cut)."""
     reported = int(round(c.current_resolution * box * angpix))
-    s = first_chance_shell(c.fsc, sigma, join + 1, reported, k) if k > 0 and c.fsc is not None else None
+    s = first_chance_shell(c.fsc, threshold, join + 1, reported) if c.fsc is not None else None
     if s is None:
         return c, None
     return replace(c, current_resolution=max(s - 1, 1) / (box * angpix)), s

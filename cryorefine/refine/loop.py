@@ -124,7 +124,7 @@ def references(state: RunState, it: int) -> tuple[RunState, list, float]:
     rmax = c.current_size / 2
     low_passed = c.fsc is None or (opts.firstiter_cc and it <= 2)
     ini_edge = float(math.floor(state.box * state.angpix / opts.ini_high + 1)) if opts.ini_high > 0 else state.box // 2
-    threshold = cnt.information_threshold(fsc_sigma(state.box, len(state.sym_mats)), c.fsc_null_sigma)
+    threshold = chance_threshold(state, c.fsc_null_sigma)
     c = cnt.with_reference_limit(c, None if low_passed else c.fsc, threshold, ini_edge)
     r_ref = c.reference_limit
     projectors = [state.backend.make_projector(m.volume, pad=opts.pad, r_max=min(rmax, r_ref)) for m in state.models]
@@ -132,6 +132,12 @@ def references(state: RunState, it: int) -> tuple[RunState, list, float]:
         state.log.line(f" References are used up to {state.box * state.angpix / r_ref:.2f} A (shell {r_ref:g}), where "
                        f"their FSC shows information; data are used up to {state.box * state.angpix / rmax:.2f} A")
     return replace(state, counters=c), projectors, rmax
+
+
+def chance_threshold(state: RunState, null_sigma: np.ndarray | None, k: float = 3.0) -> np.ndarray:
+    """Per shell, the FSC significantly above chance: max(0.143, min(kσ, 0.9)), σ the larger of 1/√n for this box
+    and symmetry and the spread measured on the half maps (counters.information_threshold)."""
+    return cnt.information_threshold(fsc_sigma(state.box, len(state.sym_mats)), null_sigma, k)
 
 
 def with_accuracy(state: RunState, proj, rng: np.random.Generator, it: int) -> RunState:
@@ -276,16 +282,16 @@ def significant_final_resolution(state: RunState, c: Counters) -> Counters:
     beyond the join whose FSC is within --fsc_sigma_criterion σ of chance, σ the larger of 1/√n and the spread
     measured on the half maps (fsc.fsc_null_sigma); the log says so and what the 0.143 rule alone gives. With the
     criterion 0 the number is RELION's and a 3σ finding is a WARNING only."""
-    k = state.opts.fsc_sigma_criterion
-    sigma = cnt.chance_sigma(fsc_sigma(state.box, len(state.sym_mats)), c.fsc_null_sigma)
-    cut, s = cnt.with_significant_resolution(c, sigma, join_shell(state), state.box, state.angpix, k or 3.0)
+    k = state.opts.fsc_sigma_criterion or 3.0        # with 0, the 3σ test only warns
+    threshold = chance_threshold(state, c.fsc_null_sigma, k)
+    cut, s = cnt.with_significant_resolution(c, threshold, join_shell(state), state.box, state.angpix)
     if s is None:
         return c
     size_a = state.box * state.angpix
-    what = (f"the gold-standard FSC at {size_a / s:.2f} A (shell {s}) is {c.fsc[s]:.3f}, within {k or 3.0:g} sigma "
-            f"of chance (sigma {sigma[s]:.3f}: 1/sqrt(n) or the spread measured on the half maps)")
+    what = (f"the gold-standard FSC at {size_a / s:.2f} A (shell {s}) is {c.fsc[s]:.3f}, within {k:g} sigma of "
+            f"chance (below {threshold[s]:.3f}; sigma: 1/sqrt(n) or the spread measured on the half maps)")
     relion_a = 1.0 / c.current_resolution
-    if k > 0:
+    if state.opts.fsc_sigma_criterion > 0:
         state.log.auto(f"Resolution: {what}, so the resolution is {1.0 / cut.current_resolution:.2f} A, the shell "
                        f"before it; the 0.143 threshold alone gives {relion_a:.2f} A (--fsc_sigma_criterion 0 reports "
                        f"that, as RELION)")
