@@ -31,8 +31,21 @@ def estep_rate(log: str) -> tuple[float, float]:
     return sum(t for t, _ in pairs), sum(t * r for t, r in pairs)
 
 
-def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = None) -> dict:
-    """Run `cryorefine refine` on the set, score it, and return the measurements (JSON in bench/results/)."""
+def phase_totals(log: str) -> dict[str, dict[str, float]]:
+    """Seconds per phase and per kernel summed over the log's ' Time: ...; kernels within them: ...' lines."""
+    out: dict[str, dict[str, float]] = {"phases": {}, "kernels": {}}
+    for line in re.findall(r"^ Time: (.*)$", log, flags=re.M):
+        parts = line.split("; kernels within them: ")
+        for kind, text in zip(("phases", "kernels"), parts):
+            for name, sec in re.findall(r"([A-Za-z][\w -]*?) ([\d.]+) s", text):
+                out[kind][name] = round(out[kind].get(name, 0.0) + float(sec), 1)
+    return out
+
+
+def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = None,
+            launcher: tuple[str, ...] = ()) -> dict:
+    """Run `cryorefine refine` on the set (under `launcher`, e.g. mpiexec -n 3), score it, and return the
+    measurements (JSON in bench/results/)."""
     d = ensure_set(name)
     root = f"bench{tag}"
     out = d / "Refine3D" / root
@@ -40,20 +53,21 @@ def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = 
     for f in out.parent.glob(f"{root}_*"):
         f.unlink()
     (out.parent / f"{root}.out").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "cryorefine", "refine", "--i", "particles.star", "--ref", "reference.mrc",
+    cmd = [*launcher, sys.executable, "-m", "cryorefine", "refine", "--i", "particles.star", "--ref", "reference.mrc",
            "--o", f"Refine3D/{root}", "--ini_high", "50", "--sym", "D2",
            "--particle_diameter", str(DIAMETER.get(name, 150)), *SET_OPTIONS.get(name, []), *extra]
+    shown = " ".join([*launcher, "cryorefine", *cmd[len(launcher) + 3:]])
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         log = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return {"set": name, "command": " ".join(cmd[2:]), "timed_out_after_s": round(time.time() - t0, 1),
+        return {"set": name, "command": shown, "timed_out_after_s": round(time.time() - t0, 1),
                 "iterations_done": len(re.findall(r"Iteration \d+ took", log)), "log_tail": log[-2000:]}
     wall = time.time() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
     if proc.returncode != 0:
-        return {"set": name, "command": " ".join(cmd[2:]), "failed": proc.stderr[-3000:]}
+        return {"set": name, "command": shown, "failed": proc.stderr[-3000:]}
     log = proc.stdout
     iters = [float(x) for x in re.findall(r"Iteration \d+ took ([\d.]+) s", log)]
     gflops = [float(x) for x in re.findall(r"([\d.]+) GFLOP/s", log)]
@@ -66,12 +80,13 @@ def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = 
     text = score.stdout
     s = json.loads(text.strip().splitlines()[-1]) if text.strip() else {"error": score.stderr[-2000:]}
     res = {
-        "set": name, "command": " ".join(cmd[2:]), "wall_s": round(wall, 1), "iterations": len(iters),
+        "set": name, "command": shown, "wall_s": round(wall, 1), "iterations": len(iters),
         "mean_iteration_s": round(sum(iters) / max(len(iters), 1), 1),
         "estep_gflops_median": sorted(gflops)[len(gflops) // 2] if gflops else None,
         "estep_s": round(t_e, 1), "estep_tflops_overall": round(gflop / max(t_e, 1e-9) / 1000, 3),
         "peak_rss_gb": round(peak_gb, 2), "gpu_peak_gib": float(gpu_peak[-1]) if gpu_peak else None,
         "reported_A": float(final[0]) if final else None,
+        "time_per_phase_s": phase_totals(log),
         "score_text": [ln for ln in text.splitlines() if not ln.startswith("{")],
         "score": s,
     }

@@ -40,7 +40,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "wall_s" not in r:
             what = f"timed out after {r['timed_out_after_s']} s ({r['iterations_done']} iterations)" \
-                if "timed_out_after_s" in r else "failed"
+                if "timed_out_after_s" in r else ("skipped" if "skipped" in r else "failed")
             out.append(f"| {r['set']} | {what} | | | | | | | |")
             continue
         s = r.get("score", {})
@@ -52,6 +52,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def map_agreement(d: Path, root_a: str, root_b: str, resolution_a: float | None) -> dict:
+    """Lowest FSC between two runs' final maps up to their reported resolution (and its shell), or why not."""
+    import mrcfile
+    from cryorefine.fourier.fsc import fsc
+    try:
+        with mrcfile.open(d / "Refine3D" / f"{root_a}_class001.mrc") as a, \
+                mrcfile.open(d / "Refine3D" / f"{root_b}_class001.mrc") as b:
+            curve, angpix, box = fsc(a.data, b.data), float(a.voxel_size.x), a.data.shape[0]
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)}
+    last = int(box * angpix / resolution_a) if resolution_a else len(curve) - 1
+    return {"min_fsc_to_reported": round(float(curve[1:last + 1].min()), 5), "to_shell": last}
+
+
+def write(out: Path, report: dict) -> None:
+    """The JSON and markdown so far (a run stopped at its limit still leaves them)."""
+    (out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
+    agree = [f"- {r['set']}: lowest FSC against the 1-rank map up to the reported resolution "
+             f"{r['vs_one_rank']}" for r in report["sets"] if "vs_one_rank" in r]
+    (out / "gpu_bench.md").write_text(f"Device: {report['device']}\n\n" + table(report["sets"]) + "\n\n"
+                                      + "\n".join(agree) + "\n")
+    print(table(report["sets"]), flush=True)
+
+
 def main() -> None:
     """Make, refine and score the sets in order within the time budget."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +83,8 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["small", "medium", "tutorial"])
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole benchmark")
     ap.add_argument("--gpu", default="", help="--gpu value for cryorefine refine")
+    ap.add_argument("--mpi-set", default="small", help="set refined again by 2 MPI ranks sharing the GPU ('' = none)")
+    ap.add_argument("--mpi-gpu", default="0:0", help="--gpu value of the MPI run")
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -69,10 +95,32 @@ def main() -> None:
         background = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); "
                                        "from bench.standard_sets import ensure_set; ensure_set('tutorial')"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for name in args.sets:
+    plan = [(name, 1) for name in args.sets]
+    if args.mpi_set:
+        at = next((i + 1 for i, (n, _) in enumerate(plan) if n == "medium"), len(plan))
+        plan.insert(min(at, len(plan)), (args.mpi_set, 2))
+    for name, ranks in plan:
+        if ranks > 1:
+            left = args.budget - (time.time() - t0)
+            single = next((r for r in report["sets"] if r["set"] == name and "wall_s" in r), None)
+            if left < 20 or single is None:
+                report["sets"].append({"set": f"{name} (mpiexec -n {ranks})", "skipped": "no time or no 1-rank run"})
+                continue
+            r = run_set(name, ["--gpu", args.mpi_gpu], tag=f"_gpu_mpi{ranks}", timeout=left,
+                        launcher=("mpiexec", "-n", str(ranks)))
+            r["set"] = f"{name} (mpiexec -n {ranks}, --gpu {args.mpi_gpu})"
+            r["vs_one_rank"] = map_agreement(DATA / name, "bench_gpu", f"bench_gpu_mpi{ranks}", single.get("reported_A"))
+            report["sets"].append(r)
+            write(out, report)
+            continue
         t_make = time.time()
         if name == "tutorial" and background is not None:
-            background.wait(timeout=max(1.0, args.budget - (time.time() - t0)))
+            try:
+                background.wait(timeout=max(1.0, args.budget - (time.time() - t0)))
+            except subprocess.TimeoutExpired:
+                background.kill()
+                report["sets"].append({"set": name, "skipped": "not simulated within the budget"})
+                continue
             if background.returncode != 0:
                 report["sets"].append({"set": name, "failed": background.stderr.read()[-2000:]})
                 continue
@@ -85,9 +133,10 @@ def main() -> None:
         r = run_set(name, ["--gpu", args.gpu], tag="_gpu", timeout=left)
         r["make_wait_s"] = round(made, 1)
         report["sets"].append(r)
-        (out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
-        (out / "gpu_bench.md").write_text(f"Device: {report['device']}\n\n" + table(report["sets"]) + "\n")
-        print(table(report["sets"]), flush=True)
+        write(out, report)
+        if "wall_s" not in r and len(report["sets"]) == 1:
+            print("the first set did not finish: stopping here", flush=True)
+            break
     report["total_s"] = round(time.time() - t0, 1)
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
 

@@ -4,7 +4,8 @@
 # Prepare on the development machine (once), in the repository root:
 #   echo /.whl/ >> .git/info/exclude; echo /.bench_shared/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl mrcfile==1.5.4 starfile==0.5.13
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl mrcfile==1.5.4 starfile==0.5.13 \
+#       mpi4py==4.1.2 mpich==5.0.2
 #   mkdir -p .bench_shared && cp -r ../shared/bench .bench_shared/
 # then run this script there with .whl and .bench_shared carried:  bash bench/gpu_bench.sh [BUDGET_S]
 # It installs the wheels, makes the small, medium and tutorial sets, refines each with --gpu, scores them and
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH     # mpich's wheel brings mpiexec
 else
     export PYTHONPATH=$PWD
 fi
@@ -27,6 +28,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 bench/gpu_bench.py --out "$OUT" --budget "${1:-540}" --gpu "${GPU_BENCH_GPU:-}" ${GPU_BENCH_SETS:+--sets $GPU_BENCH_SETS} 2>&1 | tee "$OUT/gpu_bench.log"
 for d in "$CRYOREFINE_DATA"/*/; do
     name=$(basename "$d")
-    [ -f "$d/Refine3D/bench_gpu.out" ] && cp "$d/Refine3D/bench_gpu.out" "$OUT/${name}_run.out"
+    for f in "$d"/Refine3D/bench_gpu*.out; do
+        [ -f "$f" ] && cp "$f" "$OUT/${name}_$(basename "$f")"
+    done
 done
 exit 0

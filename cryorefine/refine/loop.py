@@ -29,6 +29,7 @@ from cryorefine.refine.expectation import expectation_half, gather_poses
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, RunState
+from cryorefine.refine.timing import time_line
 from cryorefine.report import ThrottledReport
 
 
@@ -67,10 +68,13 @@ def iterate_once(state: RunState, it: int) -> RunState:
     rng = iteration_rng(state.opts.random_seed, it)
     final = state.counters.has_converged
     cc = it == 1 and state.opts.firstiter_cc
+    clock = state.clock
     state = with_image_sizes(state, it, final)
-    state, projectors, rmax = references(state, it)
+    with clock.phase("references"):
+        state, projectors, rmax = references(state, it)
     if not cc:
-        state = with_accuracy(state, projectors[0], rng, it)
+        with clock.phase("accuracy"):
+            state = with_accuracy(state, projectors[0], rng, it)
     if it > 1:
         state = with_next_sampling(state)
     else:
@@ -80,15 +84,20 @@ def iterate_once(state: RunState, it: int) -> RunState:
     state = replace(state, sampling=autos.perturbed(state.sampling, rng))
     grid = log_search(state, it, cc)
     plan = memory_plan(state, grid, cc, rmax)
-    new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
+    with clock.phase("E-step"):
+        new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
     state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
     raw = [copy.deepcopy(a.bp) for a in accs] if final else None
-    fsc, null_sigma = gold_standard_fsc(state, accs)
+    with clock.phase("FSC"):
+        fsc, null_sigma = gold_standard_fsc(state, accs)
     state = replace(state, counters=cnt.with_fsc(state.counters, fsc, null_sigma))
-    state = maximization(state, accs, fsc, final, cc, raw)
+    with clock.phase("M-step"):
+        state = maximization(state, accs, fsc, final, cc, raw)
     state = with_pose_changes(state, new_poses)
     if state.reducer.is_leader:
-        outputs.write_iteration(state, it, final=final)
+        with clock.phase("output"):
+            outputs.write_iteration(state, it, final=final)
+    state.log.line(time_line(*clock.take()))
     return state
 
 

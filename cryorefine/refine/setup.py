@@ -21,6 +21,7 @@ from cryorefine.refine.expectation import particle_mask
 from cryorefine.refine.mstep import initial_sigma2
 from cryorefine.refine.reference import load_reference, load_solvent_mask
 from cryorefine.refine.state import HalfModel, Poses, RefineOptions, RunState
+from cryorefine.refine.timing import PhaseClock, timed_backend
 
 
 def resolve_options(opts: RefineOptions, box: int, angpix: float, fn_in: str) -> RefineOptions:
@@ -68,6 +69,8 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     with option_error("--healpix_order"):
         n_directions(opts.healpix_order, opts.sym)
     backend, note = make_backend(opts.gpu, reducer.rank)
+    clock = PhaseClock()
+    backend = timed_backend(backend, clock)
     if note:
         log.line(note)
     if opts.solvent_mask:
@@ -81,7 +84,7 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     log.line(f" Memory: the final iteration will need at least {floor.peak / memory.GIB:.2f} GiB (accumulators, "
              f"projectors and reconstruction to Nyquist; each iteration's estimate is logged before it)")
     common = dict(opts=opts, data=data, box=box, angpix=angpix, sym_mats=sym_mats, solvent_mask=solvent,
-                  log=log, reducer=reducer, backend=backend)
+                  log=log, reducer=reducer, backend=backend, clock=clock)
     if opts.continue_from:
         from cryorefine.refine.restart import restore
         r = restore(opts.continue_from, data, box, angpix, opts, log)

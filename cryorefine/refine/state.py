@@ -165,7 +165,8 @@ class RunState:
     poses: Poses
     log: object                                     # refine.log.RunLog
     reducer: object                                 # parallel.local.LocalReducer | parallel.mpi.MpiReducer
-    backend: object                                 # refine.backend.Backend
+    backend: object                                 # refine.backend.Backend (its kernels timed by `clock`)
+    clock: object                                   # refine.timing.PhaseClock: this iteration's phase times
     start_iteration: int = 1
     unfiltered: tuple | None = None                 # final iteration: unregularised half maps
     estep_stats: object | None = None               # refine.memory.EStepStats of the last E-step (memory plan)
