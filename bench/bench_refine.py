@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.standard_sets import BENCH, ensure_set  # noqa: E402
+from cryorefine.refine.timing import parse_time_line  # noqa: E402
 
 DIAMETER = {"small": 150, "medium": 150, "noise": 150, "tutorial": 160}
 # the tutorial's job uses "finer angular sampling faster" (RELION GUI), as the tutorial does
@@ -32,13 +33,12 @@ def estep_rate(log: str) -> tuple[float, float]:
 
 
 def phase_totals(log: str) -> dict[str, dict[str, float]]:
-    """Seconds per phase and per kernel summed over the log's ' Time: ...; kernels within them: ...' lines."""
+    """Seconds per phase and per kernel summed over the log's per-iteration ' Time: ...' lines."""
     out: dict[str, dict[str, float]] = {"phases": {}, "kernels": {}}
-    for line in re.findall(r"^ Time: (.*)$", log, flags=re.M):
-        parts = line.split("; kernels within them: ")
-        for kind, text in zip(("phases", "kernels"), parts):
-            for name, sec in re.findall(r"([A-Za-z][\w -]*?) ([\d.]+) s", text):
-                out[kind][name] = round(out[kind].get(name, 0.0) + float(sec), 1)
+    for line in re.findall(r"^ Time: .*$", log, flags=re.M):
+        for kind, found in zip(("phases", "kernels"), parse_time_line(line)):
+            for name, sec in found.items():
+                out[kind][name] = round(out[kind].get(name, 0.0) + sec, 1)
     return out
 
 

@@ -15,9 +15,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH     # mpich's wheel brings mpiexec
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        $(ls .whl/*.whl | grep -v '/mpich-') || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+    if ls .whl/mpich-*.whl >/dev/null 2>&1; then
+        # --prefix keeps the wheel's lib/ (--target drops it); mpi4py must load this MPICH, not a system MPI,
+        # or each rank started by this mpiexec runs alone (cryorefine then stops with an error)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed --prefix /tmp/mpich \
+            .whl/mpich-*.whl || exit 1
+        export PATH=/tmp/mpich/bin:$PATH MPI4PY_LIBMPI=/tmp/mpich/lib/libmpi.so.12
+    fi
 else
     export PYTHONPATH=$PWD
 fi

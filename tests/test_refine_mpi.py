@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,16 @@ def test_two_ranks_match_one_process(subset: Path, small_set: Path):
         m1, _ = read_map(subset / f"one/run_it002_half{h}_class001.mrc")
         m2, _ = read_map(subset / f"two/run_it002_half{h}_class001.mrc")
         assert np.corrcoef(m1.ravel(), m2.ravel())[0, 1] > 0.999
+
+
+def test_mpiexec_with_a_foreign_mpi_library_is_an_error(subset: Path, small_set: Path, tmp_path: Path):
+    """A launcher that says 2 processes while mpi4py's library sees one (mpi4py loaded another MPI than mpiexec's,
+    as on a machine with a system Open MPI and PyPI's MPICH): one error line, not two whole runs writing the same
+    files."""
+    env = {**os.environ, "PMI_SIZE": "2"}
+    r = subprocess.run(_cmd(subset, small_set / "reference.mrc", "foreign/run"), capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "started by mpiexec as 2 processes" in lines[0], r.stderr[-2000:]
+    assert not (subset / "foreign").exists() or not any((subset / "foreign").iterdir())

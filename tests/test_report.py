@@ -142,6 +142,19 @@ def test_iteration_table_equals_star_files_and_log(stopped_run: Path):
             np.testing.assert_allclose(_value(r[col]), float(want), rtol=2e-5, err_msg=f"iteration {it} {col}")
 
 
+def test_log_phase_times_add_up_to_the_iteration(stopped_run: Path):
+    """The per-iteration `Time:` lines (read back for the report's stacked time panel) hold each iteration's
+    phases, which together take most of the iteration and never more than it."""
+    from cryorefine.report.readers import read_log
+    log = read_log(Path(f"{stopped_run}.out"))
+    assert sorted(log.phase_times) == [1, 2]
+    assert list(log.phase_times[1])[:2] == ["references", "E-step"]        # in the order they ran
+    assert "accuracy" in log.phase_times[2] and "accuracy" not in log.phase_times[1]   # not in the CC iteration
+    for it, phases in log.phase_times.items():
+        total = sum(phases.values())
+        assert 0.6 * log.times[it] <= total <= log.times[it] + 0.05 * len(phases), (it, phases, log.times[it])
+
+
 def _cylinders(text: str) -> tuple[np.ndarray, np.ndarray]:
     """(colours (n, 3), cylinders (n, 7)) of a .bild text, checking RELION's .color/.cylinder pairing."""
     lines = text.splitlines()

@@ -4,7 +4,7 @@ import time
 from dataclasses import replace
 
 from cryorefine.refine.backend import cpu_backend
-from cryorefine.refine.timing import KERNELS, PhaseClock, time_line, timed_backend
+from cryorefine.refine.timing import KERNELS, PhaseClock, parse_time_line, time_line, timed_backend
 
 
 def test_phases_and_kernels_accumulate_and_reset():
@@ -42,3 +42,10 @@ def test_time_line_lists_phases_then_kernels():
     line = time_line({"E-step": 12.34, "M-step": 0.5}, {"insertion": 1.0, "projection": 2.0, "finish": 0.0})
     assert line == " Time: E-step 12.3 s, M-step 0.5 s; kernels within them: projection 2.0 s, insertion 1.0 s"
     assert time_line({"output": 0.1}, {}) == " Time: output 0.1 s"
+
+
+def test_time_line_reads_back():
+    phases = {"references": 0.1, "E-step": 55.8, "FSC": 0.0, "M-step": 2.5}
+    kernels = {"projection": 3.1, "coarse products": 20.0, "device sums back": 0.1}
+    assert parse_time_line(time_line(phases, kernels)) == (phases, kernels)
+    assert parse_time_line(time_line(phases, {})) == (phases, {})

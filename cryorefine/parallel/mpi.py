@@ -28,6 +28,10 @@ class MpiReducer:
         """Every size-th row starting at this rank (balanced over micrographs and optics groups)."""
         return rows[self.rank::self.size]
 
+    def library(self) -> str:
+        """The first line of the MPI library's version string."""
+        return " ".join(self._mpi.Get_library_version().strip().splitlines()[0].split())
+
     def sum_array(self, a: NDArray) -> NDArray:
         """In-place element-wise sum over ranks (a must be a contiguous numpy array)."""
         if self.size > 1:
@@ -46,21 +50,34 @@ class MpiReducer:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")     # the world size each launcher exports
+
+
+def launched_size() -> int:
+    """How many processes mpiexec/srun started (MPICH, Open MPI, PMIx), from the launcher's environment; 1 if none."""
+    sizes = [os.environ.get(v, "") for v in _SIZE_VARS]
+    return max([int(s) for s in sizes if s.strip().isdigit()] or [1])
+
+
 def launched_by_mpiexec() -> bool:
     """True when this process is one of several started by mpiexec/srun (MPICH, Open MPI, Slurm)."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
-        if int(os.environ.get(var, "1") or 1) > 1:
-            return True
-    return False
+    return launched_size() > 1 or int(os.environ.get("MPI_LOCALNRANKS", "1") or 1) > 1
 
 
 def get_reducer():
     """An MpiReducer under mpiexec with more than one rank, else the one-process LocalReducer."""
     from cryorefine.parallel.local import LocalReducer
     if launched_by_mpiexec():
+        from cryorefine.errors import InputError
         try:
-            return MpiReducer()
+            reducer = MpiReducer()
         except ImportError as exc:
-            from cryorefine.errors import InputError
             raise InputError("started by mpiexec but mpi4py is not installed (pip install 'cryorefine[mpi]')") from exc
+        expected = launched_size()
+        if reducer.size == 1 and expected > 1:
+            # every process would run the whole job alone and write the same files
+            raise InputError(f"started by mpiexec as {expected} processes, but mpi4py's MPI library "
+                             f"({reducer.library()}) sees only this one: mpi4py loaded another MPI than the one "
+                             f"mpiexec belongs to (point MPI4PY_LIBMPI at that MPI's libmpi.so)")
+        return reducer
     return LocalReducer()

@@ -6,6 +6,7 @@ to and from the device, so they are what the E-step waits for.
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -63,3 +64,12 @@ def time_line(phases: dict[str, float], kernels: dict[str, float]) -> str:
     if used:
         text += "; kernels within them: " + ", ".join(f"{k} {v:.1f} s" for k, v in used)
     return text
+
+
+def parse_time_line(line: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(phases, kernels) in seconds from a `time_line` (with or without its leading ' Time: ')."""
+    text = line.strip().removeprefix("Time:").strip()
+    parts = text.split("; kernels within them: ")
+    found = [{name: float(sec) for name, sec in re.findall(r"([A-Za-z][\w -]*?) ([\d.]+) s(?:,|$)", part)}
+             for part in parts]
+    return found[0], (found[1] if len(found) > 1 else {})

@@ -138,8 +138,20 @@ def _masked(y: ArrayLike) -> NDArray:
     return np.where(y >= UNSET, np.nan, y)
 
 
-def iterations_figure(table) -> Figure:
-    """Per-iteration panels: resolution, accuracies and steps, changes, time; local-search iterations shaded."""
+def _phase_bars(ax, it: NDArray, phase_times: dict[int, dict[str, float]]) -> None:
+    """Stacked bars of each iteration's seconds per phase (the log's `Time:` lines), phases in order of first use."""
+    names = list(dict.fromkeys(name for t in phase_times.values() for name in t))
+    bottom = np.zeros(len(it))
+    for k, name in enumerate(names):
+        h = np.array([phase_times.get(int(i), {}).get(name, 0.0) for i in it])
+        ax.bar(it, h, bottom=bottom, width=0.8, label=name, color=f"C{k}")
+        bottom += h
+    ax.legend(fontsize=6, ncol=2)
+
+
+def iterations_figure(table, phase_times: dict[int, dict[str, float]] | None = None) -> Figure:
+    """Per-iteration panels: resolution, accuracies and steps, changes, time (stacked by phase where the log gives
+    phases); local-search iterations shaded."""
     it = np.asarray(table["iteration"], int)
     local = np.asarray(table["local_searches"], float) > 0
     panels = [
@@ -155,6 +167,9 @@ def iterations_figure(table) -> Figure:
     fig = new_figure(10.5, 5.6)
     axes = fig.subplots(2, 3)
     for ax, (title, series) in zip(axes.ravel(), panels):
+        if title.startswith("Wall time") and phase_times:
+            _phase_bars(ax, it, phase_times)
+            series = []
         for k, (name, y) in enumerate(series):
             ax.plot(it, np.asarray(y, float), "o-", ms=4, lw=1.3, label=name, color=f"C{k}")
         for i in it[local]:

@@ -20,6 +20,7 @@ from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.geometry.symmetry import relion_angular_distance_deg, symmetry_matrices
 from cryorefine.io.star import read_star
+from cryorefine.refine.timing import parse_time_line
 
 _IT_FILE = re.compile(r"_it(\d{3})_optimiser\.star$")
 
@@ -106,6 +107,7 @@ class LogInfo:
     started: str = ""
     particles_line: str = ""
     times: dict[int, float] = field(default_factory=dict)
+    phase_times: dict[int, dict[str, float]] = field(default_factory=dict)   # iteration -> phase -> s (`Time:`)
     wall_time_s: float | None = None
     peak_memory_gib: float | None = None
     finished_line: str = ""
@@ -118,8 +120,12 @@ def read_log(path: Path) -> LogInfo:
     info = LogInfo()
     if not path.exists():
         return info
+    phases: dict[str, float] = {}
     for line in path.read_text(errors="replace").splitlines():
         s = line.strip()
+        if s.startswith("Time: "):
+            phases = parse_time_line(s)[0]                  # logged just before its "Iteration N took"
+            continue
         if m := re.match(r"cryorefine refine, started (.+?)(?: on \d+ MPI processes)?$", s):
             info.started = m.group(1)
         elif s.startswith("cryorefine refine "):
@@ -128,6 +134,9 @@ def read_log(path: Path) -> LogInfo:
             info.particles_line = s
         elif m := re.match(r"Iteration (\d+) took ([\d.eE+-]+) s", s):
             info.times[int(m.group(1))] = float(m.group(2))
+            if phases:
+                info.phase_times[int(m.group(1))] = phases
+            phases = {}
         elif m := re.match(r"Wall time: .*\(([\d.]+) s\); peak memory: ([\d.]+) GiB", s):
             info.wall_time_s, info.peak_memory_gib = float(m.group(1)), float(m.group(2))
             info.finished_line = s
