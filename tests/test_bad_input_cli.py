@@ -224,7 +224,7 @@ def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
                                            ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
                                            ("--particle_diameter", "nan"), ("--max_memory", "0"),
                                            ("--max_memory", "nan"), ("--fsc_sigma_criterion", "-1"),
-                                           ("--fsc_sigma_criterion", "inf")])
+                                           ("--fsc_sigma_criterion", "inf"), ("--gpu", "abc"), ("--gpu", "0;1")])
 def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
     assert rc == 2 and option in err

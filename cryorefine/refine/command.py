@@ -274,6 +274,9 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
     require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
+    require(args.gpu is None or gpu_syntax_ok(args.gpu),
+            f"--gpu: {args.gpu!r} is not GPU numbers in RELION's syntax (nothing = all, 0, 0:1 one per MPI rank, "
+            "0,1:2,3)")
     argv = getattr(args, "_argv", None)
     command_line = "cryorefine refine" + ("".join(" " + shlex.quote(a) for a in argv) if argv else "")
     return RefineOptions(
@@ -291,6 +294,11 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
         batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
         command_line=command_line, gpu=args.gpu)
+
+
+def gpu_syntax_ok(gpu: str) -> bool:
+    """--gpu in RELION's syntax: "" (all), GPU numbers separated by ',' (one rank's) and ':' (ranks), or "cpu"."""
+    return gpu.strip().lower() == "cpu" or re.fullmatch(r"[\d\s,:]*", gpu) is not None
 
 
 def peak_memory_gib() -> float:
