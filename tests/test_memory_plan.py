@@ -77,6 +77,19 @@ def test_final_iteration_adds_the_raw_copies_and_the_joined_sum():
     assert diff == 3 * acc_one
 
 
+def test_final_floor_is_a_lower_bound_of_the_final_iteration():
+    """The start-of-run 'at least' figure is never above the final iteration's own estimate, whatever the
+    reference limit reached (projectors) and the E-step's batch (the tutorial's run logged 7.97 GiB 'at least',
+    then 7.16 GiB for the final iteration, before the floor left the projectors out)."""
+    stack = 10 ** 8
+    floor = memory.final_floor(BOX, 2, stack, 0)
+    for radius in (0.5, BOX / 4, BOX / 2):
+        s = _sizes(final=True, stack_bytes=stack, projector_radius=radius, significant=1)
+        est = memory.estimate_peak(s, EStepLimits(1))
+        assert floor.peak <= est.peak
+        assert floor.peak >= est.peak - est.projectors - est.estep_batch - est.caches   # only those are left out
+
+
 def test_cache_is_what_a_fully_used_projection_cache_holds():
     proj, grid, tg, ps, inp, st = _batch()
     cache = st.cache

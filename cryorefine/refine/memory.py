@@ -303,10 +303,11 @@ def particle_bytes(data, poses) -> tuple[int, int]:
 
 
 def final_floor(box: int, pad: int, stack_bytes: int, table_bytes: int) -> MemoryEstimate:
-    """The part of the final iteration's estimate known before the run: everything but the E-step's batch and
-    caches, with the data used to Nyquist."""
+    """The part of the final iteration's estimate known before the run, a lower bound: everything but the E-step's
+    batch and caches and the projectors (references are projected only to their information limit, which the run
+    finds), with the data used to Nyquist."""
     s = IterationSizes(box=box, pad=pad, n_half=0, stack_bytes=stack_bytes, table_bytes=table_bytes,
-                       projector_radius=box / 2, data_radius=box / 2, optics_box=box, n_shells=box // 2 + 1, mc=0,
+                       projector_radius=0.0, data_radius=box / 2, optics_box=box, n_shells=box // 2 + 1, mc=0,
                        mf=0, n_translations=0, n_translation_children=0, n_orientation_children=0, n_coarse=0,
                        n_fine_grid=0, n_grid=0, local=True, significant=0, final=True)
     return estimate_peak(s, EStepLimits(1))

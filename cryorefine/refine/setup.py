@@ -81,8 +81,8 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
              f"half 2), box {box} px, {angpix:g} A/px, {len(data.optics)} optics group(s), {len(data.group_names)} "
              f"group(s); symmetry {opts.sym.upper()} ({len(sym_mats)} operators); {backend.describe()}")
     floor = memory.final_floor(box, opts.pad, *memory.particle_bytes(data, input_poses(data)))
-    log.line(f" Memory: the final iteration will need at least {floor.peak / memory.GIB:.2f} GiB (accumulators, "
-             f"projectors and reconstruction to Nyquist; each iteration's estimate is logged before it)")
+    log.line(f" Memory: the final iteration will need at least {floor.peak / memory.GIB:.2f} GiB (data, accumulators "
+             f"and reconstruction to Nyquist, before the projectors; each iteration's estimate is logged before it)")
     common = dict(opts=opts, data=data, box=box, angpix=angpix, sym_mats=sym_mats, solvent_mask=solvent,
                   log=log, reducer=reducer, backend=backend, clock=clock)
     if opts.continue_from:
