@@ -40,7 +40,8 @@ def test_two_ranks_match_one_process(subset: Path, small_set: Path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([MPIEXEC, "-n", "2", *_cmd(subset, ref, "two/run")], capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
-    assert "on 2 MPI processes" in two.stdout
+    per_rank = max(1, len(os.sched_getaffinity(0)) // 2)     # the node's cores shared by its 2 ranks
+    assert f"on 2 MPI processes, {per_rank} thread(s) each" in two.stdout
     assert two.stdout.count("Auto-refine: Iteration= 2") == 1           # only rank 0 logs
     a = starfile.read(subset / "one/run_it002_data.star", always_dict=True)["particles"]
     b = starfile.read(subset / "two/run_it002_data.star", always_dict=True)["particles"]
@@ -64,3 +65,12 @@ def test_mpiexec_with_a_foreign_mpi_library_is_an_error(subset: Path, small_set:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "started by mpiexec as 2 processes" in lines[0], r.stderr[-2000:]
     assert not (subset / "foreign").exists() or not any((subset / "foreign").iterdir())
+
+
+def test_default_threads_share_the_node_between_its_ranks():
+    from cryorefine.parallel.threads import default_threads
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads(3, 4) == 3                        # --j wins
+    assert default_threads(0, 1) == cores                    # one process: every core
+    assert default_threads(0, 2) == max(1, cores // 2)
+    assert default_threads(0, 4 * cores) == 1                # never 0

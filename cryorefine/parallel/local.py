@@ -11,6 +11,7 @@ class LocalReducer:
 
     rank = 0
     size = 1
+    local_size = 1            # processes of the run on this node
 
     @property
     def is_leader(self) -> bool:

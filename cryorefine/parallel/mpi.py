@@ -18,6 +18,8 @@ class MpiReducer:
         self.comm = comm or MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        # ranks sharing this node's cores (and memory)
+        self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size() if self.size > 1 else 1
 
     @property
     def is_leader(self) -> bool:

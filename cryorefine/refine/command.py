@@ -397,10 +397,11 @@ def run(args: argparse.Namespace) -> int:
         continue_arguments(args, given_dests(getattr(args, "_argv", None) or []))
     opts = options_from_args(args)
     check_output_folder(Path(opts.fn_out).parent)
-    from cryorefine.parallel.threads import limit_threads
-    limit_threads(opts.threads)
     from cryorefine.parallel.mpi import get_reducer
+    from cryorefine.parallel.threads import default_threads, limit_threads
     reducer = get_reducer()
+    threads = default_threads(opts.threads, reducer.local_size)
+    limit_threads(threads)
     before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)
     # only rank 0 writes the log (and every other file)
     control = getattr(args, "pipeline_control", None)
@@ -408,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
                  abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None)
     try:
         log.line(f" cryorefine refine, started {timestamp()}"
-                 + (f" on {reducer.size} MPI processes" if reducer.size > 1 else ""))
+                 + (f" on {reducer.size} MPI processes, {threads} thread(s) each" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")
         for note in compatibility_notes(args):
             log.line(note)

@@ -126,7 +126,7 @@ def read_log(path: Path) -> LogInfo:
         if s.startswith("Time: "):
             phases = parse_time_line(s)[0]                  # logged just before its "Iteration N took"
             continue
-        if m := re.match(r"cryorefine refine, started (.+?)(?: on \d+ MPI processes)?$", s):
+        if m := re.match(r"cryorefine refine, started (.+?)(?: on \d+ MPI processes.*)?$", s):
             info.started = m.group(1)
         elif s.startswith("cryorefine refine "):
             info.command_line = s
