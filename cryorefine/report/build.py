@@ -123,7 +123,8 @@ def iterations_section(run: R.RunFiles, name: str) -> tuple[Section, pd.DataFram
     table = R.iteration_table(run.root, run.iterations, run.log.times)
     html = ("<p>From <code>run_itNNN_half1_model.star</code> (resolution, local searches, image size, Pmax), "
             "<code>_optimiser.star</code> (accuracies, changes) and <code>_sampling.star</code> (steps); time, per "
-            "phase where it logs one, from <code>run.out</code>. Accuracies are estimated at the start of an iteration, changes at its end; "
+            "phase where it logs one, from <code>run.out</code>. Accuracies are estimated at the start of an "
+            "iteration, changes at its end; "
             "999 = not estimated (RELION's value); search: <code>rlnOrientationalPriorMode</code> 0 = global, "
             "1 = local.</p>" + data_table(_display(table), "iterations", TABLE_HEADERS))
     figs = ([_fig(f"{name}_iterations", F.iterations_figure(table, run.log.phase_times), "per-iteration statistics")]
