@@ -25,6 +25,24 @@ from bench.standard_sets import BENCH, ensure_set  # noqa: E402
 TARGETS = {"fsc05_masked_A": 3.60, "fsc05_A": 3.90, "seconds": 54.0}
 
 
+def reconstruct_and_score(data: Path, rec: Path, sym: str = "D2", extra: list[str] | None = None) -> dict:
+    """`cryorefine reconstruct --ctf` of a set's true poses (truth.star) into `rec`, scored against the truth:
+    {"seconds", **score.py's JSON}, or {"error": ...}."""
+    cmd = [sys.executable, "-m", "cryorefine", "reconstruct", "--i", str(data / "truth.star"), "--ctf",
+           "--sym", sym, "--o", str(rec), *(extra or [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    score = subprocess.run([sys.executable, str(BENCH / "score.py"), "--map", str(rec),
+                            "--truth", str(data / "truth.mrc"), "--mask", str(data / "mask.mrc")],
+                           capture_output=True, text=True)
+    if score.returncode != 0:
+        return {"error": score.stderr[-2000:]}
+    return {"seconds": round(seconds, 1), **json.loads(score.stdout.strip().splitlines()[-1])}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="medium", help="standard set name (default medium)")
@@ -37,21 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.keep or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rec = out_dir / "rec.mrc"
-        cmd = [sys.executable, "-m", "cryorefine", "reconstruct", "--i", str(data / "truth.star"), "--ctf",
-               "--sym", args.sym, "--o", str(rec), *shlex.split(args.extra)]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        seconds = time.perf_counter() - t0
-        score = subprocess.run([sys.executable, str(BENCH / "score.py"), "--map", str(rec),
-                                "--truth", str(data / "truth.mrc"), "--mask", str(data / "mask.mrc")],
-                               check=True, capture_output=True, text=True).stdout
-    res = json.loads(score.strip().splitlines()[-1])
-    result = {"set": args.set, "seconds": round(seconds, 1), "fsc05_masked_A": res["fsc05_masked_A"],
+        res = reconstruct_and_score(data, out_dir / "rec.mrc", args.sym, shlex.split(args.extra))
+    if "error" in res:
+        print(res["error"], file=sys.stderr)
+        return 1
+    result = {"set": args.set, "seconds": res["seconds"], "fsc05_masked_A": res["fsc05_masked_A"],
               "fsc05_A": res["fsc05_A"], "fsc0143_masked_A": res["fsc0143_masked_A"],
               "fsc0143_A": res["fsc0143_A"], "shift_A": res["shift_A"]}
     ok = all(result[k] <= v for k, v in TARGETS.items())
-    print(f"reconstruct {args.set}: {seconds:.1f} s; FSC 0.5 masked {result['fsc05_masked_A']:.2f} Å, "
+    print(f"reconstruct {args.set}: {result['seconds']:.1f} s; FSC 0.5 masked {result['fsc05_masked_A']:.2f} Å, "
           f"unmasked {result['fsc05_A']:.2f} Å; 0.143 masked {result['fsc0143_masked_A']:.2f} Å, "
           f"unmasked {result['fsc0143_A']:.2f} Å -> {'meets' if ok else 'MISSES'} targets {TARGETS}")
     print(json.dumps({**result, "targets_met": ok}))

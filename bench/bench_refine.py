@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench_reconstruct import reconstruct_and_score  # noqa: E402
 from bench.standard_sets import BENCH, ensure_set  # noqa: E402
 from cryorefine.refine.timing import parse_time_line  # noqa: E402
 
@@ -45,19 +46,11 @@ def phase_totals(log: str) -> dict[str, dict[str, float]]:
 
 
 def true_pose_score(name: str) -> dict:
-    """`cryorefine reconstruct --ctf --sym D2` from the simulator's true poses, scored against the truth: what the
-    refined map is compared with (Refine3D/truepose.mrc)."""
+    """The set reconstructed from the simulator's true poses (Refine3D/truepose.mrc) and scored: what the refined map
+    is compared with."""
     d = ensure_set(name)
     (d / "Refine3D").mkdir(exist_ok=True)
-    t0 = time.time()
-    rec = subprocess.run([sys.executable, "-m", "cryorefine", "reconstruct", "--i", "truth.star", "--ctf", "--sym", "D2",
-                          "--o", "Refine3D/truepose.mrc"], cwd=d, capture_output=True, text=True)
-    if rec.returncode != 0:
-        return {"error": rec.stderr[-2000:]}
-    seconds = time.time() - t0
-    score = subprocess.run([sys.executable, str(BENCH / "score.py"), "--map", "Refine3D/truepose.mrc", "--truth",
-                            "truth.mrc", "--mask", "mask.mrc"], cwd=d, capture_output=True, text=True).stdout
-    return {"seconds": round(seconds, 1), **json.loads(score.strip().splitlines()[-1])}
+    return reconstruct_and_score(d, d / "Refine3D" / "truepose.mrc", "D2")
 
 
 def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = None,

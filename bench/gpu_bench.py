@@ -54,14 +54,14 @@ def table(rows: list[dict]) -> str:
 
 def map_agreement(d: Path, root_a: str, root_b: str, resolution_a: float | None) -> dict:
     """Lowest FSC between two runs' final maps up to their reported resolution (and its shell), or why not."""
-    import mrcfile
+    from cryorefine.errors import InputError
     from cryorefine.fourier.fsc import fsc
+    from cryorefine.io.mrc import read_map
     try:
-        with mrcfile.open(d / "Refine3D" / f"{root_a}_class001.mrc") as a, \
-                mrcfile.open(d / "Refine3D" / f"{root_b}_class001.mrc") as b:
-            curve, angpix, box = fsc(a.data, b.data), float(a.voxel_size.x), a.data.shape[0]
-    except (OSError, ValueError) as exc:
+        (a, angpix), (b, _) = (read_map(d / "Refine3D" / f"{r}_class001.mrc") for r in (root_a, root_b))
+    except InputError as exc:
         return {"error": str(exc)}
+    curve, box = fsc(a, b), a.shape[0]
     last = int(box * angpix / resolution_a) if resolution_a else len(curve) - 1
     return {"min_fsc_to_reported": round(float(curve[1:last + 1].min()), 5), "to_shell": last}
 
