@@ -53,6 +53,20 @@ def true_pose_score(name: str) -> dict:
     return reconstruct_and_score(d, d / "Refine3D" / "truepose.mrc", "D2")
 
 
+def map_agreement(d: Path, root_a: str, root_b: str, resolution_a: float | None) -> dict:
+    """Lowest FSC between two runs' final maps up to their reported resolution (and its shell), or why not."""
+    from cryorefine.errors import InputError
+    from cryorefine.fourier.fsc import fsc
+    from cryorefine.io.mrc import read_map
+    try:
+        (a, angpix), (b, _) = (read_map(d / "Refine3D" / f"{r}_class001.mrc") for r in (root_a, root_b))
+    except InputError as exc:
+        return {"error": str(exc)}
+    curve, box = fsc(a, b), a.shape[0]
+    last = int(box * angpix / resolution_a) if resolution_a else len(curve) - 1
+    return {"min_fsc_to_reported": round(float(curve[1:last + 1].min()), 5), "to_shell": last}
+
+
 def run_set(name: str, extra: list[str], tag: str = "", timeout: float | None = None,
             launcher: tuple[str, ...] = ()) -> dict:
     """Run `cryorefine refine` on the set (under `launcher`, e.g. mpiexec -n 3), score it, and return the

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_refine import run_set  # noqa: E402
+from bench.bench_refine import map_agreement, run_set  # noqa: E402
 from bench.standard_sets import DATA, ensure_set  # noqa: E402
 
 
@@ -50,20 +50,6 @@ def table(rows: list[dict]) -> str:
                    f"{r['reported_A']} Å | {fm} / {fu} Å | {s.get('ang_median_deg')}° / "
                    f"{s.get('off_median_A')} Å |")
     return "\n".join(out)
-
-
-def map_agreement(d: Path, root_a: str, root_b: str, resolution_a: float | None) -> dict:
-    """Lowest FSC between two runs' final maps up to their reported resolution (and its shell), or why not."""
-    from cryorefine.errors import InputError
-    from cryorefine.fourier.fsc import fsc
-    from cryorefine.io.mrc import read_map
-    try:
-        (a, angpix), (b, _) = (read_map(d / "Refine3D" / f"{r}_class001.mrc") for r in (root_a, root_b))
-    except InputError as exc:
-        return {"error": str(exc)}
-    curve, box = fsc(a, b), a.shape[0]
-    last = int(box * angpix / resolution_a) if resolution_a else len(curve) - 1
-    return {"min_fsc_to_reported": round(float(curve[1:last + 1].min()), 5), "to_shell": last}
 
 
 def write(out: Path, report: dict) -> None:

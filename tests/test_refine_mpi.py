@@ -1,4 +1,4 @@
-"""The same refinement on one process and on two MPI ranks (mpiexec, mpi4py) gives the same answer."""
+"""The same refinement on one process and on three MPI ranks (mpiexec, mpi4py) gives the same answer."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import starfile
 
 from conftest import write_subset
 from cryorefine.io.mrc import read_map
+from cryorefine.io.star import read_star, write_star
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec")
@@ -33,25 +34,59 @@ def _cmd(d: Path, ref: Path, out: str) -> list[str]:
             "--auto_iter_max", "2"]
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
-def test_two_ranks_match_one_process(subset: Path, small_set: Path):
-    ref = small_set / "reference.mrc"
-    one = subprocess.run(_cmd(subset, ref, "one/run"), capture_output=True, text=True)
+def _same_map(a: Path, b: Path) -> float:
+    m1, _ = read_map(a)
+    m2, _ = read_map(b)
+    return float(np.corrcoef(m1.ravel(), m2.ravel())[0, 1])
+
+
+@pytest.fixture(scope="module")
+def one_process(subset: Path, small_set: Path) -> Path:
+    """Two iterations on one process."""
+    one = subprocess.run(_cmd(subset, small_set / "reference.mrc", "one/run"), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([MPIEXEC, "-n", "2", *_cmd(subset, ref, "two/run")], capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
-    per_rank = max(1, len(os.sched_getaffinity(0)) // 2)     # the node's cores shared by its 2 ranks
-    assert f"on 2 MPI processes, {per_rank} thread(s) each" in two.stdout
-    assert two.stdout.count("Auto-refine: Iteration= 2") == 1           # only rank 0 logs
-    a = starfile.read(subset / "one/run_it002_data.star", always_dict=True)["particles"]
-    b = starfile.read(subset / "two/run_it002_data.star", always_dict=True)["particles"]
+    return subset / "one"
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_three_ranks_match_one_process(subset: Path, small_set: Path, one_process: Path):
+    """Ranks 0 and 1 reconstruct half 1 and half 2 and rank 2 none; every rank gets both maps."""
+    ref = small_set / "reference.mrc"
+    three = subprocess.run([MPIEXEC, "-n", "3", *_cmd(subset, ref, "three/run")], capture_output=True, text=True)
+    assert three.returncode == 0, three.stderr[-2000:]
+    per_rank = max(1, len(os.sched_getaffinity(0)) // 3)     # the node's cores shared by its 3 ranks
+    assert f"on 3 MPI processes, {per_rank} thread(s) each" in three.stdout
+    assert three.stdout.count("Auto-refine: Iteration= 2") == 1           # only rank 0 logs
+    a = starfile.read(one_process / "run_it002_data.star", always_dict=True)["particles"]
+    b = starfile.read(subset / "three/run_it002_data.star", always_dict=True)["particles"]
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
         same = np.isclose(a[col], b[col], atol=1e-2)
         assert same.mean() > 0.97, (col, same.mean())
-    for h in (1, 2):
-        m1, _ = read_map(subset / f"one/run_it002_half{h}_class001.mrc")
-        m2, _ = read_map(subset / f"two/run_it002_half{h}_class001.mrc")
-        assert np.corrcoef(m1.ravel(), m2.ravel())[0, 1] > 0.999
+    for it in (1, 2):           # iteration 2's search used iteration 1's maps, made on ranks 0 and 1
+        for h in (1, 2):
+            name = f"run_it{it:03d}_half{h}_class001.mrc"
+            assert _same_map(one_process / name, subset / "three" / name) > 0.999, name
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_final_iteration_on_three_ranks_matches_one_process(subset: Path, one_process: Path, tmp_path: Path):
+    """The final, joined iteration (made on rank 0 from both halves' sums) gives the same maps as on one process:
+    iteration 2's optimiser file, marked as ready to converge, is continued by both."""
+    shutil.copytree(one_process, tmp_path / "ready")
+    ready = tmp_path / "ready" / "run_it002_optimiser.star"
+    opt = read_star(ready)
+    opt["optimiser_general"].update({"cryorefineHasFineEnoughAngularSampling": "1",
+                                     "rlnNumberOfIterWithoutResolutionGain": "1",
+                                     "rlnNumberOfIterWithoutChangingAssignments": "1"})
+    write_star(ready, opt)
+    common = [sys.executable, "-m", "cryorefine", "refine", "--continue", str(ready), "--auto_iter_max", "3"]
+    for n, out in ((1, "one"), (3, "three")):
+        launch = [MPIEXEC, "-n", str(n)] if n > 1 else []
+        r = subprocess.run([*launch, *common, "--o", str(tmp_path / out / "run")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "Refinement has converged, stopping now" in r.stdout, r.stdout[-3000:]
+    for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc"):
+        assert _same_map(tmp_path / "one" / name, tmp_path / "three" / name) > 0.999, name
 
 
 def test_mpiexec_with_a_foreign_mpi_library_is_an_error(subset: Path, small_set: Path, tmp_path: Path):

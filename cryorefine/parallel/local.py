@@ -22,6 +22,17 @@ class LocalReducer:
         """This process's share of particle rows (all of them here)."""
         return rows
 
+    def half_owner(self, half: int) -> int:
+        """The process that reconstructs half 1 or 2 (this one)."""
+        return 0
+
+    def wait_for_all(self) -> None:
+        """Nothing to wait for in one process."""
+
+    def broadcast(self, obj, root: int):
+        """`obj` itself (the only process is the root)."""
+        return obj
+
     def sum_array(self, a: NDArray) -> NDArray:
         """Element-wise sum over processes, in place where possible."""
         return a

@@ -1,9 +1,10 @@
-"""MPI reducer (mpi4py): every rank takes a share of each half's particles; sums are all-reduced, so every
-rank runs the same M-step on the same numbers and rank 0 writes the files."""
+"""MPI reducer (mpi4py): every rank takes a share of each half's particles; sums are all-reduced; each half's
+reconstruction runs on one rank (half 1 on rank 0, half 2 on rank 1) and is broadcast; rank 0 writes the files."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,6 +31,21 @@ class MpiReducer:
         """Every size-th row starting at this rank (balanced over micrographs and optics groups)."""
         return rows[self.rank::self.size]
 
+    def half_owner(self, half: int) -> int:
+        """The rank that reconstructs half 1 or 2: two ranks reconstruct the halves at once, one keeps both."""
+        return (half - 1) % self.size
+
+    def wait_for_all(self) -> None:
+        """Block until every rank arrives, sleeping rather than polling: MPICH's blocking calls spin, and a rank
+        spinning while others finish their E-step share or a reconstruction takes their cores."""
+        if self.size == 1:
+            return
+        request = self.comm.Ibarrier()
+        pause = 1e-4
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
+
     def library(self) -> str:
         """The first line of the MPI library's version string."""
         return " ".join(self._mpi.Get_library_version().strip().splitlines()[0].split())
@@ -37,17 +53,29 @@ class MpiReducer:
     def sum_array(self, a: NDArray) -> NDArray:
         """In-place element-wise sum over ranks (a must be a contiguous numpy array)."""
         if self.size > 1:
+            self.wait_for_all()
             self.comm.Allreduce(self._mpi.IN_PLACE, a, op=self._mpi.SUM)
         return a
 
     def sum_scalar(self, x: float) -> float:
         """Sum of a number over ranks."""
-        return self.comm.allreduce(x, op=self._mpi.SUM) if self.size > 1 else x
+        if self.size == 1:
+            return x
+        self.wait_for_all()
+        return self.comm.allreduce(x, op=self._mpi.SUM)
+
+    def broadcast(self, obj, root: int):
+        """`obj` of rank `root` (pickled) on every rank."""
+        if self.size == 1:
+            return obj
+        self.wait_for_all()
+        return self.comm.bcast(obj, root=root)
 
     def gather_rows(self, rows: NDArray[np.int64], values: NDArray) -> tuple[NDArray[np.int64], NDArray]:
         """All ranks' (rows, values) concatenated, on every rank."""
         if self.size == 1:
             return rows, values
+        self.wait_for_all()
         parts = self.comm.allgather((rows, values))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 

@@ -30,7 +30,7 @@ from cryorefine.refine.state import Poses
 class HalfAccumulator:
     """Sums over the particles of one half; `reduce` sums every field over processes."""
 
-    bp: BackProjector
+    bp: BackProjector | None                       # None where this process does not reconstruct the half (loop)
     sigma2_num: dict[int, NDArray[np.float64]]     # optics index -> Σ w̄ |residual|² per shell of its box
     sigma2_wsum: NDArray[np.float64]               # per optics index: Σ w̄
     scale_num: NDArray[np.float64]                 # per group

@@ -87,10 +87,11 @@ def iterate_once(state: RunState, it: int) -> RunState:
     with clock.phase("E-step"):
         new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
     state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
-    raw = [copy.deepcopy(a.bp) for a in accs] if final else None
+    raw = [copy.deepcopy(a.bp) for a in accs] if final and state.reducer.is_leader else None
     with clock.phase("FSC"):
         fsc, null_sigma = gold_standard_fsc(state, accs)
     state = replace(state, counters=cnt.with_fsc(state.counters, fsc, null_sigma))
+    accs = [a if reconstructs(state.reducer, h, final) else replace(a, bp=None) for h, a in enumerate(accs, start=1)]
     with clock.phase("M-step"):
         state = maximization(state, accs, fsc, final, cc, raw)
     state = with_pose_changes(state, new_poses)
@@ -235,7 +236,14 @@ def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> tuple[np.
     if state.opts.low_resol_join_halves > 0:
         bpm.join_low_resolution(accs[0].bp, accs[1].bp, join_shell(state))
     state.log.line(" Calculating gold-standard FSC ...")
-    return bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp)
+    red = state.reducer
+    return red.broadcast(bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp) if red.is_leader else None, root=0)
+
+
+def reconstructs(reducer, half: int, final: bool) -> bool:
+    """True when this process makes half `half`'s map: its owner, or in the final iteration the leader, which
+    makes the joined map from both halves' sums. Other processes drop those sums before the M-step."""
+    return reducer.is_leader if final else reducer.rank == reducer.half_owner(half)
 
 
 def join_shell(state: RunState) -> int:
@@ -258,17 +266,23 @@ def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, 
         counts = np.bincount(data.group[data.subset == h], minlength=len(data.group_names))
         models.append(mstep.update_model_statistics(m, acc, boxes, counts, opts.norm, opts.scale,
                                                     opts.min_sigma2_offset, cc))
+    red = state.reducer
     unfiltered = None
     if final:
-        vol, stats = mstep.reconstruct_joined(accs[0].bp, accs[1].bp, fsc, opts.tau2_fudge)
+        joined = None
+        if red.is_leader:
+            joined = mstep.reconstruct_joined(accs[0].bp, accs[1].bp, fsc, opts.tau2_fudge)
+            unfiltered = tuple(bpm.reconstruct(b, tau2=None) for b in raw)
+        vol, stats = red.broadcast(joined, root=0)
         models = [mstep.with_reference(m, vol, stats) for m in models]
-        unfiltered = tuple(bpm.reconstruct(b, tau2=None) for b in raw)
     else:
         mask = state.solvent_mask if opts.flatten_solvent else None
         lowpass = opts.ini_high if cc else 0.0
-        models = [mstep.with_reference(m, *mstep.reconstruct_half(acc.bp, fsc, opts.tau2_fudge, state.angpix,
-                                                                   lowpass, mask))
-                  for m, acc in zip(models, accs)]
+        # each owner reconstructs its half before any broadcast, so two processes make the two maps at once
+        mine = {h: mstep.reconstruct_half(accs[h - 1].bp, fsc, opts.tau2_fudge, state.angpix, lowpass, mask)
+                for h in (1, 2) if reconstructs(red, h, final)}
+        models = [mstep.with_reference(m, *red.broadcast(mine.get(h), root=red.half_owner(h)))
+                  for h, m in enumerate(models, start=1)]
     counters = cnt.with_resolution(state.counters, models[0].ssnr, state.box, state.angpix, opts.ini_high,
                                    keep_ini_high=cc)
     if final:
