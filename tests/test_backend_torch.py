@@ -119,7 +119,7 @@ def _refine(star: Path, small_set: Path, out: Path, *extra: str) -> None:
 
 
 def test_refinement_with_the_torch_backend_matches_the_cpu_backend(small_set, tmp_path):
-    star = write_subset(small_set, 300, tmp_path / "sub.star")
+    star = write_subset(small_set, 200, tmp_path / "sub.star")
     _refine(star, small_set, tmp_path / "cpu" / "run")
     _refine(star, small_set, tmp_path / "torch" / "run", "--gpu", "cpu")
     log = (tmp_path / "torch" / "run.out").read_text()

@@ -223,3 +223,41 @@ def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_p
     peaks = [float(x) for x in re.findall(r" Memory: measured peak ([\d.]+) GiB so far",
                                           (tmp_path / "Refine3D" / "run.out").read_text())]
     assert len(peaks) == 2 and peaks[0] <= peaks[1] and 0.1 < peaks[1] <= memory.peak_bytes() / memory.GIB + 0.01
+
+
+def test_after_the_cc_iteration_the_plan_counts_a_probe_batch(small_set, tmp_path, monkeypatch):
+    """Iteration 2 (after the cross-correlation one) has no earlier counts of the pass-2 buffers: pass 1 of a batch
+    of half-1 particles drawn at random is run before the plan, and its counts per particle are those the E-step
+    then counts on those particles (here the whole half, one batch)."""
+    import starfile
+
+    from cryorefine.cli import main
+    from cryorefine.refine import loop
+
+    src = small_set / "particles.star"
+    blocks = starfile.read(src, always_dict=True)
+    parts = blocks["particles"].head(24).copy()
+    parts["rlnImageName"] = [f"{s.split('@')[0]}@{src.parent / s.split('@')[1]}" for s in parts["rlnImageName"]]
+    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "p.star")
+    probes, halves = [], []
+    real_probe, real_expectation = loop.probe_stats, loop.expectation
+
+    def probe(*args, **kw):
+        probes.append(real_probe(*args, **kw))
+        return probes[-1]
+
+    def expectation(*args, **kw):
+        new_poses, accs = real_expectation(*args, **kw)
+        halves.append(accs[0])
+        return new_poses, accs
+    monkeypatch.setattr(loop, "probe_stats", probe)
+    monkeypatch.setattr(loop, "expectation", expectation)
+    argv = ["refine", "--i", str(tmp_path / "p.star"), "--ref", str(small_set / "reference.mrc"),
+            "--o", str(tmp_path / "run"), "--sym", "D2", "--ini_high", "50", "--particle_diameter", "150",
+            "--auto_iter_max", "2", "--j", "1", "--quiet"]
+    assert main(argv) == 0
+    assert len(probes) == 1 and len(halves) == 2          # probed in iteration 2 only
+    acc, seen = halves[1], probes[0]
+    n = acc.count
+    assert 0 < n <= 64 and seen.blocks > 1              # one batch: the whole half
+    assert (seen.blocks, seen.fine_rows, seen.columns) == (acc.n_blocks / n, acc.n_fine_rows / n, acc.n_columns / n)

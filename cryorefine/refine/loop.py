@@ -25,7 +25,7 @@ from cryorefine.refine import memory, mstep, outputs
 from cryorefine.refine.accuracy import estimate_accuracy
 from cryorefine.refine.convergence import pose_changes
 from cryorefine.refine.estep import HalfAccumulator
-from cryorefine.refine.expectation import expectation_half, gather_poses
+from cryorefine.refine.expectation import expectation_half, gather_poses, probe_stats
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, RunState
@@ -83,7 +83,15 @@ def iterate_once(state: RunState, it: int) -> RunState:
                        f"{'local' if s.local_searches else 'global'} searches)")
     state = replace(state, sampling=autos.perturbed(state.sampling, rng))
     grid = log_search(state, it, cc)
-    plan = memory_plan(state, grid, cc, rmax)
+    probe = None
+    if memory.after_cc_iteration(state):
+        with clock.phase("E-step"):
+            probe = probe_stats(state, projectors[0], grid, rmax, memory.EStepLimits(state.opts.batch_size), rng)
+        if probe is not None:
+            state.log.line(f" Memory: planned from pass 1 of {state.opts.batch_size} random half-1 particles (no "
+                           f"earlier E-step counted them): per particle {probe.blocks:.0f} significant coarse "
+                           f"samples, {probe.fine_rows:.0f} fine orientations, {probe.columns:.0f} fine translations")
+    plan = memory_plan(state, grid, cc, rmax, probe)
     with clock.phase("E-step"):
         new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
     state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
@@ -193,10 +201,11 @@ def log_search(state: RunState, it: int, cc: bool):
     return grid
 
 
-def memory_plan(state: RunState, grid, cc: bool, rmax: float) -> memory.MemoryPlan:
+def memory_plan(state: RunState, grid, cc: bool, rmax: float, probe=None) -> memory.MemoryPlan:
     """The iteration's estimated peak memory, and the E-step limits (from --batch_size) lowered until it fits
-    --max_memory or the memory available; loudly before the final iteration, as RELION warns of its RAM."""
-    sizes = memory.iteration_sizes(state, grid, rmax, cc)
+    --max_memory or the memory available; loudly before the final iteration, as RELION warns of its RAM. `probe`:
+    pass 1 of a first batch, for the iteration after the cross-correlation one."""
+    sizes = memory.iteration_sizes(state, grid, rmax, cc, probe)
     budget = memory.budget_bytes(state.opts.max_memory_gib, state.reducer.size)
     plan = memory.fit_budget(sizes, memory.EStepLimits(state.opts.batch_size), budget)
     state.log.line(memory.plan_line(plan))

@@ -329,8 +329,15 @@ def expected_significant(nr_significant: np.ndarray, batch: int, cap: int, cc: b
     return int(min(cap, math.ceil(counts.mean() + 3 * counts.std() / math.sqrt(max(1, batch)))))
 
 
-def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool) -> IterationSizes:
-    """The sizes of this iteration of a RunState (after its image sizes, reference limit and sampling are set)."""
+def after_cc_iteration(state) -> bool:
+    """True in the iteration after the cross-correlation one: no E-step with posteriors has counted buffers yet."""
+    return state.opts.firstiter_cc and state.counters.iteration == 2
+
+
+def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool,
+                    probe: EStepStats | None = None) -> IterationSizes:
+    """The sizes of this iteration of a RunState (after its image sizes, reference limit and sampling are set);
+    `probe` (expectation.probe_stats) stands in for the last E-step's counts after the cross-correlation iteration."""
     opts, c, data, s = state.opts, state.counters, state.data, state.sampling
     groups = [(og, optics_size(c.current_size, og.box, og.model_scale)) for og in data.optics]
     og, size_o = max(groups, key=lambda g: pixel_set(g[0].box, g[1], g[0].model_scale, g[0].mag).m)
@@ -346,8 +353,8 @@ def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool) -> Iter
     else:
         n_coarse = max(int((m.pdf_direction > 0).sum()) for m in state.models) * grid.n_psi
     cap = n_t * n_coarse if opts.maxsig <= 0 else min(opts.maxsig, n_t * n_coarse)
-    after_cc = opts.firstiter_cc and c.iteration == 2
-    seen = state.estep_stats if not (cc or after_cc) else None
+    after_cc = after_cc_iteration(state)
+    seen = None if cc else (probe if after_cc else state.estep_stats)
     halves = [len(state.reducer.share(np.nonzero(data.subset == h)[0])) for h in (1, 2)]
     stack, table = particle_bytes(data, state.poses)
     return IterationSizes(
