@@ -88,9 +88,10 @@ def iterate_once(state: RunState, it: int) -> RunState:
         with clock.phase("E-step"):
             probe = probe_stats(state, projectors[0], grid, rmax, memory.EStepLimits(state.opts.batch_size), rng)
         if probe is not None:
-            state.log.line(f" Memory: planned from pass 1 of {state.opts.batch_size} random half-1 particles (no "
-                           f"earlier E-step counted them): per particle {probe.blocks:.0f} significant coarse "
-                           f"samples, {probe.fine_rows:.0f} fine orientations, {probe.columns:.0f} fine translations")
+            state.log.line(f" Memory: planned from pass 1 of a batch (up to {state.opts.batch_size}) of random "
+                           f"half-1 particles (no earlier E-step counted them): per particle {probe.blocks:.0f} "
+                           f"significant coarse samples, {probe.fine_rows:.0f} fine orientations, "
+                           f"{probe.columns:.0f} fine translations")
     plan = memory_plan(state, grid, cc, rmax, probe)
     with clock.phase("E-step"):
         new_poses, accs = expectation(state, projectors, grid, cc, rmax, plan.limits)
@@ -204,7 +205,7 @@ def log_search(state: RunState, it: int, cc: bool):
 def memory_plan(state: RunState, grid, cc: bool, rmax: float, probe=None) -> memory.MemoryPlan:
     """The iteration's estimated peak memory, and the E-step limits (from --batch_size) lowered until it fits
     --max_memory or the memory available; loudly before the final iteration, as RELION warns of its RAM. `probe`:
-    pass 1 of a first batch, for the iteration after the cross-correlation one."""
+    pass 1 of a random batch, for the iteration after the cross-correlation one."""
     sizes = memory.iteration_sizes(state, grid, rmax, cc, probe)
     budget = memory.budget_bytes(state.opts.max_memory_gib, state.reducer.size)
     plan = memory.fit_budget(sizes, memory.EStepLimits(state.opts.batch_size), budget)
