@@ -187,19 +187,14 @@ def test_available_and_resident_bytes_read_proc(tmp_path):
 
 
 def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_path, monkeypatch):
-    """Wired in: a budget below the interpreter's own footprint lowers what saves memory (in iteration 2, whose
-    fine pass is planned for every coarse sample significant, the E-step batch to 1 particle: the batches the E-step
-    forms), logs the estimate, what it lowered and the warning, and the refinement still finishes."""
-    import starfile
-
+    """Wired in: a budget below the interpreter's own footprint lowers what saves memory (in iteration 2 the E-step
+    batch to 1 particle: the batches the E-step forms), logs the estimate, what it lowered and the warning, and the
+    refinement still finishes."""
+    from conftest import write_subset
     from cryorefine.cli import main
     from cryorefine.refine import expectation
 
-    src = small_set / "particles.star"
-    blocks = starfile.read(src, always_dict=True)
-    parts = blocks["particles"].head(16).copy()
-    parts["rlnImageName"] = [f"{s.split('@')[0]}@{src.parent / s.split('@')[1]}" for s in parts["rlnImageName"]]
-    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "p.star")
+    write_subset(small_set, 16, tmp_path / "p.star")
     batch_args, sizes = [], []
     real = expectation.iter_batches
 
@@ -229,16 +224,11 @@ def test_after_the_cc_iteration_the_plan_counts_a_probe_batch(small_set, tmp_pat
     """Iteration 2 (after the cross-correlation one) has no earlier counts of the pass-2 buffers: pass 1 of a batch
     of half-1 particles drawn at random is run before the plan, and its counts per particle are those the E-step
     then counts on those particles (here the whole half, one batch)."""
-    import starfile
-
+    from conftest import write_subset
     from cryorefine.cli import main
     from cryorefine.refine import loop
 
-    src = small_set / "particles.star"
-    blocks = starfile.read(src, always_dict=True)
-    parts = blocks["particles"].head(24).copy()
-    parts["rlnImageName"] = [f"{s.split('@')[0]}@{src.parent / s.split('@')[1]}" for s in parts["rlnImageName"]]
-    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "p.star")
+    write_subset(small_set, 24, tmp_path / "p.star")
     probes, halves = [], []
     real_probe, real_expectation = loop.probe_stats, loop.expectation
 

@@ -25,7 +25,7 @@ from cryorefine.refine import memory, mstep, outputs
 from cryorefine.refine.accuracy import estimate_accuracy
 from cryorefine.refine.convergence import pose_changes
 from cryorefine.refine.estep import HalfAccumulator
-from cryorefine.refine.expectation import expectation_half, gather_poses, probe_stats
+from cryorefine.refine.expectation import expectation_half, gather_poses, half_rows, probe_stats
 from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, RunState
@@ -230,9 +230,7 @@ def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float, 
     for acc in accs:
         acc.reduce(state.reducer)
         bpm.symmetrise(acc.bp, state.sym_mats)
-    data = state.data
-    gather_poses(state.reducer, new_poses, np.concatenate(
-        [state.reducer.share(np.nonzero(data.subset == h)[0]) for h in (1, 2)]))
+    gather_poses(state.reducer, new_poses, np.concatenate([half_rows(state, h) for h in (1, 2)]))
     if state.opts.maxsig > 0 and not cc:
         n_hit = int((new_poses.nr_significant >= state.opts.maxsig).sum())
         state.log.line(f" --maxsig {state.opts.maxsig}: {n_hit} of {len(new_poses.nr_significant)} particles reached "
