@@ -295,15 +295,62 @@ def test_report_module_is_imported_lazily():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_report_refresh_during_a_run_is_throttled(monkeypatch):
-    """The page is redrawn only when the time since the last drawing is >= ratio x its cost."""
+class _FakeChild:
+    """A Popen stand-in that is running until `done` is set; it 'prints' `text` into the given file."""
+
+    def __init__(self, out, text: str, rc: int):
+        self.out, self.text, self.rc, self.done, self.returncode = out, text, rc, False, None
+
+    def poll(self):
+        if self.done and self.returncode is None:
+            self.out.write(self.text.encode())
+            self.returncode = self.rc
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self.done:
+            import subprocess as sp
+            raise sp.TimeoutExpired("child", timeout)
+        return self.poll()
+
+    def terminate(self):
+        self.done, self.rc = True, -15
+
+
+def test_report_redraw_during_a_run_waits_for_the_previous_one():
+    """A redraw is started only when the previous child has finished; what a child prints is logged, a failed or
+    stopped child gives one warning line naming the page."""
     import cryorefine.report as rep
-    calls = []
-    clock = iter([0.0, 2.0, 3.0, 25.0, 27.0]).__next__
-    monkeypatch.setattr(rep, "refresh_report", lambda root, log=None, postprocess=None: calls.append(root))
-    r = rep.ThrottledReport(ratio=10.0)
-    r._clock = clock
-    assert r.maybe_refresh("a")            # first: drawn (0 -> 2 s: cost 2 s)
-    assert not r.maybe_refresh("a")        # at 3 s: 1 s after, < 20 s
-    assert r.maybe_refresh("a")            # at 25 s: 23 s after the last drawing ended
-    assert calls == ["a", "a"]
+    children, lines = [], []
+
+    def launch(root, out):
+        children.append(_FakeChild(out, " WARNING: could not write the report x_report.html: boom\n"
+                                   if not children else "", rc=0))
+        return children[-1]
+    r = rep.BackgroundReport(launch=launch)
+    assert r.maybe_refresh("x", lines.append)            # first: started
+    assert not r.maybe_refresh("x", lines.append)        # still running: skipped
+    children[0].done = True
+    assert r.maybe_refresh("x", lines.append)            # finished: its output logged, a new one started
+    assert lines == [" WARNING: could not write the report x_report.html: boom"]
+    assert len(children) == 2
+    r.close(lines.append, timeout=0.0)                   # still running: stopped, and said so
+    assert lines[-1] == " WARNING: could not write the report x_report.html: exit status -15"
+    r.close(lines.append)                                # nothing left to wait for
+    assert len(lines) == 2
+
+
+def test_report_redraw_in_a_child_process_writes_the_page(stopped_run: Path, tmp_path: Path):
+    """The real child draws the page of a run at the lowest priority; a root with no run gives the warning."""
+    import cryorefine.report as rep
+    html = Path(f"{stopped_run}_report.html")
+    html.unlink()
+    lines: list[str] = []
+    r = rep.BackgroundReport()
+    assert r.maybe_refresh(str(stopped_run), lines.append)
+    r.close(lines.append)
+    assert html.exists() and lines == [], lines
+    assert not list(stopped_run.parent.glob(".*.tmp*"))
+    r.maybe_refresh(str(tmp_path / "none"), lines.append)
+    r.close(lines.append)
+    assert len(lines) == 1 and "could not write the report" in lines[0] and "none" in lines[0], lines

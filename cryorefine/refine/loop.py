@@ -30,7 +30,7 @@ from cryorefine.refine.orientations import make_grid
 from cryorefine.refine.restart import iteration_rng
 from cryorefine.refine.state import Counters, RunState
 from cryorefine.refine.timing import time_line
-from cryorefine.report import ThrottledReport
+from cryorefine.report import BackgroundReport
 
 
 def run_refinement(state: RunState) -> RunState:
@@ -40,7 +40,19 @@ def run_refinement(state: RunState) -> RunState:
     if state.start_iteration == 1 and state.reducer.is_leader:
         outputs.write_iteration(state, 0, final=False)
     it = state.start_iteration
-    report = ThrottledReport()
+    report = BackgroundReport()
+    try:
+        state = _iterate(state, it, report)
+    except BaseException:
+        report.close(state.log.line, timeout=0.0)     # stopped: the page is not wanted, nor a wait for it
+        raise
+    report.close(state.log.line)
+    return state
+
+
+def _iterate(state: RunState, it: int, report: BackgroundReport) -> RunState:
+    """The loop of run_refinement from iteration `it`; the page is redrawn in the background after each."""
+    opts = state.opts
     while True:
         state = replace(state, counters=cnt.with_convergence(state.counters, opts.auto_ignore_angles))
         log_iteration_start(state, it)
@@ -48,8 +60,6 @@ def run_refinement(state: RunState) -> RunState:
         state = iterate_once(state, it)
         state.log.line(f" Iteration {it} took {time.time() - t0:.1f} s")
         state.log.line(f" Memory: measured peak {memory.peak_bytes() / memory.GIB:.2f} GiB so far")
-        if state.reducer.is_leader:
-            report.maybe_refresh(opts.fn_out, state.log.line)
         note = state.backend.memory_note()
         if note:
             state.log.line(f" {note}")
@@ -60,6 +70,8 @@ def run_refinement(state: RunState) -> RunState:
             state.log.line(f" Stopped after --auto_iter_max {opts.auto_iter_max} iterations without convergence; "
                            f"no final joined map was made.")
             return state
+        if state.reducer.is_leader:      # (the last iteration's page is drawn by the caller, in the process)
+            report.maybe_refresh(opts.fn_out, state.log.line)
         it += 1
 
 

@@ -4,6 +4,10 @@ report is drawn, never by `import cryorefine.report`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,27 +27,76 @@ def refresh_report(root: str, log: Callable[[str], None] | None = None, postproc
         (log or print)(msg)
 
 
-class ThrottledReport:
-    """refresh_report during a run, drawn only when the time since the last drawing is at least `ratio` times what
-    that drawing took, so the page costs at most ~1/ratio of the run's time (drawing takes seconds; a small
-    refinement's iterations take seconds too). The final page is drawn unconditionally by `refresh_report`."""
+# The child that redraws the page during a run: lowest CPU priority, one thread, and on SIGTERM a SystemExit, so that
+# an interrupted drawing removes its temporary files (io.atomic) instead of leaving them beside the run.
+_CHILD_CODE = ("import os, signal, sys; os.nice(19); signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); "
+               "from cryorefine.report import refresh_report; refresh_report(sys.argv[1])")
+_ONE_THREAD = {k: "1" for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
-    def __init__(self, ratio: float = 10.0):
-        import time
-        self._clock = time.monotonic
-        self.ratio = ratio
-        self.last_end: float | None = None
-        self.last_cost = 0.0
+
+def _launch_child(root: str, out) -> subprocess.Popen:
+    """Start the page's drawing in a child process (see _CHILD_CODE); its warnings go to `out`."""
+    return subprocess.Popen([sys.executable, "-c", _CHILD_CODE, root], stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT, env={**os.environ, **_ONE_THREAD})
+
+
+class BackgroundReport:
+    """refresh_report during a run, drawn in a child process at the lowest CPU priority: drawing takes seconds
+    (6 s at box 128), as long as a small refinement's iterations, and in the refining process it stopped the run
+    that long every iteration; the child runs on cycles the refinement leaves idle (its serial numpy and Python
+    parts). A drawing still running when the next is due is left to finish and that redraw is skipped. The final page
+    is drawn in the process by `refresh_report`, after `close`."""
+
+    def __init__(self, launch: Callable[[str, object], subprocess.Popen] = _launch_child):
+        self._launch = launch
+        self._child: subprocess.Popen | None = None
+        self._out = None
+        self._root = ""
 
     def maybe_refresh(self, root: str, log: Callable[[str], None] | None = None) -> bool:
-        """Redraw the page if it is due; returns whether it was drawn."""
-        now = self._clock()
-        if self.last_end is not None and now - self.last_end < self.ratio * self.last_cost:
-            return False
-        refresh_report(root, log)
-        self.last_end = self._clock()
-        self.last_cost = self.last_end - now
+        """Start a redraw unless one is still running; returns whether one was started."""
+        if self._child is not None:
+            if self._child.poll() is None:
+                return False
+            self._collect(log)
+        self._root = root
+        self._out = tempfile.TemporaryFile()
+        try:
+            self._child = self._launch(root, self._out)
+        except OSError as exc:         # no process could be started: draw here, as before
+            self._out.close()
+            self._out = None
+            (log or print)(f" WARNING: could not start the report's drawing in the background ({exc}); drawing it "
+                           f"in the refinement's process")
+            refresh_report(root, log)
         return True
+
+    def close(self, log: Callable[[str], None] | None = None, timeout: float = 60.0) -> None:
+        """Wait for a running redraw (stop it after `timeout` s) and log its warnings."""
+        if self._child is None:
+            return
+        try:
+            self._child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._child.terminate()
+            self._child.wait()
+        self._collect(log)
+
+    def _collect(self, log: Callable[[str], None] | None) -> None:
+        """Log what the finished child printed (refresh_report's warning line), or how it died."""
+        child, out = self._child, self._out
+        self._child, self._out = None, None
+        if out is None:
+            return
+        out.seek(0)
+        lines = [ln for ln in out.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        out.close()
+        if child.returncode == 0:
+            for ln in lines:
+                (log or print)(ln)
+        else:
+            why = lines[-1].strip() if lines else f"exit status {child.returncode}"
+            (log or print)(f" WARNING: could not write the report {self._root}_report.html: {why}")
 
 
 def refresh_postprocess_report(half1_map: str, postprocess_star: str) -> None:
