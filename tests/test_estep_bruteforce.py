@@ -21,7 +21,7 @@ from cryorefine.fourier.ctf import CtfParams, ctf_values
 from cryorefine.fourier.projector import make_projector, project
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.sampling import angular_step
-from cryorefine.refine import mstep
+from cryorefine.refine import estep, mstep
 from cryorefine.refine.backend import cpu_backend
 from cryorefine.refine.fine_kernels import segment_weights
 from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, empty_accumulator,
@@ -194,9 +194,15 @@ def _check_sums(acc, sums) -> None:
     assert acc.ll_sum == pytest.approx(sums["ll_sum"], rel=1e-5)
 
 
-@pytest.mark.parametrize("box, angpix", [(16, 2.0), (18, 2.0)], ids=["model-box", "other-box"])
-def test_estep_matches_brute_force(box, angpix):
+@pytest.mark.parametrize("box, angpix, dense_fraction, chunk_bytes", [
+    (16, 2.0, 0.15, None), (18, 2.0, 0.15, None), (16, 2.0, 0.0, 4096), (16, 2.0, 2.0, 4096)],
+    ids=["model-box", "other-box", "dense-sums-in-row-chunks", "sparse-sums-in-row-chunks"])
+def test_estep_matches_brute_force(box, angpix, dense_fraction, chunk_bytes, monkeypatch):
+    # the weighted sums take dense products or the sparse kernel by the weights' density, over chunks of rows
+    monkeypatch.setattr(estep, "_DENSE_FRACTION", dense_fraction)
     proj, grid, tg, ps, inp, st, pdf = _problem(box, angpix, seed=box)
+    if chunk_bytes is not None:
+        st = replace(st, limits=replace(st.limits, sums_chunk_bytes=chunk_bytes))
     acc = empty_accumulator(MODEL_BOX, 2, MODEL_BOX / 2, [box], 2, len(grid.dir_pix))
     res = expectation_batch(inp, st, acc, cpu_backend())
     bf = _brute_force(proj, grid, tg, ps, inp, st, pdf, box)

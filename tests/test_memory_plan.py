@@ -126,7 +126,9 @@ def test_batch_stages_are_the_buffers_of_a_tiny_batch():
     acc = empty_accumulator(BOX, 2, BOX / 2, [BOX], 1, 1)
     fw = fine_weights(inp, st, sig, fs, isig.astype(np.float32), cpu_backend(), acc)
     kept = fs.p.nbytes + fs.rot.nbytes + fs.phases.nbytes + NB * ps.m * (8 + 4) + fw.w.nbytes
-    assert stages["fine"] == kept + fw.w.size * (4 + 4 + 8 + 8)
+    # block_scores' float64 residual (its kernel forms the cross terms) and one float32 norm per (block, b)
+    n_blocks = len(j)
+    assert stages["fine"] == kept + fw.w.size * 8 + n_blocks * fw.w.shape[2] * 4
     assert stages["significant"] == 4 * 8 * len(j)
 
 

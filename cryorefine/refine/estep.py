@@ -16,7 +16,8 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import segment_best, segment_weights, sparse_sums, weight_rows
+from cryorefine.refine.fine_kernels import (dense_weight_rows, segment_best, segment_weights, sparse_sums,
+                                            weight_marginals, weight_rows)
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
@@ -332,8 +333,8 @@ def fine_weights(inp: BatchInputs, st: PassSettings, sig: Significant, fs: FineS
     acc.gflop += 2e-9 * d.size * 2 * st.ps_fine.m
     per_block = fs.layout.n_a * fs.layout.n_b
     off = offsets_of(sig.img, len(inp.rows), per_block)
-    w, _, log_wsum, dmin = segment_weights(d.ravel(), np.repeat(sig.log_prior, per_block), off, st.cc_mode,
-                                           st.adaptive_fraction, -1)     # --maxsig caps pass 1 only
+    w, _, log_wsum, dmin = segment_weights(d.ravel(), sig.log_prior, off, st.cc_mode, st.adaptive_fraction,
+                                           -1, per_block)               # --maxsig caps pass 1 only
     return FineWeights(w.reshape(d.shape), log_wsum, dmin, off)
 
 
@@ -395,16 +396,9 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     jt_key, blk_jt = dense_index(lay.img[:, None] * n_t + lay.ph_row[:, None] + np.arange(n_a), nb * n_t)
     jt_img, jt_t = jt_key // n_t, jt_key % n_t
     acc.n_columns += len(jt_key)
-    # rows: the orientations with weight, and Σ_t w̄ of each (orientation, particle)
-    wb = fw.w.sum(axis=1)                                                                  # (K, n_b)
-    o_row = lay.p_row[:, None] + np.arange(n_b)
-    used = wb > 0
-    rows = dense_index(o_row[used], len(fs.fine_ids))[0]
-    row_of = np.full(len(fs.fine_ids), -1, np.int64)
-    row_of[rows] = np.arange(len(rows))
-    cell = row_of[o_row[used]] * nb + np.broadcast_to(lay.img[:, None], o_row.shape)[used]
-    colw = np.bincount(cell, wb[used], minlength=len(rows) * nb).reshape(len(rows), nb)
-    ptr, col, val = weight_rows(fw.w, blk_jt, lay.p_row, row_of, len(rows))
+    # rows: the orientations with weight; Σ_t w̄ of each (orientation, particle); Σ_o w̄ of each column
+    rows, row_of, colw, w_jt = weight_marginals(fw.w, offsets_of(lay.img, nb), blk_jt, lay.p_row,
+                                                len(fs.fine_ids), len(jt_key))
     s = inp.scale[:, None].astype(np.float32)
     isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
     ctf = inp.ctf_fine
@@ -412,7 +406,13 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     bp_n = ctf * ctf * s * s * isig_bp                                                     # (B, mf)
     p_pair = real_pair(fs.p)
     n_rows, n_cols = len(rows), len(jt_key)
-    dense = len(val) >= _DENSE_FRACTION * n_rows * n_cols
+    dense = np.count_nonzero(fw.w) >= _DENSE_FRACTION * n_rows * n_cols
+    if dense:
+        # blocks by projection row, so that a chunk of rows visits only the blocks that reach it
+        by_p = np.argsort(lay.p_row, kind="stable")
+        p_sorted = lay.p_row[by_p]
+    else:
+        ptr, col, val = weight_rows(fw.w, blk_jt, lay.p_row, row_of, n_rows)
     q = np.zeros((n_cols, 2 * m), np.float32)
     norm = np.zeros((nb, m), np.float32)
     # orientation rows of the weighted sums (and of an insertion) at a time
@@ -421,8 +421,8 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         r1 = min(n_rows, r0 + step)
         p_c = p_pair[rows[r0:r1]]
         if dense:
-            wc = np.zeros((r1 - r0, n_cols), np.float32)
-            wc[np.repeat(np.arange(r1 - r0), np.diff(ptr[r0:r1 + 1])), col[ptr[r0]:ptr[r1]]] = val[ptr[r0]:ptr[r1]]
+            lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
+            wc = dense_weight_rows(fw.w, by_p[lo:hi], blk_jt, lay.p_row, row_of, r0, r1, n_cols)
             vals = wc @ z
             if not st.cc_mode:
                 q += wc.T @ p_c
@@ -456,7 +456,6 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         np.add.at(acc.scale_num, inp.group, cross_k[:, sel].sum(1))
         np.add.at(acc.scale_den, inp.group, norm_k[:, sel].sum(1))
     tau = (inp.preshift_px[jt_img] + fs.t_fine[jt_t]) * inp.angpix                         # (J, 2) Å
-    w_jt = np.bincount(blk_jt.ravel(), fw.w.sum(axis=2).ravel(), minlength=len(jt_key))
     acc.offset_num += float((w_jt * ((tau - inp.prior_mu[jt_img]) ** 2).sum(-1)).sum())
     acc.wsum += float(sw.sum())
     acc.norm_sum += float(out.norm_correction.sum())

@@ -56,18 +56,28 @@ def _dot(s, a, p, q):
     return acc
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def block_cross(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.ndarray, blk_ph: np.ndarray,
-                blk_p: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
-    """cross[k, a, b] = pair(xw[j] · ph[blk_ph[k] + a]) · pair(p[blk_p[k] + b]) (K, n_a, n_b) float32, for the
-    blocks k of every image j (img_off[j]:img_off[j+1]).
+@numba.vectorize(["float64(float64, float64, boolean)"], cache=True)
+def residual_value(cross, norm, cc_mode):
+    """The residual up to a per-particle constant, in float64: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode
+    (likelihood.residual; a ufunc, so that arrays broadcast and compiled kernels call it per sample)."""
+    if cc_mode:
+        return -cross / np.sqrt(max(norm, 1e-30))
+    return 0.5 * norm - cross
 
-    xw (B, 2m), ph (R, 2m), p (F, 2m) float32 interleaved pairs; float32 sums as the BLAS products. Each image
-    forms its shifted images once; blocks sorted by projection rows within an image reuse them from cache.
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def block_residuals(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.ndarray, blk_ph: np.ndarray,
+                    blk_p: np.ndarray, n_a: int, n_b: int, norm: np.ndarray, cc_mode: bool) -> np.ndarray:
+    """Residuals d[k, a, b] (K, n_a, n_b) float64 of the blocks k of every image j (img_off[j]:img_off[j+1]):
+    likelihood.residual of cross = pair(xw[j] · ph[blk_ph[k] + a]) · pair(p[blk_p[k] + b]) and norm[k, b].
+
+    xw (B, 2m), ph (R, 2m), p (F, 2m) float32 interleaved pairs; the cross terms are float32 sums as the BLAS
+    products. Each image forms its shifted images once; blocks sorted by projection rows within an image reuse
+    them from cache. The residual is formed here so that the cross terms never make a separate array.
     """
     m = xw.shape[1] // 2
     n_rows = ph.shape[0]
-    out = np.empty((blk_p.shape[0], n_a, n_b), np.float32)
+    out = np.empty((blk_p.shape[0], n_a, n_b), np.float64)
     a_end = n_a - n_a % 4
     b_end = n_b - n_b % 2
     for j in numba.prange(xw.shape[0]):
@@ -88,17 +98,21 @@ def block_cross(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.ndarr
             r0 = blk_ph[k]
             for b in range(0, b_end, 2):
                 q = blk_p[k] + b
+                n0, n1 = norm[k, b], norm[k, b + 1]
                 for a in range(0, a_end, 4):
                     v = _dots_4x2(s, r0 + a, p, q, q + 1)
-                    out[k, a, b], out[k, a, b + 1], out[k, a + 1, b], out[k, a + 1, b + 1] = v[0], v[1], v[2], v[3]
-                    out[k, a + 2, b], out[k, a + 2, b + 1], out[k, a + 3, b], out[k, a + 3, b + 1] = v[4], v[5], v[6], v[7]
+                    for i in range(4):
+                        out[k, a + i, b] = residual_value(v[2 * i], n0, cc_mode)
+                        out[k, a + i, b + 1] = residual_value(v[2 * i + 1], n1, cc_mode)
             for b in range(b_end, n_b):
+                nb_ = norm[k, b]
                 for a in range(0, a_end, 4):
                     v4 = _dots_4x1(s, r0 + a, p, blk_p[k] + b)
-                    out[k, a, b], out[k, a + 1, b], out[k, a + 2, b], out[k, a + 3, b] = v4[0], v4[1], v4[2], v4[3]
+                    for i in range(4):
+                        out[k, a + i, b] = residual_value(v4[i], nb_, cc_mode)
             for b in range(n_b):
                 for a in range(a_end, n_a):
-                    out[k, a, b] = _dot(s, r0 + a, p, blk_p[k] + b)
+                    out[k, a, b] = residual_value(_dot(s, r0 + a, p, blk_p[k] + b), norm[k, b], cc_mode)
     return out
 
 
@@ -121,12 +135,13 @@ def pair_norms(wn: np.ndarray, p: np.ndarray, pair_img: np.ndarray, pair_p: np.n
 
 @numba.njit(cache=True, parallel=True)
 def segment_weights(d: np.ndarray, log_prior: np.ndarray, off: np.ndarray, cc_mode: bool, fraction: float,
-                    maxsig: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    maxsig: int, prior_every: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Posterior weights of every segment (particle) of flat residuals d: (w, count, log W_sum, D_min).
 
     Per segment, log-weights −(d − min d) + log_prior and W_sum sums all its samples; w = exp(log-weight)/W_sum on
     the significant samples (the largest ones that sum to `fraction` of W_sum, at most maxsig when > 0; spec §2.6)
     and 0 elsewhere; count = number kept. CC mode keeps only the best sample with weight 1 (log W_sum = 0).
+    Sample e takes log_prior[e // prior_every] (the blocks of pass 2 share their parent's prior).
     """
     n_seg = off.shape[0] - 1
     w = np.zeros(d.shape[0])
@@ -146,7 +161,7 @@ def segment_weights(d: np.ndarray, log_prior: np.ndarray, off: np.ndarray, cc_mo
             continue
         lw = np.empty(hi - lo)
         for e in range(lo, hi):
-            lw[e - lo] = -(d[e] - dmin[s]) + log_prior[e]
+            lw[e - lo] = -(d[e] - dmin[s]) + log_prior[e // prior_every]
         thr, cnt, wsum, mx = significance_threshold(lw, fraction, maxsig)
         count[s] = cnt
         log_wsum[s] = np.log(wsum) + mx
@@ -185,6 +200,74 @@ def weight_rows(w: np.ndarray, blk_jt: np.ndarray, blk_p: np.ndarray, row_of: np
                     val[fill[r]] = w[k, a, b]
                     fill[r] += 1
     return ptr, col, val
+
+
+@numba.njit(cache=True, parallel=True)
+def weight_marginals(w: np.ndarray, img_off: np.ndarray, blk_jt: np.ndarray, blk_p: np.ndarray, n_fine: int,
+                     n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sums of the weights w[k, a, b] of the blocks of every image j (img_off[j]:img_off[j+1]) in one pass:
+    (rows: the projection rows with weight, ascending; row_of (n_fine,): each projection row's index among them or
+    −1; colw (rows, B): Σ_a w per (orientation, image); w_jt (n_cols,): Σ_b w per image-translation column).
+
+    Block k's sample (a, b) is column blk_jt[k, a] and projection row blk_p[k] + b. An image's blocks write only
+    its own column of colw and its own columns of w_jt, so images run in parallel.
+    """
+    n_k, n_a, n_b = w.shape
+    n_img = img_off.shape[0] - 1
+    wb = np.zeros((n_k, n_b))
+    for k in numba.prange(n_k):
+        for a in range(n_a):
+            for b in range(n_b):
+                wb[k, b] += w[k, a, b]
+    used = np.zeros(n_fine, np.bool_)
+    for k in range(n_k):
+        for b in range(n_b):
+            if wb[k, b] > 0.0:
+                used[blk_p[k] + b] = True
+    row_of = np.full(n_fine, -1, np.int64)
+    n_rows = 0
+    for f in range(n_fine):
+        if used[f]:
+            row_of[f] = n_rows
+            n_rows += 1
+    rows = np.flatnonzero(used).astype(np.int64)
+    colw = np.zeros((n_rows, n_img))
+    w_jt = np.zeros(n_cols)
+    for j in numba.prange(n_img):
+        for k in range(img_off[j], img_off[j + 1]):
+            for b in range(n_b):
+                if wb[k, b] > 0.0:
+                    colw[row_of[blk_p[k] + b], j] += wb[k, b]
+            for a in range(n_a):
+                t = 0.0
+                for b in range(n_b):
+                    t += w[k, a, b]
+                w_jt[blk_jt[k, a]] += t
+    return rows, row_of, colw, w_jt
+
+
+@numba.njit(cache=True, parallel=True)
+def dense_weight_rows(w: np.ndarray, blocks: np.ndarray, blk_jt: np.ndarray, blk_p: np.ndarray, row_of: np.ndarray,
+                      r0: int, r1: int, n_cols: int) -> np.ndarray:
+    """Rows r0..r1 of the weight matrix over (orientation row, image-translation column) as a dense float32 array,
+    from the listed blocks (those that can reach these rows); the same placement as weight_rows.
+
+    A (row, column) pair names one fine orientation, particle and fine translation, hence one block element, so
+    the blocks write disjoint cells and run in parallel.
+    """
+    _, n_a, n_b = w.shape
+    out = np.zeros((r1 - r0, n_cols), np.float32)
+    for i in numba.prange(blocks.shape[0]):
+        k = blocks[i]
+        for b in range(n_b):
+            r = row_of[blk_p[k] + b]
+            if r < r0 or r >= r1:
+                continue
+            for a in range(n_a):
+                v = w[k, a, b]
+                if v > 0.0:
+                    out[r - r0, blk_jt[k, a]] = v
+    return out
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)

@@ -25,16 +25,11 @@ def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
 
 
 def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
-    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode; computed in the
-    precision of its inputs, returned as float64.
+    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode, in float64.
 
     cross = Re Σ conj(X e^{..}) s CTF P / σ², norm = Σ s² CTF² |P|² / σ² (broadcast against cross).
     """
-    if cc_mode:
-        d = -cross / np.sqrt(np.maximum(norm, 1e-30))
-    else:
-        d = 0.5 * norm - cross
-    return np.asarray(d, dtype=np.float64)
+    return fine_kernels.residual_value(cross, norm, cc_mode)
 
 
 def offset_log_prior(tau_A: NDArray, mu_A: NDArray, sigma: float) -> NDArray[np.float64]:
@@ -108,11 +103,10 @@ def block_scores(xw: NDArray[np.float32], wn: NDArray[np.float32], ph: NDArray[n
     norm = Σ wn |P|², both float32 as the BLAS products, then `residual`.
     """
     xw, wn, ph, p = (np.ascontiguousarray(v, np.float32) for v in (xw, wn, ph, p))
-    cross = fine_kernels.block_cross(xw, ph, p, layout.image_offsets(len(xw)), layout.ph_row, layout.p_row,
-                                     layout.n_a, layout.n_b)
     pair_img, pair_p, inv = layout.pairs(len(p))
-    norm = fine_kernels.pair_norms(wn, p, pair_img, pair_p, layout.n_b)
-    return residual(cross, norm[inv][:, None, :], cc_mode)
+    norm = fine_kernels.pair_norms(wn, p, pair_img, pair_p, layout.n_b)[inv]                 # (K, n_b)
+    return fine_kernels.block_residuals(xw, ph, p, layout.image_offsets(len(xw)), layout.ph_row, layout.p_row,
+                                        layout.n_a, layout.n_b, norm, cc_mode)
 
 
 def gflop_of_products(n_rows: int, n_cols: int, depth: int) -> float:

@@ -176,11 +176,11 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
         n_jt = min(n_jt, math.ceil(b * s.columns))
     # fine_samples: projections (F, mf) and rotations, phase ramps (R, mf); fine_weights: xw, wn; the weights w
     fine_kept = n_fine * (mf * C64 + 9 * F64) + n_ph * mf * C64 + b * mf * (C64 + F32) + n_sig * n_ab * F64
-    # block_scores' float32 cross and residual, the float64 residual, the repeated log-priors
-    fine = fine_kept + n_sig * n_ab * (2 * F32 + 2 * F64)
-    # batch_sums: the weight rows (col, val), Σ_t w̄ per (orientation, particle) and its float32 copy; z and q
-    # (J, 2mf) float32, and the larger of the chunk (as the code sizes it) and the three complex temporaries
-    # (J, mf) that form z or the cross term
+    # block_scores' float64 residual (the cross terms are formed inside its kernel) and the per-block norms
+    fine = fine_kept + n_sig * n_ab * F64 + n_sig * s.n_orientation_children * F32
+    # batch_sums: the weight rows (col, val) of the sparse path, Σ_t w̄ per (orientation, particle) and its float32
+    # copy; z and q (J, 2mf) float32, and the larger of the chunk (as the code sizes it) and the three complex
+    # temporaries (J, mf) that form z or the cross term
     chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
     sums = (fine_kept + n_sig * n_ab * 2 * F32 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64
             + max(chunk, 3 * n_jt * mf * C64))
