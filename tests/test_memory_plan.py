@@ -111,14 +111,14 @@ def test_batch_stages_are_the_buffers_of_a_tiny_batch():
     inputs = sum(getattr(inp, f).nbytes for f in ("x_coarse", "x_fine", "xnm_fine", "ctf_coarse", "ctf_fine",
                                                   "power_beyond"))
     assert stages["inputs"] == inputs
-    # global pass 1: the weighted images and one complex temporary of their size; cross (float32), its float64
-    # copy and the float64 residual, and the keep mask, over (B, T, U)
+    # global pass 1: the weighted images and one complex temporary of their size; cross (float32), the float64
+    # residual and the keep mask, over (B, T, U)
     ids = np.arange(len(grid.dir_pix) * grid.n_psi)
     p_pair, p_pow = st.cache.coarse_pairs(ids)
     isig = inverse_sigma2(st, ps, keep_dc=False)
     a = weighted_images(inp.x_coarse, shift_phases(ps, tg.coarse), inp.ctf_coarse * isig[None, :])
     d = coarse_scores(a, p_pair, inp.ctf_coarse ** 2 * isig[None, :], p_pow, False)
-    assert stages["coarse"] == 2 * a.nbytes + d.size * (4 + 8 + 8 + 1)
+    assert stages["coarse"] == 2 * a.nbytes + d.size * (4 + 8 + 1)
     # pass 2 with every coarse pair significant: the fine projections, phase ramps and weights the code makes
     j, t, u = np.nonzero(np.ones(d.shape, bool))
     sig = Significant(j, t, ids[u], np.zeros(len(j)), np.full(NB, len(tg.coarse) * len(ids)))

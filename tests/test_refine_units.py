@@ -8,7 +8,7 @@ import pytest
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import counters as cnt
-from cryorefine.refine.likelihood import residual
+from cryorefine.refine.fine_kernels import coarse_residuals
 from cryorefine.refine.weights import coarse_significance, significance_threshold
 from cryorefine.refine.orientations import fine_angles, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set, shift_phases, unique_pixels_per_shell
@@ -35,14 +35,16 @@ def test_coarse_significance_agrees_with_single_row_version():
     norm = rng.uniform(1, 50, size=(3, 40)).astype(np.float32)
     lp_off = rng.normal(size=(3, 5))
     lp_dir = np.log(rng.uniform(0.1, 1, size=40))
-    keep, counts = coarse_significance(residual(cross, norm[:, None, :], False), lp_off, lp_dir, False, 0.999, -1)
+    keep, counts = coarse_significance(coarse_residuals(cross, norm, False), lp_off, lp_dir, False, 0.999, -1)
     for b in range(3):
         d = 0.5 * norm[b][None, :] - cross[b]
         lw = -(d - d.min()) + lp_off[b][:, None] + lp_dir[None, :]
         thr, cnt, _, _ = significance_threshold(lw.ravel().astype(np.float64), 0.999)
         assert counts[b] == cnt
         np.testing.assert_array_equal(keep[b], lw >= thr)
-    keep_cc, counts_cc = coarse_significance(residual(cross, norm[:, None, :], True), lp_off, lp_dir, True, 0.999, -1)
+    d_cc = coarse_residuals(cross, norm, True)
+    np.testing.assert_allclose(d_cc, -cross / np.sqrt(norm)[:, None, :], rtol=1e-6)
+    keep_cc, counts_cc = coarse_significance(d_cc, lp_off, lp_dir, True, 0.999, -1)
     assert keep_cc.sum() == 3 and np.all(counts_cc == 1)
 
 

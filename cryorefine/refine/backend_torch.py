@@ -194,7 +194,7 @@ class TorchKernels:
 
     @staticmethod
     def _residual(cross: torch.Tensor, norm: torch.Tensor, cc_mode: bool) -> torch.Tensor:
-        """likelihood.residual on tensors."""
+        """fine_kernels.residual_value on tensors."""
         if cc_mode:
             return -cross / torch.sqrt(torch.clamp(norm, min=1e-30))
         return 0.5 * norm - cross

@@ -56,20 +56,33 @@ def _dot(s, a, p, q):
     return acc
 
 
-@numba.vectorize(["float64(float64, float64, boolean)"], cache=True)
+@numba.njit(cache=True, inline="always")
 def residual_value(cross, norm, cc_mode):
-    """The residual up to a per-particle constant, in float64: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode
-    (likelihood.residual; a ufunc, so that arrays broadcast and compiled kernels call it per sample)."""
+    """The residual of one sample up to a per-particle constant, in float64: ½·norm − cross, or −cross/‖CTF·P‖ in
+    CC mode. cross = Re Σ conj(X e^{..}) s CTF P / σ², norm = Σ s² CTF² |P|² / σ²."""
+    c, n = np.float64(cross), np.float64(norm)
     if cc_mode:
-        return -cross / np.sqrt(max(norm, 1e-30))
-    return 0.5 * norm - cross
+        return -c / np.sqrt(max(n, 1e-30))
+    return 0.5 * n - c
+
+
+@numba.njit(cache=True, parallel=True)
+def coarse_residuals(cross: np.ndarray, norm: np.ndarray, cc_mode: bool) -> np.ndarray:
+    """Residuals (B, T, U) float64 of float32 cross terms (B, T, U) and norms (B, U): residual_value per sample."""
+    nb, nt, nu = cross.shape
+    out = np.empty((nb, nt, nu), np.float64)
+    for j in numba.prange(nb):
+        for t in range(nt):
+            for u in range(nu):
+                out[j, t, u] = residual_value(cross[j, t, u], norm[j, u], cc_mode)
+    return out
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def block_residuals(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.ndarray, blk_ph: np.ndarray,
                     blk_p: np.ndarray, n_a: int, n_b: int, norm: np.ndarray, cc_mode: bool) -> np.ndarray:
     """Residuals d[k, a, b] (K, n_a, n_b) float64 of the blocks k of every image j (img_off[j]:img_off[j+1]):
-    likelihood.residual of cross = pair(xw[j] · ph[blk_ph[k] + a]) · pair(p[blk_p[k] + b]) and norm[k, b].
+    residual_value of cross = pair(xw[j] · ph[blk_ph[k] + a]) · pair(p[blk_p[k] + b]) and norm[k, b].
 
     xw (B, 2m), ph (R, 2m), p (F, 2m) float32 interleaved pairs; the cross terms are float32 sums as the BLAS
     products. Each image forms its shifted images once; blocks sorted by projection rows within an image reuse

@@ -24,14 +24,6 @@ def real_pair(z: NDArray[np.complex64]) -> NDArray[np.float32]:
     return np.ascontiguousarray(z, np.complex64).view(np.float32)
 
 
-def residual(cross: NDArray, norm: NDArray, cc_mode: bool) -> NDArray[np.float64]:
-    """The residual up to a per-particle constant: ½·norm − cross, or −cross/‖CTF·P‖ in CC mode, in float64.
-
-    cross = Re Σ conj(X e^{..}) s CTF P / σ², norm = Σ s² CTF² |P|² / σ² (broadcast against cross).
-    """
-    return fine_kernels.residual_value(cross, norm, cc_mode)
-
-
 def offset_log_prior(tau_A: NDArray, mu_A: NDArray, sigma: float) -> NDArray[np.float64]:
     """log of the Gaussian offset prior exp(-|τ − μ|²/2σ²) (Å; the normalisation cancels per particle)."""
     d2 = ((tau_A - mu_A) ** 2).sum(-1)
@@ -57,7 +49,7 @@ def coarse_scores(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: N
     cross = (a.reshape(nb * nt, m2) @ p_pair.T).reshape(nb, nt, -1)
     norm = (norm_w @ p_pow.T).astype(np.float32)
     # float32 products, their difference in float64: the scores of all samples of a particle are compared
-    return residual(cross.astype(np.float64), norm[:, None, :].astype(np.float64), cc_mode)
+    return fine_kernels.coarse_residuals(np.ascontiguousarray(cross, np.float32), norm, cc_mode)
 
 
 def coarse_significant(a: NDArray[np.float32], p_pair: NDArray[np.float32], norm_w: NDArray[np.float32],
@@ -100,7 +92,7 @@ def block_scores(xw: NDArray[np.float32], wn: NDArray[np.float32], ph: NDArray[n
 
     xw (B, 2m) = real pairs of X·s·CTF/σ², wn (B, m) = s²CTF²/σ², ph (R, 2m) real pairs of the phase ramps
     e^{-2πik·t/N}, p (F, 2m) real pairs of the projections: cross = pair(X e^{..} s CTF/σ²)·pair(P) and
-    norm = Σ wn |P|², both float32 as the BLAS products, then `residual`.
+    norm = Σ wn |P|², both float32 as the BLAS products, then `fine_kernels.residual_value`.
     """
     xw, wn, ph, p = (np.ascontiguousarray(v, np.float32) for v in (xw, wn, ph, p))
     pair_img, pair_p, inv = layout.pairs(len(p))

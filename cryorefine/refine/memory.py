@@ -154,14 +154,14 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     prepare = b * (2 * no * no * F32 + 4 * no * (no // 2 + 1) * C64)
     if s.local:
         # local_coarse_pass: candidates per chunk as the code sizes them, each with its projection (complex and
-        # real pairs), (T,) scores in float32 and float64, log-priors and weights; window ids/priors of the batch
+        # real pairs), (T,) float64 scores, log-priors and weights; window ids/priors of the batch
         per_candidate_cap = (8 + 8 * t) * mc
         k = min(b * s.n_coarse, max(1, lim.local_chunk_bytes // max(1, per_candidate_cap)))
-        coarse = k * (2 * C64 * mc + t * (2 * F32 + 3 * F64)) + b * s.n_coarse * 3 * I64 + b * t * mc * C64
+        coarse = k * (2 * C64 * mc + t * 3 * F64) + b * s.n_coarse * 3 * I64 + b * t * mc * C64
     else:
         # global_coarse_pass: weighted images (B, T, 2mc) float32 with one complex temporary; coarse_scores: cross
-        # float32, its float64 copy and the float64 residual (B, T, U), then the keep mask
-        coarse = 2 * b * t * mc * C64 + b * t * s.n_coarse * (F32 + 2 * F64 + 1)
+        # float32 and the float64 residual (B, T, U), then the keep mask
+        coarse = 2 * b * t * mc * C64 + b * t * s.n_coarse * (F32 + F64 + 1)
     # pass 2: one block per significant pair of n_a x n_b elements; distinct parents, translations and
     # (particle, fine translation) columns as the code forms them, each bounded by what the batch can hold
     n_sig = b * s.significant

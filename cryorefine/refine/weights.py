@@ -68,7 +68,7 @@ def coarse_significance(d: np.ndarray, lp_off: np.ndarray, lp_dir: np.ndarray, c
                         maxsig: int) -> tuple[np.ndarray, np.ndarray]:
     """Pass-1 weights of a batch sharing one orientation set: keep mask (B, T, U) and significant counts.
 
-    d (B, T, U) are the residuals (likelihood.residual), lp_off (B, T) and lp_dir (U) log-priors.
+    d (B, T, U) are the residuals (fine_kernels.residual_value), lp_off (B, T) and lp_dir (U) log-priors.
     CC mode keeps only the best sample (hard assignment, no priors).
     """
     nb, nt, nu = d.shape
