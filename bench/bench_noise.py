@@ -38,6 +38,13 @@ def chance_checks(fsc: np.ndarray, box: int, angpix: float, join_A: float = JOIN
             "passes": bool(longest < 4 and tail.mean() <= 0.05)}
 
 
+def run_tag(extra: list[str]) -> str:
+    """The options that change the science (not --j and its value) as a run-name suffix: '' for the defaults, so
+    runs with other options do not overwrite the default runs' files."""
+    kept = [a for i, a in enumerate(extra) if a != "--j" and not (i and extra[i - 1] == "--j")]
+    return "".join("_" + a.lstrip("-") for a in kept)
+
+
 def final_fsc(model_star: Path) -> np.ndarray:
     """The gold-standard FSC of a run's final model STAR file."""
     from cryorefine.io.star import read_star
@@ -52,7 +59,7 @@ def main() -> None:
     d = ensure_set("noise")
     rows = []
     for seed in seeds:
-        tag = f"_s{seed}"
+        tag = f"_s{seed}{run_tag(extra)}"
         res = run_set("noise", ["--random_seed", str(seed), *extra], tag=tag)
         if "failed" in res or "timed_out_after_s" in res:
             sys.exit(f"seed {seed}: the refinement did not finish: {res.get('failed') or res.get('log_tail')}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from cryorefine.refine.weights import significance_threshold
+from cryorefine.refine.weights import threshold_with_max
 
 
 @numba.njit(cache=True, inline="always", fastmath=True)
@@ -173,14 +173,17 @@ def segment_weights(d: np.ndarray, log_prior: np.ndarray, off: np.ndarray, cc_mo
             count[s] = 1
             continue
         lw = np.empty(hi - lo)
+        mx = -np.inf
         for e in range(lo, hi):
             lw[e - lo] = -(d[e] - dmin[s]) + log_prior[e // prior_every]
-        thr, cnt, wsum, mx = significance_threshold(lw, fraction, maxsig)
+            mx = max(mx, lw[e - lo])
+        # w[lo:hi] takes exp(lw − mx) from the threshold's pass, then only the kept ones are scaled
+        thr, cnt, wsum = threshold_with_max(lw, mx, fraction, maxsig, w[lo:hi])
         count[s] = cnt
         log_wsum[s] = np.log(wsum) + mx
+        inv = 1.0 / wsum
         for e in range(lo, hi):
-            if lw[e - lo] >= thr:
-                w[e] = np.exp(lw[e - lo] - mx) / wsum
+            w[e] = w[e] * inv if lw[e - lo] >= thr else 0.0
     return w, count, log_wsum, dmin
 
 

@@ -16,25 +16,38 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
     """Threshold on log-weights keeping the largest weights that sum to `fraction` of the total (spec §2.6),
     but no more than `maxsig` of them when maxsig > 0 (RELION --maxsig).
 
-    Returns (log threshold, number of weights accumulated, Σ exp(logw − max), max). Linear time: weights are
-    binned on a log scale and only the bin where the running sum crosses is sorted; -inf = not evaluated.
+    Returns (log threshold, number of weights accumulated, Σ exp(logw − max), max); -inf = not evaluated.
     """
-    n = logw.size
     mx = -np.inf
-    for j in range(n):
+    for j in range(logw.size):
         if logw[j] > mx:
             mx = logw[j]
+    thr, above, total = threshold_with_max(logw, mx, fraction, maxsig, np.empty(logw.size))
+    return thr, above, total, mx
+
+
+@numba.njit(cache=True)
+def threshold_with_max(logw: np.ndarray, mx: float, fraction: float, maxsig: int,
+                       ew: np.ndarray) -> tuple[float, int, float]:
+    """significance_threshold given mx = max(logw); also writes ew = exp(logw − mx) (0 below e^−88), so that a
+    caller forming the weights needs no second exponential. Returns (log threshold, count, Σ ew).
+
+    Linear time: weights are binned on a log scale and only the bin where the running sum crosses is sorted.
+    """
+    n = logw.size
     hist_w = np.zeros(_NBINS)
     hist_n = np.zeros(_NBINS, np.int64)
     total = 0.0
     for j in range(n):
         d = logw[j] - mx
+        w = 0.0
         if d > -88.0:
             w = np.exp(d)
             k = min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1)
             hist_w[k] += w
             hist_n[k] += 1
             total += w
+        ew[j] = w
     target = fraction * total
     acc = 0.0
     above = 0
@@ -60,7 +73,7 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
         thr = vals[j]
         if acc > target or (maxsig > 0 and above >= maxsig):
             break
-    return thr, above, total, mx
+    return thr, above, total
 
 
 @numba.njit(cache=True, parallel=True)
