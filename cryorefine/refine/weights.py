@@ -22,19 +22,21 @@ def significance_threshold(logw: np.ndarray, fraction: float, maxsig: int = -1) 
     for j in range(logw.size):
         if logw[j] > mx:
             mx = logw[j]
-    thr, above, total = threshold_with_max(logw, mx, fraction, maxsig, np.empty(logw.size))
+    thr, above, total = threshold_with_max(logw, mx, fraction, maxsig, np.empty(0))
     return thr, above, total, mx
 
 
 @numba.njit(cache=True)
 def threshold_with_max(logw: np.ndarray, mx: float, fraction: float, maxsig: int,
                        ew: np.ndarray) -> tuple[float, int, float]:
-    """significance_threshold given mx = max(logw); also writes ew = exp(logw − mx) (0 below e^−88), so that a
-    caller forming the weights needs no second exponential. Returns (log threshold, count, Σ ew).
+    """significance_threshold given mx = max(logw); also writes ew = exp(logw − mx) (0 below e^−88) when ew has
+    logw's size (size 0: not written), so that a caller forming the weights needs no second exponential.
+    Returns (log threshold, count, Σ exp(logw − mx)).
 
     Linear time: weights are binned on a log scale and only the bin where the running sum crosses is sorted.
     """
     n = logw.size
+    write = ew.size == n
     hist_w = np.zeros(_NBINS)
     hist_n = np.zeros(_NBINS, np.int64)
     total = 0.0
@@ -47,7 +49,8 @@ def threshold_with_max(logw: np.ndarray, mx: float, fraction: float, maxsig: int
             hist_w[k] += w
             hist_n[k] += 1
             total += w
-        ew[j] = w
+        if write:
+            ew[j] = w
     target = fraction * total
     acc = 0.0
     above = 0
