@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import starfile
 
+from bench.bench_noise_flip import flipped_copy
 from conftest import write_subset
-from cryorefine.fourier.transforms import irfft2_centered, rfft2_centered
-from cryorefine.io.mrc import open_stack, write_stack
 
 N_PARTICLES = 200
 R_FLIP = 6.0          # image components with |k| > R_FLIP (Fourier px of the 64-px box) change sign in half 1
@@ -34,23 +33,6 @@ _RUN = ("import sys, numpy as np, cryorefine.refine.data as d; "
         "d.preshift = lambda images, shifts: np.stack([np.roll(im, (int(y), int(x)), (0, 1)) "
         "for im, (x, y) in zip(images, shifts)]) if len(images) else images; "
         "from cryorefine.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-def _flipped_copy(star: Path, set_dir: Path, dest: Path) -> Path:
-    """A copy of `star` whose half-1 images have their components beyond R_FLIP negated (new stack in dest)."""
-    blocks = starfile.read(star, always_dict=True)
-    parts = blocks["particles"].copy()
-    imgs = np.array(open_stack(set_dir / "particles.mrcs")[:len(parts)], dtype=np.float64)
-    n = imgs.shape[-1]
-    ft = rfft2_centered(imgs)
-    r = np.sqrt(np.add.outer(np.fft.fftfreq(n, 1.0 / n) ** 2, np.arange(n // 2 + 1) ** 2))   # rfft layout
-    sign = np.where(r > R_FLIP, -1.0, 1.0)
-    half1 = parts["rlnRandomSubset"].to_numpy() == 1
-    ft[half1] = ft[half1] * sign
-    write_stack(dest / "flipped.mrcs", irfft2_centered(ft, n).astype(np.float32), 2.5)
-    parts["rlnImageName"] = [f"{i + 1:06d}@{dest / 'flipped.mrcs'}" for i in range(len(parts))]
-    starfile.write({"optics": blocks["optics"], "particles": parts}, dest / "flipped.star")
-    return dest / "flipped.star"
 
 
 def _refine(star: Path, ref: Path, out: Path) -> None:
@@ -67,7 +49,7 @@ def _fsc(out: Path) -> np.ndarray:
 
 def test_noise_fsc_beyond_the_band_changes_sign_with_half1_images(noise_set: Path, tmp_path: Path):
     star = write_subset(noise_set, N_PARTICLES, tmp_path / "noise.star", alternate_halves=True)
-    flipped = _flipped_copy(star, noise_set, tmp_path)
+    flipped = flipped_copy(star, noise_set / "particles.mrcs", tmp_path, R_FLIP)
     _refine(star, noise_set / "reference.mrc", tmp_path / "a")
     _refine(flipped, noise_set / "reference.mrc", tmp_path / "b")
     pa = starfile.read(tmp_path / f"a_it{ITERATION:03d}_data.star", always_dict=True)["particles"]
