@@ -5,10 +5,10 @@ a part the halves share by construction (an expectation the alignment gives both
 N·μ² against σ². So one iteration of a finished noise run is continued (`--continue` from iteration N, the run's
 references, sampling and counters) on a fresh noise set of many images (the `noise` set's simulator options, other
 seed and size), and the gold-standard FSC of that iteration is read beyond the 40 Å join shell + 2 (from
-`_model.star` when N is the run's second-to-last iteration, so that the continued one is the final, joined
-iteration with data to Nyquist, as in issue 13's check; else from `_itN+1_half1_model.star`). `--no_particle_mask` runs the same iteration with the likelihood's images left unmasked (a
-diagnostic, not an option of `cryorefine refine`): with white noise images, the alignment then depends only on the
-frequencies the references are projected to, and no higher frequency of an image can share anything with its pose.
+`_model.star` when N is the run's second-to-last iteration, so that the continued one is the final, joined iteration
+with data to Nyquist, as in issue 13's check; else from `_itN+1_half1_model.star`). `--no_particle_mask` runs the
+same iteration with the likelihood's images left unmasked (a diagnostic, not an option of `cryorefine refine`): the
+alignment then sees an image's frequencies beyond the references' band only through the zero-filled pre-shift.
 
     python bench/bench_noise_shared.py data/noise/Refine3D/sh_s2 8 --n 4000
     python bench/bench_noise_shared.py data/noise/Refine3D/sh_s2 8 --n 4000 --no_particle_mask

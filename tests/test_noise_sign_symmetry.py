@@ -1,14 +1,14 @@
 """Pure noise: beyond the shells the references are projected to, nothing in a refinement depends on the sign of the
 images' Fourier components, so the halves' FSC there is chance with mean exactly 0 (issue 13).
 
-Two refinements of the same 200 noise images, one with the components beyond |k| = 6 of every half-1 image
-negated. For stationary Gaussian noise (independent Fourier components) both image sets are equally likely. If
-alignment, weights, noise model, join, reconstruction and reference limit use only the low band (references at the
-40 Å join, shell 4) and the power of the rest, both runs take the same poses and half 1's sums beyond the band change sign, so the FSC there changes
-sign: its distribution is symmetric about 0 and no part of it is shared by the halves. The two operations of the
-data path that mix image frequencies by design, RELION's soft particle mask and its zero-filled integer pre-shift
-(`refine.data`), are replaced in both runs by no mask and a circular shift, which mix nothing; what they add on
-noise was measured separately (`docs/benchmarks.md`, "Pure noise").
+Two refinements of the same 200 noise images, one with the components beyond |k| = 6 of every half-1 image negated.
+For stationary Gaussian noise (independent Fourier components) both image sets are equally likely. If alignment,
+weights, noise model, join, reconstruction and reference limit use only the low band (references at the 40 Å join,
+shell 4) and the power of the rest, both runs take the same poses and half 1's sums beyond the band change sign, so
+the FSC there changes sign: its distribution is symmetric about 0 and no part of it is shared by the halves. The two
+operations of the data path that mix image frequencies by design, RELION's soft particle mask and its zero-filled
+integer pre-shift (`refine.data`), are replaced in both runs by no mask and a circular shift, which mix nothing;
+what they add on noise was measured separately (`docs/benchmarks.md`, "Pure noise").
 """
 
 from __future__ import annotations
