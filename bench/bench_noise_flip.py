@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_noise import chance_checks, final_fsc  # noqa: E402
 from bench.standard_sets import DATA, ensure_set  # noqa: E402
 
-R_FLIP = 6.0
+R_FLIP = 6.0     # |k| (Fourier px of the box) beyond which half 1's image components are negated
 
 
 def flipped_copy(star: Path, stack: Path, dest: Path, r_flip: float = R_FLIP) -> Path:
@@ -36,16 +36,15 @@ def flipped_copy(star: Path, stack: Path, dest: Path, r_flip: float = R_FLIP) ->
     components beyond r_flip (Fourier px of the box) negated, as dest/flipped.mrcs and dest/flipped.star."""
     import starfile
 
-    from cryorefine.fourier.transforms import irfft2_centered, rfft2_centered
+    from cryorefine.fourier.transforms import freq_radius, irfft2_centered, rfft2_centered
     from cryorefine.io.mrc import open_stack, read_header, write_stack
     blocks = starfile.read(star, always_dict=True)
     parts = blocks["particles"].copy()
     imgs = np.array(open_stack(stack)[:len(parts)], dtype=np.float64)
     n = imgs.shape[-1]
     ft = rfft2_centered(imgs)
-    r = np.sqrt(np.add.outer(np.fft.fftfreq(n, 1.0 / n) ** 2, np.arange(n // 2 + 1) ** 2))   # rfft layout
     half1 = parts["rlnRandomSubset"].to_numpy() == 1
-    ft[half1] = ft[half1] * np.where(r > r_flip, -1.0, 1.0)
+    ft[half1] = ft[half1] * np.where(freq_radius((n, n)) > r_flip, -1.0, 1.0)
     write_stack(dest / "flipped.mrcs", irfft2_centered(ft, n).astype(np.float32), read_header(stack).angpix)
     parts["rlnImageName"] = [f"{i + 1:06d}@{dest / 'flipped.mrcs'}" for i in range(len(parts))]
     starfile.write({"optics": blocks["optics"], "particles": parts}, dest / "flipped.star")

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import starfile
 
-from bench.bench_noise_flip import flipped_copy
+from bench.bench_noise_flip import R_FLIP, flipped_copy
 from conftest import write_subset
 
 N_PARTICLES = 200
-R_FLIP = 6.0          # image components with |k| > R_FLIP (Fourier px of the 64-px box) change sign in half 1
 ITERATION = 3
 
 # no particle mask, circular pre-shift; then cryorefine's command line
@@ -49,7 +48,7 @@ def _fsc(out: Path) -> np.ndarray:
 
 def test_noise_fsc_beyond_the_band_changes_sign_with_half1_images(noise_set: Path, tmp_path: Path):
     star = write_subset(noise_set, N_PARTICLES, tmp_path / "noise.star", alternate_halves=True)
-    flipped = flipped_copy(star, noise_set / "particles.mrcs", tmp_path, R_FLIP)
+    flipped = flipped_copy(star, noise_set / "particles.mrcs", tmp_path)    # |k| > R_FLIP negated in half 1
     _refine(star, noise_set / "reference.mrc", tmp_path / "a")
     _refine(flipped, noise_set / "reference.mrc", tmp_path / "b")
     pa = starfile.read(tmp_path / f"a_it{ITERATION:03d}_data.star", always_dict=True)["particles"]
