@@ -279,6 +279,54 @@ def test_single_particle_and_empty_half_set(sub, small_set, tmp_path, capsys):
     assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
 
 
+def _map_file(path: Path, data: np.ndarray, angpix: float = 2.5) -> Path:
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(np.asarray(data, np.float32))
+        m.voxel_size = angpix
+    return path
+
+
+def test_constant_reference_and_empty_solvent_mask(sub, small_set, tmp_path, capsys):
+    """An all-zero reference (nothing to align to) and an all-zero solvent mask (it would flatten the whole map) are
+    errors naming the file, not runs that finish with a meaningless map."""
+    zero = _map_file(tmp_path / "zero.mrc", np.zeros((64, 64, 64)))
+    rc, err = error_of(capsys, refine_argv(sub, zero, tmp_path / "a" / "run"))
+    assert rc == 2 and "zero.mrc: the reference is constant" in err
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "b" / "run",
+                                           "--solvent_mask", str(zero)))
+    assert rc == 2 and "zero.mrc: the solvent mask is empty" in err
+    assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
+
+
+def test_postprocess_of_constant_half_maps(small_set, tmp_path, capsys):
+    """Constant half maps have no FSC: an error, not 'FINAL RESOLUTION: inf'."""
+    h1 = _map_file(tmp_path / "run_half1_class001_unfil.mrc", np.zeros((64, 64, 64)))
+    h2 = _map_file(tmp_path / "run_half2_class001_unfil.mrc", np.zeros((64, 64, 64)))
+    rc, err = error_of(capsys, ["postprocess", "--i", str(h1), "--i2", str(h2), "--mask",
+                                str(small_set / "mask.mrc"), "--o", str(tmp_path / "pp")])
+    assert rc == 2 and "run_half1_class001_unfil.mrc: the map is constant" in err
+    assert not (tmp_path / "pp.mrc").exists()
+
+
+def test_relion30_file_without_pixel_size_needs_angpix(sub, small_set, tmp_path, capsys):
+    """A RELION 3.0 particle file without rlnDetectorPixelSize/rlnMagnification: refine says to give --angpix and
+    then accepts it, as RELION 3.0's relion_refine."""
+    t = read_particles(sub)
+    cols = ["rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnRandomSubset"]
+    old = t.particles[cols].copy()
+    old["rlnVoltage"], old["rlnSphericalAberration"], old["rlnAmplitudeContrast"] = 300.0, 2.7, 0.1
+    star = tmp_path / "r30.star"
+    write_star(star, {"": old})
+    rc, err = error_of(capsys, refine_argv(star, small_set / "reference.mrc", tmp_path / "a" / "run"))
+    assert rc == 2 and "r30.star" in err and "give --angpix" in err
+    rc, err = error_of(capsys, refine_argv(star, small_set / "reference.mrc", tmp_path / "b" / "run",
+                                           "--angpix", "0"))
+    assert rc == 2 and "--angpix" in err
+    assert main(refine_argv(star, small_set / "reference.mrc", tmp_path / "c" / "run", "--angpix", "2.5")) == 0
+    data = read_particles(tmp_path / "c" / "run_it001_data.star")
+    assert float(data.optics["rlnImagePixelSize"].iloc[0]) == 2.5 and data.nr_particles == 40
+
+
 def test_reconstruct_subset_must_be_1_or_2(sub, tmp_path, capsys):
     rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3"])
     assert rc == 2 and "--subset" in err and not (tmp_path / "x.mrc").exists()

@@ -86,6 +86,29 @@ def test_every_refine_gui_option_parses_with_relion_meaning():
     assert args.pipeline_control == "Refine3D/job019/"
 
 
+# RELION 3.1.0's getCommandsAutorefineJob with its GUI defaults ("Skip gridding?" and "Ref. map is CTF-corrected?"
+# both Yes), plus extra options users put in "Additional arguments"
+REFINE_31_GUI = (
+    "`which relion_refine_mpi` --o Refine3D/job019/run --auto_refine --split_random_halves --i P.star --ref R.mrc "
+    "--firstiter_cc --ini_high 50 --dont_combine_weights_via_disc --preread_images  --pool 3 --pad 2  "
+    "--skip_gridding  --ctf --ctf_corrected_ref --particle_diameter 150 --flatten_solvent --zero_mask "
+    "--oversampling 1 --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5 --offset_step 2 --sym D2 "
+    "--low_resol_join_halves 40 --norm --scale  --j 4 --gpu \"0\" --scratch_dir /ssd --keep_free_scratch 10 "
+    "--reuse_scratch --free_gpu_memory 100 --dont_check_norm --iter 25 --pipeline_control Refine3D/job019/")
+
+
+def test_relion_31_refine_gui_command_parses():
+    """RELION 3.1's GUI writes --skip_gridding and --ctf_corrected_ref by default: accepted, each with a log line."""
+    args = build_parser("refine").parse_args(gui(REFINE_31_GUI))
+    opts = options_from_args(args)
+    assert opts.gpu == "0" and opts.pad == 2 and opts.sym == "D2" and opts.ctf
+    notes = "\n".join(compatibility_notes(args))
+    for opt in ("--skip_gridding", "--ctf_corrected_ref", "--keep_free_scratch 10", "--reuse_scratch",
+                "--free_gpu_memory 100", "--dont_check_norm", "--iter 25", "--scratch_dir /ssd"):
+        assert opt in notes, opt
+    assert "WARNING" not in notes, "these options change nothing here: notes, not warnings"
+
+
 @pytest.mark.parametrize("spelling, expected", [(["--gpu"], ""), (["--gpu", ""], ""), (["--gpu", "0"], "0"),
                                                 (["--gpu", "0:1"], "0:1"), (["--gpu", "0,1:2,3"], "0,1:2,3"),
                                                 ([], None)])

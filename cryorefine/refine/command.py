@@ -7,9 +7,10 @@ Defaults are RELION's GUI defaults: CTF correction, solvent flattening, zero mas
 corrections, first iteration by cross-correlation (unless --ref_is_absolute_greyscale), join the
 halves below 40 A.
 
-Every option RELION 5's GUI writes for a Refine3D job (and its continue job) is accepted: those with no
-meaning here (--pool, --scratch_dir, --preread_images, --no_parallel_disc_io,
---dont_combine_weights_via_disc) are ignored with a line in run.out saying why. `--continue
+Every option the GUIs of RELION 3.1 to 5 write for a Refine3D job (and its continue job) is accepted: those
+with no meaning here (--pool, --scratch_dir, --preread_images, --no_parallel_disc_io,
+--dont_combine_weights_via_disc, 3.1's --skip_gridding and --ctf_corrected_ref) are ignored with a line in
+run.out saying why. `--continue
 run_itNNN_optimiser.star` alone restarts a run: --i, --ref, --sym and the other options of the run come
 from the optimiser file (and the command line it records) unless given again; --o may name a new root.
 """
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--continue", dest="continue_from", default=None,
                     help="continue from this _optimiser.star (e.g. run_it005_optimiser.star); --i, --ref and the "
                          "run's options are then read from it unless given")
+    io.add_argument("--angpix", type=float, default=-1.0,
+                    help="pixel size (A) of a RELION 3.0 particle file that gives none (no rlnDetectorPixelSize/"
+                         "rlnMagnification), as RELION 3.0's relion_refine --angpix; files with optics groups keep theirs")
     io.add_argument("--solvent_mask", "--solvent-mask", dest="solvent_mask", default=None,
                     help="reference mask (values 0..1) used for solvent flattening")
     io.add_argument("--solvent_correct_fsc", action="store_true",
@@ -58,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RELION: rescale / re-box the reference to the particles if needed (always done here)")
     m.add_argument("--ctf", action="store_true", default=True, help="CTF correction (default on)")
     m.add_argument("--no_ctf", "--no-ctf", dest="ctf", action="store_false", help="no CTF correction")
+    m.add_argument("--ctf_corrected_ref", action="store_true",
+                   help="RELION 3.1: the reference is CTF-amplitude corrected (always assumed, as RELION 4+)")
+    m.add_argument("--ctf_uncorrected_ref", action="store_true",
+                   help="RELION: the reference is not CTF-corrected (not available: ignored with a log line)")
+    m.add_argument("--skip_gridding", action="store_true",
+                   help="RELION 3.1: no gridding correction in the M-step (always so here, as RELION 4+)")
+    m.add_argument("--dont_skip_gridding", action="store_true",
+                   help="RELION: iterative gridding in the M-step (not available: ignored with a log line)")
     m.add_argument("--ctf_intact_first_peak", action="store_true",
                    help="RELION: ignore CTFs until their first peak (not available: ignored with a log line)")
     m.add_argument("--flatten_solvent", action="store_true", default=True, help="solvent flattening (default on)")
@@ -114,6 +126,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--preread_images", action="store_true",
                    help="RELION: accepted (images are read batch by batch; the OS file cache keeps them)")
     r.add_argument("--scratch_dir", default=None, help="RELION: accepted (particles are read in place)")
+    r.add_argument("--keep_free_scratch", default=None, help="RELION: accepted (nothing is copied to scratch)")
+    r.add_argument("--reuse_scratch", action="store_true", help="RELION: accepted (nothing is copied to scratch)")
+    r.add_argument("--keep_scratch", action="store_true", help="RELION: accepted (nothing is copied to scratch)")
+    r.add_argument("--free_gpu_memory", default=None, help="RELION: accepted (PyTorch allocates as needed)")
+    r.add_argument("--dont_check_norm", action="store_true",
+                   help="RELION: accepted (images are not checked for RELION's normalisation)")
+    r.add_argument("--onthefly_shifts", action="store_true",
+                   help="RELION: accepted (shifted images are always formed on the fly)")
+    r.add_argument("--iter", dest="nr_iter", default=None,
+                   help="RELION: accepted (auto-refine runs until convergence; --auto_iter_max stops it earlier)")
     r.add_argument("--gpu", nargs="?", const="", default=None, metavar="IDS",
                    help="RELION: run the E-step on CUDA GPUs with PyTorch ('' or no value = one per MPI rank, "
                         "'0', '0:1'; 'cpu' = the PyTorch kernels on the CPU); without PyTorch or a CUDA device "
@@ -129,6 +151,18 @@ IGNORED_OPTIONS: dict[str, str] = {
     "no_parallel_disc_io": "--no_parallel_disc_io: every process reads its own images",
     "preread_images": "--preread_images: images are read batch by batch (the OS file cache keeps them)",
     "scratch_dir": "--scratch_dir {v}: particles are read in place, nothing is copied",
+    "keep_free_scratch": "--keep_free_scratch {v}: nothing is copied to a scratch disk",
+    "reuse_scratch": "--reuse_scratch: nothing is copied to a scratch disk",
+    "keep_scratch": "--keep_scratch: nothing is copied to a scratch disk",
+    "free_gpu_memory": "--free_gpu_memory {v}: PyTorch allocates GPU memory as needed",
+    "dont_check_norm": "--dont_check_norm: images are not checked for RELION's normalisation",
+    "onthefly_shifts": "--onthefly_shifts: shifted images are always formed on the fly",
+    "nr_iter": "--iter {v}: auto-refine runs until it converges (--auto_iter_max stops it earlier)",
+    "skip_gridding": "--skip_gridding: the M-step never grids (RELION 4+ does the same)",
+    "ctf_corrected_ref": "--ctf_corrected_ref: the reference is taken as CTF-corrected (RELION 4+ does the same)",
+    "ctf_uncorrected_ref": "WARNING: --ctf_uncorrected_ref is not available; the reference is used as CTF-corrected",
+    "dont_skip_gridding": "WARNING: --dont_skip_gridding is not available; the M-step does not grid (RELION 4+ "
+                          "default)",
     "trust_ref_size": "--trust_ref_size: the reference is always rescaled / re-boxed to the particles if needed",
     "solvent_correct_fsc": "WARNING: --solvent_correct_fsc is not available; gold-standard FSCs of unmasked maps "
                            "are used",
@@ -272,6 +306,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
                     ("--offset_range", args.offset_range), ("--offset_step", args.offset_step),
                     ("--low_resol_join_halves", args.low_resol_join_halves)):
         require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
+    require(args.angpix == -1.0 or (math.isfinite(args.angpix) and args.angpix > 0),
+            f"--angpix: must be a pixel size > 0 A (got {args.angpix:g})")
     require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
     require(args.gpu is None or gpu_syntax_ok(args.gpu),
@@ -293,7 +329,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         fsc_sigma_criterion=args.fsc_sigma_criterion, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
         batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
-        command_line=command_line, gpu=args.gpu)
+        command_line=command_line, gpu=args.gpu, angpix=args.angpix)
 
 
 def gpu_syntax_ok(gpu: str) -> bool:
@@ -344,7 +380,7 @@ def check_inputs_and_outputs(opts: RefineOptions) -> None:
     from cryorefine.refine.restart import iteration_files
     from cryorefine.validate import check_half_sets, check_particle_table, refine_output_clash, stacks_named_by
 
-    table = read_particles(opts.fn_in)
+    table = read_particles(opts.fn_in, angpix=opts.angpix if opts.angpix > 0 else None)
     check_particle_table(table, need_ctf=opts.ctf, even_box=True)
     if "rlnRandomSubset" in table.particles.columns:
         check_half_sets(table.particles["rlnRandomSubset"].to_numpy(), opts.fn_in)

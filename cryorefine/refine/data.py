@@ -65,9 +65,10 @@ def column(table: ParticleTable, label: str, default: float) -> NDArray[np.float
 
 
 def load_particles(path: str, model_box: int | None, model_angpix: float | None, seed: int,
-                   need_ctf: bool) -> ParticleData:
-    """Read a particle STAR file, check it, assign half-sets (spec §1.5) and groups."""
-    table = read_particles(path)
+                   need_ctf: bool, angpix: float | None = None) -> ParticleData:
+    """Read a particle STAR file, check it, assign half-sets (spec §1.5) and groups (`angpix`: pixel size of a RELION
+    3.0 file that gives none)."""
+    table = read_particles(path, angpix=angpix)
     df = table.particles
     if len(df) == 0:
         raise InputError(f"{path}: the particle table is empty")

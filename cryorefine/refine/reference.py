@@ -20,6 +20,9 @@ def load_reference(path: str, box: int, angpix: float, log) -> NDArray[np.float3
         raise InputError(f"{path}: the reference contains NaN or infinite values")
     if ref_angpix <= 0:
         raise InputError(f"{path}: the reference has no pixel size in its header")
+    if float(vol.max()) == float(vol.min()):
+        raise InputError(f"{path}: the reference is constant ({float(vol.flat[0]):g} everywhere): there is nothing "
+                         f"to align the particles to")
     if abs(ref_angpix - angpix) > 1e-3 * angpix:
         new_n = int(round(n_ref * ref_angpix / angpix))
         new_n -= new_n % 2
@@ -43,6 +46,10 @@ def load_solvent_mask(path: str, box: int, angpix: float) -> NDArray[np.float32]
         raise InputError(f"{path}: the solvent mask has box {m.shape[-1]}, the particles have {box}")
     if p > 0 and abs(p - angpix) > 1e-3 * angpix:
         raise InputError(f"{path}: the solvent mask has pixel size {p:g} A, the particles {angpix:g} A")
+    if not np.all(np.isfinite(m)):
+        raise InputError(f"{path}: the solvent mask contains NaN or infinite values")
     if m.min() < -1e-3 or m.max() > 1 + 1e-3:
         raise InputError(f"{path}: mask values must lie between 0 and 1 (found {m.min():g} to {m.max():g})")
+    if m.max() <= 0:
+        raise InputError(f"{path}: the solvent mask is empty (0 everywhere): it would flatten the whole reference")
     return np.clip(m, 0, 1).astype(np.float32)

@@ -61,7 +61,8 @@ def input_poses(data: ParticleData) -> Poses:
 def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     """The state before iteration 1 (or, with opts.continue_from, after the iteration it names)."""
     reducer = reducer or get_reducer()
-    data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf)
+    data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf,
+                          angpix=opts.angpix if opts.angpix > 0 else None)
     box, angpix = data.optics[0].box, data.optics[0].angpix
     opts = resolve_options(opts, box, angpix, opts.fn_in)
     with option_error("--sym"):

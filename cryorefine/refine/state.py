@@ -58,6 +58,7 @@ class RefineOptions:
     max_memory_gib: float | None = None    # memory budget per process; None: what the machine has available
     continue_from: str | None = None
     command_line: str = ""
+    angpix: float = -1.0            # Å/px of a RELION 3.0 particle file without one (--angpix); -1: from the file
     gpu: str | None = None          # RELION --gpu [IDS]: None = CPU; "" = all devices; "0", "0:1", "0,1" ...
 
 

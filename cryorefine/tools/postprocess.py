@@ -442,6 +442,8 @@ def _read_half(path: str) -> tuple[NDArray, float]:
     require(data.ndim == 3, f"{path}: not a 3D map (shape {data.shape})")
     require(data.shape[0] == data.shape[1] == data.shape[2], f"{path}: not a cubic map (shape {data.shape})")
     require(bool(np.all(np.isfinite(data))), f"{path}: map holds NaN or infinite values")
+    require(float(data.max()) > float(data.min()), f"{path}: the map is constant ({float(data.flat[0]):g} everywhere): "
+                                                   f"no FSC can be computed")
     return data, angpix
 
 
