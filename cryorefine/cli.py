@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         rc = 0
         return rc
+    except MemoryError as exc:       # a machine too small for the job is not a bug: one line, not a traceback
+        print(f"cryorefine {args.command}: error: out of memory ({exc or 'an allocation failed'}); use a machine "
+              f"with more memory or a smaller job", file=sys.stderr)
+        rc = 1
+        return rc
+    except OSError as exc:           # a disk that fills or goes away during the run
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        rc = 1
+        return rc
     finally:
         write_exit_marker(control, rc == 0, aborted)
 

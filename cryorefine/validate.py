@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -193,6 +194,11 @@ def check_output_folder(folder: str | Path) -> None:
         p = p.parent
     require(p.is_dir(), f"{d}: cannot make the output folder: {p} is a file, not a folder")
     require(os.access(p, os.W_OK | os.X_OK), f"{d}: output folder not writable ({p} is read-only)")
+    try:        # access() says yes to root everywhere, also where no file can be made (/proc, a full or read-only disk)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise InputError(f"{d}: output folder not writable (cannot make a file in {p}: {exc.strerror})") from None
 
 
 def _key(path: str | Path) -> str:

@@ -327,6 +327,48 @@ def test_relion30_file_without_pixel_size_needs_angpix(sub, small_set, tmp_path,
     assert float(data.optics["rlnImagePixelSize"].iloc[0]) == 2.5 and data.nr_particles == 40
 
 
+@pytest.mark.parametrize("option", [["--rescale_angpix", "1e-9"], ["--new_box", "100000"]])
+def test_image_handler_output_box_beyond_memory(small_set, tmp_path, capsys, option):
+    """A box no machine can hold is one error line, not numpy's MemoryError or 'array is too big'."""
+    rc, err = error_of(capsys, ["image-handler", "--i", str(small_set / "reference.mrc"), "--o",
+                                str(tmp_path / "a.mrc"), *option])
+    assert rc == 2 and "reference.mrc: the output box" in err and "GiB available" in err
+    assert not (tmp_path / "a.mrc").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_output_folder_where_no_file_can_be_made(small_set, tmp_path, capsys):
+    """/proc passes access(W_OK) for root but takes no files: the check tries to make one."""
+    rc, err = error_of(capsys, ["image-handler", "--i", str(small_set / "reference.mrc"), "--o", "/proc/a.mrc",
+                                "--new_box", "32"])
+    assert rc == 2 and "/proc: output folder not writable" in err
+
+
+def test_offset_range_beyond_half_the_box(sub, small_set, tmp_path, capsys):
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "a" / "run",
+                                           "--offset_range", "1000"))
+    assert rc == 2 and "--offset_range 1000 px is more than half the box (64 px)" in err
+    assert_only_log(tmp_path / "a")
+
+
+@pytest.mark.parametrize("exc, phrase", [(OSError(28, "No space left on device", "/data/out.mrc"),
+                                          "error: /data/out.mrc: No space left on device"),
+                                         (MemoryError("Unable to allocate 9.3 GiB"),
+                                          "error: out of memory (Unable to allocate 9.3 GiB)")])
+def test_disk_full_or_out_of_memory_is_one_line(small_set, tmp_path, capsys, monkeypatch, exc, phrase):
+    """Resource failures during a job (disk full, memory exhausted) end with one error line and exit code 1."""
+    from cryorefine.tools import image_handler
+
+    def fail(*_a, **_k):
+        raise exc
+    monkeypatch.setattr(image_handler, "write_map", fail)
+    capsys.readouterr()
+    rc = main(["image-handler", "--i", str(small_set / "reference.mrc"), "--o", str(tmp_path / "a.mrc"),
+               "--new_box", "32"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 1 and len(err) == 1 and phrase in err[0], err
+
+
 def test_reconstruct_subset_must_be_1_or_2(sub, tmp_path, capsys):
     rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3"])
     assert rc == 2 and "--subset" in err and not (tmp_path / "x.mrc").exists()

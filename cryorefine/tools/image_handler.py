@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft as sfft
 
-from cryorefine.errors import require
+from cryorefine.errors import InputError, require
 from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
@@ -144,6 +144,17 @@ def _new_size(box: int, angpix: float, args, what: str) -> tuple[int | None, flo
     return new_size, out_angpix
 
 
+def _check_output_fits(src: Path, box: int, ndim: int) -> None:
+    """InputError when one map (or image) of the largest box the job makes, with its Fourier transform, cannot fit in
+    the memory the machine has available (e.g. --rescale_angpix 1e-9 or --new_box 100000)."""
+    from cryorefine.refine.memory import available_bytes
+    avail = available_bytes()
+    need = 3 * 4 * box ** ndim          # the real map, and its complex half transform made by the resizing
+    if avail is not None and need > avail:
+        raise InputError(f"{src}: the output box {box} would need {need / 2 ** 30:.3g} GiB for one "
+                         f"{'map' if ndim == 3 else 'image'}, more than the {avail / 2 ** 30:.3g} GiB available")
+
+
 def _run_star(src: Path, dst: Path, args) -> int:
     """Particle STAR input: process every particle image, write new stacks and a STAR with updated optics."""
     require(dst.suffix == ".star", f"--o: with a STAR file as input the output must be a .star file (got {dst})")
@@ -168,6 +179,7 @@ def _run_star(src: Path, dst: Path, args) -> int:
             box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
             require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
             new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
+            _check_output_fits(src, max(new_size or box, args.new_box or 0, box), 2)
             header_angpix = args.force_header_angpix or out_angpix
             stack = dst.with_suffix(".mrcs") if len(groups) == 1 else dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs")
             writer = outputs.enter_context(StackWriter(stack, header_angpix, float16=args.float16))
@@ -249,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
 
     new_size, out_angpix = _new_size(nx, angpix, args, what)
+    _check_output_fits(src, max(new_size or nx, args.new_box or 0, nx), ndim)
     header_angpix = args.force_header_angpix if args.force_header_angpix is not None else out_angpix
 
     if stack:
