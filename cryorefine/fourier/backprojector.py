@@ -187,10 +187,10 @@ def fsc_halves(bp1: BackProjector, bp2: BackProjector) -> NDArray[np.float64]:
     return fsc_halves_and_null_sigma(bp1, bp2, null=False)[0]
 
 
-def fsc_halves_and_null_sigma(bp1: BackProjector, bp2: BackProjector,
-                              null: bool = True) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+def fsc_halves_and_null_sigma(bp1: BackProjector, bp2: BackProjector, null: bool = True, sym_mats: NDArray | None = None
+                              ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
     """fsc_halves and, from the same down-sampled averages, the FSC's spread without common signal per shell
-    (fsc.fsc_null_sigma; None when `null` is False)."""
+    (fsc.fsc_null_sigma of halves symmetrised with `sym_mats`; None when `null` is False)."""
     _check_same(bp1, bp2)
     n = bp1.ori_size
     a1 = downsampled_average(bp1)
@@ -200,7 +200,7 @@ def fsc_halves_and_null_sigma(bp1: BackProjector, bp2: BackProjector,
     sel = rad <= r_max
     fsc = shell_correlation(a1[sel], a2[sel], relion_round(rad[sel]), n // 2 + 1)
     fsc[0] = 1.0
-    return fsc, (fsc_null_sigma(a1, a2, r_max) if null else None)
+    return fsc, (fsc_null_sigma(a1, a2, r_max, sym_mats) if null else None)
 
 
 @njit(cache=True)

@@ -110,16 +110,44 @@ def _null_rotations() -> NDArray[np.int64]:
 NULL_ROTATIONS = _null_rotations()
 
 
-def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float) -> NDArray[np.float64]:
+def _self_match_planes(rot: NDArray, sym_mats: NDArray | None) -> NDArray[np.float64] | None:
+    """Unit normals of the planes of Fourier pixels k whose image under M = −rot lands on a copy of k in a map
+    symmetrised with `sym_mats` (there d(Mk) = d(k): a positive correlation that is no draw of chance), or None when
+    rot is itself a symmetry operation (then every k matches).
+
+    d(Mk) = conj(d(gᵀ rot k)) for every g in the group, and conj(d(−k)) = d(k); so k matches where h = gᵀ·rot
+    turns it into −k: h a half turn and k in the plane normal to its axis."""
+    if sym_mats is None:
+        return np.zeros((0, 3))
+    normals = []
+    for g in np.asarray(sym_mats, np.float64).reshape(-1, 3, 3):
+        h = g.T @ rot
+        if np.allclose(h, np.eye(3), atol=1e-6):
+            return None
+        if abs(np.trace(h) + 1.0) < 1e-6:                    # a half turn: (h + I)/2 projects onto its axis
+            axis = (h + np.eye(3))[np.argmax(np.abs(np.diag(h + np.eye(3))))]
+            normals.append(axis / np.linalg.norm(axis))
+    return np.unique(np.round(np.abs(normals), 9), axis=0) if normals else np.zeros((0, 3))
+
+
+# Fourier pixels within this distance of a matching plane are left out: the M-step's symmetrisation interpolates,
+# so a voxel also correlates with its neighbours' symmetry copies
+_PLANE_TOLERANCE = 1.5
+
+
+def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float,
+                   sym_mats: NDArray | None = None) -> NDArray[np.float64]:
     """Per shell 0..N/2, the spread of the FSC of two maps with no common signal and the voxel-to-voxel
     correlations of these half maps: with d = a1 − a2 (half-complex N-grids, rfftn layout, x last), the RMS over
     the improper operations M = −R, R in NULL_ROTATIONS, of the shell correlation of d(k) with d(Mk); 0 beyond r_max.
 
     d holds no common signal by construction. M maps Fourier pixels to pixels of the same shell exactly and keeps
     neighbours neighbours, so each draw keeps the correlations that broad posteriors (an image smeared over
-    neighbouring voxels) and masks give; as M is improper it is in no point group, so a symmetrised d does not
-    match itself; as M² ≠ I no voxel pair is counted twice. 1/√n (fsc_sigma) underestimates this spread when
-    voxels are not independent.
+    neighbouring voxels) and masks give; as M² ≠ I no voxel pair is counted twice. Halves symmetrised with the
+    point group `sym_mats` ((n, 3, 3), acting on (x, y, z)) match their own copies under some M: an R of the
+    group is no draw (all 14 for O: then the result is 0 and callers use 1/√(n/|G|)), and the planes where
+    another M meets a copy of k (_self_match_planes) are left out, the draw scaled to the whole shell's voxel count.
+    1/√n (fsc_sigma) underestimates this spread when voxels are not independent.
     """
     n = a1.shape[0]
     nb = n // 2 + 1
@@ -130,20 +158,33 @@ def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float) -> NDArray[np.float64
     diff = (np.asarray(a1, np.complex128) - a2).astype(np.complex64)
     v1 = diff[sel]
     flat = diff.ravel()
-    # M preserves every shell, so Σ|d(Mk)|² per shell is Σ|d|²
-    den = np.bincount(shell, np.abs(v1) ** 2, minlength=nb)
+    power = np.abs(v1) ** 2
+    count_all = np.bincount(shell, minlength=nb).astype(np.float64)
     total = np.zeros(nb)
+    draws = 0
     for rot in NULL_ROTATIONS:
+        planes = _self_match_planes(rot.astype(np.float64), sym_mats)
+        if planes is None:
+            continue
+        keep = np.ones(len(v1), bool)
+        for normal in planes.astype(np.float32):
+            keep &= np.abs(normal[0] * k[0] + normal[1] * k[1] + normal[2] * k[2]) >= _PLANE_TOLERANCE
         axis, sign = np.nonzero(rot)[1], rot[np.nonzero(rot)]           # (Mk)_i = −sign_i · k_axis(i)
         qx, qy, qz = (-sign[i] * k[axis[i]] for i in range(3))
         flip = qx < 0                                                    # stored at −q, conjugated
         qx, qy, qz = np.where(flip, -qx, qx), np.where(flip, -qy, qy), np.where(flip, -qz, qz)
         v2 = flat[((qz % n).astype(np.int64) * n + qy % n) * nb + qx]     # int64: no overflow at large boxes
-        num = np.bincount(shell, np.where(flip, (v1 * v2).real, (v1 * v2.conj()).real), minlength=nb)
+        cross = np.where(flip, (v1 * v2).real, (v1 * v2.conj()).real)
+        w = keep.astype(np.float64)
+        num = np.bincount(shell, cross * w, minlength=nb)
+        den = np.bincount(shell, power * w, minlength=nb)     # M preserves shells: Σ|d(Mk)|² is Σ|d(k)|² there
         f = np.zeros(nb)
         np.divide(num, den, out=f, where=den > 0)
+        kept = np.bincount(shell, w, minlength=nb)
+        f *= np.sqrt(np.divide(kept, count_all, out=np.zeros(nb), where=count_all > 0))   # to the whole shell
         total += f * f
-    return np.sqrt(total / len(NULL_ROTATIONS))
+        draws += 1
+    return np.sqrt(total / draws) if draws else np.zeros(nb)
 
 
 def first_shell_below(fsc_curve: NDArray, threshold: float) -> int:

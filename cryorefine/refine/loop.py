@@ -257,7 +257,8 @@ def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> tuple[np.
         bpm.join_low_resolution(accs[0].bp, accs[1].bp, join_shell(state))
     state.log.line(" Calculating gold-standard FSC ...")
     red = state.reducer
-    return red.broadcast(bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp) if red.is_leader else None, root=0)
+    mine = bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp, sym_mats=state.sym_mats) if red.is_leader else None
+    return red.broadcast(mine, root=0)
 
 
 def reconstructs(reducer, half: int, final: bool) -> bool:
