@@ -177,7 +177,7 @@ def fsc_null_sigma(a1: NDArray, a2: NDArray, r_max: float,
         cross = np.where(flip, (v1 * v2).real, (v1 * v2.conj()).real)
         w = keep.astype(np.float64)
         num = np.bincount(shell, cross * w, minlength=nb)
-        den = np.bincount(shell, power * w, minlength=nb)     # M preserves shells: Σ|d(Mk)|² is Σ|d(k)|² there
+        den = np.bincount(shell, power * w, minlength=nb)     # M keeps shells: Σ|d(Mk)|² ≈ Σ|d(k)|² over them
         f = np.zeros(nb)
         np.divide(num, den, out=f, where=den > 0)
         kept = np.bincount(shell, w, minlength=nb)

@@ -10,9 +10,9 @@ halves below 40 A.
 Every option the GUIs of RELION 3.1 to 5 write for a Refine3D job (and its continue job) is accepted: those
 with no meaning here (--pool, --scratch_dir, --preread_images, --no_parallel_disc_io,
 --dont_combine_weights_via_disc, 3.1's --skip_gridding and --ctf_corrected_ref) are ignored with a line in
-run.out saying why. `--continue
-run_itNNN_optimiser.star` alone restarts a run: --i, --ref, --sym and the other options of the run come
-from the optimiser file (and the command line it records) unless given again; --o may name a new root.
+run.out saying why. `--continue run_itNNN_optimiser.star` alone restarts a run: --i, --ref, --sym and the other
+options of the run come from the optimiser file (and the command line it records) unless given again; --o may
+name a new root.
 """
 
 from __future__ import annotations
