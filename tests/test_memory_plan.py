@@ -125,7 +125,8 @@ def test_batch_stages_are_the_buffers_of_a_tiny_batch():
     fs = fine_samples(sig, st, st.cache)
     acc = empty_accumulator(BOX, 2, BOX / 2, [BOX], 1, 1)
     fw = fine_weights(inp, st, sig, fs, isig.astype(np.float32), cpu_backend(), acc)
-    kept = fs.p.nbytes + fs.rot.nbytes + fs.phases.nbytes + NB * ps.m * (8 + 4) + fw.w.nbytes
+    own_rows = 0 if fs.p is st.cache.fine else fs.p.nbytes      # the kernels read a cached grid in place
+    kept = own_rows + fs.rot.nbytes + fs.phases.nbytes + NB * ps.m * (8 + 4) + fw.w.nbytes
     # block_scores' float64 residual (its kernel forms the cross terms) and one float32 norm per (block, b)
     n_blocks = len(j)
     assert stages["fine"] == kept + fw.w.size * 8 + n_blocks * fw.w.shape[2] * 4
@@ -151,9 +152,14 @@ def test_fit_budget_lowers_the_batch_and_says_so():
     assert plan.limits == replace(lim, batch_size=plan.limits.batch_size) and plan.limits.batch_size < 64
     assert plan.lowered == f"--batch_size 64 -> {plan.limits.batch_size}"
     assert "lowered --batch_size 64" in memory.plan_line(plan)
-    # with the default caps the step that saves most goes first: here dropping the fine cache
-    cached = memory.fit_budget(s, EStepLimits(64), memory.estimate_peak(s, EStepLimits(64)).peak - 1)
+    # with the default caps the step that saves most goes first: with few significant samples per particle (a
+    # batch then projects few fine rows of its own without the cache) dropping the fine cache; with many, halving
+    # the batch (its kernels read the cached rows in place, so without the cache it would project them itself)
+    few = replace(s, significant=50)
+    cached = memory.fit_budget(few, EStepLimits(64), memory.estimate_peak(few, EStepLimits(64)).peak - 1)
     assert cached.limits.fine_cache_bytes == 0 and "fine-projection cache off" in cached.lowered
+    many = memory.fit_budget(s, EStepLimits(64), memory.estimate_peak(s, EStepLimits(64)).peak - 1)
+    assert many.lowered == "--batch_size 64 -> 32"
     roomy = memory.fit_budget(s, lim, full.peak)
     assert roomy.limits == lim and roomy.lowered == "" and "lowered" not in memory.plan_line(roomy)
 

@@ -28,6 +28,9 @@ class Backend:
     block_scores: Callable        # likelihood.block_scores: fine pass and local coarse pass (flattened blocks)
     finish: Callable = lambda bp: None   # (BackProjector) -> None: device sums back into bp after a half's E-step
     memory_note: Callable = lambda: ""   # () -> a log line on device memory ("" on the CPU)
+    # block_scores reads the blocks' projection rows (layout.p_row) in place from a larger host array, such as the
+    # fine-projection cache; a device backend gets only the batch's rows instead of copying the whole array over
+    reads_rows_in_place: bool = True
 
     def describe(self) -> str:
         """One line for the log."""

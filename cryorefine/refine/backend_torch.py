@@ -271,4 +271,4 @@ def torch_backend(gpu: str, rank: int = 0):
     k = TorchKernels(dev)
     name = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}"
     return Backend(name, k.make_projector, k.project, k.insert, k.coarse_significant, k.block_scores, k.finish,
-                   k.memory_note)
+                   k.memory_note, reads_rows_in_place=False)

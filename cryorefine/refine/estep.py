@@ -8,7 +8,7 @@ children at the current size -> posterior weights -> best pose, and the weighted
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -137,16 +137,19 @@ class ProjectionCache:
             self.pairs = (real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32))
         return self.pairs
 
-    def fine_projections(self, fine_ids: NDArray[np.int64], rotations: NDArray) -> NDArray[np.complex64]:
-        """Projections of fine ids (with their rotation matrices) at the current size."""
+    def fine_projections(self, fine_ids: NDArray[np.int64],
+                         rotations: NDArray) -> tuple[NDArray[np.complex64], NDArray[np.int64]]:
+        """Projections of fine ids (with their rotation matrices) at the current size, as (array, row of each id in
+        it): the cache itself when it holds the grid (no copy of a batch's rows), else this batch's projections."""
         if self.fine is None:
-            return self.project(self.proj, rotations, self.ps_fine.kx_model, self.ps_fine.ky_model)
+            p = self.project(self.proj, rotations, self.ps_fine.kx_model, self.ps_fine.ky_model)
+            return p, np.arange(len(fine_ids), dtype=np.int64)
         todo = ~self.have[fine_ids]
         if todo.any():
             self.fine[fine_ids[todo]] = self.project(self.proj, rotations[todo], self.ps_fine.kx_model,
                                                 self.ps_fine.ky_model)
             self.have[fine_ids[todo]] = True
-        return self.fine[fine_ids]
+        return self.fine, np.asarray(fine_ids, np.int64)
 
 
 @dataclass
@@ -294,7 +297,8 @@ class FineSamples:
     layout: BlockLayout                       # image, phase rows, projection rows of each block (K)
     fine_ids: NDArray[np.int64]               # (F,) fine orientation ids of the projection rows (parent-major)
     rot: NDArray[np.float64]                  # (F, 3, 3)
-    p: NDArray[np.complex64]                  # (F, mf) fine projections
+    p: NDArray[np.complex64]                  # fine projections at the current size: rows p_rows of this array
+    p_rows: NDArray[np.int64]                 # (F,) the row of p of each fine orientation (children consecutive)
     t_fine: NDArray[np.float64]               # (R, 2) fine translations (px, relative to the pre-shift)
     phases: NDArray[np.complex64]             # (R, mf) their phase ramps
 
@@ -306,12 +310,12 @@ def fine_samples(sig: Significant, st: PassSettings, cache: ProjectionCache) -> 
     parents, q = np.unique(sig.cid, return_inverse=True)
     fine_ids = (parents[:, None] * n_ch + np.arange(n_ch)[None, :]).ravel()
     rot = fine_matrices(grid, fine_ids)
-    p_f = cache.fine_projections(fine_ids, rot)                                           # (F, mf)
+    p_f, p_rows = cache.fine_projections(fine_ids, rot)
     u_t, t_pos = np.unique(sig.t, return_inverse=True)
     t_fine = st.translations.children(u_t).reshape(-1, 2)                                  # (R, 2) px
     n_tch = t_fine.shape[0] // len(u_t)
     layout = BlockLayout(sig.img, t_pos.ravel() * n_tch, q.ravel() * n_ch, n_tch, n_ch)
-    return FineSamples(layout, fine_ids, rot, p_f, t_fine, shift_phases(st.ps_fine, t_fine))
+    return FineSamples(layout, fine_ids, rot, p_f, p_rows, t_fine, shift_phases(st.ps_fine, t_fine))
 
 
 @dataclass
@@ -329,7 +333,11 @@ def fine_weights(inp: BatchInputs, st: PassSettings, sig: Significant, fs: FineS
     """Pass 2: score the children of the significant pairs at the current size and weight them (RELION's rule
     again with no --maxsig cap, weights over the pass-2 W_sum; children inherit their parent's log-prior)."""
     xw, wn = image_weights(inp.x_fine, inp.ctf_fine, inp.scale, isig_f)
-    d = backend.block_scores(xw, wn, real_pair(fs.phases), real_pair(fs.p), fs.layout, st.cc_mode)  # (K, n_a, n_b)
+    if backend.reads_rows_in_place:       # the projection rows of the blocks, read where they are (e.g. the cache)
+        p, layout = fs.p, replace(fs.layout, p_row=fs.p_rows[fs.layout.p_row])
+    else:
+        p, layout = fs.p[fs.p_rows], fs.layout
+    d = backend.block_scores(xw, wn, real_pair(fs.phases), real_pair(p), layout, st.cc_mode)       # (K, n_a, n_b)
     acc.gflop += 2e-9 * d.size * 2 * st.ps_fine.m
     per_block = fs.layout.n_a * fs.layout.n_b
     off = offsets_of(sig.img, len(inp.rows), per_block)
@@ -419,7 +427,7 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        p_c = p_pair[rows[r0:r1]]
+        p_c = p_pair[fs.p_rows[rows[r0:r1]]]
         if dense:
             lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
             wc = dense_weight_rows(fw.w, by_p[lo:hi], blk_jt, lay.p_row, row_of, r0, r1, n_cols)

@@ -174,8 +174,10 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
         n_fine = min(n_fine, math.ceil(b * s.fine_rows))
     if s.columns is not None:
         n_jt = min(n_jt, math.ceil(b * s.columns))
-    # fine_samples: projections (F, mf) and rotations, phase ramps (R, mf); fine_weights: xw, wn; the weights w
-    fine_kept = n_fine * (mf * C64 + 9 * F64) + n_ph * mf * C64 + b * mf * (C64 + F32) + n_sig * n_ab * F64
+    # fine_samples: projections (F, mf) unless the fine cache holds them (the kernels then read it in place) and
+    # rotations, phase ramps (R, mf); fine_weights: xw, wn; the weights w
+    own_rows = 0 if fine_cached(s, lim) else mf * C64
+    fine_kept = n_fine * (own_rows + 9 * F64) + n_ph * mf * C64 + b * mf * (C64 + F32) + n_sig * n_ab * F64
     # block_scores' float64 residual (the cross terms are formed inside its kernel) and the per-block norms
     fine = fine_kept + n_sig * n_ab * F64 + n_sig * s.n_orientation_children * F32
     # batch_sums: the weight rows (col, val) of the sparse path, Σ_t w̄ per (orientation, particle) and its float32
@@ -194,6 +196,11 @@ def batch_bytes(s: IterationSizes, lim: EStepLimits) -> int:
     return st["inputs"] + st["significant"] + max(st["prepare"], st["coarse"], st["fine"], st["sums"])
 
 
+def fine_cached(s: IterationSizes, lim: EStepLimits) -> bool:
+    """Whether a global iteration keeps the whole fine grid's projections (refine.estep.ProjectionCache)."""
+    return not s.local and s.n_fine_grid * s.mf * C64 <= lim.fine_cache_bytes
+
+
 def cache_bytes(s: IterationSizes, lim: EStepLimits) -> int:
     """Bytes of one half's projection caches (refine.estep.ProjectionCache): global searches keep the coarse
     projections (complex64 and |P|² float32) and the whole fine grid (complex64) unless it is above the cap.
@@ -204,8 +211,7 @@ def cache_bytes(s: IterationSizes, lim: EStepLimits) -> int:
     if s.local:
         return 0
     coarse = s.n_coarse * s.mc * (C64 + F32)
-    fine_full = s.n_fine_grid * s.mf * C64
-    return s.n_caches * (coarse + (fine_full if fine_full <= lim.fine_cache_bytes else 0))
+    return s.n_caches * (coarse + (s.n_fine_grid * s.mf * C64 if fine_cached(s, lim) else 0))
 
 
 def estimate_peak(s: IterationSizes, lim: EStepLimits) -> MemoryEstimate:
@@ -246,7 +252,7 @@ def _lower_steps(s: IterationSizes, lim: EStepLimits) -> list[EStepLimits]:
     if max(lim.local_chunk_bytes, lim.sums_chunk_bytes) > MIN_CHUNK_BYTES:
         out.append(replace(lim, local_chunk_bytes=max(MIN_CHUNK_BYTES, lim.local_chunk_bytes // 2),
                            sums_chunk_bytes=max(MIN_CHUNK_BYTES, lim.sums_chunk_bytes // 2)))
-    if lim.fine_cache_bytes > 0 and s.n_fine_grid * s.mf * C64 <= lim.fine_cache_bytes:
+    if lim.fine_cache_bytes > 0 and fine_cached(s, lim):
         out.append(replace(lim, fine_cache_bytes=0))
     return out
 
