@@ -443,6 +443,16 @@ def test_missing_micrograph_without_skip_missing(mics_set, tmp_path, capsys, mon
     assert not Path("Extract").exists()
 
 
+def test_extract_box_larger_than_the_micrograph(mics_set, tmp_path, capsys, monkeypatch):
+    """A box beyond the micrograph is a mistake (it was a MemoryError for 100000 px), named with the micrograph."""
+    monkeypatch.chdir(tmp_path)
+    star = _mics_copy(mics_set, tmp_path, 2)
+    rc, err = error_of(capsys, ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size",
+                                "100000", "--o", "Extract/job001/", "--no_progress"])
+    assert rc == 2 and "mic_0001.mrc: --extract_size 100000 px is larger than the micrograph" in err
+    assert not Path("Extract").exists()
+
+
 # ------------------------------------------------------------------------------------------------ leftovers
 
 

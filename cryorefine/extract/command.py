@@ -414,6 +414,8 @@ def _extract_boxes(job: MicJob, params: ExtractParams, float16: bool, reuse: boo
         if done is not None:
             return done
     mic = _read_micrograph(job.path)
+    require(params.extract_size <= min(mic.shape), f"{job.path}: --extract_size {params.extract_size} px is larger "
+                                                   f"than the micrograph ({mic.shape[-1]} x {mic.shape[-2]} px)")
     edge = crosses_edge(job.coord_x, job.coord_y, params.extract_size, mic.shape)
     keep = crop_keep(job.coord_x, job.coord_y, params, mic.shape)
     n_bad = 0
