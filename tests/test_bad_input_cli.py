@@ -344,11 +344,15 @@ def test_output_folder_where_no_file_can_be_made(small_set, tmp_path, capsys):
     assert rc == 2 and "/proc: output folder not writable" in err
 
 
-def test_offset_range_beyond_half_the_box(sub, small_set, tmp_path, capsys):
+def test_offset_range_beyond_half_the_box_and_ini_high_beyond_the_box(sub, small_set, tmp_path, capsys):
+    """Both were tracebacks (MemoryError; ZeroDivisionError for a low-pass coarser than the box)."""
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "a" / "run",
                                            "--offset_range", "1000"))
     assert rc == 2 and "--offset_range 1000 px is more than half the box (64 px)" in err
-    assert_only_log(tmp_path / "a")
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "b" / "run",
+                                           "--ini_high", "1000"))
+    assert rc == 2 and "--ini_high 1000 A is coarser than the box (64 px x 2.5 A = 160 A)" in err
+    assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
 
 
 @pytest.mark.parametrize("exc, phrase", [(OSError(28, "No space left on device", "/data/out.mrc"),

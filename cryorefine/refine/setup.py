@@ -31,6 +31,9 @@ def resolve_options(opts: RefineOptions, box: int, angpix: float, fn_in: str) ->
     if opts.particle_diameter > box * angpix:
         raise InputError(f"--particle_diameter {opts.particle_diameter:g} A is larger than the box "
                          f"({box} px x {angpix:g} A = {box * angpix:g} A) of {fn_in}")
+    if opts.ini_high > 0 and round(box * angpix / opts.ini_high) < 1:      # not even Fourier shell 1 kept
+        raise InputError(f"--ini_high {opts.ini_high:g} A is coarser than the box ({box} px x {angpix:g} A = "
+                         f"{box * angpix:g} A) of {fn_in} can hold: the low-passed reference would be flat")
     if opts.offset_range_px > box / 2:
         raise InputError(f"--offset_range {opts.offset_range_px:g} px is more than half the box ({box} px) of {fn_in}: "
                          f"shifts that large move the particle out of its image")
