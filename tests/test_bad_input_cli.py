@@ -344,15 +344,19 @@ def test_output_folder_where_no_file_can_be_made(small_set, tmp_path, capsys):
     assert rc == 2 and "/proc: output folder not writable" in err
 
 
-def test_offset_range_beyond_half_the_box_and_ini_high_beyond_the_box(sub, small_set, tmp_path, capsys):
-    """Both were tracebacks (MemoryError; ZeroDivisionError for a low-pass coarser than the box)."""
+def test_offset_range_ini_high_and_mask_edge_beyond_the_box(sub, small_set, tmp_path, capsys):
+    """The first two were tracebacks (MemoryError; ZeroDivisionError for a low-pass coarser than the box)."""
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "a" / "run",
                                            "--offset_range", "1000"))
     assert rc == 2 and "--offset_range 1000 px is more than half the box (64 px)" in err
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "b" / "run",
                                            "--ini_high", "1000"))
     assert rc == 2 and "--ini_high 1000 A is coarser than the box (64 px x 2.5 A = 160 A)" in err
-    assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
+    # a soft edge wider than the image: the default diameter (box minus edge) came out negative, and the run went on
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "c" / "run", "--maskedge",
+                                           "1000"))
+    assert rc == 2 and "--maskedge 1000 px is not less than half the box (64 px)" in err
+    assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b") and assert_only_log(tmp_path / "c")
 
 
 @pytest.mark.parametrize("exc, phrase", [(OSError(28, "No space left on device", "/data/out.mrc"),

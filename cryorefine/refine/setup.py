@@ -26,6 +26,9 @@ from cryorefine.refine.timing import PhaseClock, timed_backend
 
 def resolve_options(opts: RefineOptions, box: int, angpix: float, fn_in: str) -> RefineOptions:
     """The options with the defaults that depend on the data filled in (mask diameter: box minus mask edge)."""
+    if opts.maskedge_px >= box / 2:
+        raise InputError(f"--maskedge {opts.maskedge_px:g} px is not less than half the box ({box} px) of {fn_in}: "
+                         f"the soft edge would cover the whole image")
     if opts.particle_diameter <= 0:
         opts = replace(opts, particle_diameter=(box - opts.maskedge_px) * angpix)
     if opts.particle_diameter > box * angpix:
