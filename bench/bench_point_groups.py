@@ -13,6 +13,7 @@ true poses. Prints a markdown table; JSON in bench/results/point_groups.json. Ab
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ def refine_and_score(group: str, extra: list[str]) -> dict:
     """Refine the group's set with the small set's options and --sym group; score map, poses and reported figure."""
     d = make_set(group)
     (d / "Refine3D").mkdir(exist_ok=True)
+    for f in (d / "Refine3D").glob("run[_.]*"):        # a fresh run: run.out is appended to otherwise
+        f.unlink()
     cmd = [sys.executable, "-m", "cryorefine", "refine", "--i", "particles.star", "--ref", "reference.mrc",
            "--o", "Refine3D/run", "--ini_high", "50", "--sym", group, "--particle_diameter", "150", "--quiet", *extra]
     t0 = time.perf_counter()
@@ -77,7 +80,8 @@ def refine_and_score(group: str, extra: list[str]) -> dict:
     s = json.loads(score.stdout.strip().splitlines()[-1])
     truth = reconstruct_and_score(d, d / "Refine3D" / "truepose.mrc", group)
     return {"group": group, "order": len(symmetry_matrices(group)), "wall_s": round(wall, 1),
-            "iterations": log.count(" took "), "reported_A": float(final[-1].split()[-1]) if final else None,
+            "iterations": len(re.findall(r"Iteration \d+ took", log)),
+            "reported_A": float(final[-1].split()[-1]) if final else None,
             "fsc05_A": s["fsc05_A"], "fsc05_masked_A": s["fsc05_masked_A"], "ang_median_deg": s["ang_median_deg"],
             "off_median_A": s["off_median_A"], "truepose_fsc05_masked_A": truth.get("fsc05_masked_A"),
             "truepose_fsc05_A": truth.get("fsc05_A"), "command": "cryorefine " + " ".join(cmd[3:])}

@@ -126,8 +126,9 @@ def _self_match_planes(rot: NDArray, sym_mats: NDArray | None) -> NDArray[np.flo
             return None
         if abs(np.trace(h) + 1.0) < 1e-6:                    # a half turn: (h + I)/2 projects onto its axis
             axis = (h + np.eye(3))[np.argmax(np.abs(np.diag(h + np.eye(3))))]
-            normals.append(axis / np.linalg.norm(axis))
-    return np.unique(np.round(np.abs(normals), 9), axis=0) if normals else np.zeros((0, 3))
+            axis = axis / np.linalg.norm(axis)
+            normals.append(axis if axis[np.argmax(np.abs(axis) > 1e-6)] > 0 else -axis)    # n and −n: one plane
+    return np.unique(np.round(normals, 9), axis=0) if normals else np.zeros((0, 3))
 
 
 # Fourier pixels within this distance of a matching plane are left out: the M-step's symmetrisation interpolates,
