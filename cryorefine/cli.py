@@ -3,6 +3,10 @@
 Every sub-command takes RELION's `--pipeline_control DIR`: the job then writes RELION's marker file
 `DIR/RELION_JOB_EXIT_SUCCESS` or `DIR/RELION_JOB_EXIT_FAILURE` at its end, as RELION's pipeliner expects.
 Options are never abbreviated (`--extract` is not `--extract_size`).
+
+RELION's program names work as well, so RELION's command lines run with nothing changed: `cryorefine
+relion_refine_mpi --o ... --auto_refine ...`, or `relion_refine_mpi ...` itself once `cryorefine relion-names DIR`
+has written those programs into DIR and DIR is on PATH (also the way to point RELION's GUI at cryorefine).
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "(relion_image_handler)"),
     "postprocess": ("cryorefine.tools.postprocess", "masked, phase-randomisation-corrected FSC and B-factor sharpening (relion_postprocess)"),
     "report": ("cryorefine.report.command", "HTML report with figures of a refinement (FSC, angular distribution, maps)"),
+    "relion-names": ("cryorefine.tools.relion_names", "write relion_refine, relion_refine_mpi, ... into a folder, "
+                     "so RELION's command lines (and its GUI) run cryorefine unchanged"),
+}
+
+# RELION program -> the sub-command that runs its command lines (the _mpi ones under mpiexec, as RELION's)
+RELION_PROGRAMS: dict[str, str] = {
+    "relion_refine": "refine", "relion_refine_mpi": "refine",
+    "relion_reconstruct": "reconstruct", "relion_reconstruct_mpi": "reconstruct",
+    "relion_preprocess": "extract", "relion_preprocess_mpi": "extract",
+    "relion_image_handler": "image-handler", "relion_postprocess": "postprocess",
 }
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
@@ -41,11 +55,19 @@ def add_pipeline_control(p: argparse.ArgumentParser) -> None:
                                        "in DIR at the end of the job")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one error line (an unknown or missing option is a user mistake like any other), not the usage
+    block; `--help` still prints everything."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; the options of `chosen` (or of every sub-command if None) are registered."""
-    parser = argparse.ArgumentParser(prog="cryorefine", description=__doc__, allow_abbrev=False)
+    parser = Parser(prog="cryorefine", description=__doc__, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"cryorefine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (modname, help_) in COMMANDS.items():
         if chosen is not None and name != chosen:
             sub.add_parser(name, help=help_, allow_abbrev=False)
@@ -76,12 +98,60 @@ def write_exit_marker(folder: str | None, success: bool, aborted: bool = False) 
         print(f"cryorefine: warning: cannot write the job-exit marker in {folder} ({exc})", file=sys.stderr)
 
 
+def relion_program(invoked_as: str | None, argv: list[str]) -> tuple[str | None, list[str]]:
+    """The RELION program a command line names (the executable's own name, or the first word after
+    `cryorefine`), and the argv with it replaced by its sub-command; (None, argv) for cryorefine's own."""
+    name = Path(invoked_as).name if invoked_as else ""
+    if name in RELION_PROGRAMS:
+        return name, [RELION_PROGRAMS[name], *argv]
+    if argv and argv[0] in RELION_PROGRAMS:
+        return argv[0], [RELION_PROGRAMS[argv[0]], *argv[1:]]
+    return None, argv
+
+
+def check_relion_job(program: str, args: argparse.Namespace) -> None:
+    """RELION's programs do more than cryorefine: a command line asking for another job is an error, not a
+    different job run silently (relion_refine without --auto_refine is a classification)."""
+    if program.startswith("relion_refine"):
+        if not (args.auto_refine or args.continue_from):
+            raise InputError(f"{program}: only 3D auto-refine (--auto_refine) is available in cryorefine; this "
+                             "command line has no --auto_refine (a 2D/3D classification in RELION)")
+    elif program.startswith("relion_preprocess"):
+        if not args.extract:
+            raise InputError(f"{program}: only particle extraction (--extract) is available in cryorefine; this "
+                             "command line has no --extract")
+
+
+def pipeline_control_in(argv: list[str]) -> str | None:
+    """The --pipeline_control folder of a command line that did not parse (None if it names none)."""
+    for i, a in enumerate(argv):
+        for flag in ("--pipeline_control", "--pipeline-control"):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn user mistakes into one error line and exit code 2."""
+    invoked_as = sys.argv[0] if argv is None else None
     argv = sys.argv[1:] if argv is None else list(argv)
+    program, argv = relion_program(invoked_as, argv)
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(chosen if chosen is not None else "")
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:   # a parse error still tells RELION's pipeliner that the job failed
+        if exc.code not in (0, None):
+            write_exit_marker(pipeline_control_in(argv), False)
+        raise
+    if unknown:     # named by the sub-command whose options they are not
+        prog = f"cryorefine {args.command}" if getattr(args, "command", None) else "cryorefine"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (`{prog} --help` lists the options)",
+              file=sys.stderr)
+        write_exit_marker(getattr(args, "pipeline_control", None), False)
+        return 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -90,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     aborted = False
     try:
+        if program:
+            check_relion_job(program, args)
         rc = int(args._run(args) or 0)
         return rc
     except InputError as exc:

@@ -20,21 +20,21 @@ import numpy as np
 import pytest
 import starfile
 
-from cryorefine.cli import ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, build_parser, main
+from cryorefine.cli import ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, RELION_PROGRAMS, build_parser, main
 from cryorefine.io.mrc import read_map
 from cryorefine.io.star import read_particles
 from cryorefine.refine.command import compatibility_notes, options_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = {"relion_refine": "refine", "relion_refine_mpi": "refine", "relion_preprocess": "extract",
-            "relion_preprocess_mpi": "extract", "relion_postprocess": "postprocess",
-            "relion_reconstruct": "reconstruct", "relion_image_handler": "image-handler"}
+def relion(command: str) -> list[str]:
+    """A RELION command line as the GUI writes it (`which relion_x` included) -> argv, program name kept."""
+    return shlex.split(command.replace("`which ", "").replace("`", ""))
 
 
 def gui(command: str) -> list[str]:
-    """A RELION command line (as the GUI writes it, `which relion_x` included) -> cryorefine argv."""
-    tokens = shlex.split(command.replace("`which ", "").replace("`", ""))
-    return [PROGRAMS[tokens[0]], *tokens[1:]]
+    """A RELION command line -> the cryorefine sub-command's argv (for parsing it alone)."""
+    tokens = relion(command)
+    return [RELION_PROGRAMS[tokens[0]], *tokens[1:]]
 
 
 def _subset_star(src: Path, n: int, dest: Path) -> Path:
@@ -126,6 +126,57 @@ def test_refine_without_inputs_is_a_one_line_error(tmp_path, capsys):
     assert (tmp_path / "job" / EXIT_FAILURE).is_file() and not (tmp_path / "job" / EXIT_SUCCESS).exists()
 
 
+def test_parse_errors_are_one_line_and_fail_the_job(tmp_path, capsys):
+    """A missing or unknown option: one line naming the sub-command, exit code 2, RELION's failure marker."""
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", "--i", "m.star", "--pipeline_control", str(tmp_path / "job")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("cryorefine extract: error:")
+    assert "--extract_size" in err[0] and (tmp_path / "job" / EXIT_FAILURE).is_file()
+    assert main(["refine", "--bogus", "1", "--pipeline_control", str(tmp_path / "job2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cryorefine refine: error: unrecognized arguments: --bogus 1")
+    assert (tmp_path / "job2" / EXIT_FAILURE).is_file()
+
+
+def test_relion_programs_asking_for_other_jobs_are_errors(tmp_path, capsys):
+    """relion_refine without --auto_refine is a classification in RELION: an error, not an auto-refine."""
+    assert main(["relion_refine_mpi", "--o", str(tmp_path / "c"), "--i", "a.star", "--K", "4"]) == 2
+    assert main(["relion_refine", "--o", str(tmp_path / "c"), "--i", "a.star", "--ref", "r.mrc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--K" in err[0] and "only 3D auto-refine (--auto_refine)" in err[1]
+    assert main(["relion_preprocess", "--i", "m.star", "--coord_list", "c.star", "--part_dir", "E/",
+                 "--extract_size", "64"]) == 2
+    assert "only particle extraction (--extract)" in capsys.readouterr().err
+
+
+def test_relion_names_run_relion_command_lines_unchanged(small_set, tmp_path, capsys):
+    """`cryorefine relion-names DIR` writes relion_* programs; with DIR on PATH a RELION command line runs as typed."""
+    bindir = tmp_path / "bin"
+    assert main(["relion-names", str(bindir)]) == 0
+    assert sorted(f.name for f in bindir.iterdir()) == sorted(RELION_PROGRAMS)
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    ref = str(small_set / "reference.mrc")
+    opts = ["--i", ref, "--rescale_angpix", "5", "--new_box", "40"]
+    done = subprocess.run(["relion_image_handler", *opts, "--o", str(tmp_path / "r.mrc")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert main(["image-handler", *opts, "--o", str(tmp_path / "c.mrc")]) == 0
+    (ours, apix), (theirs, _) = read_map(tmp_path / "r.mrc"), read_map(tmp_path / "c.mrc")
+    assert ours.shape == (40, 40, 40) and apix == pytest.approx(5.0) and np.array_equal(ours, theirs)
+    failed = subprocess.run(["relion_refine", "--i", "a.star", "--o", str(tmp_path / "x")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
+    assert main(["relion-names", str(bindir)]) == 0, "its own programs are replaced"
+    other = tmp_path / "relion" / "bin"
+    other.mkdir(parents=True)
+    (other / "relion_refine").write_text("#!/bin/sh\n")
+    capsys.readouterr()
+    assert main(["relion-names", str(other)]) == 2
+    assert "not written by cryorefine" in capsys.readouterr().err
+    assert (other / "relion_refine").read_text() == "#!/bin/sh\n" and len(list(other.iterdir())) == 1
+
+
 # ------------------------------------------------------------------------------------------------ refine
 
 
@@ -147,9 +198,9 @@ def refine_jobs(small_set, tmp_path_factory):
     mp.chdir(work)
     try:
         t0 = time.time()
-        rc1 = main(gui(new_job))
+        rc1 = main(relion(new_job))
         t1 = time.time()
-        rc2 = main(gui(continue_job))
+        rc2 = main(relion(continue_job))
         print(f"refine GUI job {t1 - t0:.1f} s, continue job {time.time() - t1:.1f} s")
     finally:
         mp.undo()
@@ -233,7 +284,7 @@ def test_extract_gui_jobs_run(mics_set, tmp_path, monkeypatch, capsys):
                                         f"--recenter_x 0 --recenter_y 0 --recenter_z 0", 128, 64),
     }
     for job, cmd in jobs.items():
-        assert main([*gui(cmd), "--no_progress"]) == 0, cmd
+        assert main([*relion(cmd), "--no_progress"]) == 0, cmd
         assert (Path(job) / EXIT_SUCCESS).is_file()
         t = read_particles(Path(job) / "particles.star")
         assert t.nr_particles > 0
@@ -246,7 +297,7 @@ def test_extract_gui_jobs_run(mics_set, tmp_path, monkeypatch, capsys):
     stacks = sorted(Path("Extract/job008").rglob("*.mrcs"))
     mtimes = [s.stat().st_mtime_ns for s in stacks]
     cont = _extract_gui(mics_set, "Extract/job008/", f"--coord_list {mics_set}/coordinates.star", 128, 64, cont=True)
-    assert main([*gui(cont), "--no_progress"]) == 0
+    assert main([*relion(cont), "--no_progress"]) == 0
     assert [s.stat().st_mtime_ns for s in stacks] == mtimes, "--only_do_unfinished re-extracted finished stacks"
     assert Path("Extract/job008/particles.star").read_text() == first
 
@@ -262,7 +313,7 @@ def half_maps(small_set, tmp_path_factory):
     for h in (1, 2):
         cmd = (f"relion_reconstruct --i {truth} --o {work}/Refine3D/job019/run_half{h}_class001_unfil.mrc --ctf "
                f"--sym D2 --subset {h} --j 1 --pipeline_control {work}/Reconstruct/")
-        assert main(gui(cmd)) == 0
+        assert main(relion(cmd)) == 0
     assert (work / "Reconstruct" / EXIT_SUCCESS).is_file()
     return work
 
@@ -275,7 +326,7 @@ def test_postprocess_gui_job_runs(half_maps, small_set, variant, monkeypatch):
     job = f"PostProcess/{variant}/"
     cmd = (f"`which relion_postprocess` --mask {small_set / 'mask.mrc'} --i Refine3D/job019/run_half1_class001_unfil.mrc "
            f"--o {job}postprocess  --angpix -1{sharpen}  --pipeline_control {job}")
-    assert main(gui(cmd)) == 0
+    assert main(relion(cmd)) == 0
     assert (Path(job) / EXIT_SUCCESS).is_file()
     for f in ("postprocess.mrc", "postprocess_masked.mrc", "postprocess.star"):
         assert (Path(job) / f).is_file()
