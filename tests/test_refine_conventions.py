@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import starfile
@@ -16,6 +17,7 @@ from bench.standard_sets import BENCH, DATA
 from conftest import write_subset
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.symmetry import angular_error_deg, symmetry_matrices
+from tests.test_backprojector import map_fsc
 
 
 def _refine(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -67,6 +69,17 @@ def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Pat
     assert float(final.group(1)) >= 40.0 - 1e-3, final.group(1)
     assert "Refinement has converged, stopping now" in proc.stdout
     assert "Reporting" not in proc.stdout        # no resolution override line of any kind
+    # the _unfil maps as any reader sees them: no correlation beyond the join that run_model.star does not show,
+    # and postprocess (the README's next step) no better than 25 Å
+    halves = [mrcfile.read(tmp_path / f"run_half{h}_class001_unfil.mrc").astype(np.float64) for h in (1, 2)]
+    maps = map_fsc(*halves)[7:]
+    model = starfile.read(tmp_path / "run_model.star")["model_class_1"]["rlnGoldStandardFsc"].to_numpy()[7:33]
+    assert maps.mean() < model.mean() + 0.05, (maps.mean(), model.mean())
+    post = subprocess.run([sys.executable, "-m", "cryorefine", "postprocess", "--i",
+                           str(tmp_path / "run_half1_class001_unfil.mrc"), "--mask", str(noise_set / "mask.mrc"),
+                           "--o", str(tmp_path / "post")], capture_output=True, text=True)
+    assert post.returncode == 0, post.stderr[-2000:]
+    assert float(re.search(r"FINAL RESOLUTION: ([\d.]+)", post.stdout).group(1)) > 25.0, post.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -330,14 +330,26 @@ def _divide_into_grid(data, weight, tau2, have_tau2, tau2_fudge, minres, pad, ra
 
 
 def reconstruct(bp: BackProjector, tau2: NDArray | None = None, tau2_fudge: float = 1.0,
-                minres_map: int = 5) -> NDArray[np.float32]:
+                minres_map: int = 5, leak_free_shell: float = 0.0) -> NDArray[np.float32]:
     """B / max(W (+ 1/(pad³ τ_f τ²) for shells ≥ minres_map), 0.001·shell mean) -> real (N,N,N) map (§3.4).
 
     tau2=None: unregularised (the _unfil maps). Grey scale: noise-free projections of V inserted with
     weight 1 reconstruct V. Call symmetrise first (it completes the ξx = 0 plane).
+    leak_free_shell > 0: what the crop to N³ and the corner mask make of the shells |k| <= leak_free_shell
+    (Fourier pixels of the N box) beyond that radius is taken out again, so that a low-resolution part two half
+    maps share by construction is not copied into every shell of both (docs/refine.md, "Unfiltered half maps").
     """
-    n = bp.ori_size
-    pad = bp.pad
+    vol = _real_map(bp, tau2, tau2_fudge, minres_map)
+    if leak_free_shell > 0:
+        low = _real_map(bp, tau2, tau2_fudge, minres_map, keep_radius=float(bp.pad) * leak_free_shell)
+        vol -= _shells_beyond(low, leak_free_shell)
+    return vol.astype(np.float32)
+
+
+def _divided_grid(bp: BackProjector, tau2: NDArray | None, tau2_fudge: float,
+                  minres_map: int) -> NDArray[np.complex64]:
+    """The padded (p, p, p//2+1) rfft grid of B / W' (§3.4 steps 1-2), ξx = 0 plane made Hermitian."""
+    n, pad = bp.ori_size, bp.pad
     p = pad * n
     p += p % 2
     have_tau2 = tau2 is not None
@@ -350,6 +362,18 @@ def reconstruct(bp: BackProjector, tau2: NDArray | None = None, tau2_fudge: floa
     plane = grid[:, :, 0]
     mirror = np.conj(plane[(-np.arange(p)) % p][:, (-np.arange(p)) % p])
     plane[...] = 0.5 * (plane + mirror)
+    return grid
+
+
+def _real_map(bp: BackProjector, tau2: NDArray | None, tau2_fudge: float, minres_map: int,
+              keep_radius: float | None = None) -> NDArray[np.float64]:
+    """§3.4 steps 1-4 (only |ξ| <= keep_radius of the padded grid if given): inverse FFT of the padded grid, the
+    central N³ (origin at N//2), corner mask, gridding correction."""
+    n, pad = bp.ori_size, bp.pad
+    grid = _divided_grid(bp, tau2, tau2_fudge, minres_map)
+    if keep_radius is not None:
+        _zero_beyond(grid, keep_radius)
+    p = grid.shape[0]
     vol = sfft.irfftn(grid, s=(p, p, p), norm="forward", workers=-1)
     del grid
     o = p // 2 - n // 2
@@ -358,4 +382,25 @@ def reconstruct(bp: BackProjector, tau2: NDArray | None = None, tau2_fudge: floa
     vol = vol[np.ix_(idx, idx, idx)].astype(np.float64) / (float(pad) ** 3 * n)
     vol = soft_mask_outside_map(vol)
     vol /= gridding_sinc2(n, pad)
-    return vol.astype(np.float32)
+    return vol
+
+
+@njit(cache=True)
+def _zero_beyond(grid, radius):  # pragma: no cover - compiled
+    """Zero the elements of an rfft grid (p, p, p//2+1) at |ξ| > radius (padded Fourier pixels)."""
+    p = grid.shape[0]
+    r2 = radius * radius
+    for iz in range(p):
+        z = iz if iz <= p // 2 else iz - p
+        for iy in range(p):
+            y = iy if iy <= p // 2 else iy - p
+            for ix in range(grid.shape[2]):
+                if ix * ix + y * y + z * z > r2:
+                    grid[iz, iy, ix] = 0
+
+
+def _shells_beyond(vol: NDArray, radius: float) -> NDArray[np.float64]:
+    """The part of a real map at |k| > radius (Fourier pixels): a sharp high-pass."""
+    ft = sfft.rfftn(vol, workers=-1)
+    ft[freq_radius(vol.shape) <= radius] = 0
+    return sfft.irfftn(ft, s=vol.shape, workers=-1)

@@ -276,6 +276,12 @@ def join_shell(state: RunState) -> int:
     return math.ceil(state.box * state.angpix / max(opts.low_resol_join_halves, 1.0 / c.current_resolution))
 
 
+def shared_shell(state: RunState) -> float:
+    """Radius (Fourier pixels) up to which the two halves share their maps by construction: the low-resolution
+    join, or without one the initial low-pass both references started from."""
+    return float(join_shell(state) or state.box * state.angpix / state.opts.ini_high)
+
+
 def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, final: bool, cc: bool,
                  raw: list | None) -> RunState:
     """M-step of both halves (noise, offsets, norms, scales, pdf; regularised maps), then the new resolution."""
@@ -293,7 +299,7 @@ def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, 
         joined = None
         if red.is_leader:
             joined = mstep.reconstruct_joined(accs[0].bp, accs[1].bp, fsc, opts.tau2_fudge)
-            unfiltered = tuple(bpm.reconstruct(b, tau2=None) for b in raw)
+            unfiltered = tuple(bpm.reconstruct(b, tau2=None, leak_free_shell=shared_shell(state)) for b in raw)
         vol, stats = red.broadcast(joined, root=0)
         models = [mstep.with_reference(m, vol, stats) for m in models]
     else:
