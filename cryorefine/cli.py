@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
 
 from cryorefine import __version__
@@ -89,9 +90,11 @@ def write_exit_marker(folder: str | None, success: bool, aborted: bool = False) 
     try:
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
-        for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
+        mine = EXIT_ABORTED if aborted else EXIT_SUCCESS if success else EXIT_FAILURE
+        # the marker first, then the others gone: MPI ranks ending at once never remove each other's marker
+        (d / mine).touch()
+        for name in {EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED} - {mine}:
             (d / name).unlink(missing_ok=True)
-        (d / (EXIT_ABORTED if aborted else EXIT_SUCCESS if success else EXIT_FAILURE)).touch()
         if aborted:
             (d / ABORT_NOW).unlink(missing_ok=True)
     except OSError as exc:
@@ -120,6 +123,21 @@ def check_relion_job(program: str, args: argparse.Namespace) -> None:
         if not args.extract:
             raise InputError(f"{program}: only particle extraction (--extract) is available in cryorefine; this "
                              "command line has no --extract")
+
+
+def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False) -> None:
+    """Under MPI with several ranks, end the whole job: a failure only this rank sees (memory, disk, a bug) would
+    leave the others waiting in a collective call forever. Input errors need not: every rank validates every
+    input and stops at the same line. No-op without MPI."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() < 2:
+        return
+    if show_traceback:
+        traceback.print_exc()
+    write_exit_marker(control, False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(rc)
 
 
 def pipeline_control_in(argv: list[str]) -> str | None:
@@ -184,12 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryorefine {args.command}: error: out of memory ({exc or 'an allocation failed'}); use a machine "
               f"with more memory or a smaller job", file=sys.stderr)
         rc = 1
+        end_other_ranks(control, rc)
         return rc
     except OSError as exc:           # a disk that fills or goes away during the run
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         rc = 1
+        end_other_ranks(control, rc)
         return rc
+    except Exception:                # a bug: its traceback, and under MPI the other ranks must not wait for this one
+        rc = 1
+        end_other_ranks(control, rc, show_traceback=True)
+        raise
     finally:
         write_exit_marker(control, rc == 0, aborted)
 
