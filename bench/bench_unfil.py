@@ -24,19 +24,10 @@ import mrcfile
 import numpy as np
 import starfile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cryorefine.fourier.fsc import fsc  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def map_fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """FSC of two real cubic maps per shell round(|k|) = 0..N/2."""
-    n = a.shape[0]
-    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
-    k = [np.fft.fftfreq(n, 1.0 / n)] * 2 + [np.arange(n // 2 + 1)]
-    kz, ky, kx = np.meshgrid(*k, indexing="ij", sparse=True)
-    s = np.rint(np.sqrt(kx ** 2 + ky ** 2 + kz ** 2)).astype(int).ravel()
-    num = np.bincount(s, (fa * fb.conj()).real.ravel())
-    den = np.sqrt(np.bincount(s, (abs(fa) ** 2).ravel()) * np.bincount(s, (abs(fb) ** 2).ravel()))
-    return (num / den)[: n // 2 + 1]
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "cryorefine", "refine", "--continue", str(opt), "--o", str(new),
                     "--j", str(args.j), "--quiet"], check=True, cwd=root.parent.parent, stdout=subprocess.DEVNULL)
     halves = [mrcfile.read(f"{new}_half{h}_class001_unfil.mrc").astype(np.float64) for h in (1, 2)]
-    fsc_maps = map_fsc(*halves)
+    fsc_maps = fsc(*halves)
     fsc_model = starfile.read(f"{new}_model.star")["model_class_1"]["rlnGoldStandardFsc"].to_numpy()
     pp = new.parent / f"{new.name}_postprocess"
     out = subprocess.run([sys.executable, "-m", "cryorefine", "postprocess", "--i",

@@ -15,9 +15,9 @@ import starfile
 
 from bench.standard_sets import BENCH, DATA
 from conftest import write_subset
+from cryorefine.fourier.fsc import fsc
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.symmetry import angular_error_deg, symmetry_matrices
-from tests.test_backprojector import map_fsc
 
 
 def _refine(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -72,7 +72,7 @@ def test_pure_noise_does_not_give_high_resolution(noise_set: Path, tmp_path: Pat
     # the _unfil maps as any reader sees them: no correlation beyond the join that run_model.star does not show,
     # and postprocess (the README's next step) no better than 25 Å
     halves = [mrcfile.read(tmp_path / f"run_half{h}_class001_unfil.mrc").astype(np.float64) for h in (1, 2)]
-    maps = map_fsc(*halves)[7:]
+    maps = fsc(*halves)[7:]
     model = starfile.read(tmp_path / "run_model.star")["model_class_1"]["rlnGoldStandardFsc"].to_numpy()[7:33]
     assert maps.mean() < model.mean() + 0.05, (maps.mean(), model.mean())
     post = subprocess.run([sys.executable, "-m", "cryorefine", "postprocess", "--i",

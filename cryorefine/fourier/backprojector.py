@@ -337,7 +337,7 @@ def reconstruct(bp: BackProjector, tau2: NDArray | None = None, tau2_fudge: floa
     weight 1 reconstruct V. Call symmetrise first (it completes the ξx = 0 plane).
     leak_free_shell > 0: what the crop to N³ and the corner mask make of the shells |k| <= leak_free_shell
     (Fourier pixels of the N box) beyond that radius is taken out again, so that a low-resolution part two half
-    maps share by construction is not copied into every shell of both (docs/refine.md, "Unfiltered half maps").
+    maps share by construction is not copied into every shell of both (docs/refine.md, deliberate difference 6).
     """
     vol = _real_map(bp, tau2, tau2_fudge, minres_map)
     if leak_free_shell > 0:

@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.cli import RELION_PROGRAMS
     folder = Path(args.folder).expanduser()
     check_output_folder(folder)
-    require(not folder.exists() or folder.is_dir(), f"{folder}: not a folder")
     for program in RELION_PROGRAMS:
         path = folder / program
         if path.is_symlink() or path.exists():
