@@ -138,3 +138,65 @@ def test_a_failure_on_one_rank_ends_the_job(subset: Path, small_set: Path, tmp_p
     assert r.returncode != 0
     assert "cryorefine refine: error: out of memory (injected on rank 1)" in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "job" / "RELION_JOB_EXIT_FAILURE").is_file()
+
+
+FAILING_MICROGRAPH = '''
+import sys
+from mpi4py import MPI
+import cryorefine.extract.command as ex
+from cryorefine.cli import main
+from cryorefine.errors import InputError
+extract_one = ex._extract_one
+def fail_on_rank_1(job, *args, **kwargs):
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        raise InputError(f"{job.path}: injected bad micrograph")
+    return extract_one(job, *args, **kwargs)
+ex._extract_one = fail_on_rank_1
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_extract_shares_micrographs_over_ranks(mics_set: Path, tmp_path: Path):
+    """relion_preprocess_mpi: each rank extracts every size-th micrograph and rank 0 writes particles.star; the
+    stacks and the STAR file are those of one process. A bad micrograph on one rank stops every rank."""
+    args = ["extract", "--i", str(mics_set / "micrographs_ctf.star"), "--coord_list",
+            str(mics_set / "coordinates.star"), "--extract", "--extract_size", "64", "--norm", "--bg_radius", "24",
+            "--invert_contrast", "--no_progress"]
+    one = subprocess.run([sys.executable, "-m", "cryorefine", *args, "--part_dir", "one/"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    three = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "cryorefine", *args, "--part_dir", "three/"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-2000:]
+    assert three.stdout.count("800 particles from 20 micrographs") == 1        # rank 0 reports
+    a = read_star(tmp_path / "one" / "particles.star")["particles"]
+    b = read_star(tmp_path / "three" / "particles.star")["particles"]
+    assert list(b["rlnImageName"].str.replace("three/", "one/")) == list(a["rlnImageName"])
+    stacks = sorted((tmp_path / "one").rglob("*.mrcs"))
+    assert len(stacks) == 20
+    for s in stacks:
+        m1, _ = read_map(s)
+        m3, _ = read_map(tmp_path / "three" / s.relative_to(tmp_path / "one"))
+        assert np.array_equal(m1, m3), s.name
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_MICROGRAPH)
+    bad = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), *args, "--part_dir", "bad/"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "injected bad micrograph" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad" / "particles.star").exists()
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+def test_reconstruct_shares_particles_over_ranks(small_set: Path, tmp_path: Path):
+    """relion_reconstruct_mpi: each rank inserts every size-th particle, the sums are added, rank 0 writes the map:
+    the map of one process (to float32 rounding)."""
+    args = ["reconstruct", "--i", str(small_set / "truth.star"), "--ctf", "--sym", "D2", "--j", "1"]
+    one = subprocess.run([sys.executable, "-m", "cryorefine", *args, "--o", "one.mrc"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    three = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "cryorefine", *args, "--o", "three.mrc"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-2000:]
+    assert three.stdout.count("wrote three.mrc") + three.stderr.count("wrote three.mrc") == 1
+    m1, _ = read_map(tmp_path / "one.mrc")
+    m3, _ = read_map(tmp_path / "three.mrc")
+    assert np.abs(m1 - m3).max() <= 1e-5 * np.abs(m1).max()

@@ -528,46 +528,42 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.o)
     star_out = Path(args.part_star) if args.part_star else out / "particles.star"
     _check_outputs(args, jobs, star_out)
-    for note in compatibility_notes(args):
-        print(f"cryorefine extract: note: {note}")
-    for w in warnings:
-        print(f"cryorefine extract: warning: {w}", file=sys.stderr)
+    from cryorefine.parallel.mpi import get_reducer
+    reducer = get_reducer()     # relion_preprocess_mpi: the micrographs are shared out over the ranks
+    if reducer.is_leader:
+        for note in compatibility_notes(args):
+            print(f"cryorefine extract: note: {note}")
+        for w in warnings:
+            print(f"cryorefine extract: warning: {w}", file=sys.stderr)
     require(bool(jobs), f"{args.i}: no particles to extract")
     new_dirs = _new_dirs([out, star_out.parent, *(Path(job.stack).parent for job in jobs)])
     new_stacks = [job.stack for job in jobs if not os.path.exists(job.stack)]
     try:
-        return _extract_all(args, params, jobs, optics, mode, star_out)
+        return _extract_all(args, params, jobs, optics, mode, star_out, reducer)
     except BaseException:
         _remove_outputs(new_stacks, new_dirs)
         raise
 
 
 def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[MicJob], optics: pd.DataFrame,
-                 mode: str, star_out: Path) -> int:
-    """The work: every micrograph's stack, then particles.star (written last)."""
-    out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[int, MicResult] = {}
-    show = not args.no_progress
-    with _progress(len(jobs), show) as bar:
-        task = bar.add_task("extract", total=len(jobs))
-        if args.j == 1:
-            for job in jobs:
-                results[job.index] = _extract_one(job, params, args.float16, args.only_do_unfinished,
-                                                  args.skip_nonfinite)
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(max_workers=args.j) as pool:
-                futures = [pool.submit(_extract_one, _light(job), params, args.float16, args.only_do_unfinished,
-                                       args.skip_nonfinite) for job in jobs]
-                try:
-                    for fut in as_completed(futures):
-                        res = fut.result()
-                        results[res.index] = res
-                        bar.advance(task)
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)   # one bad micrograph stops the job
-                    raise
+                 mode: str, star_out: Path, reducer) -> int:
+    """The work: this process's share of the micrographs' stacks (every size-th), then particles.star (written
+    last, by the leader, from every process's results)."""
+    Path(args.o).mkdir(parents=True, exist_ok=True)
+    mine = jobs[reducer.rank::reducer.size]
+    try:
+        results = _extract_jobs(args, params, mine, show=not args.no_progress and reducer.is_leader)
+        error = None
+    except InputError as exc:   # one rank's micrograph: every rank must learn it, or the others wait forever
+        if reducer.size == 1:
+            raise
+        results, error = {}, str(exc)
+    gathered = reducer.allgather((results, error))
+    errors = [e for _, e in gathered if e]
+    require(not errors, errors[0] if errors else "")
+    results = {k: v for part, _ in gathered for k, v in part.items()}
+    if not reducer.is_leader:
+        return 0
 
     tables = []
     n_edge = n_skipped = n_nonfinite = 0
@@ -596,3 +592,29 @@ def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[Mic
         print(f"cryorefine extract: {n_nonfinite} particles skipped: NaN or infinite pixels in their box "
               f"(--skip_nonfinite)")
     return 0
+
+
+def _extract_jobs(args: argparse.Namespace, params: ExtractParams, jobs: list[MicJob],
+                  show: bool) -> dict[int, MicResult]:
+    """Each micrograph's stack (in --j worker processes), with a progress bar if `show`; results by job index."""
+    results: dict[int, MicResult] = {}
+    with _progress(len(jobs), show) as bar:
+        task = bar.add_task("extract", total=len(jobs))
+        if args.j == 1:
+            for job in jobs:
+                results[job.index] = _extract_one(job, params, args.float16, args.only_do_unfinished,
+                                                  args.skip_nonfinite)
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=args.j) as pool:
+                futures = [pool.submit(_extract_one, _light(job), params, args.float16, args.only_do_unfinished,
+                                       args.skip_nonfinite) for job in jobs]
+                try:
+                    for fut in as_completed(futures):
+                        res = fut.result()
+                        results[res.index] = res
+                        bar.advance(task)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)   # one bad micrograph stops the job
+                    raise
+    return results

@@ -304,10 +304,19 @@ def run(args: argparse.Namespace) -> int:
     if args.maxres > 0:
         r_max = min(float(np.ceil(box * angpix / args.maxres)), box / 2)
     bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
-    _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
-         f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px")
-    backproject_table(table, rows, bp, angpix, args.ctf, batch=args.batch, fom=fom,
+    from cryorefine.parallel.mpi import get_reducer
+    reducer = get_reducer()      # relion_reconstruct_mpi: every rank inserts every size-th particle
+    if reducer.is_leader:
+        _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
+             f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px"
+             + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))
+    backproject_table(table, reducer.share(rows), bp, angpix, args.ctf, batch=args.batch,
+                      progress=reducer.is_leader, fom=fom,
                       phase_flipped=bool(getattr(args, "ctf_phase_flipped", False)))
+    reducer.sum_array(bp.data)
+    reducer.sum_array(bp.weight)
+    if not reducer.is_leader:
+        return 0
     iterations = args.iter if args.dont_skip_gridding else 0
     _log(f"symmetrising and reconstructing ({f'{iterations} gridding iterations' if iterations else 'floored division'})")
     vol = reconstruct_map(bp, args.sym, iterations)

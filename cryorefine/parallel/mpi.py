@@ -71,6 +71,13 @@ class MpiReducer:
         self.wait_for_all()
         return self.comm.bcast(obj, root=root)
 
+    def allgather(self, obj) -> list:
+        """Every rank's `obj` (pickled), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        self.wait_for_all()
+        return self.comm.allgather(obj)
+
     def gather_rows(self, rows: NDArray[np.int64], values: NDArray) -> tuple[NDArray[np.int64], NDArray]:
         """All ranks' (rows, values) concatenated, on every rank."""
         if self.size == 1:
