@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "(relion_image_handler)"),
     "postprocess": ("cryorefine.tools.postprocess", "masked, phase-randomisation-corrected FSC and B-factor sharpening (relion_postprocess)"),
     "report": ("cryorefine.report.command", "HTML report with figures of a refinement (FSC, angular distribution, maps)"),
+    "mask-create": ("cryorefine.tools.mask_create", "soft solvent mask from a map: threshold, extend, soft edge "
+                    "(relion_mask_create)"),
     "relion-names": ("cryorefine.tools.relion_names", "write relion_refine, relion_refine_mpi, ... into a folder, "
                      "so RELION's command lines (and its GUI) run cryorefine unchanged"),
 }
@@ -41,6 +43,7 @@ RELION_PROGRAMS: dict[str, str] = {
     "relion_reconstruct": "reconstruct", "relion_reconstruct_mpi": "reconstruct",
     "relion_preprocess": "extract", "relion_preprocess_mpi": "extract",
     "relion_image_handler": "image-handler", "relion_postprocess": "postprocess",
+    "relion_mask_create": "mask-create",
 }
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"

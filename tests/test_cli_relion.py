@@ -529,3 +529,17 @@ def test_closing_lines_of_a_converged_run_name_cryorefine_postprocess():
     assert " Iterations: 14 (converged)" in lines and " Reported resolution (gold-standard FSC, unmasked): 6.25 A" in lines
     assert any("Wall time: 62.1 min" in ln and "peak memory: 1.50 GiB" in ln for ln in lines)
     assert any("Refine3D/job019/run_class001.mrc" in ln for ln in lines)
+
+
+def test_maskcreate_gui_job_runs(small_set, tmp_path, monkeypatch):
+    """getCommandsMaskcreateJob with the GUI defaults (15 Å low-pass, threshold 0.02, extend 3, edge 3)."""
+    monkeypatch.chdir(tmp_path)
+    cmd = (f"`which relion_mask_create` --i {small_set / 'truth.mrc'} --o MaskCreate/job020/mask.mrc --lowpass 15 "
+           f"--ini_threshold 0.02 --extend_inimask 3 --width_soft_edge 3 --j 1  --pipeline_control MaskCreate/job020/")
+    assert main(relion(cmd)) == 0
+    assert (tmp_path / "MaskCreate/job020" / EXIT_SUCCESS).is_file()
+    mask, apix = read_map(tmp_path / "MaskCreate/job020/mask.mrc")
+    truth, truth_apix = read_map(small_set / "truth.mrc")
+    assert apix == pytest.approx(truth_apix) and mask.min() >= 0 and mask.max() == 1
+    assert 0 < ((mask > 0) & (mask < 1)).mean() < 0.5          # a soft edge, not a box
+    assert mask[truth > 0.5 * truth.max()].min() == 1          # the density is inside

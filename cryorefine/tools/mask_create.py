@@ -1,0 +1,116 @@
+"""Make a soft solvent mask from a map (like relion_mask_create): threshold, extend, soft edge.
+
+Example (the RELION tutorial's MaskCreate job):
+  cryorefine mask-create --i Refine3D/job019/run_class001.mrc --o MaskCreate/job020/mask.mrc --lowpass 15
+                         --ini_threshold 0.005 --extend_inimask 3 --width_soft_edge 6
+
+As RELION's autoMask: the map (low-passed to --lowpass Å first, RELION's raised cosine) is 1 where it is at least
+--ini_threshold, else 0; --and/--or/--and_not/--or_not combine it with another map's thresholded voxels; the binary
+mask grows by --extend_inimask px (shrinks when negative: a voxel changes when one of the other kind lies closer
+than that); then every voxel outside it within --width_soft_edge px of it gets 0.5 + 0.5·cos(π d / width), d the
+distance to the nearest voxel inside. --invert gives 1 − mask. The pixel size is the map's (or --angpix).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from cryorefine.errors import require
+from cryorefine.io.mrc import read_map, write_map
+from cryorefine.validate import check_not_inputs, check_output_folder
+
+COMBINE = {"and_map": "--and", "or_map": "--or", "and_not_map": "--and_not", "or_not_map": "--or_not"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """relion_mask_create's options."""
+    parser.add_argument("--i", dest="i", required=True, help="map to threshold (e.g. run_class001.mrc)")
+    parser.add_argument("--o", dest="o", default="mask.mrc", help="output mask (default mask.mrc)")
+    parser.add_argument("--ini_threshold", type=float, default=0.01, help="threshold for the binary mask")
+    parser.add_argument("--extend_inimask", type=float, default=0.0,
+                        help="grow the binary mask by this many pixels (negative: shrink)")
+    parser.add_argument("--width_soft_edge", type=float, default=0.0, help="raised-cosine soft edge width (px)")
+    parser.add_argument("--lowpass", type=float, default=-1.0, help="low-pass the map to this resolution (Å) first")
+    parser.add_argument("--angpix", type=float, default=-1.0, help="pixel size (Å; default: the map's header)")
+    parser.add_argument("--invert", action="store_true", help="1 − mask")
+    for dest, flag in COMBINE.items():
+        parser.add_argument(flag, dest=dest, default=None, help=f"RELION {flag}: combine with this map's threshold")
+    parser.add_argument("--j", type=int, default=1, help="threads (accepted; scipy's distance transform is serial)")
+    parser.add_argument("--helix", action="store_true", help="RELION: helical mask (not available)")
+    parser.add_argument("--denovo", action="store_true", help="RELION: de novo mask (not available)")
+
+
+def binary_mask(volume: NDArray, threshold: float) -> NDArray[np.bool_]:
+    """Voxels at or above the threshold (RELION autoMask step A)."""
+    return np.asarray(volume) >= threshold
+
+
+def combined(mask: NDArray[np.bool_], other: NDArray[np.bool_], how: str) -> NDArray[np.bool_]:
+    """RELION's --and / --or / --and_not / --or_not of two thresholded maps."""
+    return {"and_map": mask & other, "or_map": mask | other, "and_not_map": mask & ~other,
+            "or_not_map": mask | ~other}[how]
+
+
+def extended(mask: NDArray[np.bool_], pixels: float) -> NDArray[np.bool_]:
+    """Grow (pixels > 0) or shrink (< 0) a binary mask: a voxel changes when one of the other kind is closer than
+    |pixels| (Euclidean voxel distance; RELION autoMask step B)."""
+    if pixels > 0 and mask.any():
+        return mask | (ndimage.distance_transform_edt(~mask) < pixels)
+    if pixels < 0 and (~mask).any():
+        return mask & ~(ndimage.distance_transform_edt(mask) < -pixels)
+    return mask
+
+
+def soft_edge(mask: NDArray[np.bool_], width: float) -> NDArray[np.float32]:
+    """1 inside; 0.5 + 0.5 cos(π d/width) outside within `width` px of it (d: distance to the nearest voxel inside);
+    0 beyond (RELION autoMask step C)."""
+    out = mask.astype(np.float32)
+    if width > 0 and mask.any():
+        d = ndimage.distance_transform_edt(~mask)
+        edge = ~mask & (d < width)
+        out[edge] = 0.5 + 0.5 * np.cos(np.pi * d[edge] / width)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read, low-pass, threshold, combine, extend, soften, write."""
+    require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
+    require(not args.denovo, "--denovo: de novo masks are not available in cryorefine mask-create")
+    require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
+    check_output_folder(Path(args.o).parent)
+    others = {dest: getattr(args, dest) for dest in COMBINE if getattr(args, dest)}
+    check_not_inputs([args.o], [args.i, *others.values()])
+    volume, header_angpix = read_map(args.i)
+    require(volume.ndim == 3, f"{args.i}: a 3D map is needed (got {volume.ndim}-D)")
+    require(bool(np.isfinite(volume).all()), f"{args.i}: the map holds NaN or infinite values")
+    angpix = args.angpix if args.angpix > 0 else header_angpix
+    require(angpix > 0, f"{args.i}: no pixel size in the header; give --angpix")
+    if args.lowpass > 0:
+        from cryorefine.tools.image_handler import lowpass_map
+        volume = lowpass_map(volume, args.lowpass, angpix, 3)
+    mask = binary_mask(volume, args.ini_threshold)
+    require(bool(mask.any()), f"{args.i}: no voxel is at or above --ini_threshold {args.ini_threshold:g} (the map's "
+                              f"maximum{' after --lowpass' if args.lowpass > 0 else ''} is {float(volume.max()):.4g}); "
+                              f"give a lower threshold")
+    for dest, path in others.items():
+        other, _ = read_map(path)
+        require(other.shape == volume.shape, f"{path}: {COMBINE[dest]} map has shape {other.shape}, "
+                                             f"{args.i} has {volume.shape}")
+        mask = combined(mask, binary_mask(other, args.ini_threshold), dest)
+    mask = extended(mask, args.extend_inimask)
+    result = soft_edge(mask, args.width_soft_edge)
+    if args.invert:
+        result = 1.0 - result
+    write_map(args.o, result, angpix)
+    inside = float(mask.mean())
+    print(f"cryorefine mask-create: {args.o}: {100 * inside:.1f} % of the box inside the binary mask, soft edge "
+          f"{args.width_soft_edge:g} px, {angpix:.4g} Å/px{' (inverted)' if args.invert else ''}")
+    if inside > 0.95:
+        print(f"cryorefine mask-create: warning: the mask covers {100 * inside:.0f} % of the box: is --ini_threshold "
+              f"{args.ini_threshold:g} below the solvent level?")
+    return 0
