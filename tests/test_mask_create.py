@@ -87,3 +87,29 @@ def test_mask_create_command(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "map.mrc: no voxel is at or above --ini_threshold 5" in err[0]
     assert not (tmp_path / "none.mrc").exists()
+
+
+def test_denovo_crown_matches_relion_loop(tmp_path):
+    """--denovo: raisedCrownMask as RELION writes it, voxel by voxel (Xmipp origin at N//2)."""
+    n, inner, outer, width, centre = 20, 3.0, 7.5, 2.5, (1.0, -2.0, 0.5)
+    expected = np.zeros((n, n, n))
+    for k, i, j in itertools.product(range(n), repeat=3):
+        d = math.sqrt((centre[2] - (k - n // 2)) ** 2 + (centre[1] - (i - n // 2)) ** 2 + (centre[0] - (j - n // 2)) ** 2)
+        if d < inner - width:
+            v = 0.0
+        elif d < inner:
+            v = 0.5 - 0.5 * math.cos(math.pi * (d - (inner - width)) / width)
+        elif d < outer:
+            v = 1.0
+        elif d < outer + width:
+            v = 0.5 - 0.5 * math.cos(math.pi * (outer + width - d) / width)
+        else:
+            v = 0.0
+        expected[k, i, j] = v
+    out = tmp_path / "crown.mrc"
+    assert main(["mask-create", "--denovo", "--box_size", str(n), "--inner_radius", str(inner), "--outer_radius",
+                 str(outer), "--width_soft_edge", str(width), "--center_x", "1", "--center_y", "-2", "--center_z",
+                 "0.5", "--angpix", "1.5", "--o", str(out)]) == 0
+    mask, apix = read_map(out)
+    assert apix == pytest.approx(1.5)
+    np.testing.assert_allclose(mask, expected, atol=1e-6)

@@ -9,6 +9,9 @@ As RELION's autoMask: the map (low-passed to --lowpass Å first, RELION's raised
 mask grows by --extend_inimask px (shrinks when negative: a voxel changes when one of the other kind lies closer
 than that); then every voxel outside it within --width_soft_edge px of it gets 0.5 + 0.5·cos(π d / width), d the
 distance to the nearest voxel inside. --invert gives 1 − mask. The pixel size is the map's (or --angpix).
+--denovo makes a sphere or spherical shell from scratch instead (RELION's raisedCrownMask: --box_size,
+--inner_radius, --outer_radius, --center_x/y/z in px from voxel N//2, edges of --width_soft_edge px; 1 Å/px
+without --angpix).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ COMBINE = {"and_map": "--and", "or_map": "--or", "and_not_map": "--and_not", "or
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """relion_mask_create's options."""
-    parser.add_argument("--i", dest="i", required=True, help="map to threshold (e.g. run_class001.mrc)")
+    parser.add_argument("--i", dest="i", default=None, help="map to threshold (e.g. run_class001.mrc)")
     parser.add_argument("--o", dest="o", default="mask.mrc", help="output mask (default mask.mrc)")
     parser.add_argument("--ini_threshold", type=float, default=0.01, help="threshold for the binary mask")
     parser.add_argument("--extend_inimask", type=float, default=0.0,
@@ -42,7 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=dest, default=None, help=f"RELION {flag}: combine with this map's threshold")
     parser.add_argument("--j", type=int, default=1, help="threads (accepted; scipy's distance transform is serial)")
     parser.add_argument("--helix", action="store_true", help="RELION: helical mask (not available)")
-    parser.add_argument("--denovo", action="store_true", help="RELION: de novo mask (not available)")
+    parser.add_argument("--denovo", action="store_true",
+                        help="a spherical mask or shell from scratch (--box_size, --inner_radius, --outer_radius, "
+                             "--center_x/y/z in px from the box centre, soft edge --width_soft_edge)")
+    parser.add_argument("--box_size", type=int, default=-1, help="--denovo: box (px)")
+    parser.add_argument("--inner_radius", type=float, default=0.0, help="--denovo: inner radius (px)")
+    parser.add_argument("--outer_radius", type=float, default=99999.0, help="--denovo: outer radius (px)")
+    for axis in "xyz":
+        parser.add_argument(f"--center_{axis}", type=float, default=0.0, help=f"--denovo: {axis} of the centre (px)")
 
 
 def binary_mask(volume: NDArray, threshold: float) -> NDArray[np.bool_]:
@@ -77,12 +87,36 @@ def soft_edge(mask: NDArray[np.bool_], width: float) -> NDArray[np.float32]:
     return out
 
 
+def crown_mask(box: int, inner: float, outer: float, width: float, centre: tuple[float, float, float]) -> NDArray:
+    """RELION raisedCrownMask: 1 for inner <= d < outer (d from the centre, px, relative to voxel N//2; x, y, z
+    order), raised-cosine edges of `width` px outside both radii, 0 beyond."""
+    c = np.arange(box, dtype=np.float64) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij", sparse=True)
+    d = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
+    w = max(width, 1e-12)
+    out = np.where((d >= inner) & (d < outer), 1.0, 0.0)
+    out = np.where((d >= inner - width) & (d < inner), 0.5 - 0.5 * np.cos(np.pi * (d - inner + width) / w), out)
+    out = np.where((d >= outer) & (d < outer + width), 0.5 - 0.5 * np.cos(np.pi * (outer + width - d) / w), out)
+    return out.astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Read, low-pass, threshold, combine, extend, soften, write."""
+    """Read, low-pass, threshold, combine, extend, soften, write (or --denovo: a crown from scratch)."""
     require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
-    require(not args.denovo, "--denovo: de novo masks are not available in cryorefine mask-create")
     require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
     check_output_folder(Path(args.o).parent)
+    if args.denovo:
+        require(args.box_size > 0, "--denovo: give the box size with --box_size")
+        require(args.outer_radius > args.inner_radius >= 0, f"--denovo: need 0 <= --inner_radius < --outer_radius "
+                                                            f"(got {args.inner_radius:g}, {args.outer_radius:g})")
+        result = crown_mask(args.box_size, args.inner_radius, args.outer_radius, args.width_soft_edge,
+                            (args.center_x, args.center_y, args.center_z))
+        angpix = args.angpix if args.angpix > 0 else 1.0
+        write_map(args.o, 1.0 - result if args.invert else result, angpix)
+        print(f"cryorefine mask-create: {args.o}: de novo mask, box {args.box_size}, radii {args.inner_radius:g}-"
+              f"{args.outer_radius:g} px, {angpix:.4g} Å/px{'' if args.angpix > 0 else ' (no --angpix: 1 Å/px)'}")
+        return 0
+    require(args.i is not None, "--i: the map to make the mask from is required (or --denovo)")
     others = {dest: getattr(args, dest) for dest in COMBINE if getattr(args, dest)}
     check_not_inputs([args.o], [args.i, *others.values()])
     volume, header_angpix = read_map(args.i)
