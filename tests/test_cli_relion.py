@@ -78,9 +78,10 @@ def test_every_refine_gui_option_parses_with_relion_meaning():
     assert opts.batch_size == 64, "--pool is RELION's read batch per thread, not the E-step batch"
     assert opts.gpu == "" and opts.pad == 1 and opts.threads == 4 and opts.sym == "D2"
     assert opts.auto_ignore_angles and opts.auto_resol_angles and opts.solvent_mask == "M.mrc"
+    assert opts.solvent_correct_fsc and "--solvent_correct_fsc" not in "\n".join(compatibility_notes(args))
     notes = "\n".join(compatibility_notes(args))
     for opt in ("--pool 3", "--dont_combine_weights_via_disc", "--no_parallel_disc_io", "--preread_images",
-                "--trust_ref_size", "--solvent_correct_fsc", "--ctf_intact_first_peak", "--blush",
+                "--trust_ref_size", "--ctf_intact_first_peak", "--blush",
                 "--relax_sym C2"):
         assert opt in notes, opt
     assert args.pipeline_control == "Refine3D/job019/"
@@ -515,7 +516,7 @@ def test_closing_lines_of_a_converged_run_name_cryorefine_postprocess():
     from cryorefine.refine.state import Counters
 
     c = Counters(iteration=14, current_resolution=1 / 6.25, has_converged=True)
-    run = SimpleNamespace(opts=SimpleNamespace(fn_out="Refine3D/job019/run"), counters=c)
+    run = SimpleNamespace(opts=SimpleNamespace(fn_out="Refine3D/job019/run", solvent_correct_fsc=False), counters=c)
     out = io.StringIO()
     log = RunLog(None, stream=out)
     run.log = log

@@ -94,7 +94,8 @@ def test_denovo_crown_matches_relion_loop(tmp_path):
     n, inner, outer, width, centre = 20, 3.0, 7.5, 2.5, (1.0, -2.0, 0.5)
     expected = np.zeros((n, n, n))
     for k, i, j in itertools.product(range(n), repeat=3):
-        d = math.sqrt((centre[2] - (k - n // 2)) ** 2 + (centre[1] - (i - n // 2)) ** 2 + (centre[0] - (j - n // 2)) ** 2)
+        d = math.sqrt((centre[2] - (k - n // 2)) ** 2 + (centre[1] - (i - n // 2)) ** 2
+                      + (centre[0] - (j - n // 2)) ** 2)
         if d < inner - width:
             v = 0.0
         elif d < inner:

@@ -136,3 +136,29 @@ def test_reference_with_other_pixel_size_is_rescaled(tiny: Path, small_set: Path
     proc = _refine(["--i", str(tiny / "p.star"), "--ref", str(tmp_path / "flat.mrc"), "--o", str(tmp_path / "s"),
                     "--sym", "D2"], tmp_path)
     assert proc.returncode == 2 and "flat.mrc" in proc.stderr, proc.stderr
+
+
+def test_solvent_corrected_fsc_is_postprocess_fsc_of_the_written_half_maps(tiny: Path, small_set: Path,
+                                                                           tmp_path: Path):
+    """--solvent_correct_fsc: each iteration's rlnGoldStandardFsc is postprocess's corrected FSC (§12) of that
+    iteration's written _unfil half maps under the solvent mask, up to the current size's r_max and 0 beyond."""
+    from cryorefine.fourier.fsc import masked_corrected_fsc
+    proc = _refine(["--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o",
+                    str(tmp_path / "run"), "--ini_high", "50", "--sym", "D2", "--particle_diameter", "150",
+                    "--solvent_mask", str(small_set / "mask.mrc"), "--solvent_correct_fsc", "--auto_iter_max", "2"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    halves = [mrcfile.read(tmp_path / f"run_it002_half{h}_class001_unfil.mrc") for h in (1, 2)]
+    expected = masked_corrected_fsc(*halves, mrcfile.read(small_set / "mask.mrc"), 2.5)["fsc_true"]
+    model = starfile.read(tmp_path / "run_it002_half1_model.star")["model_class_1"]
+    written = model["rlnGoldStandardFsc"].to_numpy()
+    inside = written != 0
+    assert inside.sum() > 5 and not inside[inside.argmin():].any()       # zeros only beyond r_max
+    np.testing.assert_allclose(written[1:][inside[1:]], expected[1:][inside[1:]], atol=2e-6)
+    plain = fsc(*halves)
+    assert np.abs(written[inside] - plain[inside]).max() > 0.01, "the unmasked FSC would not tell them apart"
+    optimiser = starfile.read(tmp_path / "run_it002_optimiser.star")
+    assert int(optimiser["rlnDoSolventFscCorrection"]) == 1
+    no_mask = _refine(["--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o",
+                       str(tmp_path / "x"), "--solvent_correct_fsc"], tmp_path)
+    assert no_mask.returncode == 2 and "--solvent_correct_fsc: needs" in no_mask.stderr

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--solvent_mask", "--solvent-mask", dest="solvent_mask", default=None,
                     help="reference mask (values 0..1) used for solvent flattening")
     io.add_argument("--solvent_correct_fsc", action="store_true",
-                    help="RELION: FSC of solvent-flattened maps (not available: unmasked FSCs are used, with a log line)")
+                    help="gold-standard FSC of the half maps masked with --solvent_mask, corrected by phase "
+                         "randomisation (as relion_postprocess), every iteration")
     m = p.add_argument_group("model")
     m.add_argument("--sym", default="C1", help="point group: C<n>, D<n>, T, O, I (I1..I4)")
     m.add_argument("--ini_high", "--ini-high", dest="ini_high", type=float, default=60.0,
@@ -164,8 +165,6 @@ IGNORED_OPTIONS: dict[str, str] = {
     "dont_skip_gridding": "WARNING: --dont_skip_gridding is not available; the M-step does not grid (RELION 4+ "
                           "default)",
     "trust_ref_size": "--trust_ref_size: the reference is always rescaled / re-boxed to the particles if needed",
-    "solvent_correct_fsc": "WARNING: --solvent_correct_fsc is not available; gold-standard FSCs of unmasked maps "
-                           "are used",
     "ctf_intact_first_peak": "WARNING: --ctf_intact_first_peak is not available; the full CTF is used",
     "blush": "WARNING: --blush (neural-network regularisation) is not available; RELION's standard "
              "regularisation is used",
@@ -308,6 +307,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
     require(args.angpix == -1.0 or (math.isfinite(args.angpix) and args.angpix > 0),
             f"--angpix: must be a pixel size > 0 A (got {args.angpix:g})")
+    require(not args.solvent_correct_fsc or args.solvent_mask not in (None, "", "None"),
+            "--solvent_correct_fsc: needs the mask to correct with (--solvent_mask)")
     require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
     require(args.gpu is None or gpu_syntax_ok(args.gpu),
@@ -319,7 +320,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         fn_in=args.fn_in, fn_ref=args.fn_ref, fn_out=args.fn_out, sym=args.sym, ini_high=args.ini_high,
         particle_diameter=args.particle_diameter, maskedge_px=args.maskedge, firstiter_cc=firstiter_cc,
         ctf=args.ctf, flatten_solvent=args.flatten_solvent, zero_mask=args.zero_mask,
-        solvent_mask=args.solvent_mask, norm=args.norm, scale=args.scale, pad=args.pad,
+        solvent_mask=args.solvent_mask, solvent_correct_fsc=args.solvent_correct_fsc, norm=args.norm, scale=args.scale, pad=args.pad,
         healpix_order=args.healpix_order, auto_local_healpix_order=args.auto_local_healpix_order,
         offset_range_px=args.offset_range, offset_step_px=args.offset_step, oversampling=args.oversampling,
         auto_ignore_angles=args.auto_ignore_angles or args.finer_faster,
@@ -353,7 +354,8 @@ def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
     lines = [" ===== Summary =====",
              f" Iterations: {c.iteration} ({'converged' if done else 'not converged'})",
              f" Wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s); peak memory: {peak_gib:.2f} GiB",
-             f" Reported resolution (gold-standard FSC, unmasked): {res:.2f} A",
+             f" Reported resolution (gold-standard FSC, "
+             f"{'masked, phase-randomisation corrected' if run_.opts.solvent_correct_fsc else 'unmasked'}): {res:.2f} A",
              f" Maps: {maps}",
              f" Particles and poses: {root}{'' if done else f'_it{c.iteration:03d}'}_data.star; model: "
              f"{root}{'' if done else f'_it{c.iteration:03d}_half1'}_model.star; log: {root}.out"]

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from cryorefine.fourier import backprojector as bpm
-from cryorefine.fourier.fsc import fsc_sigma
+from cryorefine.fourier.fsc import fsc_sigma, masked_corrected_fsc
 from cryorefine.geometry.sampling import angular_step, n_directions
 from cryorefine.refine import autosampling as autos
 from cryorefine.refine import counters as cnt
@@ -110,8 +110,8 @@ def iterate_once(state: RunState, it: int) -> RunState:
     state = replace(state, estep_stats=None if cc else memory.observed_stats(accs))
     raw = [copy.deepcopy(a.bp) for a in accs] if final and state.reducer.is_leader else None
     with clock.phase("FSC"):
-        fsc, null_sigma = gold_standard_fsc(state, accs)
-    state = replace(state, counters=cnt.with_fsc(state.counters, fsc, null_sigma))
+        fsc, null_sigma, fsc_maps = gold_standard_fsc(state, accs)
+    state = replace(state, counters=cnt.with_fsc(state.counters, fsc, null_sigma), fsc_maps=fsc_maps)
     accs = [a if reconstructs(state.reducer, h, final) else replace(a, bp=None) for h, a in enumerate(accs, start=1)]
     with clock.phase("M-step"):
         state = maximization(state, accs, fsc, final, cc, raw)
@@ -250,15 +250,32 @@ def expectation(state: RunState, projectors: list, grid, cc: bool, rmax: float, 
     return new_poses, accs
 
 
-def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> tuple[np.ndarray, np.ndarray]:
+def gold_standard_fsc(state: RunState, accs: list[HalfAccumulator]) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     """Join the halves below --low_resol_join_halves (or the current resolution), then their FSC (§4.3) and its
-    spread without common signal (for the references' information limit)."""
+    spread without common signal (for the references' information limit). With --solvent_correct_fsc the FSC is
+    that of the unregularised half maps under the solvent mask, corrected by phase randomisation (§4.3, as
+    postprocess), and those maps are returned too (on the leader; None elsewhere and without the option)."""
     if state.opts.low_resol_join_halves > 0:
         bpm.join_low_resolution(accs[0].bp, accs[1].bp, join_shell(state))
     state.log.line(" Calculating gold-standard FSC ...")
     red = state.reducer
-    mine = bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp, sym_mats=state.sym_mats) if red.is_leader else None
-    return red.broadcast(mine, root=0)
+    mine, maps = None, None
+    if red.is_leader:
+        fsc, sigma = bpm.fsc_halves_and_null_sigma(accs[0].bp, accs[1].bp, sym_mats=state.sym_mats)
+        if state.opts.solvent_correct_fsc:
+            maps = tuple(bpm.reconstruct(a.bp, tau2=None, leak_free_shell=shared_shell(state)) for a in accs)
+            fsc = solvent_corrected_fsc(maps, state.solvent_mask, state.angpix, accs[0].bp.r_max)
+        mine = (fsc, sigma)
+    fsc, sigma = red.broadcast(mine, root=0)
+    return fsc, sigma, maps
+
+
+def solvent_corrected_fsc(maps: tuple, mask: np.ndarray, angpix: float, r_max: float) -> np.ndarray:
+    """FSC_true of postprocessing (spec §12) of two half maps under `mask`; 1 at shell 0, 0 beyond r_max (§4.3)."""
+    true = np.array(masked_corrected_fsc(maps[0], maps[1], mask, angpix)["fsc_true"], dtype=np.float64)
+    true[0] = 1.0
+    true[np.arange(true.size) > r_max] = 0.0
+    return true
 
 
 def reconstructs(reducer, half: int, final: bool) -> bool:
@@ -367,6 +384,7 @@ def final_messages(state: RunState) -> None:
     log.auto(f"+ Final reconstruction from all particles is saved as: {root}_class001.mrc")
     log.auto(f"+ Final model parameters are stored in: {root}_model.star")
     log.auto(f"+ Final data parameters are stored in: {root}_data.star")
-    log.auto(f"+ Final resolution (without masking) is: {1.0 / state.counters.current_resolution:g}")
+    masking = "already with masking" if state.opts.solvent_correct_fsc else "without masking"
+    log.auto(f"+ Final resolution ({masking}) is: {1.0 / state.counters.current_resolution:g}")
     log.auto("+ But you may want to run cryorefine postprocess to mask the unfil.mrc maps and calculate a higher "
              "resolution FSC")

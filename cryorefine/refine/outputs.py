@@ -121,7 +121,7 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         "rlnAdaptiveOversampleFraction": o.adaptive_fraction, "rlnRandomSeed": o.random_seed,
         "rlnParticleDiameter": o.particle_diameter, "rlnWidthMaskEdge": int(o.maskedge_px),
         "rlnDoZeroMask": int(o.zero_mask), "rlnDoSolventFlattening": int(o.flatten_solvent),
-        "rlnDoSolventFscCorrection": 0, "rlnSolventMaskName": o.solvent_mask or "None",
+        "rlnDoSolventFscCorrection": int(o.solvent_correct_fsc), "rlnSolventMaskName": o.solvent_mask or "None",
         "rlnIncrementImageSize": c.incr_size, "rlnDoMapEstimation": 1, "rlnDoAutoRefine": 1,
         "rlnDoAutoSampling": 1, "rlnAutoLocalSearchesHealpixOrder": o.auto_local_healpix_order,
         "rlnNumberOfIterWithoutResolutionGain": c.nr_iter_wo_resol_gain,
@@ -189,6 +189,9 @@ def write_iteration(run, it: int, final: bool) -> None:
             sel = run.data.subset == h
             _write_text(f"{root}_half{h}_class001_angdist.bild",
                         angdist_bild(p.rot[sel], p.tilt[sel], run.box, run.angpix, o.sym, run.sampling.healpix_order))
+    if run.fsc_maps is not None:       # --solvent_correct_fsc: the maps its FSC was computed from, as RELION
+        for h in (1, 2):
+            write_map(f"{root}_half{h}_class001_unfil.mrc", run.fsc_maps[h - 1], run.angpix)
     # the optimiser file is written last: its presence means the iteration's files are all complete
     write_star(f"{root}_optimiser.star", {"optimiser_general": optimiser_block(run, root, it, False)},
                comment=header)

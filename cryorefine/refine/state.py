@@ -31,6 +31,7 @@ class RefineOptions:
     flatten_solvent: bool = True
     zero_mask: bool = True
     solvent_mask: str | None = None
+    solvent_correct_fsc: bool = False              # FSC of the masked half maps, phase-randomisation corrected
     norm: bool = True
     scale: bool = True
     pad: int = 2
@@ -170,4 +171,5 @@ class RunState:
     clock: object                                   # refine.timing.PhaseClock: this iteration's phase times
     start_iteration: int = 1
     unfiltered: tuple | None = None                 # final iteration: unregularised half maps
+    fsc_maps: tuple | None = None                   # --solvent_correct_fsc: the iteration's unregularised half maps
     estep_stats: object | None = None               # refine.memory.EStepStats of the last E-step (memory plan)
