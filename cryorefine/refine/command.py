@@ -320,7 +320,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         fn_in=args.fn_in, fn_ref=args.fn_ref, fn_out=args.fn_out, sym=args.sym, ini_high=args.ini_high,
         particle_diameter=args.particle_diameter, maskedge_px=args.maskedge, firstiter_cc=firstiter_cc,
         ctf=args.ctf, flatten_solvent=args.flatten_solvent, zero_mask=args.zero_mask,
-        solvent_mask=args.solvent_mask, solvent_correct_fsc=args.solvent_correct_fsc, norm=args.norm, scale=args.scale, pad=args.pad,
+        solvent_mask=args.solvent_mask, solvent_correct_fsc=args.solvent_correct_fsc, norm=args.norm,
+        scale=args.scale, pad=args.pad,
         healpix_order=args.healpix_order, auto_local_healpix_order=args.auto_local_healpix_order,
         offset_range_px=args.offset_range, offset_step_px=args.offset_step, oversampling=args.oversampling,
         auto_ignore_angles=args.auto_ignore_angles or args.finer_faster,
@@ -344,6 +345,11 @@ def peak_memory_gib() -> float:
     return peak_bytes() / GIB
 
 
+def fsc_kind(opts: RefineOptions) -> str:
+    """Which gold-standard FSC the resolution comes from, for the closing lines."""
+    return "masked, phase-randomisation corrected" if opts.solvent_correct_fsc else "unmasked"
+
+
 def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
     """The closing block of the log: iterations, time, memory, resolution, outputs, and what to run next."""
     c, root = run_.counters, run_.opts.fn_out
@@ -354,8 +360,7 @@ def summary_lines(run_, wall_s: float, peak_gib: float) -> list[str]:
     lines = [" ===== Summary =====",
              f" Iterations: {c.iteration} ({'converged' if done else 'not converged'})",
              f" Wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s); peak memory: {peak_gib:.2f} GiB",
-             f" Reported resolution (gold-standard FSC, "
-             f"{'masked, phase-randomisation corrected' if run_.opts.solvent_correct_fsc else 'unmasked'}): {res:.2f} A",
+             f" Reported resolution (gold-standard FSC, {fsc_kind(run_.opts)}): {res:.2f} A",
              f" Maps: {maps}",
              f" Particles and poses: {root}{'' if done else f'_it{c.iteration:03d}'}_data.star; model: "
              f"{root}{'' if done else f'_it{c.iteration:03d}_half1'}_model.star; log: {root}.out"]
