@@ -165,7 +165,7 @@ def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
 
 def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
                       batch: int = BATCH, progress: bool = True, fom: NDArray | None = None,
-                      phase_flipped: bool = False) -> int:
+                      phase_flipped: bool = False, what: str = "particles") -> int:
     """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`).
 
     Each optics group's aberrations are corrected as relion_reconstruct does: the data are demodulated by the
@@ -238,7 +238,7 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
             done += b.size
             now = time.perf_counter()
             if progress and (now - last > 5 or done == total):
-                _log(f"back-projected {done}/{total} particles ({now - t0:.1f} s)")
+                _log(f"back-projected {done}/{total} {what} ({now - t0:.1f} s)")
                 last = now
     return done
 
@@ -312,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
              + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))
     backproject_table(table, reducer.share(rows), bp, angpix, args.ctf, batch=args.batch,
                       progress=reducer.is_leader, fom=fom,
+                      what="particles of rank 0's share" if reducer.size > 1 else "particles",
                       phase_flipped=bool(getattr(args, "ctf_phase_flipped", False)))
     reducer.sum_array(bp.data)
     reducer.sum_array(bp.weight)
