@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cryorefine.cli import main
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import StackWriter, read_map, write_map
 from cryorefine.tools.mask_create import binary_mask, extended, soft_edge
 
 
@@ -87,6 +87,12 @@ def test_mask_create_command(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "map.mrc: no voxel is at or above --ini_threshold 5" in err[0]
     assert not (tmp_path / "none.mrc").exists()
+    # a particle stack is not a map (it read as a 40 x 16 x 16 volume and gave a mask)
+    with StackWriter(tmp_path / "p.mrcs", 1.7) as w:
+        w.write(np.repeat(vol[:1], 40, axis=0))
+    capsys.readouterr()
+    assert main(["mask-create", "--i", str(tmp_path / "p.mrcs"), "--o", str(tmp_path / "s.mrc")]) == 2
+    assert "a cubic 3D map is needed" in capsys.readouterr().err and not (tmp_path / "s.mrc").exists()
 
 
 def test_denovo_crown_matches_relion_loop(tmp_path):

@@ -154,3 +154,17 @@ def test_maxsig_caps_the_number_of_significant_samples():
     assert count == 500 and int((lw >= thr).sum()) == 500
     thr_all, count_all, _, _ = significance_threshold(lw, 0.999, -1)
     assert count_all > 9900
+
+
+@pytest.mark.parametrize("join, ini_high, current, expected", [
+    (40.0, 50.0, 1 / 5.0, 4.0),        # the join: ceil(160 / max(40, 5)) = 4
+    (-1.0, 50.0, 1 / 5.0, 3.2),        # no join: the initial low-pass, 160 / 50
+    (-1.0, -1.0, 1 / 5.0, 160 / 60),   # neither: RELION's 60 Å start (was a ZeroDivisionError in the final iteration)
+])
+def test_shared_shell_of_the_unfiltered_maps(join, ini_high, current, expected):
+    from types import SimpleNamespace
+
+    from cryorefine.refine.loop import shared_shell
+    state = SimpleNamespace(box=64, angpix=2.5, opts=SimpleNamespace(low_resol_join_halves=join, ini_high=ini_high),
+                            counters=SimpleNamespace(current_resolution=current))
+    assert shared_shell(state) == pytest.approx(expected)

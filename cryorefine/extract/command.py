@@ -560,7 +560,8 @@ def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[Mic
         results, error = {}, str(exc)
     gathered = reducer.allgather((results, error))
     errors = [e for _, e in gathered if e]
-    require(not errors, errors[0] if errors else "")
+    if errors:
+        raise InputError(errors[0])
     results = {k: v for part, _ in gathered for k, v in part.items()}
     if not reducer.is_leader:
         return 0

@@ -15,9 +15,14 @@ from cryorefine.fourier.fsc import first_shell_below
 from cryorefine.refine.state import Counters
 
 
+def initial_resolution_A(ini_high: float) -> float:
+    """The resolution (Å) the references start from: --ini_high, or RELION's 60 Å without one."""
+    return ini_high if ini_high > 0 else 60.0
+
+
 def initial_counters(incr_size: int, box: int, angpix: float, ini_high: float) -> Counters:
     """Iteration 0: the resolution of the initial low-pass (60 Å without --ini_high), no iteration without gain."""
-    c = with_resolution(Counters(incr_size=incr_size), None, box, angpix, ini_high if ini_high > 0 else 60.0, True)
+    c = with_resolution(Counters(incr_size=incr_size), None, box, angpix, initial_resolution_A(ini_high), True)
     return replace(c, nr_iter_wo_resol_gain=0)
 
 

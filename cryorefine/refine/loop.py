@@ -296,7 +296,7 @@ def join_shell(state: RunState) -> int:
 def shared_shell(state: RunState) -> float:
     """Radius (Fourier pixels) up to which the two halves share their maps by construction: the low-resolution
     join, or without one the initial low-pass both references started from."""
-    return float(join_shell(state) or state.box * state.angpix / state.opts.ini_high)
+    return float(join_shell(state) or state.box * state.angpix / cnt.initial_resolution_A(state.opts.ini_high))
 
 
 def maximization(state: RunState, accs: list[HalfAccumulator], fsc: np.ndarray, final: bool, cc: bool,

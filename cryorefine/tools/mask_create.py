@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from cryorefine.errors import require
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import is_stack_path, read_map, write_map
 from cryorefine.validate import check_not_inputs, check_output_folder
 
 COMBINE = {"and_map": "--and", "or_map": "--or", "and_not_map": "--and_not", "or_not_map": "--or_not"}
@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     others = {dest: getattr(args, dest) for dest in COMBINE if getattr(args, dest)}
     check_not_inputs([args.o], [args.i, *others.values()])
     volume, header_angpix = read_map(args.i)
-    require(volume.ndim == 3, f"{args.i}: a 3D map is needed (got {volume.ndim}-D)")
+    require(not is_stack_path(args.i) and volume.ndim == 3 and len(set(volume.shape)) == 1,
+            f"{args.i}: a cubic 3D map is needed (got {'a stack of' if is_stack_path(args.i) else 'shape'} "
+            f"{' x '.join(map(str, volume.shape))}{' images' if is_stack_path(args.i) else ''})")
     require(bool(np.isfinite(volume).all()), f"{args.i}: the map holds NaN or infinite values")
     angpix = args.angpix if args.angpix > 0 else header_angpix
     require(angpix > 0, f"{args.i}: no pixel size in the header; give --angpix")
