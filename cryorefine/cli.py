@@ -128,6 +128,15 @@ def check_relion_job(program: str, args: argparse.Namespace) -> None:
                              "command line has no --extract")
 
 
+def relion_defaults(program: str, args: argparse.Namespace) -> None:
+    """relion_refine's defaults for what its command line leaves out (a switch left out is off there, while
+    `cryorefine refine` defaults to the GUI's choices); they join the recorded command line."""
+    if program.startswith("relion_refine"):
+        from cryorefine.refine.command import given_dests, relion_command_line_defaults
+        args._relion_defaults = relion_command_line_defaults(args, given_dests(args._argv))
+        args._argv = [*args._argv, *args._relion_defaults]
+
+
 def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False) -> None:
     """Under MPI with several ranks, end the whole job: a failure only this rank sees (memory, disk, a bug) would
     leave the others waiting in a collective call forever. Input errors need not: every rank validates every
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if program:
             check_relion_job(program, args)
+            relion_defaults(program, args)
         rc = int(args._run(args) or 0)
         return rc
     except InputError as exc:

@@ -60,15 +60,15 @@ POSE_RULES: dict[str, Rule] = {
     "rlnOriginXAngst": _finite(), "rlnOriginYAngst": _finite(), "rlnOriginX": _finite(), "rlnOriginY": _finite(),
     "rlnNormCorrection": _finite(),
 }
+# only the columns a job reads are checked: text RELION would read as 0 in a column nothing here uses (a
+# figure of merit, coordinates in refine) must not stop a job (--fom_weighting checks its own column)
 PARTICLE_RULES: dict[str, Rule] = {
     **CTF_RULES, **POSE_RULES,
-    "rlnCoordinateX": _finite(), "rlnCoordinateY": _finite(),
     "rlnRandomSubset": Rule(lambda v: (v == 1) | (v == 2), "1 or 2"),
     "rlnClassNumber": Rule(lambda v: v == np.round(v), "a whole number"),
     "rlnOpticsGroup": Rule(lambda v: v == np.round(v), "a whole number"),
-    "rlnParticleFigureOfMerit": _finite(),
-    "rlnAutopickFigureOfMerit": _finite(),
 }
+COORDINATE_RULES: dict[str, Rule] = {"rlnCoordinateX": _finite(), "rlnCoordinateY": _finite()}
 
 
 def row_name(df: pd.DataFrame, row: int) -> str:

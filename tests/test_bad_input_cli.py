@@ -201,6 +201,18 @@ def test_text_in_a_numeric_star_column(sub, small_set, tmp_path, capsys, block, 
     assert_only_log(out, "run.out" if command == "refine" else None)
 
 
+def test_text_in_a_column_the_job_does_not_read(sub, tmp_path, capsys):
+    """'None' (as converters write) in columns reconstruct never reads: RELION reads it as 0 and goes on, so does
+    reconstruct; the same text in a column it reads stops it (test above)."""
+    blocks = read_star(sub)
+    blocks["particles"]["rlnCoordinateX"] = ["None"] + [100.0] * (len(blocks["particles"]) - 1)
+    blocks["particles"]["rlnAutopickFigureOfMerit"] = "None"
+    bad = tmp_path / "none.star"
+    write_star(bad, blocks)
+    assert main(["reconstruct", "--i", str(bad), "--o", str(tmp_path / "rec.mrc"), "--ctf"]) == 0
+    assert (tmp_path / "rec.mrc").is_file()
+
+
 def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     coords = read_star(mics_set / "Micrographs" / "mic_0001_pick.star")

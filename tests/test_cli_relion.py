@@ -544,3 +544,32 @@ def test_maskcreate_gui_job_runs(small_set, tmp_path, monkeypatch):
     assert apix == pytest.approx(truth_apix) and mask.min() >= 0 and mask.max() == 1
     assert 0 < ((mask > 0) & (mask < 1)).mean() < 0.5          # a soft edge, not a box
     assert mask[truth > 0.5 * truth.max()].min() == 1          # the density is inside
+
+
+def test_relion_refine_leaves_out_what_its_command_line_leaves_out():
+    """relion_refine's switches are off unless given (the GUI's "Do CTF-correction? No" writes no --ctf); its
+    --ini_high, --low_resol_join_halves and --offset_range defaults are -1, -1 and 6 (ml_optimiser.cpp parseInitial),
+    not cryorefine refine's GUI defaults. Given options are kept."""
+    from cryorefine.cli import relion_defaults
+    bare = ("`which relion_refine` --o Refine3D/job033/run --auto_refine --split_random_halves --i P.star --ref R.mrc "
+            "--pad 2 --particle_diameter 140 --flatten_solvent --oversampling 1 --healpix_order 2 --sym D2 --norm "
+            "--offset_step 2 --j 1")
+    args = build_parser("refine").parse_args(gui(bare))
+    args._argv = gui(bare)[1:]
+    relion_defaults("relion_refine", args)
+    opts = options_from_args(args)
+    assert not opts.ctf and not opts.zero_mask and not opts.scale and not opts.firstiter_cc
+    assert opts.flatten_solvent and opts.norm, "given switches stay on"
+    assert opts.ini_high == -1 and opts.low_resol_join_halves == -1 and opts.offset_range_px == 6
+    assert "--no_ctf" in opts.command_line and "--ref_is_absolute_greyscale" in opts.command_line
+    assert "--no_ctf" in "\n".join(compatibility_notes(args))
+    # the same line through cryorefine's own name keeps the GUI defaults
+    own = options_from_args(build_parser("refine").parse_args(gui(bare)))
+    assert own.ctf and own.zero_mask and own.firstiter_cc and own.ini_high == 60
+    # a full GUI line is unchanged by RELION's defaults
+    args = build_parser("refine").parse_args(gui(REFINE_ALL_OPTIONS))
+    args._argv = gui(REFINE_ALL_OPTIONS)[1:]
+    relion_defaults("relion_refine_mpi", args)
+    opts = options_from_args(args)
+    assert opts.ctf and opts.zero_mask and opts.firstiter_cc and opts.ini_high == 50 and opts.offset_range_px == 5
+    assert opts.low_resol_join_halves == 40 and not args._relion_defaults

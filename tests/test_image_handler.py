@@ -160,6 +160,8 @@ def test_particle_star_input(small_set, tmp_path, monkeypatch):
     assert main(["image-handler", "--i", str(small_set / "particles.star"), "--rescale_angpix", "5",
                  "--new_box", "24", "--o", "Binned/particles.star"]) == 0
     table = read_particles(tmp_path / "Binned" / "particles.star")
+    # named from the current (project) folder, as RELION writes them and looks for them
+    assert table.particles["rlnImageName"].iloc[0] == "000001@Binned/particles.mrcs"
     np.testing.assert_array_equal(particle_optics(table, "rlnImageSize"), 24)
     np.testing.assert_array_equal(particle_optics(table, "rlnImagePixelSize"), 5.0)
     imgs = ParticleImages(table).read([0, 999])

@@ -132,6 +132,36 @@ def test_relion30_file_is_upgraded(small_set, tmp_path, monkeypatch):
     np.testing.assert_allclose(particle_optics(again, "rlnImagePixelSize"), pix)
 
 
+def test_relion30_beam_tilt_and_a_table_named_particles(small_set, tmp_path):
+    """RELION 3.0 beam tilt per particle becomes optics-group columns (groups split by tilt, star_converter.cpp), and
+    a 3.0 table named data_particles without data_optics is converted too (ObservationModel::loadSafely)."""
+    path = _legacy_file(small_set, tmp_path, np.full(200, 5.0), mag=20000.0)
+    blocks = read_star(path)
+    p = blocks[""]
+    p["rlnBeamTiltX"] = np.where(np.arange(200) < 50, 0.3, 0.0)
+    p["rlnBeamTiltY"] = -0.2
+    write_star(tmp_path / "tilt.star", {"particles": p})
+    table = read_particles(tmp_path / "tilt.star")
+    assert table.version == "3.0" and len(table.optics) == 2
+    np.testing.assert_allclose(particle_optics(table, "rlnBeamTiltX"), np.where(np.arange(200) < 50, 0.3, 0.0))
+    np.testing.assert_allclose(particle_optics(table, "rlnBeamTiltY"), -0.2)
+    assert "rlnBeamTiltX" not in table.particles.columns
+
+
+def test_optics_as_a_key_value_list_and_a_repeated_block(tmp_path):
+    """One optics group written as a list (RELION reads lists for any table); a second block of the same name is an
+    error naming the line, not the last one silently taken."""
+    particles = "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs 1\n2@a.mrcs 1\n"
+    listed = _write_text(tmp_path / "list.star", "data_optics\n_rlnOpticsGroup 1\n_rlnImagePixelSize 2.5\n"
+                                                 "_rlnImageSize 64\n_rlnOpticsGroupName opticsGroup1\n" + particles)
+    table = read_particles(listed)
+    np.testing.assert_allclose(particle_optics(table, "rlnImagePixelSize"), 2.5)
+    assert table.nr_particles == 2
+    twice = _write_text(tmp_path / "twice.star", OPTICS.format(angpix=2.5) + particles + particles)
+    with pytest.raises(InputError, match=r"twice.star: line 14: a second data_particles block"):
+        read_particles(twice)
+
+
 def test_relion30_with_angpix_option(small_set, tmp_path):
     path = _legacy_file(small_set, tmp_path, np.full(200, 5.0), mag=20000.0)
     table = read_particles(path, angpix=2.5)

@@ -88,3 +88,23 @@ def test_box_mismatch_and_missing_stack(small_images, small_set, tmp_path):
     table.particles["rlnImageName"] = ["000001@nowhere/x.mrcs", "000002@nowhere/x.mrcs"]
     with pytest.raises(InputError, match=r"nowhere/x.mrcs not found"):
         ParticleImages(table)
+
+
+def test_project_relative_names_read_from_another_folder(small_set, small_images, tmp_path, monkeypatch):
+    """RELION names stacks from the project folder (Extract/job018/Movies/x.mrcs in Extract/job018/particles.star):
+    read from the project folder, or from anywhere else through the STAR file's parents; a missing stack names
+    where it was looked for."""
+    job = tmp_path / "proj" / "Extract" / "job018"
+    (job / "Movies").mkdir(parents=True)
+    write_stack(job / "Movies" / "x.mrcs", small_images[:3], 2.5)
+    table = read_particles(small_set / "particles.star")
+    table.particles = table.particles.iloc[:3].reset_index(drop=True)
+    table.particles["rlnImageName"] = [f"{k:06d}@Extract/job018/Movies/x.mrcs" for k in (1, 2, 3)]
+    write_particles(job / "particles.star", table)
+    for cwd in (tmp_path / "proj", tmp_path):
+        monkeypatch.chdir(cwd)
+        images = ParticleImages(read_particles(job / "particles.star"))
+        np.testing.assert_array_equal(images.read(np.array([2, 0])), small_images[[2, 0]])
+    (job / "Movies" / "x.mrcs").unlink()
+    with pytest.raises(InputError, match="Extract/job018/Movies/x.mrcs not found .* and its parents"):
+        ParticleImages(read_particles(job / "particles.star"))

@@ -168,3 +168,26 @@ def test_shared_shell_of_the_unfiltered_maps(join, ini_high, current, expected):
     state = SimpleNamespace(box=64, angpix=2.5, opts=SimpleNamespace(low_resol_join_halves=join, ini_high=ini_high),
                             counters=SimpleNamespace(current_resolution=current))
     assert shared_shell(state) == pytest.approx(expected)
+
+
+def test_model_grid_is_the_first_optics_group_of_the_table(small_set, tmp_path):
+    """Two optics groups listed [2, 1] with different pixel and box sizes: the model grid is the first row's (RELION's
+    getOpticsPixelSize(0)), as in reconstruct, not the lowest group number's; each group's scale is relative to it."""
+    from cryorefine.io.star import read_particles, write_particles
+    from cryorefine.refine.data import load_particles
+
+    table = read_particles(small_set / "particles.star")
+    table.particles = table.particles.iloc[:20].reset_index(drop=True)
+    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}"
+                                       for s in table.particles["rlnImageName"]]
+    two = table.optics.iloc[[0, 0]].reset_index(drop=True)
+    two.loc[0, ["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImagePixelSize"]] = [2, "opticsGroup2", 2.0]
+    two["rlnImageSize"] = two["rlnImageSize"].astype(int)
+    two.loc[0, "rlnImageSize"] = 80
+    table.optics = two
+    table.particles.loc[10:, "rlnOpticsGroup"] = 2
+    write_particles(tmp_path / "two.star", table)
+    data = load_particles(str(tmp_path / "two.star"), None, None, 1, True)
+    assert (data.model_box, data.model_angpix) == (80, 2.0)
+    scales = {og.number: og.model_scale for og in data.optics}
+    assert scales[2] == pytest.approx(1.0) and scales[1] == pytest.approx(80 * 2.0 / (64 * 2.5))

@@ -277,14 +277,19 @@ def test_finished_run_and_postprocess(stopped_run: Path, small_set: Path, tmp_pa
     assert "Finished: converged after 2 iterations" in text and "final map" in text
     assert "peak memory (RSS)" in text and "— (logged at the end)" not in text
     capsys.readouterr()
+    before = {f.name: f.stat().st_mtime_ns for f in d.iterdir()}
     assert main(["postprocess", "--i", str(d / "run_half1_class001_unfil.mrc"), "--mask",
                  str(small_set / "mask.mrc"), "--o", str(tmp_path / "PostProcess/postprocess"), "--auto_bfac",
                  "--autob_lowres", "40"]) == 0
-    assert f"report: {d / 'run'}_report.html" in capsys.readouterr().out
-    page = _page(d / "run_report.html")
+    pp = tmp_path / "PostProcess"
+    assert f"report: {pp / 'postprocess'}_report.html (of the refine run {d / 'run'})" in capsys.readouterr().out
+    # a job writes only into its own folder (RELION's pipeliner): the refine job's files are as they were
+    assert {f.name: f.stat().st_mtime_ns for f in d.iterdir()} == before
+    page = _page(pp / "postprocess_report.html")
     names = {name for _, name in page.images}
-    assert {"run_report_postprocess_fsc", "run_report_guinier"} <= names
-    assert "resolution after postprocess" in "".join(page.text)
+    assert {"postprocess_report_postprocess_fsc", "postprocess_report_guinier"} <= names
+    assert (pp / "postprocess_report_postprocess_fsc.png").is_file()
+    assert "resolution after postprocess" in "".join(page.text) and "Finished: converged" in "".join(page.text)
 
 
 def test_report_module_is_imported_lazily():

@@ -30,7 +30,8 @@ from cryorefine.extract.extraction import ExtractParams, crop_keep, crosses_edge
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
 from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles
-from cryorefine.validate import CTF_RULES, OPTICS_RULES, PARTICLE_RULES, check_particle_table, check_table, stacks_named_by
+from cryorefine.validate import (COORDINATE_RULES, CTF_RULES, OPTICS_RULES, check_particle_table, check_table,
+                                 stacks_named_by)
 
 # micrograph-table columns that describe the particle too (what RELION copies into particles.star)
 _MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
@@ -178,8 +179,7 @@ def _coordinates_file(path: str) -> pd.DataFrame:
     require(bool(loops), f"{path}: no rlnCoordinateX/rlnCoordinateY table")
     t = loops[0].reset_index(drop=True)
     require("rlnCoordinateY" in t, f"{path}: no rlnCoordinateY column")
-    check_table(t, {k: PARTICLE_RULES[k] for k in ("rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit")},
-                f"{path}: coordinates")
+    check_table(t, COORDINATE_RULES, f"{path}: coordinates")
     return t
 
 
@@ -228,6 +228,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         parts, part_optics = table.particles, table.optics
         for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
             require(label in parts, f"{args.reextract_data_star}: no {label} column")
+        check_table(parts, COORDINATE_RULES, f"{args.reextract_data_star}: data_particles")
         known = set(names)
         orphan = ~parts["rlnMicrographName"].astype(str).isin(known)
         if orphan.any():

@@ -44,7 +44,7 @@ class ParticleImages:
         self._names = [str(f) for f in uniques]
         for name, p in zip(self._names, self._paths):
             if not p.is_file():
-                raise InputError(f"{table.path}: image stack {name} not found (looked in . and {star_dir})")
+                raise InputError(f"{table.path}: image stack {name} not found (looked in . and in {star_dir} and its parents)")
         try:
             self.box = particle_optics(table, "rlnImageSize").astype(np.int64)
         except InputError:

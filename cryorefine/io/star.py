@@ -173,6 +173,8 @@ def read_star(path) -> dict[str, Block]:
             continue
         if line.startswith("data_"):
             current = line[5:].split()[0] if len(line) > 5 else ""
+            # RELION would read the first and ignore the rest: which one was meant is the user's to say
+            require(current not in blocks, f"{path}: line {i + 1}: a second data_{current} block")
             blocks[current] = {}
             i += 1
             continue
@@ -336,7 +338,9 @@ class ParticleTable:
         return Path(self.path).resolve().parent
 
 
-_LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+# per-particle columns of a RELION 3.0 file that become optics-group columns (star_converter.cpp: the groups are the
+# distinct combinations, the beam tilt included)
+_LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnBeamTiltX", "rlnBeamTiltY")
 
 
 def _file_version(path: Path) -> str:
@@ -358,12 +362,16 @@ def _parse_image_name(name: str) -> tuple[int, str]:
 
 
 def resolve_image_path(fname: str, star_dir: Path) -> Path:
-    """An image file name from a STAR file: relative to the current directory, else to the STAR's folder."""
+    """An image file name from a STAR file: relative to the current directory (RELION's project folder), else to
+    the STAR's folder or one of its parents (a RELION project's file read from elsewhere: its names start at the
+    project folder, a parent of Job/jobNNN/)."""
     p = Path(fname)
     if p.is_absolute() or p.exists():
         return p
-    q = star_dir / p
-    return q if q.exists() else p
+    for base in (star_dir, *star_dir.parents):
+        if (base / p).exists():
+            return base / p
+    return p
 
 
 def _legacy_box(path: Path, particles: pd.DataFrame) -> int | None:
@@ -441,14 +449,17 @@ def read_particles(path, angpix: float | None = None) -> ParticleTable:
     path = Path(path)
     blocks = read_star(path)
     optics = blocks.get("optics")
+    if isinstance(optics, dict) and optics:     # one group written as a key/value list, which RELION also reads
+        optics = pd.DataFrame([optics])
     parts = blocks.get("particles")
     legacy = False
-    if parts is None and optics is None:
-        # RELION 3.0: one unnamed (or 'images') loop holding everything
+    if optics is None:
+        # RELION 3.0: one loop holding everything, unnamed, 'images' or 'particles'; converted as RELION's
+        # ObservationModel::loadSafely does whenever a file has no optics table
         loops = [k for k, b in blocks.items() if isinstance(b, pd.DataFrame) and k in ("", "images")]
-        if loops:
+        if parts is None and loops:
             parts = blocks[loops[0]]
-            legacy = True
+        legacy = isinstance(parts, pd.DataFrame)
     require(parts is not None, f"{path}: no data_particles table")
     require(isinstance(parts, pd.DataFrame), f"{path}: data_particles is not a loop")
     require("rlnImageName" in parts.columns, f"{path}: data_particles has no rlnImageName column")

@@ -172,9 +172,39 @@ IGNORED_OPTIONS: dict[str, str] = {
 }
 
 
+# relion_refine's own defaults (ml_optimiser.cpp, parseInitial) where they differ from cryorefine refine's, which are
+# the GUI's: on RELION's command line a switch left out is off. dest -> (value, the option that says it here)
+RELION_COMMAND_LINE_DEFAULTS: dict[str, tuple[object, list[str]]] = {
+    "ctf": (False, ["--no_ctf"]), "zero_mask": (False, ["--no_zero_mask"]),
+    "flatten_solvent": (False, ["--no_flatten_solvent"]), "norm": (False, ["--no_norm"]),
+    "scale": (False, ["--no_scale"]), "firstiter_cc": (False, ["--ref_is_absolute_greyscale"]),
+    "ini_high": (-1.0, ["--ini_high", "-1"]), "low_resol_join_halves": (-1.0, ["--low_resol_join_halves", "-1"]),
+    "offset_range": (6.0, ["--offset_range", "6"]),
+}
+
+
+def relion_command_line_defaults(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """Give the options a relion_refine command line leaves out relion_refine's values (no CTF correction without
+    --ctf, no CC first iteration without --firstiter_cc, ...), not cryorefine refine's GUI defaults; returns them as
+    options, which the run records (so that --continue and run.out say what ran). Nothing for --continue, whose
+    options come from the run."""
+    if args.continue_from:
+        return []
+    added: list[str] = []
+    for dest, (value, spelled) in RELION_COMMAND_LINE_DEFAULTS.items():
+        if dest in given or (dest == "firstiter_cc" and "absolute_greyscale" in given):
+            continue
+        setattr(args, dest, value)
+        added += spelled
+    return added
+
+
 def compatibility_notes(args: argparse.Namespace) -> list[str]:
     """One log line per RELION option that was given but means nothing (or is not available) here."""
     notes = []
+    if getattr(args, "_relion_defaults", None):
+        notes.append(" relion_refine's defaults for the options its command line leaves out (a switch left out is "
+                     "off): " + " ".join(args._relion_defaults))
     for dest, text in IGNORED_OPTIONS.items():
         v = getattr(args, dest, None)
         if v not in (None, False):
@@ -278,7 +308,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     """Check the options and turn them into RefineOptions."""
     for name, dest in (("--i", "fn_in"), ("--ref", "fn_ref"), ("--o", "fn_out")):
         require(bool(getattr(args, dest, None)), f"{name}: required (or --continue run_itNNN_optimiser.star)")
-    firstiter_cc = not args.absolute_greyscale if args.firstiter_cc is None else True
+    firstiter_cc = not args.absolute_greyscale if args.firstiter_cc is None else args.firstiter_cc
     if args.absolute_greyscale and args.firstiter_cc:
         raise InputError("--firstiter_cc and --ref_is_absolute_greyscale contradict each other")
     if args.pad < 1:

@@ -49,6 +49,8 @@ class ParticleData:
     group: NDArray[np.int64]            # 0-based group (micrograph or rlnGroupName)
     group_names: list[str]
     subset: NDArray[np.int64]           # 1 or 2
+    model_box: int = 0                  # N of the model grid (the first optics group's, as RELION's)
+    model_angpix: float = 0.0           # p of the model grid (Å)
 
     @property
     def n(self) -> int:
@@ -83,7 +85,10 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     pix = particle_optics(table, "rlnImagePixelSize").astype(np.float64)
     uniq = sorted(set(opt_numbers.tolist()))
     first = {o: int(np.nonzero(opt_numbers == o)[0][0]) for o in uniq}
-    n0, p0 = (int(boxes[first[uniq[0]]]), float(pix[first[uniq[0]]])) if model_box is None else (model_box, model_angpix)
+    # the model grid is the first optics group's in the table's order, as RELION's (ml_model.cpp getOpticsPixelSize(0))
+    used = [int(g) for g in table.optics["rlnOpticsGroup"].to_numpy() if int(g) in first]
+    g0 = used[0] if used else uniq[0]
+    n0, p0 = (int(boxes[first[g0]]), float(pix[first[g0]])) if model_box is None else (model_box, model_angpix)
     optics = []
     models = optics_models(table, {int(o): int(boxes[first[o]]) for o in uniq})
     for o in uniq:
@@ -109,7 +114,7 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     else:
         subset = np.random.default_rng(seed).integers(1, 3, size=len(df))
     return ParticleData(table, images, optics, optics_index, ctf, group.astype(np.int64),
-                        [str(g) for g in group_names], subset)
+                        [str(g) for g in group_names], subset, n0, p0)
 
 
 def preshift(images: NDArray[np.float32], shifts_px: NDArray[np.int64]) -> NDArray[np.float32]:

@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import (dense_weight_rows, segment_best, segment_weights, sparse_sums,
-                                            weight_marginals, weight_rows)
+from cryorefine.refine.fine_kernels import (dense_weight_rows, segment_best, segment_weights, sparse_row_sums,
+                                            sparse_sums, weight_marginals, weight_rows)
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
@@ -437,9 +437,13 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         else:
             vals = np.zeros((r1 - r0, 2 * m), np.float32)
             sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q, not st.cc_mode)
-        cw = colw[r0:r1].astype(np.float32)
-        backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), cw @ bp_n)
-        norm += cw.T @ (p_c[:, 0::2] ** 2 + p_c[:, 1::2] ** 2)
+        if dense:
+            cw = colw[r0:r1].astype(np.float32)
+            bp_w = cw @ bp_n
+            norm += cw.T @ (p_c[:, 0::2] ** 2 + p_c[:, 1::2] ** 2)
+        else:
+            bp_w = sparse_row_sums(colw, r0, r1, bp_n, p_c, norm)
+        backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), bp_w)
     acc.ll_sum += float(out.log_likelihood.sum())
     acc.pmax_sum += float(out.max_prob.sum())
     acc.count += nb

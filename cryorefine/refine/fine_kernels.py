@@ -342,3 +342,27 @@ def segment_best(w: np.ndarray, blk_off: np.ndarray, ph_row: np.ndarray, p_row: 
                         bk, ba, bb = k, a, b
         best[s] = (bk * n_a + ba) * n_b + bb
     return best
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def sparse_row_sums(colw: np.ndarray, r0: int, r1: int, bp_n: np.ndarray, p: np.ndarray,
+                    norm: np.ndarray) -> np.ndarray:
+    """(colw[r0:r1] @ bp_n, and norm += colw[r0:r1]ᵀ @ |p|²) over the non-zero colw[r, j] only: the insertion
+    weights of a chunk of orientation rows and the norm statistics Σ_o w̄ |P_o|², for a colw with about one image per
+    row (local searches), where the dense products would multiply B-fold zeros. p holds the chunk's rows as real
+    pairs (rows, 2m); bp_n (B, m); norm (B, m) in place."""
+    n_img, m = bp_n.shape
+    out = np.zeros((r1 - r0, m), np.float32)
+    for r in numba.prange(r0, r1):
+        for j in range(n_img):
+            c = np.float32(colw[r, j])
+            if c != 0.0:
+                for i in range(m):
+                    out[r - r0, i] += c * bp_n[j, i]
+    for j in numba.prange(n_img):
+        for r in range(r0, r1):
+            c = np.float32(colw[r, j])
+            if c != 0.0:
+                for i in range(m):
+                    norm[j, i] += c * (p[r - r0, 2 * i] * p[r - r0, 2 * i] + p[r - r0, 2 * i + 1] * p[r - r0, 2 * i + 1])
+    return out

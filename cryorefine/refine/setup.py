@@ -72,7 +72,7 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     reducer = reducer or get_reducer()
     data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf,
                           angpix=opts.angpix if opts.angpix > 0 else None)
-    box, angpix = data.optics[0].box, data.optics[0].angpix
+    box, angpix = data.model_box, data.model_angpix
     opts = resolve_options(opts, box, angpix, opts.fn_in)
     with option_error("--sym"):
         sym_mats = symmetry_matrices(opts.sym)

@@ -12,19 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_report(root: str, postprocess: str | None = None) -> Path:
-    """Write `<root>_report.html` (+ PNGs, JSON) from the run's files; returns the page's path."""
+def write_report(root: str, postprocess: str | None = None, out_root: str | None = None) -> Path:
+    """Write `<root>_report.html` (+ PNGs, JSON; under `out_root` when given) from the run's files; returns the
+    page's path."""
     from cryorefine.report.build import write_report as _write
-    return _write(root, postprocess)
+    return _write(root, postprocess, out_root)
 
 
-def refresh_report(root: str, log: Callable[[str], None] | None = None, postprocess: str | None = None) -> None:
-    """write_report that never raises: a failure becomes one warning line (a report must not kill a run)."""
+def refresh_report(root: str, log: Callable[[str], None] | None = None, postprocess: str | None = None,
+                   out_root: str | None = None) -> bool:
+    """write_report that never raises: a failure becomes one warning line (a report must not kill a run); returns
+    whether the page was written."""
     try:
-        write_report(root, postprocess)
+        write_report(root, postprocess, out_root)
+        return True
     except Exception as exc:  # noqa: BLE001
-        msg = f" WARNING: could not write the report {root}_report.html: {type(exc).__name__}: {exc}"
+        msg = f" WARNING: could not write the report {out_root or root}_report.html: {type(exc).__name__}: {exc}"
         (log or print)(msg)
+        return False
 
 
 # The child that redraws the page during a run: lowest CPU priority, one thread, and on SIGTERM a SystemExit, so that
@@ -99,9 +104,10 @@ class BackgroundReport:
             (log or print)(f" WARNING: could not write the report {self._root}_report.html: {why}")
 
 
-def refresh_postprocess_report(half1_map: str, postprocess_star: str) -> None:
-    """After `postprocess`: redraw the report of the refine run whose half map was --i, now with the
-    postprocess curves; never raises."""
+def refresh_postprocess_report(half1_map: str, postprocess_star: str, out_root: str) -> None:
+    """After `postprocess`: the report of the refine run whose half map was --i, with the postprocess curves, as
+    `<out_root>_report.html` in postprocess's own folder (the refine job's files stay as they are, as RELION's
+    pipeliner expects); never raises."""
     try:
         from cryorefine.report.readers import run_root_of_half_map
         root = run_root_of_half_map(half1_map)
@@ -111,5 +117,5 @@ def refresh_postprocess_report(half1_map: str, postprocess_star: str) -> None:
         print(f"  + no refine run found for {half1_map}: no report (give `cryorefine report RUN_ROOT "
               f"--postprocess {postprocess_star}`)")
         return
-    refresh_report(root, postprocess=postprocess_star)
-    print(f"  + report: {root}_report.html")
+    if refresh_report(root, postprocess=postprocess_star, out_root=out_root):
+        print(f"  + report: {out_root}_report.html (of the refine run {root})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -327,15 +327,17 @@ def summary_rows(f: Facts, resolution_A: float | None) -> list[tuple[str, object
     return rows + [("wall time", wall), ("peak memory (RSS)", peak)]
 
 
-def write_report(root: str, postprocess: str | None = None) -> Path:
-    """Write `<root>_report.html`, its PNGs and `<root>_report.json`; returns the HTML path.
+def write_report(root: str, postprocess: str | None = None, out_root: str | None = None) -> Path:
+    """Write `<root>_report.html`, its PNGs and `<root>_report.json` (under `out_root` instead when given: a job
+    writes only into its own folder); returns the HTML path.
 
     `postprocess`: a postprocess STAR to include; default: the one recorded in an earlier report's JSON."""
     t0 = time.time()
     run = R.open_run(root)
-    html_path, json_path = report_paths(run.root)
+    dest = out_root or run.root
+    html_path, json_path = report_paths(dest)
     postprocess = _recorded_postprocess(json_path, postprocess)
-    facts = read_facts(run, postprocess)
+    facts = replace(read_facts(run, postprocess), name=Path(dest).name + "_report")
     errors: list[str] = []
     kept: dict = {}
     sections = build_sections(facts, errors, kept)
@@ -349,7 +351,7 @@ def write_report(root: str, postprocess: str | None = None) -> Path:
                   refresh_s=REFRESH_S if run.status() == "in progress" else None, footer=footer)
     for sec in sections:
         for fig in sec.figures:
-            _write_bytes(Path(run.root).parent / f"{fig.name}.png", fig.png)
+            _write_bytes(Path(dest).parent / f"{fig.name}.png", fig.png)
     _write_bytes(html_path, text.encode("utf-8"))
     table = kept.get("table")
     record = {"root": run.root, "status": run.status(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -186,8 +185,8 @@ def _run_star(src: Path, dst: Path, args) -> int:
             per_chunk = max(1, _CHUNK_BYTES // (box * box * 4))
             for start in range(0, rows.size, per_chunk):
                 writer.write(_process(images.read(rows[start:start + per_chunk]), 2, angpix, args, new_size))
-            rel = os.path.relpath(stack.resolve(), dst.resolve().parent)
-            names[rows] = [f"{j:06d}@{rel}" for j in range(1, rows.size + 1)]
+            # the stack as --o names it: relative to the current (project) folder, where RELION looks for it
+            names[rows] = [f"{j:06d}@{stack}" for j in range(1, rows.size + 1)]
             optics.loc[optics.index[g_pos], "rlnImageSize"] = int(writer.shape[-1])
             optics.loc[optics.index[g_pos], "rlnImagePixelSize"] = float(header_angpix)
     # the STAR is written once every stack is complete (an error above leaves no stack behind)

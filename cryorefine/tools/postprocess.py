@@ -526,5 +526,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"FINAL RESOLUTION: {res.resolution_A:.2f} Å; B-factor used for sharpening: {res.bfactor:.2f} Å^2"
           + (" (unmasked FSC)" if res.unmasked_used else ""))
     from cryorefine.report import refresh_postprocess_report
-    refresh_postprocess_report(half1_name, root + ".star")
+    refresh_postprocess_report(half1_name, root + ".star", root)
     return 0
