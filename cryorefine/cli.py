@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from cryorefine import __version__
-from cryorefine.errors import InputError, JobAborted
+from cryorefine.errors import InputError, JobAborted, Terminated, quiet_after_termination, request_termination
 
 # name -> (module, one-line help); each module defines `add_arguments(parser)` and `run(args) -> int`.
 # Only the chosen sub-command's module is imported, so start-up stays fast.
@@ -61,7 +63,12 @@ def add_pipeline_control(p: argparse.ArgumentParser) -> None:
 
 class Parser(argparse.ArgumentParser):
     """argparse with one error line (an unknown or missing option is a user mistake like any other), not the usage
-    block; `--help` still prints everything."""
+    block; `--help` still prints everything. A negative number in exponent form (`--adhoc_bfac -1e2`, which RELION
+    reads) is a value, not an option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     control = getattr(args, "pipeline_control", None)
     rc = 1
     aborted = False
+    previous = signal.signal(signal.SIGTERM, request_termination)   # scancel / kill: as Ctrl-C, failure marker
+    sys.unraisablehook = quiet_after_termination
     try:
         if program:
             check_relion_job(program, args)
@@ -206,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cryorefine {args.command}: interrupted", file=sys.stderr)
         rc = 130
+        return rc
+    except Terminated:
+        print(f"cryorefine {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        rc = 143
         return rc
     except BrokenPipeError:          # e.g. `cryorefine image-handler --stats ... | head`
         sys.stderr.close()
@@ -228,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         end_other_ranks(control, rc, show_traceback=True)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         write_exit_marker(control, rc == 0, aborted)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 
@@ -37,3 +38,31 @@ def require(condition: bool, message: str) -> None:
 
 class JobAborted(Exception):
     """The RELION pipeliner asked the job to stop (`RELION_JOB_ABORT_NOW` in its --pipeline_control folder)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a batch system's scancel, `kill`): unwinds like KeyboardInterrupt, so outputs of the unfinished
+    iteration are removed and RELION's failure marker is written."""
+
+
+_TERMINATION = {"requested": False}
+
+
+def request_termination(signum=None, frame=None) -> None:
+    """SIGTERM handler: raise Terminated now, and remember it, since an exception raised while Python runs a
+    finaliser (__del__) is printed and dropped: check_termination raises it again at the next safe point."""
+    _TERMINATION["requested"] = True
+    raise Terminated()
+
+
+def check_termination() -> None:
+    """Raise Terminated if SIGTERM arrived and its first exception was lost."""
+    if _TERMINATION["requested"]:
+        raise Terminated()
+
+
+def quiet_after_termination(unraisable) -> None:
+    """sys.unraisablehook: after SIGTERM, finalisers of objects it interrupted half-built (a JIT compilation's)
+    print tracebacks on the way out; the job's one line says what happened."""
+    if not _TERMINATION["requested"]:
+        sys.__unraisablehook__(unraisable)

@@ -201,6 +201,20 @@ def test_text_in_a_numeric_star_column(sub, small_set, tmp_path, capsys, block, 
     assert_only_log(out, "run.out" if command == "refine" else None)
 
 
+def test_random_seed_minus_one_is_relions_clock_seed(sub, small_set, tmp_path):
+    """RELION's default --random_seed -1 (seed from the clock) was a traceback when the file had no half sets; now
+    the seed is drawn, logged and written to the optimiser, so that --continue and a rerun repeat it."""
+    t = read_particles(sub)
+    star = tmp_path / "nohalves.star"
+    write_particles(star, replace(t, particles=t.particles.drop(columns=["rlnRandomSubset"])))
+    out = tmp_path / "R" / "run"
+    assert main(refine_argv(star, small_set / "reference.mrc", out, "--random_seed", "-1", "--j", "1")) == 0
+    line = next(ln for ln in Path(f"{out}.out").read_text().splitlines() if "from the clock" in ln)
+    seed = int(line.split(": seed ")[1].split()[0])
+    opt = read_star(f"{out}_it001_optimiser.star")["optimiser_general"]
+    assert int(opt["rlnRandomSeed"]) == seed >= 0
+
+
 def test_text_in_a_column_the_job_does_not_read(sub, tmp_path, capsys):
     """'None' (as converters write) in columns reconstruct never reads: RELION reads it as 0 and goes on, so does
     reconstruct; the same text in a column it reads stops it (test above)."""
@@ -241,6 +255,26 @@ def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, va
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
     assert rc == 2 and option in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["out/", "out_dir", "."])
+def test_refine_output_root_that_is_a_folder(sub, small_set, tmp_path, capsys, monkeypatch, where):
+    """--o out/ (or an existing folder, or .) wrote hidden files `.out`, `_it001_...` into it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out_dir").mkdir()
+    rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", where))
+    assert rc == 2 and "an output root such as Refine3D/job019/run is needed" in err
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith((".", "_"))]
+
+
+def test_a_folder_as_reference_or_mask(sub, small_set, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    for option in ("--ref", "--solvent_mask"):
+        argv = refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run")
+        argv = argv[:argv.index("--ref")] + argv[argv.index("--ref") + 2:] + ["--ref", str(small_set / "reference.mrc")]
+        argv += [option, str(tmp_path / "m")]
+        rc, err = error_of(capsys, argv)
+        assert rc == 2 and f"{tmp_path / 'm'}: is a folder, not a map ({option})" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ no silent success
@@ -416,6 +450,38 @@ def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
     assert (out / "run.out").read_text().splitlines()[-1] == err
 
 
+def test_absurd_values_in_a_particle_image(sub, small_set, tmp_path, capsys):
+    """Finite but absurd (1e30) pixel values overflowed the sums into inf half maps and -inf likelihoods, exit 0."""
+    stack = tmp_path / "big.mrcs"
+    data = mrcfile.read(small_set / "particles.mrcs")[:40].copy()
+    data[9] *= 1e30
+    with mrcfile.new(stack) as m, np.errstate(over="ignore"):    # mrcfile's header rms overflows too
+        m.set_data(data.astype(np.float32))
+        m.voxel_size = 2.5
+    t = read_particles(sub)
+    t.particles["rlnImageName"] = [f"{i + 1:06d}@{stack}" for i in range(40)]
+    star = tmp_path / "big.star"
+    write_particles(star, t)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
+    assert rc == 2 and "big.mrcs: image 10 has values up to" in err
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("inf@{s}", "bad rlnImageName 'inf@"), ("99999999999999999999@{s}", "bad rlnImageName"),
+    ("1.5@{s}", "bad rlnImageName '1.5@"), ("+3@{s}", "bad rlnImageName '+3@"),
+    ("{s}", "has no image number (NNNNNN@), but"),
+])
+def test_image_numbers_are_plain_positive_integers(sub, small_set, tmp_path, capsys, name, problem):
+    """'inf@', a number beyond int64 (tracebacks), '1.5@' (read as image 1) and a bare stack name (image 1 of a
+    1,000-image stack) were accepted; RELION's names are NNNNNN@file, a bare name a one-image file."""
+    t = read_particles(sub)
+    t.particles.loc[4, "rlnImageName"] = name.format(s=small_set / "particles.mrcs")
+    star = tmp_path / "names.star"
+    write_particles(star, t)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "x.mrc"), "--ctf"])
+    assert rc == 2 and problem in err and "names.star" in err, err
+
+
 def _mics_copy(mics_set: Path, tmp_path: Path, n: int) -> Path:
     """A micrographs STAR with the first n micrographs, copied (so they can be damaged)."""
     blocks = read_star(mics_set / "micrographs_ctf.star")
@@ -527,6 +593,19 @@ def test_continue_with_a_file_of_another_run(one_iteration, tmp_path, capsys):
     assert_only_log(tmp_path / "B")
 
 
+def test_continue_from_a_classification_is_refused(one_iteration, tmp_path, capsys):
+    """An _optimiser.star saying it is not an auto-refine (a Class3D job's) was continued as one, exit 0."""
+    src = tmp_path / "A"
+    shutil.copytree(one_iteration / "A", src)
+    blocks = read_star(src / "run_it001_optimiser.star")
+    blocks["optimiser_general"]["rlnDoAutoRefine"] = 0
+    write_star(src / "run_it001_optimiser.star", blocks)
+    rc, err = error_of(capsys, ["refine", "--continue", str(src / "run_it001_optimiser.star"),
+                                "--o", str(tmp_path / "B" / "run"), "--quiet"])
+    assert rc == 2 and "not a 3D auto-refine run" in err and "rlnDoAutoRefine 0" in err
+    assert_only_log(tmp_path / "B", None)
+
+
 # ------------------------------------------------------------------------------------------------ kill -9
 
 
@@ -605,3 +684,26 @@ def test_kill_9_during_an_estep_then_continue_gives_the_same_map(small_set, tmp_
               f"killed at: {killed_at.strip()}")
         assert corr >= 0.999
         assert np.all(fsc >= 0.99), (h, shell, fsc)
+
+
+def test_sigterm_is_one_line_and_a_failure_marker(sub, small_set, tmp_path):
+    """SIGTERM (scancel, kill) ended the run with nothing on stderr, nothing in run.out and no RELION failure marker,
+    so the pipeliner showed it running forever; now it ends as Ctrl-C does."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out, job = tmp_path / "R" / "run", tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "cryorefine", "refine", "--i", str(sub), "--ref",
+                             str(small_set / "reference.mrc"), "--o", str(out), "--sym", "D2", "--j", "1",
+                             "--particle_diameter", "150", "--pipeline_control", str(job)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    log = Path(f"{out}.out")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if log.exists() and "Expectation iteration 1" in log.read_text():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["cryorefine refine: terminated (SIGTERM)"]
+    assert (job / "RELION_JOB_EXIT_FAILURE").is_file() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert "stopped: Terminated" in log.read_text()

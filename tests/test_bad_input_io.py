@@ -117,7 +117,7 @@ def test_pixel_size_zero(tmp_path, capsys):
     msg = _run_cli(capsys, ["--i", str(path), "--rescale_angpix", "3", "--o", str(tmp_path / "o.mrc")], tmp_path)
     assert str(path) in msg and "pixel size is 0" in msg
     msg = _run_cli(capsys, ["--i", str(path), "--angpix", "0", "--o", str(tmp_path / "o.mrc")], tmp_path)
-    assert "--angpix" in msg and "must be > 0" in msg
+    assert "--angpix" in msg and "must be a finite number > 0 (got 0)" in msg
     star = _star(tmp_path, "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@x.mrcs 1\n")
     star.write_text(star.read_text().replace("1 2.5 64", "1 0.0 64"))
     msg = _run_cli(capsys, ["--i", str(star), "--o", str(tmp_path / "out" / "p.star")], tmp_path)

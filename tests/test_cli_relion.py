@@ -573,3 +573,12 @@ def test_relion_refine_leaves_out_what_its_command_line_leaves_out():
     opts = options_from_args(args)
     assert opts.ctf and opts.zero_mask and opts.firstiter_cc and opts.ini_high == 50 and opts.offset_range_px == 5
     assert opts.low_resol_join_halves == 40 and not args._relion_defaults
+
+
+def test_negative_numbers_in_exponent_form_are_values():
+    """RELION reads `--adhoc_bfac -1e2`; argparse took -1e2 for an option ('expected one argument')."""
+    args = build_parser("postprocess").parse_args(["postprocess", "--i", "h1.mrc", "--adhoc_bfac", "-1e2"])
+    assert args.adhoc_bfac == -100.0
+    args = build_parser("mask-create").parse_args(["mask-create", "--i", "m.mrc", "--o", "x.mrc",
+                                                   "--ini_threshold", "-2.5E-3"])
+    assert args.ini_threshold == pytest.approx(-2.5e-3)

@@ -402,3 +402,119 @@ def test_binning_at_extraction_equals_binning_afterwards(runs, map_extract64, tm
     fsc = _shell_fsc(map_extract64, _reconstruct(binned, tmp_path / "handler64.mrc"))
     last = int(64 * 3.0 / 7.0)           # shells out to 7 A
     assert fsc[1:last + 1].min() >= 0.95, fsc[: last + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs: boxes off the micrograph, pixel sizes that disagree, re-centring options and columns
+
+
+def _error_line(capsys) -> str:
+    """stderr of a failed run, asserted to be one line with no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "warning:" in line]
+
+
+def test_centre_outside_uses_the_box_centre_pixel():
+    """(int)coord off the (ny, nx) micrograph, with the truncation of the windowing (-0.5 -> pixel 0, inside)."""
+    cx = np.array([0.0, -0.5, -1.0, 149.9, 150.0, 5000.0, 75.0, 75.0])
+    cy = np.array([0.0, 10.0, 10.0, 60.0, 60.0, 5000.0, 119.5, 120.0])
+    from cryorefine.extract.extraction import centre_outside
+    assert centre_outside(cx, cy, (120, 150)).tolist() == [False, False, True, False, True, True, False, True]
+
+
+def _add_coordinates(tmp: Path, mic: int, rows: list[tuple[float, float]], replace: bool = False) -> None:
+    """Append (or, with replace, write only) these x, y rows to the coordinate file of synthetic micrograph `mic`."""
+    path = tmp / f"Micrographs/m{mic}_pick.star"
+    old = starfile.read(path)
+    new = pd.DataFrame(rows, columns=["rlnCoordinateX", "rlnCoordinateY"])
+    starfile.write({"": new if replace else pd.concat([old, new], ignore_index=True)}, path, overwrite=True)
+
+
+def test_boxes_centred_off_the_micrograph_are_skipped_with_one_warning(tmp_path, monkeypatch, capsys):
+    """A box centred off the micrograph (5000, 5000 or -50, -50 on 200 x 160) is no particle: it is in neither the
+    stacks nor particles.star, one warning gives the count and the first file/row; a micrograph left without
+    particles gets no stack. Boxes centred inside but crossing the edge are still filled and counted."""
+    star = _synthetic_project(tmp_path)
+    _add_coordinates(tmp_path, 0, [(5000.0, 5000.0), (-50.0, -50.0)])          # rows 5 and 6 of m0
+    _add_coordinates(tmp_path, 1, [(-50.0, -50.0), (200.0, 80.0)], replace=True)   # all outside (x 200 = nx)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--norm", "--o", "Extract/job001/") == 0
+    captured = capsys.readouterr()
+    warnings = _warnings(captured.err)
+    assert len(warnings) == 1, captured.err
+    assert "4 particles have their box centre outside the micrograph" in warnings[0]
+    assert "Micrographs/m0_pick.star row 5" in warnings[0] and "x 5000, y 5000" in warnings[0]
+    assert "3 filled by edge replication" in captured.out
+    star_out = tmp_path / "Extract/job001/particles.star"
+    parts = starfile.read(star_out)["particles"]
+    assert parts["rlnCoordinateX"].tolist() == [100.0, 5.0, 199.0, 100.0]
+    assert not (tmp_path / "Extract/job001/Micrographs/m1.mrcs").exists()
+    images = _stack(star_out)
+    assert images.shape == (4, 32, 32) and mrcfile.read(tmp_path / "Extract/job001/Micrographs/m0.mrcs").shape[0] == 4
+    assert images.reshape(4, -1).std(axis=1).min() > 0.5      # no constant (or normalised rounding-noise) box
+
+
+def test_recentred_box_off_the_micrograph_names_the_particle_row(mics_set, tmp_path, monkeypatch, capsys):
+    """Re-extraction: the row of the refined STAR file is named; the other 799 particles are extracted."""
+    table = starfile.read(mics_set / "particles_mic_refined.star")
+    table["particles"].loc[2, ["rlnCoordinateX", "rlnCoordinateY"]] = [5000.0, -40.0]
+    refined = tmp_path / "refined.star"
+    starfile.write(table, refined, overwrite=True)
+    assert _run(tmp_path, monkeypatch, "--i", f"{mics_set}/micrographs_ctf.star", "--reextract_data_star",
+                str(refined), "--recenter", "--extract_size", "64", "--o", "Extract/job001/") == 0
+    warnings = _warnings(capsys.readouterr().err)
+    assert len(warnings) == 1 and "1 particles have their box centre outside" in warnings[0]
+    assert f"{refined} row 3" in warnings[0]
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    assert len(parts) == 799 and len(_stack(tmp_path / "Extract/job001/particles.star")) == 799
+    assert (parts["rlnCoordinateX"] < 1024).all()
+
+
+def test_star_pixel_size_used_but_a_different_header_warned_once(tmp_path, monkeypatch, capsys):
+    """rlnMicrographPixelSize 2.0 in the STAR file, 1.5 in both MRC headers: 2.0 is used (RELION), one warning."""
+    star = _synthetic_project(tmp_path)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--o", "Extract/job001/") == 0
+    assert not _warnings(capsys.readouterr().err)                                # headers agree: nothing to say
+    for k in range(2):
+        with mrcfile.open(tmp_path / f"Micrographs/m{k}.mrc", "r+") as mrc:
+            mrc.voxel_size = 1.5
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--o", "Extract/job002/") == 0
+    warnings = _warnings(capsys.readouterr().err)
+    assert len(warnings) == 1
+    assert "Micrographs/m0.mrc" in warnings[0] and "rlnMicrographPixelSize 2" in warnings[0]
+    assert "1.5 A/px in the MRC header" in warnings[0] and "1 more micrograph likewise" in warnings[0]
+    opt = starfile.read(tmp_path / "Extract/job002/particles.star")["optics"].iloc[0]
+    assert opt["rlnImagePixelSize"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("axis", ["x", "y", "z"])
+def test_recenter_point_without_recenter_is_an_error(tmp_path, monkeypatch, capsys, axis):
+    star = _synthetic_project(tmp_path, n_mics=1)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                f"--recenter_{axis}", "5", "--o", "E/") == 2
+    assert f"--recenter_{axis} needs --recenter" in _error_line(capsys)
+    assert not (tmp_path / "E").exists()
+
+
+@pytest.mark.parametrize("drop, point, named", [
+    (["rlnOriginXAngst", "rlnOriginYAngst"], [], ["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX"]),
+    (["rlnOriginYAngst"], [], ["rlnOriginYAngst"]),
+    (["rlnAngleTilt"], ["--recenter_z", "10"], ["rlnAngleTilt"])])
+def test_recenter_without_offsets_is_an_error(mics_set, tmp_path, monkeypatch, capsys, drop, point, named):
+    """--recenter reads the refined offsets (and, for a --recenter_x/y/z point, the angles): missing, not zeros."""
+    table = starfile.read(mics_set / "particles_mic_refined.star")
+    table["particles"] = table["particles"].drop(columns=drop)
+    refined = tmp_path / "refined.star"
+    starfile.write(table, refined, overwrite=True)
+    assert _run(tmp_path, monkeypatch, "--i", f"{mics_set}/micrographs_ctf.star", "--reextract_data_star",
+                str(refined), "--recenter", *point, "--extract_size", "64", "--o", "Extract/job001/") == 2
+    err = _error_line(capsys)
+    assert str(refined) in err and all(label in err for label in named)
+    assert not (tmp_path / "Extract").exists()

@@ -12,7 +12,8 @@ from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import particle_optics, read_particles
-from cryorefine.tools.image_handler import lowpass_map, rescaled_box
+from cryorefine.tools.image_handler import (highpass_map, largest_filter_gain, lowpass_map, output_range_error,
+                                           rescaled_box)
 
 
 def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -177,3 +178,115 @@ def test_2d_image(tmp_path):
                  str(tmp_path / "small.mrc")]) == 0
     hdr = read_header(tmp_path / "small.mrc")
     assert hdr.shape == (20, 20) and hdr.angpix == 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input: one error line, exit 2, nothing written, no numpy warnings (pytest captures warnings, so the tests
+# that could overflow turn them into errors)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "Warning" not in err, err
+    return err
+
+
+def _unit_map(path, angpix: float = 2.5, n: int = 16) -> np.ndarray:
+    """A map with values in [-1, 1] (peak exactly 1)."""
+    data = np.random.default_rng(8).uniform(-1.0, 1.0, size=(n, n, n)).astype(np.float32)
+    data[0, 0, 0] = 1.0
+    write_map(path, data, angpix)
+    return data
+
+
+@pytest.mark.filterwarnings("error")   # numpy overflow warnings fail the test
+@pytest.mark.parametrize("extra, message", [
+    (["--multiply_constant", "1e39"], "exceed the float32 range"),
+    (["--multiply_constant", "1e7", "--float16"], "values up to 1e+07 exceed the float16 range (largest 65504)"),
+    (["--multiply_constant", "1e5", "--invert_contrast", "--float16"], "values up to 1e+05 exceed the float16"),
+])
+def test_output_beyond_the_file_type_is_refused(tmp_path, capsys, extra, message):
+    _unit_map(tmp_path / "in.mrc")
+    out = tmp_path / "out.mrc"
+    assert main(["image-handler", "--i", str(tmp_path / "in.mrc"), "--o", str(out), *extra]) == 2
+    err = _one_error_line(capsys)
+    assert f"{out}: " in err and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc"]        # no output, no temporary file
+
+
+@pytest.mark.filterwarnings("error")   # numpy overflow warnings fail the test
+def test_stack_beyond_float16_is_refused(tmp_path, capsys):
+    write_map(tmp_path / "img.mrc", np.ones((8, 8), np.float32), 1.0)
+    from cryorefine.io.mrc import StackWriter
+    with StackWriter(tmp_path / "in.mrcs", 1.0) as w:
+        w.write(np.ones((3, 8, 8), np.float32))
+    assert main(["image-handler", "--i", str(tmp_path / "in.mrcs"), "--o", str(tmp_path / "o.mrcs"),
+                 "--multiply_constant", "1e5", "--float16"]) == 2
+    assert "o.mrcs: values up to 1e+05 exceed the float16 range" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.mrc", "in.mrcs"]
+
+
+@pytest.mark.filterwarnings("error")   # numpy overflow warnings fail the test
+def test_large_factor_that_fits_float32_is_exact(tmp_path, capsys):
+    """The product is taken in float64: 1e39 (beyond float32) times values of 0.01 is 1e37, a float32 value."""
+    data = _unit_map(tmp_path / "in.mrc") * np.float32(0.01)
+    write_map(tmp_path / "in.mrc", data, 2.5)
+    assert main(["image-handler", "--i", str(tmp_path / "in.mrc"), "--o", str(tmp_path / "o.mrc"),
+                 "--multiply_constant", "1e39"]) == 0
+    assert "Warning" not in capsys.readouterr().err
+    out, _ = read_map(tmp_path / "o.mrc")
+    np.testing.assert_allclose(out, data.astype(np.float64) * 1e39, rtol=1e-6)
+
+
+def test_output_range_error_limits():
+    assert output_range_error(np.array([65504.0, -65519.0], np.float32), float16=True) is None  # rounds to 65504
+    assert "float16" in output_range_error(np.array([65520.0], np.float32), float16=True)
+    assert output_range_error(np.array([1e38], np.float32), float16=False) is None
+    assert "float32" in output_range_error(np.array([np.inf], np.float32), float16=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--highpass", "10", "--lowpass", "20"], "--highpass 10 Å with --lowpass 20 Å keeps no frequency"),
+    (["--highpass", "0.5"], "--highpass 0.5 Å removes every frequency of this map (box 16, 2.5 Å/px, Nyquist 5 Å)"),
+])
+def test_filters_that_keep_nothing_are_refused(tmp_path, capsys, extra, message):
+    _unit_map(tmp_path / "in.mrc")
+    assert main(["image-handler", "--i", str(tmp_path / "in.mrc"), "--o", str(tmp_path / "o.mrc"), *extra]) == 2
+    err = _one_error_line(capsys)
+    assert "in.mrc: " in err and message in err
+    assert not (tmp_path / "o.mrc").exists()
+
+
+def test_largest_filter_gain_agrees_with_the_filtered_map():
+    img = np.random.default_rng(9).normal(size=(32, 32))
+    for low, high in ((20.0, 10.0), (None, 0.5), (10.0, 20.0), (None, 4.0), (6.0, 6.0)):
+        out = img
+        if low is not None:
+            out = lowpass_map(out, low, 2.5, ndim=2)
+        if high is not None:
+            out = highpass_map(out, high, 2.5, ndim=2)
+        nothing = largest_filter_gain(32, 2, 2.5, low, high) < 1e-6
+        assert nothing == (np.abs(out).max() < 1e-5 * np.abs(img).max()), (low, high)
+    assert largest_filter_gain(32, 3, 2.5, 1e6, None) == 1.0        # a low-pass alone keeps the mean
+
+
+def test_output_folder_and_stats_with_o(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outdir").mkdir()
+    # refused before any work: the (missing) input is not even read
+    assert main(["image-handler", "--i", "missing.mrc", "--o", "outdir", "--lowpass", "20"]) == 2
+    assert "error: outdir: is a folder, not a file" in _one_error_line(capsys)
+    _unit_map(tmp_path / "in.mrc")
+    assert main(["image-handler", "--i", "in.mrc", "--stats", "--o", "x.mrc"]) == 2
+    assert "--stats prints statistics; it writes no --o" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc", "outdir"]
+    assert not any((tmp_path / "outdir").iterdir())
+    assert main(["image-handler", "--i", "in.mrc", "--stats"]) == 0
+
+
+@pytest.mark.parametrize("option", ["--angpix", "--rescale_angpix", "--lowpass", "--highpass", "--force_header_angpix"])
+def test_non_finite_pixel_options_are_refused(tmp_path, capsys, option):
+    _unit_map(tmp_path / "in.mrc")
+    assert main(["image-handler", "--i", str(tmp_path / "in.mrc"), "--o", str(tmp_path / "o.mrc"), option, "inf"]) == 2
+    assert f"{option}: must be a finite number > 0 (got inf)" in _one_error_line(capsys)
+    assert not (tmp_path / "o.mrc").exists()

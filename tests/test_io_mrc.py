@@ -106,3 +106,31 @@ def test_bad_files(tmp_path, bench_dir):
         with pytest.raises(InputError) as err:
             fn(trunc)
         assert "trunc.mrc" in str(err.value)
+
+
+@pytest.mark.parametrize("order", [(3, 2, 1), (2, 3, 1), (1, 3, 2)])
+def test_axis_order_of_ccp4_maps(tmp_path, order):
+    """mapc, mapr, maps ≠ 1, 2, 3 (crystallographic CCP4 maps): the volume comes back as [z, y, x], not transposed;
+    no warning from mrcfile reaches the user."""
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(6, 8, 10)).astype(np.float32)              # [z, y, x]
+    # stored as [section, row, column] with column = axis order[0], row = order[1], section = order[2]
+    dim = {1: 2, 2: 1, 3: 0}                                          # axis -> dim of vol
+    stored = vol.transpose(dim[order[2]], dim[order[1]], dim[order[0]])
+    path = tmp_path / "ccp4.map"
+    with mrcfile.new(path) as m:
+        m.set_data(np.ascontiguousarray(stored))
+        m.header.mapc, m.header.mapr, m.header.maps = order
+        m.voxel_size = 1.5
+    data, angpix = read_map(path)
+    np.testing.assert_array_equal(data, vol)
+    assert angpix == pytest.approx(1.5)
+
+
+def test_non_cubic_voxels_are_an_error(tmp_path):
+    path = tmp_path / "aniso.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(np.zeros((8, 8, 8), np.float32))
+        m.voxel_size = (2.5, 2.5, 3.0)
+    with pytest.raises(InputError, match=r"aniso.mrc: voxels are not cubic \(2.5 x 2.5 x 3 Å\)"):
+        read_map(path)

@@ -217,6 +217,10 @@ _rlnImageSize
      "optics group 2"),
     (OPTICS.format(angpix=2.5) + "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs\n", "fewer"),
     ("data_\nloop_\n_rlnImageName\n_rlnDefocusU\n1@a.mrcs 10000\n", "pixel size"),
+    (OPTICS.format(angpix=2.5) + "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs 1\n"
+     "2@a.mrcs 1 7\n", "loop row 2 (line 13) does not have 2 values"),
+    ("data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\ndata_particles\nloop_\n_rlnImageName\n"
+     "_rlnOpticsGroup\n1@a.mrcs 1\n", "data_optics is empty"),
 ])
 def test_bad_particle_files(tmp_path, body, problem):
     path = _write_text(tmp_path / "bad.star", body)
@@ -237,3 +241,13 @@ def test_particle_table_fields(small_set):
     assert list(t.particles.columns)[:3] == ["rlnImageName", "rlnMicrographName", "rlnOpticsGroup"]
     assert list(t.optics.columns)[0] == "rlnOpticsGroupName"
     assert t.directory == small_set.resolve()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_byte_order_mark_and_utf16(tmp_path, encoding):
+    """A file saved by a Windows editor (UTF-8 with a BOM, or UTF-16) was 'content before any data_ block'."""
+    text = OPTICS.format(angpix=2.5) + "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs 1\n"
+    path = tmp_path / "bom.star"
+    path.write_bytes(text.encode(encoding))
+    table = read_particles(path)
+    assert table.nr_particles == 1 and list(table.optics["rlnImagePixelSize"]) == [2.5]

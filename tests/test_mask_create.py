@@ -120,3 +120,100 @@ def test_denovo_crown_matches_relion_loop(tmp_path):
     mask, apix = read_map(out)
     assert apix == pytest.approx(1.5)
     np.testing.assert_allclose(mask, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input: one error line naming the file or option, exit 2, nothing written
+
+
+def _refused(argv: list[str], capsys, out) -> str:
+    capsys.readouterr()
+    assert main(["mask-create", *argv, "--o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    return err
+
+
+@pytest.fixture()
+def blob_map(tmp_path):
+    vol = blobs(16).astype(np.float32)
+    write_map(tmp_path / "map.mrc", vol, 2.5)
+    return tmp_path / "map.mrc", vol
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--extend_inimask", "-1000"], "--extend_inimask -1000: shrinking removes every voxel of the binary mask of"),
+    (["--ini_threshold", "-1", "--invert"], "--invert: the mask of"),
+])
+def test_empty_mask_is_refused(blob_map, tmp_path, capsys, argv, message):
+    path, _ = blob_map
+    err = _refused(["--i", str(path), "--ini_threshold", "0.3", *argv], capsys, tmp_path / "m.mrc")
+    assert message in err and "would be empty" in err
+
+
+def test_empty_after_combining_is_refused(blob_map, tmp_path, capsys):
+    path, vol = blob_map
+    write_map(tmp_path / "other.mrc", np.zeros_like(vol), 2.5)
+    err = _refused(["--i", str(path), "--ini_threshold", "0.3", "--and", str(tmp_path / "other.mrc")], capsys,
+                   tmp_path / "m.mrc")
+    assert "other.mrc: the mask would be empty" in err and "after --and" in err
+    # the same map with --or is fine
+    assert main(["mask-create", "--i", str(path), "--ini_threshold", "0.3", "--or", str(tmp_path / "other.mrc"),
+                 "--o", str(tmp_path / "m.mrc")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--outer_radius", "10", "--center_x", "1000"], "--denovo: the mask would be empty"),
+    (["--invert"], "--invert: the de novo mask fills the whole box"),
+])
+def test_empty_denovo_mask_is_refused(tmp_path, capsys, argv, message):
+    err = _refused(["--denovo", "--box_size", "16", *argv], capsys, tmp_path / "m.mrc")
+    assert message in err
+
+
+@pytest.mark.parametrize("flag", ["--and", "--or", "--and_not", "--or_not"])
+def test_combined_map_is_checked_like_the_input(blob_map, tmp_path, capsys, flag):
+    path, vol = blob_map
+    bad = vol.copy()
+    bad[3, 4, 5] = np.nan
+    write_map(tmp_path / "nan.mrc", bad, 2.5)
+    err = _refused(["--i", str(path), flag, str(tmp_path / "nan.mrc")], capsys, tmp_path / "m.mrc")
+    assert f"nan.mrc: the {flag} map holds NaN or infinite values" in err
+    with StackWriter(tmp_path / "p.mrcs", 2.5) as w:
+        w.write(vol)
+    err = _refused(["--i", str(path), flag, str(tmp_path / "p.mrcs")], capsys, tmp_path / "m.mrc")
+    assert "p.mrcs: a cubic 3D map is needed" in err
+
+
+def test_combined_map_with_another_pixel_size_is_refused(blob_map, tmp_path, capsys):
+    path, vol = blob_map
+    write_map(tmp_path / "other.mrc", np.roll(vol, 4, axis=2), 3.0)
+    err = _refused(["--i", str(path), "--ini_threshold", "0.3", "--or", str(tmp_path / "other.mrc")], capsys,
+                   tmp_path / "m.mrc")
+    assert "other.mrc: --or map has pixel size 3 Å" in err and "map.mrc has 2.5 Å" in err
+    # within 0.1 % it is the same grid
+    write_map(tmp_path / "other.mrc", np.roll(vol, 4, axis=2), 2.5001)
+    assert main(["mask-create", "--i", str(path), "--ini_threshold", "0.3", "--or", str(tmp_path / "other.mrc"),
+                 "--o", str(tmp_path / "m.mrc")]) == 0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lowpass", "nan", "--lowpass: must be a finite number (got nan)"),
+    ("--extend_inimask", "nan", "--extend_inimask: must be a finite number (got nan)"),
+    ("--ini_threshold", "nan", "--ini_threshold: must be a finite number (got nan)"),
+    ("--angpix", "inf", "--angpix: must be a finite number (got inf)"),
+    ("--j", "-4", "--j: the number of threads must be >= 1 (got -4)"),
+])
+def test_bad_option_values_are_refused(blob_map, tmp_path, capsys, option, value, message):
+    path, _ = blob_map
+    assert message in _refused(["--i", str(path), option, value], capsys, tmp_path / "m.mrc")
+
+
+def test_output_folder_is_refused(blob_map, tmp_path, capsys):
+    path, _ = blob_map
+    (tmp_path / "outdir").mkdir()
+    capsys.readouterr()
+    assert main(["mask-create", "--i", str(path), "--o", str(tmp_path / "outdir")]) == 2
+    assert f"{tmp_path / 'outdir'}: is a folder, not a file" in capsys.readouterr().err
+    assert not any((tmp_path / "outdir").iterdir())

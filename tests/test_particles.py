@@ -108,3 +108,14 @@ def test_project_relative_names_read_from_another_folder(small_set, small_images
     (job / "Movies" / "x.mrcs").unlink()
     with pytest.raises(InputError, match="Extract/job018/Movies/x.mrcs not found .* and its parents"):
         ParticleImages(read_particles(job / "particles.star"))
+
+
+def test_header_pixel_size_that_differs_from_the_star_file(small_set, tmp_path):
+    """The STAR file's pixel size is used (as RELION); a stack header that says otherwise is named, once a group."""
+    table = read_particles(small_set / "particles.star")
+    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}"
+                                       for s in table.particles["rlnImageName"]]
+    assert ParticleImages(table).header_pixel_mismatches() == []
+    table.optics["rlnImagePixelSize"] = 3.0
+    lines = ParticleImages(table).header_pixel_mismatches()
+    assert len(lines) == 1 and "rlnImagePixelSize 3 A" in lines[0] and "2.5 A in the header of" in lines[0]

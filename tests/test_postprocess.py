@@ -7,6 +7,8 @@ of mask·noise, so the corrected masked FSC should follow S/(S+N_masked).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -275,3 +277,57 @@ def test_bad_input_exit_2_no_output(maps, tmp_path, capsys, case):
              "both_bfactors": "--auto_bfac"}[case]
     assert named in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _halves(maps, noisy, tmp_path):
+    """run_half1/2 (the noisy halves) and mask.mrc in tmp_path; returns (half1, mask) paths."""
+    _, mask, angpix = maps
+    for k in (1, 2):
+        write_map(tmp_path / f"run_half{k}_class001_unfil.mrc", noisy[f"h{k}"], angpix)
+    write_map(tmp_path / "mask.mrc", mask, angpix)
+    return tmp_path / "run_half1_class001_unfil.mrc", tmp_path / "mask.mrc"
+
+
+@pytest.mark.parametrize("option, value", [("--adhoc_bfac", "nan"), ("--adhoc_bfac", "inf"), ("--low_pass", "nan"),
+                                           ("--angpix", "nan"), ("--mtf_angpix", "inf"), ("--randomize_at_A", "nan"),
+                                           ("--autob_highres", "nan")])
+def test_non_finite_option_values_are_refused(maps, noisy, tmp_path, capsys, option, value):
+    h1, m = _halves(maps, noisy, tmp_path)
+    out = tmp_path / "out" / "pp"
+    assert cli.main(["postprocess", "--i", str(h1), "--mask", str(m), "--o", str(out), option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{option}: must be a finite number (got {value})" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("error")        # numpy overflow warnings fail the test
+def test_overflowing_bfactor_is_refused(maps, noisy, tmp_path, capsys):
+    h1, m = _halves(maps, noisy, tmp_path)
+    out = tmp_path / "out" / "pp"
+    assert cli.main(["postprocess", "--i", str(h1), "--mask", str(m), "--o", str(out), "--adhoc_bfac", "-100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--adhoc_bfac: sharpening with B = -100000 Å²" in err
+    assert "float32 range" in err and not (tmp_path / "out").exists()
+
+
+def test_negative_random_seed_seeds_from_the_clock(maps, noisy, tmp_path, capsys):
+    assert pp.effective_seed(7, 1e9) == 7 and pp.effective_seed(0, 1e9) == 0
+    assert pp.effective_seed(-5, 1712345678.9) == 1712345678
+    h1, m = _halves(maps, noisy, tmp_path)
+    before = int(time.time())
+    assert cli.main(["postprocess", "--i", str(h1), "--mask", str(m), "--o", str(tmp_path / "pp"),
+                     "--random_seed", "-5"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "random seed from the clock" in ln]
+    assert len(lines) == 1
+    seed = int(lines[0].split("clock: ")[1].split()[0])
+    assert before <= seed <= time.time()
+    assert (tmp_path / "pp.mrc").exists()
+
+
+def test_output_that_is_a_folder_is_refused(maps, noisy, tmp_path, capsys):
+    h1, m = _halves(maps, noisy, tmp_path)
+    (tmp_path / "pp.mrc").mkdir()
+    assert cli.main(["postprocess", "--i", str(h1), "--mask", str(m), "--o", str(tmp_path / "pp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'pp.mrc'}: is a folder, not a file" in err
+    assert not (tmp_path / "pp.star").exists()

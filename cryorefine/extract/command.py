@@ -19,14 +19,15 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from cryorefine.errors import InputError, require
-from cryorefine.extract.extraction import ExtractParams, crop_keep, crosses_edge, iter_particles, output_angpix
+from cryorefine.extract.extraction import (ExtractParams, centre_outside, crop_keep, crosses_edge, iter_particles,
+                                           output_angpix)
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
 from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles
@@ -136,16 +137,38 @@ def _pipeline_post(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def _mic_angpix(optics: pd.DataFrame | None, group: int, mic_path: str) -> float:
-    """Micrograph pixel size (A): optics rlnMicrographPixelSize, else rlnMicrographOriginalPixelSize, else header."""
+def _star_mic_angpix(optics: pd.DataFrame | None, group: int) -> tuple[str, float] | None:
+    """(label, A/px) of a group's micrograph pixel size in the optics table: rlnMicrographPixelSize, else
+    rlnMicrographOriginalPixelSize; None when the table gives neither."""
     if optics is not None and "rlnOpticsGroup" in optics:
         row = optics[optics["rlnOpticsGroup"].astype(int) == group]
         for label in ("rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"):
             if len(row) and label in row:
-                return float(row[label].iloc[0])
-    apix = read_header(mic_path).angpix if os.path.exists(mic_path) else 0.0
-    require(apix > 0, f"{mic_path}: no micrograph pixel size (optics table or MRC header)")
-    return apix
+                return label, float(row[label].iloc[0])
+    return None
+
+
+def _pixel_sizes_differ(star_angpix: float, header_angpix: float, tolerance: float = 0.01) -> bool:
+    """The STAR and MRC-header pixel sizes disagree by more than `tolerance` (relative); a header without a
+    pixel size (0) disagrees with nothing."""
+    return header_angpix > 0 and abs(star_angpix - header_angpix) > tolerance * star_angpix
+
+
+def _mic_angpix(optics: pd.DataFrame | None, group: int, mic_path: str, header_angpix: float,
+                star_path: str) -> tuple[float, str | None]:
+    """Micrograph pixel size (A) and, when the STAR value used disagrees with the MRC header, what to warn.
+
+    RELION trusts the STAR file, so we do too; the header only fills in when the optics table has no pixel size.
+    """
+    star = _star_mic_angpix(optics, group)
+    if star is None:
+        require(header_angpix > 0, f"{mic_path}: no micrograph pixel size (optics table or MRC header)")
+        return header_angpix, None
+    label, angpix = star
+    if not _pixel_sizes_differ(angpix, header_angpix):
+        return angpix, None
+    return angpix, (f"{mic_path}: {label} {angpix:g} A/px in {star_path} but {header_angpix:g} A/px in the MRC "
+                    f"header; using {angpix:g} (the STAR file, as RELION does)")
 
 
 @dataclass
@@ -160,6 +183,9 @@ class MicJob:
     coord_x: np.ndarray
     coord_y: np.ndarray
     rows: pd.DataFrame = field(repr=False)
+    source: str = ""                                  # the file the coordinates came from (for messages)
+    source_rows: np.ndarray | None = field(default=None, repr=False)   # their 1-based rows in that file
+    shape: tuple[int, int] = (0, 0)                   # micrograph (ny, nx) from its header
 
 
 @dataclass
@@ -197,8 +223,51 @@ def _particles_for_coordinates(coords: pd.DataFrame, mic_row: pd.Series) -> pd.D
     return t
 
 
+def _recenter_missing_columns(columns, need_angles: bool) -> list[str]:
+    """Columns --recenter reads that a refined-particle table lacks: taken as zeros they would leave every box
+    where it was picked while the job looks re-centred. The angles matter only for a --recenter_x/y/z point."""
+    need = ["rlnOriginXAngst", "rlnOriginYAngst"]
+    if need_angles:
+        need += ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    return [c for c in need if c not in columns]
+
+
+def _subset(job: MicJob, keep: np.ndarray) -> MicJob:
+    """The job with only the particles where `keep` is True (rows, coordinates and source rows together)."""
+    return replace(job, coord_x=job.coord_x[keep], coord_y=job.coord_y[keep],
+                   rows=job.rows[keep].reset_index(drop=True),
+                   source_rows=None if job.source_rows is None else job.source_rows[keep])
+
+
+def _drop_centres_outside(jobs: list[MicJob]) -> tuple[list[MicJob], str | None]:
+    """The jobs without particles whose box centre is off the micrograph, and one warning line (None if none).
+
+    Edge replication turns such a box into a near-constant image (amplified rounding noise after --norm), not a
+    particle; RELION 5 stops with an error on a box wholly outside. Skipping them, counted, keeps the rest of the
+    job; micrographs left without particles get no (empty) stack.
+    """
+    kept: list[MicJob] = []
+    n_out, first = 0, ""
+    for job in jobs:
+        out = centre_outside(job.coord_x, job.coord_y, job.shape)
+        if out.any():
+            if not first:
+                k = int(np.argmax(out))
+                row = f" row {job.source_rows[k]}" if job.source_rows is not None else ""
+                first = (f"{job.source}{row}: x {job.coord_x[k]:g}, y {job.coord_y[k]:g} on {job.path} "
+                         f"({job.shape[1]} x {job.shape[0]} px)")
+            n_out += int(out.sum())
+            job = _subset(job, ~out)
+        if len(job.coord_x):
+            kept.append(job)
+    if not n_out:
+        return kept, None
+    return kept, f"{n_out} particles have their box centre outside the micrograph: not extracted (first: {first})"
+
+
 def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, list[str]]:
-    """Per-micrograph jobs, output optics table, mode name, warnings (nothing is read but STAR files)."""
+    """Per-micrograph jobs, output optics table, mode name, warnings (nothing is read but STAR files and MRC
+    headers)."""
     star = Path(args.i)
     require(star.exists(), f"{args.i}: no such file")
     blocks = read_star(star)
@@ -216,8 +285,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
     warnings: list[str] = []
     stacks: dict[str, str] = {}
 
-    # which boxes on which micrograph
+    # which boxes on which micrograph (table index = 0-based row in the file named in `sources`)
     per_mic: dict[str, pd.DataFrame] = {}
+    sources: dict[str, str] = {}
     if args.reextract_data_star:
         mode = "re-extraction"
         pstar = Path(args.reextract_data_star)
@@ -228,6 +298,13 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         parts, part_optics = table.particles, table.optics
         for label in ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"):
             require(label in parts, f"{args.reextract_data_star}: no {label} column")
+        if args.recenter:
+            point = any(getattr(args, f"recenter_{a}") != 0 for a in "xyz")
+            missing = _recenter_missing_columns(parts.columns, need_angles=point)
+            origin = " (nor rlnOriginX/rlnOriginY)" if any(c.startswith("rlnOrigin") for c in missing) else ""
+            require(not missing, f"{args.reextract_data_star}: no {', '.join(missing)} column{origin} in "
+                                 f"data_particles (--recenter{' --recenter_x/y/z' if point else ''} needs the "
+                                 f"refined {'offsets and angles' if point else 'offsets'})")
         check_table(parts, COORDINATE_RULES, f"{args.reextract_data_star}: data_particles")
         known = set(names)
         orphan = ~parts["rlnMicrographName"].astype(str).isin(known)
@@ -236,6 +313,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         parts = parts[~orphan]
         for name, grp in parts.groupby(parts["rlnMicrographName"].astype(str), sort=False):
             per_mic[name] = grp
+            sources[name] = args.reextract_data_star
     else:
         part_optics = None
         if args.coord_list:
@@ -265,6 +343,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             args._input_files.append(cpath)
             coords = _coordinates_file(cpath)
             per_mic[name] = _particles_for_coordinates(coords, mic_rows.loc[name])
+            sources[name] = cpath
         if n_nofile:
             warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
 
@@ -280,6 +359,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         warnings.append(f"{n_low} coordinates below --minimum_pick_fom {args.minimum_pick_fom:g}: not extracted")
 
     jobs: list[MicJob] = []
+    apix_warning, n_apix_differ = None, 0
     for index, row in mics.reset_index(drop=True).iterrows():
         name = str(row["rlnMicrographName"])
         if name not in per_mic or len(per_mic[name]) == 0:
@@ -291,16 +371,28 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
                 continue
             raise InputError(f"{name}: micrograph file not found (listed in {args.i}; --skip_missing to skip it)")
         group = int(row["rlnOpticsGroup"]) if "rlnOpticsGroup" in row.index else 1
-        angpix = _mic_angpix(mic_optics, group, path)
+        header = read_header(path)       # a few hundred bytes: shape for the outside check, pixel size to compare
+        angpix, differ = _mic_angpix(mic_optics, group, path, header.angpix, args.i)
+        if differ:
+            n_apix_differ += 1
+            apix_warning = apix_warning or differ
         stack = (out / _pipeline_post(name)).with_suffix(".mrcs").as_posix()
         require(stack not in stacks, f"{args.i}: micrographs {stacks.get(stack)} and {name} map to one stack {stack}")
         stacks[stack] = name
         rows = per_mic[name].reset_index(drop=True)
         jobs.append(MicJob(index=int(index), name=name, path=path, stack=stack, angpix=angpix,
                            coord_x=rows["rlnCoordinateX"].to_numpy(float), coord_y=rows["rlnCoordinateY"].to_numpy(float),
-                           rows=rows))
+                           rows=rows, source=sources.get(name, ""), shape=tuple(header.shape[-2:]),
+                           source_rows=per_mic[name].index.to_numpy() + 1))
+    if apix_warning:   # once per run: one cause (a wrong header or STAR value) usually affects every micrograph
+        more = n_apix_differ - 1
+        warnings.append(apix_warning + (f" ({more} more micrograph{'s' if more > 1 else ''} likewise)" if more else ""))
     if part_optics is not None:
         jobs = [_reextract_rows(job, part_optics, args) for job in jobs]
+    jobs, outside = _drop_centres_outside(jobs)     # after --recenter, which moves the boxes
+    if outside:
+        warnings.append(outside)
+    if part_optics is not None:
         optics = _output_optics(part_optics, jobs, args)
     else:
         optics = _output_optics(mic_optics, jobs, args)
@@ -324,6 +416,7 @@ def _reextract_rows(job: MicJob, part_optics: pd.DataFrame, args: argparse.Names
         rows["rlnOriginXAngst"] = 0.0
         rows["rlnOriginYAngst"] = 0.0
     elif args.recenter:
+        # zeros only stand in for unused angles (no --recenter_x/y/z point): _plan requires the columns read
         get = lambda label: rows[label].to_numpy(float) if label in rows else np.zeros(n)  # noqa: E731
         p_part = _part_angpix(part_optics, rows["rlnOpticsGroup"].to_numpy(int), args.reextract_data_star)
         r = recenter(rows["rlnCoordinateX"].to_numpy(float), rows["rlnCoordinateY"].to_numpy(float),
@@ -478,6 +571,10 @@ def _validate(args: argparse.Namespace) -> ExtractParams:
     if args.scale != -1:
         require(args.scale > 0 and args.scale % 2 == 0, f"--scale: must be a positive even number of pixels (got {args.scale})")
     require(not (args.recenter and args.reset_offsets), "--recenter / --reset_offsets: give at most one")
+    for axis in "xyz":   # RELION's GUI writes the point only with --recenter; alone it would be silently unused
+        value = getattr(args, f"recenter_{axis}")
+        require(np.isfinite(value), f"--recenter_{axis}: must be a finite number (got {value:g})")
+        require(args.recenter or value == 0, f"--recenter_{axis} needs --recenter")
     require(not ((args.recenter or args.reset_offsets) and not args.reextract_data_star),
             "--recenter / --reset_offsets: only with --reextract_data_star")
     require(args.j >= 1, f"--j: must be at least 1 (got {args.j})")

@@ -66,6 +66,17 @@ def crosses_edge(coord_x: ArrayLike, coord_y: ArrayLike, box: int, shape: tuple[
     return (x0 < 0) | (y0 < 0) | (x0 + box > nx) | (y0 + box > ny)
 
 
+def centre_outside(coord_x: ArrayLike, coord_y: ArrayLike, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """True where the box centre pixel (int)coord is not a pixel of a micrograph of shape (ny, nx).
+
+    Such a box is mostly (or wholly) edge replication, i.e. no particle; a box holding no micrograph pixel at
+    all (which RELION refuses with an error) always has its centre outside.
+    """
+    cx, cy = box_corners(coord_x, coord_y, 0)       # box 0: the centre pixel itself, same truncation as windowing
+    ny, nx = shape
+    return (cx < 0) | (cy < 0) | (cx >= nx) | (cy >= ny)
+
+
 def window_particles(micrograph: NDArray, coord_x: ArrayLike, coord_y: ArrayLike, box: int) -> NDArray[np.float32]:
     """(n, box, box) boxes with micrograph pixel (int)coord at index box//2; outside pixels = nearest edge pixel."""
     mic = np.asarray(micrograph)

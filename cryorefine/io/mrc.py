@@ -63,7 +63,9 @@ def _open(path: Path, header_only: bool = False):
     _check_exists(path)
     mrc = None
     try:
-        mrc = mrcfile.open(path, mode="r", header_only=header_only)
+        with warnings.catch_warnings():     # e.g. "file is larger than expected": the data block is still whole
+            warnings.simplefilter("ignore")
+            mrc = mrcfile.open(path, mode="r", header_only=header_only)
     except _READ_ERRORS as exc:
         first = exc
     if mrc is None:
@@ -127,11 +129,38 @@ def read_map(path) -> tuple[np.ndarray, float]:
     with _open(path) as mrc:
         data = mrc.data
         require(data is not None, f"{path}: MRC file has no data")
-        require(_plausible(mrc.header), f"{path}: unsupported MRC mode {int(mrc.header.mode)}")
+        require(_plausible(mrc.header), f"{path}: not a readable MRC file (bad sizes {int(mrc.header.nx)} x "
+                                        f"{int(mrc.header.ny)} x {int(mrc.header.nz)} or mode {int(mrc.header.mode)})")
         require(data.ndim in (2, 3), f"{path}: {data.ndim}-D MRC data is not supported")
         angpix = _angpix_from_header(mrc.header)
         out = np.array(data, dtype=np.float32)
+        if out.ndim == 3:
+            out = _in_xyz_order(out, mrc.header, path)
+            _check_cubic_voxels(mrc.header, path)
     return out, angpix
+
+
+def _in_xyz_order(data: np.ndarray, header, path: Path) -> np.ndarray:
+    """A volume stored with other axis orders (mapc, mapr, maps ≠ 1, 2, 3: CCP4 maps from crystallographic programs)
+    as [z, y, x]; RELION ignores the fields and would read such a map transposed."""
+    order = (int(header.mapc), int(header.mapr), int(header.maps))
+    if order == (1, 2, 3) or order == (0, 0, 0):       # 0: an old header that never set them
+        return data
+    require(sorted(order) == [1, 2, 3], f"{path}: bad axis order mapc, mapr, maps = {order} (a permutation of "
+                                        f"1, 2, 3 expected)")
+    # array dims are (section, row, column); `order` names the x (1), y (2) or z (3) axis of each
+    dim_of = {order[0]: 2, order[1]: 1, order[2]: 0}
+    return np.ascontiguousarray(data.transpose(dim_of[3], dim_of[2], dim_of[1]))
+
+
+def _check_cubic_voxels(header, path: Path) -> None:
+    """Refinement maps need one pixel size: x, y and z voxel sizes that differ are an error, not one of them."""
+    sizes = []
+    for cell, n in ((header.cella.x, header.mx), (header.cella.y, header.my), (header.cella.z, header.mz)):
+        if int(n) > 0 and np.isfinite(float(cell)) and float(cell) > 0:
+            sizes.append(float(cell) / int(n))
+    require(len(sizes) < 3 or max(sizes) - min(sizes) <= 1e-3 * max(sizes),
+            f"{path}: voxels are not cubic ({' x '.join(f'{v:.4g}' for v in sizes)} Å); resample the map first")
 
 
 def open_stack(path) -> np.ndarray:

@@ -15,8 +15,13 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError, require
-from cryorefine.io.mrc import open_stack
+from cryorefine.io.mrc import open_stack, read_header
 from cryorefine.io.star import ParticleTable, particle_optics, resolve_image_path
+
+
+# pixel values beyond this are a broken image, not data: their squares summed over a large box's Fourier transform
+# reach float32's 3e38 (counting detectors give < 1e4, normalised images ~1)
+MAX_PIXEL_VALUE = 1e10
 
 
 class ParticleImages:
@@ -30,14 +35,18 @@ class ParticleImages:
         split = names.str.partition("@")
         index_text = np.where(has_at, split[0].to_numpy(dtype=object), "1")
         files = np.where(has_at, split[2].to_numpy(dtype=object), names.to_numpy(dtype=object))
-        try:
-            idx = pd.to_numeric(pd.Series(index_text), errors="raise").to_numpy()
-        except (ValueError, TypeError):
-            bad = next(n for n, t in zip(names, index_text) if not str(t).strip().isdigit())
-            raise InputError(f"{table.path}: bad rlnImageName {bad!r} (expected NNNNNN@stack.mrcs)") from None
+        # plain digits only: to_numeric would take 'inf', '1.5', '+3' or a number beyond int64
+        text = pd.Series(index_text, dtype=object).astype(str).str.strip()
+        digits = text.str.fullmatch(r"\d{1,18}").to_numpy(dtype=bool)
+        if not digits.all():
+            bad = names.iloc[int(np.argmin(digits))]
+            raise InputError(f"{table.path}: bad rlnImageName {bad!r} (expected NNNNNN@stack.mrcs)")
+        idx = text.astype(np.int64).to_numpy()
         require(bool(np.all(idx >= 1)), f"{table.path}: image numbers in rlnImageName start at 1")
         self._index = (idx - 1).astype(np.int64)  # 0-based slice in the stack
         codes, uniques = pd.factorize(pd.Series(files))
+        # a name without NNNNNN@ is a file of one image (RELION); on a stack it would silently be image 1
+        self._bare = {int(c): str(n) for c, n, at in zip(codes, names, has_at) if not at}
         self._stack_id = codes.astype(np.int64)
         star_dir = Path(table.path).resolve().parent if table.path else Path.cwd()
         self._paths = [resolve_image_path(str(f), star_dir) for f in uniques]
@@ -59,6 +68,22 @@ class ParticleImages:
     def stack_path(self, row: int) -> Path:
         """Resolved stack file of one particle."""
         return self._paths[self._stack_id[row]]
+
+    def header_pixel_mismatches(self) -> list[str]:
+        """One line per optics group whose first stack's header pixel size differs by more than 1 % from the STAR
+        file's rlnImagePixelSize (the STAR file's is used, as RELION does; headers of 0 are not compared)."""
+        pix = particle_optics(self.table, "rlnImagePixelSize")
+        groups = self.table.particles["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in self.table.particles \
+            else np.ones(self.nr_particles, np.int64)
+        lines = []
+        for g in pd.unique(groups):
+            row = int(np.argmax(groups == g))
+            head = read_header(self.stack_path(row)).angpix
+            if head > 0 and abs(head - pix[row]) > 0.01 * pix[row]:
+                lines.append(f"optics group {g}: rlnImagePixelSize {pix[row]:g} A in {self.table.path} but "
+                             f"{head:g} A in the header of {self._names[self._stack_id[row]]}; using {pix[row]:g} "
+                             f"(the STAR file's, as RELION)")
+        return lines
 
     def _stack(self, sid: int) -> NDArray:
         """Memory map of stack `sid` (checked against the optics box on first open)."""
@@ -92,6 +117,9 @@ class ParticleImages:
         for sid in pd.unique(sids):
             pos = np.nonzero(sids == sid)[0]
             stack = self._stack(int(sid))
+            if int(sid) in self._bare and stack.shape[0] > 1:
+                raise InputError(f"{self.table.path}: rlnImageName {self._bare[int(sid)]!r} has no image number "
+                                 f"(NNNNNN@), but {self._names[sid]} holds {stack.shape[0]} images")
             idx = self._index[rows[pos]]
             bad = idx >= stack.shape[0]
             if bad.any():
@@ -102,6 +130,11 @@ class ParticleImages:
             if not np.isfinite(imgs).all():
                 k = int(np.nonzero(~np.isfinite(imgs).reshape(len(imgs), -1).all(axis=1))[0][0])
                 raise InputError(f"{self._paths[sid]}: image {int(idx[order][k]) + 1} contains NaN or inf")
+            peak = np.abs(imgs).reshape(len(imgs), -1).max(axis=1)
+            if (peak >= MAX_PIXEL_VALUE).any():
+                k = int(np.argmax(peak >= MAX_PIXEL_VALUE))
+                raise InputError(f"{self._paths[sid]}: image {int(idx[order][k]) + 1} has values up to "
+                                 f"{peak[k]:.3g}, beyond ±{MAX_PIXEL_VALUE:.0e} (its powers would overflow float32)")
             if out is None:
                 out = np.empty((rows.size,) + imgs.shape[1:], dtype=np.float32)
             require(out.shape[1:] == imgs.shape[1:],

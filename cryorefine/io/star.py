@@ -38,7 +38,9 @@ def _read_text(path: Path) -> str:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        return raw.decode("utf-8", errors="replace")
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):     # a Windows editor's UTF-16
+            return raw.decode("utf-16", errors="replace")
+        return raw.decode("utf-8-sig", errors="replace")  # -sig: a byte-order mark is not content
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise InputError(f"{path}: cannot read ({exc})") from None
 
@@ -142,6 +144,10 @@ def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], firs
         df = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=labels, index_col=False,
                          keep_default_na=False, na_values=[], quotechar='"', dtype=None, engine="c")
     except (pd.errors.ParserError, ValueError) as exc:
+        row = _first_bad_row(lines, len(labels))
+        if len(tokenize(lines[row])) != len(labels):
+            raise InputError(f"{path}: data_{name} loop row {row + 1} (line {first_line + row}) does not have "
+                             f"{len(labels)} values") from None
         msg = str(exc).splitlines()[-1] if str(exc) else "unreadable"
         raise InputError(f"{path}: data_{name} loop (from line {first_line}): {msg}") from None
     require(len(df) == len(lines), f"{path}: data_{name} loop (from line {first_line}): unreadable rows")
@@ -471,8 +477,8 @@ def read_particles(path, angpix: float | None = None) -> ParticleTable:
         version = "3.0"
     else:
         version = _file_version(path)
-        require(isinstance(optics, pd.DataFrame) and len(optics) > 0,
-                f"{path}: no data_optics table (RELION 3.1+ files need one)")
+        require(isinstance(optics, pd.DataFrame), f"{path}: no data_optics table (RELION 3.1+ files need one)")
+        require(len(optics) > 0, f"{path}: data_optics is empty (no optics group)")
         optics = optics.reset_index(drop=True)
         require("rlnOpticsGroup" in optics.columns, f"{path}: data_optics has no rlnOpticsGroup column")
         if "rlnOpticsGroup" not in parts.columns:

@@ -21,6 +21,7 @@ import argparse
 import math
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from cryorefine.errors import InputError, require
@@ -109,7 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--offset", dest="sigma_offset", type=float, default=10.0, help="initial offset sigma (A)")
     s.add_argument("--auto_iter_max", type=int, default=999)
     r = p.add_argument_group("computation")
-    r.add_argument("--random_seed", type=int, default=0)
+    r.add_argument("--random_seed", type=int, default=0,
+                   help="seed of the half split and the sampling perturbation (default 0; negative: from the clock, "
+                        "as RELION's -1)")
     r.add_argument("--j", "--threads", dest="threads", type=int, default=0, help="threads (default: all cores)")
     r.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64,
                    help="particles per E-step batch (default 64)")
@@ -268,6 +271,9 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
     blocks = read_star(opt_path)
     gen = blocks.get("optimiser_general")
     require(isinstance(gen, dict), f"{opt_path}: no data_optimiser_general block: not an _optimiser.star file")
+    for label in ("rlnDoAutoRefine", "rlnDoSplitRandomHalves"):     # a classification's file: not ours to go on
+        require(str(gen.get(label, 1)).strip() not in ("0", "0.0", "False", "false"),
+                f"{opt_path}: not a 3D auto-refine run with gold-standard halves (_{label} {gen.get(label)})")
     p = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     add_arguments(p)
     p.add_argument("--pipeline_control", default=None)
@@ -308,6 +314,10 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     """Check the options and turn them into RefineOptions."""
     for name, dest in (("--i", "fn_in"), ("--ref", "fn_ref"), ("--o", "fn_out")):
         require(bool(getattr(args, dest, None)), f"{name}: required (or --continue run_itNNN_optimiser.star)")
+    # a folder would give hidden files `.out`, `_it001_...` in it
+    require(not args.fn_out.endswith(("/", "\\")) and Path(args.fn_out).name not in ("", ".", "..")
+            and not Path(args.fn_out).is_dir(),
+            f"--o {args.fn_out}: an output root such as Refine3D/job019/run is needed, not a folder")
     firstiter_cc = not args.absolute_greyscale if args.firstiter_cc is None else args.firstiter_cc
     if args.absolute_greyscale and args.firstiter_cc:
         raise InputError("--firstiter_cc and --ref_is_absolute_greyscale contradict each other")
@@ -425,6 +435,7 @@ def check_inputs_and_outputs(opts: RefineOptions) -> None:
                                      f"needs at least 2")
     for name, path in (("--ref", opts.fn_ref), ("--solvent_mask", opts.solvent_mask)):
         if path:
+            require(not Path(path).is_dir(), f"{path}: is a folder, not a map ({name})")
             require(Path(path).is_file(), f"{path}: no such file ({name})")
     inputs = [opts.fn_in, opts.fn_ref, opts.solvent_mask, *stacks_named_by(table)]
     if opts.continue_from:
@@ -473,6 +484,9 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.parallel.mpi import get_reducer
     from cryorefine.parallel.threads import default_threads, limit_threads
     reducer = get_reducer()
+    clock = opts.random_seed < 0
+    if clock:   # RELION's -1 (its default): a seed from the clock, rank 0's for every rank (the half split)
+        opts = replace(opts, random_seed=reducer.allgather(int(time.time()) % 2**31)[0])
     threads = default_threads(opts.threads, reducer.local_size)
     limit_threads(threads)
     before = existing(Path(opts.fn_out).parent, Path(opts.fn_out).name)
@@ -486,6 +500,9 @@ def run(args: argparse.Namespace) -> int:
         log.line(f" {opts.command_line}")
         for note in compatibility_notes(args):
             log.line(note)
+        if clock:
+            log.line(f" --random_seed {args.random_seed}: seed {opts.random_seed} from the clock (as RELION); "
+                     f"--random_seed {opts.random_seed} repeats this run")
         check_inputs_and_outputs(opts)
         state = initialise(opts, log, reducer)
         check_half_sets(state.data.subset, opts.fn_in)

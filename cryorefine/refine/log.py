@@ -85,9 +85,11 @@ class RunLog:
         self.line(f" Auto-refine: {text}")
 
     def check_abort(self) -> None:
-        """Raise JobAborted if the RELION pipeliner asked the job to stop (its RELION_JOB_ABORT_NOW file exists)."""
+        """Raise JobAborted if the RELION pipeliner asked the job to stop (its RELION_JOB_ABORT_NOW file exists), and
+        Terminated if a SIGTERM's exception was lost on the way."""
+        from cryorefine.errors import JobAborted, check_termination
+        check_termination()
         if self.abort_file is not None and self.abort_file.exists():
-            from cryorefine.errors import JobAborted
             raise JobAborted(f"{self.abort_file} found")
 
     def _is_terminal(self) -> bool:

@@ -34,7 +34,9 @@ def refresh_report(root: str, log: Callable[[str], None] | None = None, postproc
 
 # The child that redraws the page during a run: lowest CPU priority, one thread, and on SIGTERM a SystemExit, so that
 # an interrupted drawing removes its temporary files (io.atomic) instead of leaving them beside the run.
+# Ctrl-C reaches the whole process group: the child leaves it to the refinement, which stops it with SIGTERM.
 _CHILD_CODE = ("import os, signal, sys; os.nice(19); signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); "
+               "signal.signal(signal.SIGINT, signal.SIG_IGN); "
                "from cryorefine.report import refresh_report; refresh_report(sys.argv[1])")
 _ONE_THREAD = {k: "1" for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 

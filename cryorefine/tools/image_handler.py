@@ -29,6 +29,9 @@ from cryorefine.io.star import read_particles, write_particles
 from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
 
 _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
+FLOAT16_MAX = float(np.finfo(np.float16).max)   # 65504: larger values become inf in an MRC mode-12 file
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+NO_GAIN = 1e-6  # a filter whose largest gain is below this keeps nothing: the output would be 0 everywhere
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,17 +65,55 @@ def rescaled_box(box: int, angpix: float, new_angpix: float) -> int:
     return n - 1 if n % 2 else n
 
 
-def lowpass_gain(n: int, ndim: int, resolution: float, angpix: float, edge_width: int = 2) -> np.ndarray:
-    """RELION lowPassFilterMap gain on the rfft grid: 1 below shell round(N·p/R) − 1, cosine edge to shell + 1."""
+def lowpass_profile(r: np.ndarray, n: int, resolution: float, angpix: float, edge_width: int = 2) -> np.ndarray:
+    """RELION lowPassFilterMap gain at radius r = |k|/N (1/px) of an N-box: 1 below shell round(N·p/R) − w/2,
+    raised-cosine edge to shell + w/2 (w = edge_width), 0 beyond."""
     ires = int(np.floor(n * angpix / resolution + 0.5))
     half = edge_width // 2
     edge_low = max(0.0, (ires - half) / n)
     edge_high = min(n // 2 + 1, (ires + half) / n)
     width = edge_high - edge_low
-    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
-    r = np.sqrt(sum(g * g for g in np.meshgrid(*ks, indexing="ij"))) / n
     return np.where(r < edge_low, 1.0, np.where(r > edge_high, 0.0,
                     0.5 + 0.5 * np.cos(np.pi * (r - edge_low) / max(width, 1e-12))))
+
+
+def lowpass_gain(n: int, ndim: int, resolution: float, angpix: float, edge_width: int = 2) -> np.ndarray:
+    """RELION lowPassFilterMap gain on the rfft grid: 1 below shell round(N·p/R) − 1, cosine edge to shell + 1."""
+    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
+    r = np.sqrt(sum(g * g for g in np.meshgrid(*ks, indexing="ij"))) / n
+    return lowpass_profile(r, n, resolution, angpix, edge_width)
+
+
+def largest_filter_gain(n: int, ndim: int, angpix: float, lowpass: float | None, highpass: float | None,
+                        edge_width: int = 2) -> float:
+    """Largest gain of --lowpass followed by --highpass on an N-box (ndim 2 or 3).
+
+    Evaluated at every radius sqrt(m)/N with m = 0 .. ndim·(N/2)², a superset of the radii the grid holds (|k|² is
+    an integer up to that), so 0 means every Fourier component, hence the whole output, would be 0."""
+    r = np.sqrt(np.arange(ndim * (n // 2) ** 2 + 1, dtype=np.float64)) / n
+    gain = np.ones_like(r)
+    if lowpass is not None:
+        gain *= lowpass_profile(r, n, lowpass, angpix, edge_width)
+    if highpass is not None:
+        gain *= 1.0 - lowpass_profile(r, n, highpass, angpix, edge_width)
+    return float(gain.max())
+
+
+def output_range_error(data: np.ndarray, float16: bool) -> str | None:
+    """Why `data` cannot be written as float32 (or float16 with `float16`), or None if it can.
+
+    The input was checked finite and every step is linear, so a non-finite value can only be a float32 overflow
+    (e.g. a huge --multiply_constant); float16 rounds values beyond 65504 (from 65520 on) to inf."""
+    if not np.isfinite(data).all():
+        return f"the output values exceed the float32 range (largest {FLOAT32_MAX:.4g}); nothing written"
+    if float16:
+        with np.errstate(over="ignore"):    # the overflow is what is tested here, and reported as the error
+            small = np.asarray(data).astype(np.float16)
+        if not np.isfinite(small).all():
+            peak = float(np.abs(data).max())
+            return (f"values up to {peak:.4g} exceed the float16 range (largest {FLOAT16_MAX:g}); drop --float16 or "
+                    f"scale with --multiply_constant; nothing written")
+    return None
 
 
 def fourier_filter(data: np.ndarray, gain: np.ndarray, ndim: int) -> np.ndarray:
@@ -103,29 +144,56 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
     """Low-pass, rescale, re-box one map / image / batch of images (in that order, like RELION)."""
     stack = ndim == 2 and data.ndim == 3
     factor = args.multiply_constant * (-1.0 if args.invert_contrast else 1.0)
-    if factor != 1.0:
-        data = np.asarray(data, dtype=np.float32) * np.float32(factor)
-    if args.lowpass is not None:
-        data = lowpass_map(data, args.lowpass, angpix, ndim, args.filter_edge_width)
-    if args.highpass is not None:
-        data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
-    if new_size is not None:
-        data = resize_fourier(data, new_size, stack=stack)
-    if args.new_box is not None and args.new_box != data.shape[-1]:
-        data = window_real(data, args.new_box, stack=stack)
-    return np.asarray(data, dtype=np.float32)
+    # overflow to inf is allowed here, silently: the caller refuses a non-finite result (output_range_error) with
+    # one error line instead of numpy warnings
+    with np.errstate(over="ignore", invalid="ignore"):
+        if factor != 1.0:       # in float64: a factor beyond float32 (e.g. 1e39) may still give float32 values
+            data = np.asarray(data, dtype=np.float64) * factor
+        if args.lowpass is not None:
+            data = lowpass_map(data, args.lowpass, angpix, ndim, args.filter_edge_width)
+        if args.highpass is not None:
+            data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
+        if new_size is not None:
+            data = resize_fourier(data, new_size, stack=stack)
+        if args.new_box is not None and args.new_box != data.shape[-1]:
+            data = window_real(data, args.new_box, stack=stack)
+        return np.asarray(data, dtype=np.float32)
+
+
+def _writable(out: np.ndarray, dst: Path, float16: bool) -> np.ndarray:
+    """`out`, or InputError naming the output file when its values do not fit the output type."""
+    problem = output_range_error(out, float16)
+    require(problem is None, f"{dst}: {problem}")
+    return out
+
+
+def _check_filters(src: Path, n: int, ndim: int, angpix: float, args, what: str) -> None:
+    """InputError when --lowpass / --highpass together keep no frequency of this N-box (the output would be 0)."""
+    if args.highpass is None:
+        return              # a low-pass alone always keeps the mean
+    if largest_filter_gain(n, ndim, angpix, None, args.highpass, args.filter_edge_width) < NO_GAIN:
+        raise InputError(f"{src}: --highpass {args.highpass:g} Å removes every frequency of this {what} (box {n}, "
+                         f"{angpix:g} Å/px, Nyquist {2 * angpix:g} Å): the output would be 0 everywhere")
+    if largest_filter_gain(n, ndim, angpix, args.lowpass, args.highpass, args.filter_edge_width) < NO_GAIN:
+        raise InputError(f"{src}: --highpass {args.highpass:g} Å with --lowpass {args.lowpass:g} Å keeps no "
+                         f"frequency (the output would be 0 everywhere); the high-pass resolution must be coarser "
+                         f"(more Å) than the low-pass one")
 
 
 def _check_options(args) -> None:
     """Option values that can never work."""
     require(args.stats or bool(args.o), "--o: the output file is required (unless --stats)")
+    # RELION's --stats only prints; an --o beside it would be silently ignored
+    require(not (args.stats and args.o), f"--stats prints statistics; it writes no --o (got --o {args.o})")
+    # before any work: writing would fail at the very end, naming an internal temporary file
+    require(not (args.o and Path(args.o).is_dir()), f"{args.o}: is a folder, not a file")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
     require(bool(np.isfinite(args.multiply_constant)), "--multiply_constant: must be a finite number")
     for opt, val in (("--rescale_angpix", args.rescale_angpix), ("--lowpass", args.lowpass),
                      ("--highpass", args.highpass),
                      ("--force_header_angpix", args.force_header_angpix), ("--angpix", args.angpix)):
         if val is not None:
-            require(val > 0, f"{opt}: must be > 0 (got {val:g})")
+            require(bool(np.isfinite(val)) and val > 0, f"{opt}: must be a finite number > 0 (got {val:g})")
     if args.new_box is not None:
         require(args.new_box > 0 and args.new_box % 2 == 0, f"--new_box: must be a positive even box (got {args.new_box})")
 
@@ -162,6 +230,8 @@ def _run_star(src: Path, dst: Path, args) -> int:
     groups_ = table.optics["rlnOpticsGroup"].to_numpy()
     out_stacks = [dst.with_suffix(".mrcs")] if len(groups_) == 1 else \
         [dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs") for g in groups_]
+    for out in out_stacks:
+        require(not out.is_dir(), f"{out}: is a folder, not a file (the image stack of --o {dst})")
     check_not_inputs([dst, *out_stacks], [src, *stacks_named_by(table)])
     images = ParticleImages(table)
     optics = table.optics.copy()
@@ -177,6 +247,7 @@ def _run_star(src: Path, dst: Path, args) -> int:
             angpix = float(optics["rlnImagePixelSize"].iloc[g_pos])
             box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
             require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
+            _check_filters(src, box, 2, angpix, args, f"optics group {g}")
             new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
             _check_output_fits(src, max(new_size or box, args.new_box or 0, box), 2)
             header_angpix = args.force_header_angpix or out_angpix
@@ -184,7 +255,8 @@ def _run_star(src: Path, dst: Path, args) -> int:
             writer = outputs.enter_context(StackWriter(stack, header_angpix, float16=args.float16))
             per_chunk = max(1, _CHUNK_BYTES // (box * box * 4))
             for start in range(0, rows.size, per_chunk):
-                writer.write(_process(images.read(rows[start:start + per_chunk]), 2, angpix, args, new_size))
+                out = _process(images.read(rows[start:start + per_chunk]), 2, angpix, args, new_size)
+                writer.write(_writable(out, stack, args.float16))
             # the stack as --o names it: relative to the current (project) folder, where RELION looks for it
             names[rows] = [f"{j:06d}@{stack}" for j in range(1, rows.size + 1)]
             optics.loc[optics.index[g_pos], "rlnImageSize"] = int(writer.shape[-1])
@@ -259,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         require(square, f"{src}: {what} is {dims}; a square {'map' if ndim == 3 else 'image'} is needed")
         require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
 
+    _check_filters(src, nx, ndim, angpix, args, what)
     new_size, out_angpix = _new_size(nx, angpix, args, what)
     _check_output_fits(src, max(new_size or nx, args.new_box or 0, nx), ndim)
     header_angpix = args.force_header_angpix if args.force_header_angpix is not None else out_angpix
@@ -270,13 +343,13 @@ def run(args: argparse.Namespace) -> int:
             for start in range(0, images.shape[0], per_chunk):
                 chunk = np.asarray(images[start:start + per_chunk], dtype=np.float32)
                 require(bool(np.isfinite(chunk).all()), f"{src}: images {start + 1}.. contain NaN or inf")
-                w.write(_process(chunk, 2, angpix, args, new_size))
+                w.write(_writable(_process(chunk, 2, angpix, args, new_size), dst, args.float16))
         out_box, count = w.shape[-1], w.count
         desc = f"{count} images of {out_box}x{out_box}"
     else:
         data, _ = read_map(src)
         require(bool(np.isfinite(data).all()), f"{src}: contains NaN or inf")
-        out = _process(data, ndim, angpix, args, new_size)
+        out = _writable(_process(data, ndim, angpix, args, new_size), dst, args.float16)
         write_map(dst, out, header_angpix, float16=args.float16)
         desc = f"{what} of box {out.shape[-1]}"
     print(f"wrote {dst}: {desc}, {header_angpix:.6f} Å/px (input box {nx}, {angpix:g} Å/px)")

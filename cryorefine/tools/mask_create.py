@@ -17,17 +17,21 @@ without --angpix).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from cryorefine.errors import require
+from cryorefine.errors import InputError, require
 from cryorefine.io.mrc import is_stack_path, read_map, write_map
 from cryorefine.validate import check_not_inputs, check_output_folder
 
 COMBINE = {"and_map": "--and", "or_map": "--or", "and_not_map": "--and_not", "or_not_map": "--or_not"}
+# options taken as numbers: nan would pass or skip their tests silently (nan > 0 and nan < 0 are both false)
+NUMBER_OPTIONS = ("ini_threshold", "extend_inimask", "width_soft_edge", "lowpass", "angpix", "inner_radius",
+                  "outer_radius", "center_x", "center_y", "center_z")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,10 +104,38 @@ def crown_mask(box: int, inner: float, outer: float, width: float, centre: tuple
     return out.astype(np.float32)
 
 
+def same_pixel_size(a: float, b: float) -> bool:
+    """Header pixel sizes agree within 0.1 % (0, not set in a header, counts as agreeing)."""
+    return a <= 0 or b <= 0 or abs(a - b) <= 1e-3 * max(a, b)
+
+
+def _check_options(args) -> None:
+    """Option values that can never work, before any file is read."""
+    require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
+    for name in NUMBER_OPTIONS:
+        value = getattr(args, name)
+        require(math.isfinite(value), f"--{name}: must be a finite number (got {value:g})")
+    require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
+    require(args.j >= 1, f"--j: the number of threads must be >= 1 (got {args.j})")
+    # before any work: writing would fail at the very end, naming an internal temporary file
+    require(not Path(args.o).is_dir(), f"{args.o}: is a folder, not a file")
+
+
+def _read_volume(path: str, option: str) -> tuple[NDArray, float]:
+    """The cubic 3D map given to `option` (--i, --and, ...) and its header pixel size; InputError naming the file."""
+    volume, angpix = read_map(path)
+    stack = is_stack_path(path)
+    require(not stack and volume.ndim == 3 and len(set(volume.shape)) == 1,
+            f"{path}: a cubic 3D map is needed (got {'a stack of' if stack else 'shape'} "
+            f"{' x '.join(map(str, volume.shape))}{' images' if stack else ''})")
+    require(bool(np.isfinite(volume).all()),
+            f"{path}: the {'' if option == '--i' else option + ' '}map holds NaN or infinite values")
+    return volume, angpix
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, low-pass, threshold, combine, extend, soften, write (or --denovo: a crown from scratch)."""
-    require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
-    require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
+    _check_options(args)
     check_output_folder(Path(args.o).parent)
     if args.denovo:
         require(args.box_size > 0, "--denovo: give the box size with --box_size")
@@ -111,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
                                                             f"(got {args.inner_radius:g}, {args.outer_radius:g})")
         result = crown_mask(args.box_size, args.inner_radius, args.outer_radius, args.width_soft_edge,
                             (args.center_x, args.center_y, args.center_z))
+        # an empty mask is useless (refine refuses it): say so here rather than write zeros
+        require(bool(np.any(result > 0)),
+                f"--denovo: the mask would be empty: radii {args.inner_radius:g}-{args.outer_radius:g} px (edge "
+                f"{args.width_soft_edge:g} px) around ({args.center_x:g}, {args.center_y:g}, {args.center_z:g}) px "
+                f"from the box centre reach no voxel of the {args.box_size}-px box")
+        require(not args.invert or bool(np.any(result < 1)),
+                "--invert: the de novo mask fills the whole box, so the inverted mask would be empty")
         angpix = args.angpix if args.angpix > 0 else 1.0
         write_map(args.o, 1.0 - result if args.invert else result, angpix)
         print(f"cryorefine mask-create: {args.o}: de novo mask, box {args.box_size}, radii {args.inner_radius:g}-"
@@ -119,13 +158,21 @@ def run(args: argparse.Namespace) -> int:
     require(args.i is not None, "--i: the map to make the mask from is required (or --denovo)")
     others = {dest: getattr(args, dest) for dest in COMBINE if getattr(args, dest)}
     check_not_inputs([args.o], [args.i, *others.values()])
-    volume, header_angpix = read_map(args.i)
-    require(not is_stack_path(args.i) and volume.ndim == 3 and len(set(volume.shape)) == 1,
-            f"{args.i}: a cubic 3D map is needed (got {'a stack of' if is_stack_path(args.i) else 'shape'} "
-            f"{' x '.join(map(str, volume.shape))}{' images' if is_stack_path(args.i) else ''})")
-    require(bool(np.isfinite(volume).all()), f"{args.i}: the map holds NaN or infinite values")
+    volume, header_angpix = _read_volume(args.i, "--i")
     angpix = args.angpix if args.angpix > 0 else header_angpix
     require(angpix > 0, f"{args.i}: no pixel size in the header; give --angpix")
+    # the grid of --i: its header, or --angpix when the header has none
+    grid_angpix = header_angpix if header_angpix > 0 else angpix
+    other_maps = {}
+    for dest, path in others.items():     # all read and checked before any work, as --i is
+        other, other_angpix = _read_volume(path, COMBINE[dest])
+        require(other.shape == volume.shape, f"{path}: {COMBINE[dest]} map has shape {other.shape}, "
+                                             f"{args.i} has {volume.shape}")
+        # voxel-by-voxel combination needs the same grid (as relion_mask_create): the box alone is not enough
+        require(same_pixel_size(other_angpix, grid_angpix),
+                f"{path}: {COMBINE[dest]} map has pixel size {other_angpix:g} Å, {args.i} has {grid_angpix:g} Å: "
+                f"the maps must be on the same grid (resample with cryorefine image-handler --rescale_angpix)")
+        other_maps[dest] = (path, other)
     if args.lowpass > 0:
         from cryorefine.tools.image_handler import lowpass_map
         volume = lowpass_map(volume, args.lowpass, angpix, 3)
@@ -133,15 +180,22 @@ def run(args: argparse.Namespace) -> int:
     require(bool(mask.any()), f"{args.i}: no voxel is at or above --ini_threshold {args.ini_threshold:g} (the map's "
                               f"maximum{' after --lowpass' if args.lowpass > 0 else ''} is {float(volume.max()):.4g}); "
                               f"give a lower threshold")
-    for dest, path in others.items():
-        other, _ = read_map(path)
-        require(other.shape == volume.shape, f"{path}: {COMBINE[dest]} map has shape {other.shape}, "
-                                             f"{args.i} has {volume.shape}")
+    # an empty mask is useless (refine refuses it): each step that can empty it says so rather than write zeros
+    for dest, (path, other) in other_maps.items():
         mask = combined(mask, binary_mask(other, args.ini_threshold), dest)
-    mask = extended(mask, args.extend_inimask)
+        require(bool(mask.any()), f"{path}: the mask would be empty: no voxel at or above --ini_threshold "
+                                  f"{args.ini_threshold:g} is left after {COMBINE[dest]} with this map")
+    grown = extended(mask, args.extend_inimask)
+    if not grown.any():     # only a shrink (negative value) can do this; the depth is computed for the message only
+        depth = float(ndimage.distance_transform_edt(mask).max())
+        raise InputError(f"--extend_inimask {args.extend_inimask:g}: shrinking removes every voxel of the binary mask "
+                         f"of {args.i} (its deepest voxel is {depth:.3g} px inside): the mask would be empty")
+    mask = grown
     result = soft_edge(mask, args.width_soft_edge)
     if args.invert:
         result = 1.0 - result
+        require(bool(np.any(result > 0)),
+                f"--invert: the mask of {args.i} fills the whole box, so the inverted mask would be empty")
     write_map(args.o, result, angpix)
     inside = float(mask.mean())
     print(f"cryorefine mask-create: {args.o}: {100 * inside:.1f} % of the box inside the binary mask, soft edge "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ FSC_THRESHOLD = 0.143
 WEIGHT_CUTOFF = 1e-4        # applyFscWeighting: zero from the first shell with FSC below this
 GUINIER_MISSING = -99.0     # RELION's y value for a shell with no amplitude
 RAND_FSC_WARNING = 0.1      # RELION warns when FSC_rand exceeds this at the resolution shell
+# options taken as numbers: nan passes or skips their tests silently (nan > 0 and nan < 0 are both false)
+NUMBER_OPTIONS = ("angpix", "mtf_angpix", "autob_lowres", "autob_highres", "adhoc_bfac", "low_pass",
+                  "randomize_at_fsc", "randomize_at_A")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +188,11 @@ def mtf_divisors(k2: NDArray, box: int, angpix: float, mtf_res: NDArray, mtf_val
         interp = y0 + (y1 - y0) * (s - x0) / (x1 - x0)
     mtf = np.where(i0 >= n - 1, mtf_val[-1], np.where(i0 <= 0, mtf_val[0], interp))
     return np.where(s < 1.0 / (2.0 * angpix), mtf, 1.0)
+
+
+def effective_seed(seed: int, clock: float) -> int:
+    """RELION's --random_seed: a negative value means "seed from the clock" (time(NULL), whole seconds)."""
+    return seed if seed >= 0 else int(clock)
 
 
 def read_mtf(path: str | Path, mtf_angpix: float) -> tuple[NDArray, NDArray]:
@@ -334,7 +343,10 @@ def sharpen(average: NDArray, fsc_true: NDArray, resolution_A: float,
     elif opts.adhoc_bfac != 0:
         bfactor = opts.adhoc_bfac
     if bfactor != 0:
-        ft *= bfactor_factors(k2, box, p, bfactor)
+        # a huge negative B overflows exp(−B s²/4): allowed here without numpy warnings, because postprocess()
+        # refuses a non-finite map with one error line
+        with np.errstate(over="ignore", invalid="ignore"):
+            ft *= bfactor_factors(k2, box, p, bfactor)
     if opts.auto_bfac or opts.adhoc_bfac != 0:
         columns["rlnLogAmplitudesSharpened"] = guinier_plot(ft, shell, box, p)[1]
     if fit is not None:
@@ -343,9 +355,11 @@ def sharpen(average: NDArray, fsc_true: NDArray, resolution_A: float,
     if opts.low_pass != 0:
         lowpass = opts.low_pass if opts.low_pass > 0 else resolution_A
         if math.isfinite(lowpass):
-            ft *= lowpass_factors(k2, box, p, lowpass, opts.filter_edge_width)
+            with np.errstate(invalid="ignore"):     # inf·0 beyond the low-pass: see the B-factor above
+                ft *= lowpass_factors(k2, box, p, lowpass, opts.filter_edge_width)
     out = sfft.irfftn(ft, s=average.shape, norm="forward", workers=-1)
-    return out.astype(np.float32), float(bfactor), fit, float(lowpass), columns
+    with np.errstate(over="ignore", invalid="ignore"):
+        return out.astype(np.float32), float(bfactor), fit, float(lowpass), columns
 
 
 def postprocess(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: PostprocessOptions) -> PostprocessResult:
@@ -359,6 +373,11 @@ def postprocess(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Post
     shell = int(c["shell"])
     resolution = shell_resolution(shell, box, opts.angpix)
     sharpened, bfactor, fit, lowpass, columns = sharpen(0.5 * (half1 + half2), c["fsc_true"], resolution, opts)
+    # the halves are checked finite, so only the sharpening can have overflowed: never write an inf/NaN map
+    require(bool(np.isfinite(sharpened).all()),
+            f"{'--adhoc_bfac' if fit is None else '--auto_bfac'}: sharpening with B = {bfactor:g} Å² makes the map "
+            f"exceed the float32 range (exp(−B s²/4) = exp({-bfactor / 4 / (2 * opts.angpix) ** 2:.4g}) at "
+            f"Nyquist); give a B-factor of smaller magnitude")
     return PostprocessResult(
         box=box, angpix=opts.angpix, fsc_unmasked=c["fsc_unmasked"], fsc_true=c["fsc_true"], resolution_shell=shell,
         resolution_A=resolution, bfactor=bfactor, sharpened=sharpened, guinier=columns,
@@ -454,6 +473,9 @@ def _same_angpix(a: float, b: float) -> bool:
 
 def _validate_options(args) -> None:
     """Option values that make no sense, before any file is read."""
+    for name in NUMBER_OPTIONS:
+        value = getattr(args, name)
+        require(math.isfinite(value), f"--{name}: must be a finite number (got {value:g})")
     require(not (args.auto_bfac and args.adhoc_bfac != 0), "--auto_bfac: give either --auto_bfac or --adhoc_bfac")
     require(0 < args.randomize_at_fsc < 1, f"--randomize_at_fsc: {args.randomize_at_fsc:g} is not in (0, 1)")
     require(args.autob_lowres > 0, f"--autob_lowres: {args.autob_lowres:g} must be positive")
@@ -461,6 +483,9 @@ def _validate_options(args) -> None:
             f"--autob_highres: {args.autob_highres:g} Å must be finer than --autob_lowres {args.autob_lowres:g} Å")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: {args.filter_edge_width} must be ≥ 0")
     require(bool(str(args.o).strip()), "--o: empty output root")
+    # before any work: writing would fail at the very end, naming an internal temporary file
+    for out in (f"{args.o}.mrc", f"{args.o}_masked.mrc", f"{args.o}.star"):
+        require(not Path(out).is_dir(), f"{out}: is a folder, not a file (an output of --o {args.o})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -498,9 +523,11 @@ def run(args: argparse.Namespace) -> int:
                               auto_bfac=args.auto_bfac, autob_lowres=args.autob_lowres,
                               autob_highres=args.autob_highres, adhoc_bfac=args.adhoc_bfac, low_pass=args.low_pass,
                               skip_fsc_weighting=args.skip_fsc_weighting, filter_edge_width=args.filter_edge_width,
-                              mtf=mtf, seed=args.random_seed)
+                              mtf=mtf, seed=effective_seed(args.random_seed, time.time()))
     print(f"== postprocess: half1 {half1_name}, half2 {half2_name}, box {half1.shape[0]}, {angpix:g} Å/px"
           + (f", mask {args.mask}" if mask is not None else ", no mask"), flush=True)
+    if args.random_seed < 0:    # printed, so that the run can be repeated with this seed
+        print(f"  + random seed from the clock: {opts.seed} (--random_seed {args.random_seed})", flush=True)
     res = postprocess(half1, half2, mask, opts)
     for w in res.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
