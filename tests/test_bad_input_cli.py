@@ -426,6 +426,9 @@ def test_disk_full_or_out_of_memory_is_one_line(small_set, tmp_path, capsys, mon
 def test_reconstruct_subset_must_be_1_or_2(sub, tmp_path, capsys):
     rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3"])
     assert rc == 2 and "--subset" in err and not (tmp_path / "x.mrc").exists()
+    for value in ("nan", "0"):     # nan was silently "the first optics group's"
+        rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--angpix", value])
+        assert rc == 2 and "--angpix: must be a pixel size" in err and not (tmp_path / "x.mrc").exists()
 
 
 def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):

@@ -134,6 +134,8 @@ def test_continue_on_the_command_line_matches_the_uninterrupted_run(uninterrupte
     assert not list(out_b.parent.glob("run_it00[01]_*")), "a continued run must not rewrite earlier iterations"
     opt = read_star(str(out_b) + "_it002_optimiser.star")["optimiser_general"]
     assert opt["rlnCurrentIteration"] == 2
+    # --ref and --ini_high of the command line shape only a new run's start: said so, not silently dropped
+    assert " --ref, --ini_high: not used when continuing" in Path(f"{out_b}.out").read_text()
     # same state to text precision + same per-iteration random numbers -> the same iteration 2
     a = read_particles(str(out_a) + "_it002_data.star").particles
     b = read_particles(str(out_b) + "_it002_data.star").particles

@@ -191,3 +191,16 @@ def test_model_grid_is_the_first_optics_group_of_the_table(small_set, tmp_path):
     assert (data.model_box, data.model_angpix) == (80, 2.0)
     scales = {og.number: og.model_scale for og in data.optics}
     assert scales[2] == pytest.approx(1.0) and scales[1] == pytest.approx(80 * 2.0 / (64 * 2.5))
+
+
+def test_quiet_log_still_shows_warnings(tmp_path, capsys):
+    """--quiet keeps the terminal clean, but a WARNING (an option that is not available, a pixel-size conflict)
+    reaches stderr; a rank without a log file (MPI ranks other than 0) prints nothing."""
+    from cryorefine.refine.log import RunLog
+    log = RunLog(tmp_path / "run.out", quiet=True)
+    log.line(" Iteration 1 took 2 s")
+    log.line(" WARNING: --blush (neural-network regularisation) is not available")
+    RunLog(None, quiet=True).line(" WARNING: from another rank")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "WARNING: --blush (neural-network regularisation) is not available\n"
+    assert (tmp_path / "run.out").read_text().count("\n") == 2

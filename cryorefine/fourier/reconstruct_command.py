@@ -11,6 +11,7 @@ output grid.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -272,6 +273,9 @@ def run(args: argparse.Namespace) -> int:
         symmetry_matrices(args.sym)
     require(args.subset in (-1, 1, 2), f"--subset: must be 1 or 2 (got {args.subset})")
     require(args.maxres == -1.0 or args.maxres > 0, f"--maxres: must be > 0 (got {args.maxres:g})")
+    # nan fails both "> 0" and "<= 0": it would silently mean "the first optics group's"
+    require(math.isfinite(args.angpix) and args.angpix != 0,
+            f"--angpix: must be a pixel size > 0 A, or negative for the first optics group's (got {args.angpix:g})")
     check_output_folder(Path(args.o).parent)
     table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")

@@ -205,6 +205,10 @@ def relion_command_line_defaults(args: argparse.Namespace, given: set[str]) -> l
 def compatibility_notes(args: argparse.Namespace) -> list[str]:
     """One log line per RELION option that was given but means nothing (or is not available) here."""
     notes = []
+    if getattr(args, "_continue_unused", None):
+        names = ", ".join(n.replace("fn_ref", "ref").replace("absolute_greyscale", "ref_is_absolute_greyscale")
+                          for n in args._continue_unused)
+        notes.append(f" {names}: not used when continuing (the run goes on from its iteration's maps and sampling)")
     if getattr(args, "_relion_defaults", None):
         notes.append(" relion_refine's defaults for the options its command line leaves out (a switch left out is "
                      "off): " + " ".join(args._relion_defaults))
@@ -255,6 +259,10 @@ _OPTIMISER_OPTIONS = {
 }
 
 
+# options that only shape a run's start: a continued run goes on from its iteration's maps and sampling
+CONTINUE_UNUSED = ("fn_ref", "healpix_order", "ini_high", "firstiter_cc", "absolute_greyscale")
+
+
 def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
     """Fill the options of a `--continue` run that were not given from the optimiser file of the run.
 
@@ -267,6 +275,7 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
 
     opt_path = Path(args.continue_from)
     require(opt_path.is_file(), f"{opt_path}: no such file (--continue)")
+    args._continue_unused = [f"--{d}" for d in CONTINUE_UNUSED if d in given]
     files = iteration_files(opt_path)
     blocks = read_star(opt_path)
     gen = blocks.get("optimiser_general")

@@ -65,9 +65,11 @@ class RunLog:
                 self._fh = open(self.path, "a", encoding="utf-8")
 
     def line(self, text: str) -> None:
-        """One line of the log."""
+        """One line of the log (with --quiet, a line starting with WARNING still reaches stderr)."""
         if not self.quiet:
             print(text, file=self.stream, flush=True)
+        elif self.path is not None and text.lstrip().startswith("WARNING"):
+            print(text.strip(), file=sys.stderr, flush=True)
         if self._fh:
             self._fh.write(text + "\n")
             self._fh.flush()
