@@ -267,6 +267,14 @@ def test_refine_output_root_that_is_a_folder(sub, small_set, tmp_path, capsys, m
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith((".", "_"))]
 
 
+def test_a_stack_file_as_reference(sub, small_set, tmp_path, capsys):
+    """A .mrcs is a stack of 2D images to RELION (2D references); its 64 'images' were taken for a map."""
+    ref = tmp_path / "ref.mrcs"
+    shutil.copy(small_set / "reference.mrc", ref)
+    rc, err = error_of(capsys, refine_argv(sub, ref, tmp_path / "o" / "run"))
+    assert rc == 2 and "ref.mrcs: a .mrcs file is a stack of 2D images" in err
+
+
 def test_a_folder_as_reference_or_mask(sub, small_set, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     for option in ("--ref", "--solvent_mask"):
@@ -371,6 +379,10 @@ def test_relion30_file_without_pixel_size_needs_angpix(sub, small_set, tmp_path,
     assert main(refine_argv(star, small_set / "reference.mrc", tmp_path / "c" / "run", "--angpix", "2.5")) == 0
     data = read_particles(tmp_path / "c" / "run_it001_data.star")
     assert float(data.optics["rlnImagePixelSize"].iloc[0]) == 2.5 and data.nr_particles == 40
+    assert "--angpix" not in (tmp_path / "c" / "run.out").read_text().split("\n", 2)[2]
+    # a file with optics groups keeps its own pixel size: the option is named as unused, not silently dropped
+    assert main(refine_argv(sub, small_set / "reference.mrc", tmp_path / "d" / "run", "--angpix", "3")) == 0
+    assert " --angpix 3: not used; the optics groups of" in (tmp_path / "d" / "run.out").read_text()
 
 
 @pytest.mark.parametrize("option", [["--rescale_angpix", "1e-9"], ["--new_box", "100000"]])

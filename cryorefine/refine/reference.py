@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from cryorefine.errors import InputError
+from cryorefine.errors import InputError, require
 from cryorefine.fourier.resize import resize_fourier, window_real
-from cryorefine.io.mrc import read_map
+from cryorefine.io.mrc import is_stack_path, read_map
 
 
 def load_reference(path: str, box: int, angpix: float, log) -> NDArray[np.float32]:
     """Read the reference; Fourier-rescale to `angpix` and window to `box` if needed (RELION --trust_ref_size)."""
     vol, ref_angpix = read_map(path)
+    # RELION reads a .mrcs as a stack of 2D images (2D references), never as a map
+    require(not is_stack_path(path), f"{path}: a .mrcs file is a stack of 2D images; the reference must be a 3D map "
+                                     f"(.mrc)")
     if vol.ndim != 3 or len(set(vol.shape)) != 1:
         raise InputError(f"{path}: the reference must be a cubic 3D map, not shape {'x'.join(map(str, vol.shape[::-1]))}")
     n_ref = vol.shape[0]

@@ -73,6 +73,9 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf,
                           angpix=opts.angpix if opts.angpix > 0 else None)
     box, angpix = data.model_box, data.model_angpix
+    if opts.angpix > 0 and data.table.version != "3.0":
+        log.line(f" --angpix {opts.angpix:g}: not used; the optics groups of {opts.fn_in} give the pixel size "
+                 f"({angpix:g} A for the model)")
     opts = resolve_options(opts, box, angpix, opts.fn_in)
     with option_error("--sym"):
         sym_mats = symmetry_matrices(opts.sym)
