@@ -89,6 +89,8 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         mod.add_arguments(p)
         if "pipeline_control" not in {a.dest for a in p._actions}:
             add_pipeline_control(p)
+        # `relion_refine --version` and the like print the version, as RELION's programs do
+        p.add_argument("--version", action="version", version=f"cryorefine {__version__}")
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -144,7 +146,22 @@ def relion_defaults(program: str, args: argparse.Namespace) -> None:
         args._argv = [*args._argv, *args._relion_defaults]
 
 
-def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False) -> None:
+def _say(line: str) -> None:
+    """One line on stderr in one write: MPI ranks writing at once then never run their lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def all_ranks_done() -> None:
+    """Under MPI, wait for every rank before a success marker: a rank still running (or killed) must not find the
+    job marked successful. A rank that died takes the job down here instead. No-op without MPI."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        from cryorefine.parallel.mpi import get_reducer
+        get_reducer().wait_for_all()      # sleeping, not MPICH's spinning barrier, while rank 0 writes the report
+
+
+def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False, aborted: bool = False) -> None:
     """Under MPI with several ranks, end the whole job: a failure only this rank sees (memory, disk, a bug) would
     leave the others waiting in a collective call forever. Input errors need not: every rank validates every
     input and stops at the same line. No-op without MPI."""
@@ -153,7 +170,7 @@ def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False) 
         return
     if show_traceback:
         traceback.print_exc()
-    write_exit_marker(control, False)
+    write_exit_marker(control, False, aborted)
     sys.stdout.flush()
     sys.stderr.flush()
     mpi.COMM_WORLD.Abort(rc)
@@ -205,34 +222,39 @@ def main(argv: list[str] | None = None) -> int:
         rc = int(args._run(args) or 0)
         return rc
     except InputError as exc:
-        print(f"cryorefine {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"cryorefine {args.command}: error: {exc}")
         rc = 2
         return rc
+    # a stop that may reach one MPI rank only (a signal to one process, the abort file seen between collectives):
+    # the others would wait for it forever, so the whole job ends
     except JobAborted as exc:
-        print(f"cryorefine {args.command}: aborted: {exc}", file=sys.stderr)
+        _say(f"cryorefine {args.command}: aborted: {exc}")
         aborted = True
+        end_other_ranks(control, rc, aborted=True)
         return rc
     except KeyboardInterrupt:
-        print(f"cryorefine {args.command}: interrupted", file=sys.stderr)
+        _say(f"cryorefine {args.command}: interrupted")
         rc = 130
+        end_other_ranks(control, rc)
         return rc
     except Terminated:
-        print(f"cryorefine {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        _say(f"cryorefine {args.command}: terminated (SIGTERM)")
         rc = 143
+        end_other_ranks(control, rc)
         return rc
     except BrokenPipeError:          # e.g. `cryorefine image-handler --stats ... | head`
         sys.stderr.close()
         rc = 0
         return rc
     except MemoryError as exc:       # a machine too small for the job is not a bug: one line, not a traceback
-        print(f"cryorefine {args.command}: error: out of memory ({exc or 'an allocation failed'}); use a machine "
-              f"with more memory or a smaller job", file=sys.stderr)
+        _say(f"cryorefine {args.command}: error: out of memory ({exc or 'an allocation failed'}); use a machine "
+             f"with more memory or a smaller job")
         rc = 1
         end_other_ranks(control, rc)
         return rc
     except OSError as exc:           # a disk that fills or goes away during the run
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _say(f"cryorefine {args.command}: error: {where}{exc.strerror or exc}")
         rc = 1
         end_other_ranks(control, rc)
         return rc
@@ -242,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if rc == 0:
+            all_ranks_done()
         write_exit_marker(control, rc == 0, aborted)
 
 

@@ -52,13 +52,13 @@ def request_termination(signum=None, frame=None) -> None:
     """SIGTERM handler: raise Terminated now, and remember it, since an exception raised while Python runs a
     finaliser (__del__) is printed and dropped: check_termination raises it again at the next safe point."""
     _TERMINATION["requested"] = True
-    raise Terminated()
+    raise Terminated("SIGTERM")
 
 
 def check_termination() -> None:
     """Raise Terminated if SIGTERM arrived and its first exception was lost."""
     if _TERMINATION["requested"]:
-        raise Terminated()
+        raise Terminated("SIGTERM")
 
 
 def quiet_after_termination(unraisable) -> None:

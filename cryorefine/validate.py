@@ -151,7 +151,8 @@ def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_b
         for label in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
             require(label in table.optics.columns or label in table.particles.columns,
                     f"{path}: data_optics has no {label} column (needed for CTF correction)")
-        missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c not in table.particles.columns]
+        from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS
+        missing = [c for c in CTF_REQUIRED_COLUMNS if c not in table.particles.columns]
         require(not missing, f"{path}: CTF correction needs column(s) {', '.join(missing)}")
     if need_poses:
         missing = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in table.particles.columns]
@@ -170,7 +171,8 @@ def check_half_sets(subset: NDArray, path: str | Path) -> None:
     require(subset.size >= 2, f"{path}: {subset.size} particle(s); a gold-standard refinement needs at least 2")
     for h in (1, 2):
         require(bool(np.any(subset == h)), f"{path}: half-set {h} has no particles (rlnRandomSubset); both "
-                                           f"half-sets need particles")
+                                           f"half-sets need particles (with very few particles give "
+                                           f"rlnRandomSubset 1 and 2 in the file, or another --random_seed)")
 
 
 def check_map_values(data: NDArray, path: str | Path) -> None:

@@ -435,9 +435,16 @@ def test_disk_full_or_out_of_memory_is_one_line(small_set, tmp_path, capsys, mon
     assert rc == 1 and len(err) == 1 and phrase in err[0], err
 
 
-def test_reconstruct_subset_must_be_1_or_2(sub, tmp_path, capsys):
-    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3"])
-    assert rc == 2 and "--subset" in err and not (tmp_path / "x.mrc").exists()
+def test_reconstruct_subset_other_than_1_or_2_is_all_and_bad_angpix_or_folder_refused(sub, tmp_path, capsys):
+    """RELION: "--subset 1: only half1; 2: only half2; other: reconstruct all"; --pad 2.0 is RELION's number."""
+    assert main(["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3", "--pad", "2.0"]) == 0
+    assert "reconstruct: 40 particles" in capsys.readouterr().err
+    (tmp_path / "x.mrc").unlink()
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--pad", "1.5"])
+    assert rc == 2 and "--pad: must be a positive integer" in err
+    (tmp_path / "dir").mkdir()
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "dir")])
+    assert rc == 2 and "is a folder, not a map file" in err
     for value in ("nan", "0"):     # nan was silently "the first optics group's"
         rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--angpix", value])
         assert rc == 2 and "--angpix: must be a pixel size" in err and not (tmp_path / "x.mrc").exists()

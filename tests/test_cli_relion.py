@@ -582,3 +582,13 @@ def test_negative_numbers_in_exponent_form_are_values():
     args = build_parser("mask-create").parse_args(["mask-create", "--i", "m.mrc", "--o", "x.mrc",
                                                    "--ini_threshold", "-2.5E-3"])
     assert args.ini_threshold == pytest.approx(-2.5e-3)
+
+
+def test_version_of_every_program(capsys, tmp_path):
+    """`relion_refine --version` (and every other program name) prints the version, as RELION's programs do."""
+    from cryorefine import __version__
+    for argv in (["relion_refine", "--version"], ["relion_reconstruct", "--version"], ["postprocess", "--version"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"cryorefine {__version__}"
+    assert main(["relion-names", ""]) == 2 and "give the folder" in capsys.readouterr().err

@@ -126,5 +126,11 @@ def test_params_from_table_uses_optics_groups_and_defaults():
 
 
 def test_params_from_table_missing_defocus():
-    with pytest.raises(InputError, match="my.star.*rlnDefocusV"):
-        ctf_params_from_table(_table(drop=("rlnDefocusV",)))
+    """Only rlnDefocusU is needed: RELION's CTF::readByGroup takes a missing rlnDefocusV as rlnDefocusU and a
+    missing rlnDefocusAngle as 0 (isotropic defocus from other programs)."""
+    with pytest.raises(InputError, match="my.star.*rlnDefocusU"):
+        ctf_params_from_table(_table(drop=("rlnDefocusU",)))
+    full = ctf_params_from_table(_table())
+    p = ctf_params_from_table(_table(drop=("rlnDefocusV", "rlnDefocusAngle")))
+    np.testing.assert_array_equal(p.defocus_v, full.defocus_u)
+    np.testing.assert_array_equal(p.defocus_angle, 0.0)

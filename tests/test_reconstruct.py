@@ -109,10 +109,10 @@ def test_input_errors(small_set, tmp_path, capsys):
     table = read_particles(small_set / "truth.star")
     table.particles["rlnImageName"] = _absolute_names(table.particles["rlnImageName"], small_set)
     no_ctf = tmp_path / "noctf.star"
-    table.particles = table.particles.drop(columns=["rlnDefocusV", "rlnRandomSubset"])
+    table.particles = table.particles.drop(columns=["rlnDefocusU", "rlnRandomSubset"])
     write_particles(no_ctf, table)
     assert _run(["--i", no_ctf, "--ctf", "--o", tmp_path / "x.mrc"]) == 2
-    assert "rlnDefocusV" in capsys.readouterr().err
+    assert "rlnDefocusU" in capsys.readouterr().err
     assert _run(["--i", no_ctf, "--subset", "1", "--o", tmp_path / "x.mrc"]) == 2
     assert "rlnRandomSubset" in capsys.readouterr().err
     assert _run(["--i", small_set / "truth.star", "--sym", "Q7", "--o", tmp_path / "x.mrc"]) == 2

@@ -112,14 +112,14 @@ def test_default_threads_share_the_node_between_its_ranks():
 
 
 FAILING_RANK = '''
-import sys
+import os, signal, sys
 from mpi4py import MPI
 import cryorefine.refine.loop as loop
 from cryorefine.cli import main
 maximization = loop.maximization
 def fail_on_rank_1(*args, **kwargs):
     if MPI.COMM_WORLD.Get_rank() == 1:
-        raise MemoryError("injected on rank 1")
+        FAILURE
     return maximization(*args, **kwargs)
 loop.maximization = fail_on_rank_1
 sys.exit(main(sys.argv[1:]))
@@ -127,17 +127,22 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
-def test_a_failure_on_one_rank_ends_the_job(subset: Path, small_set: Path, tmp_path: Path):
-    """Memory, disk or a bug on one rank only: the job ends with its error line and RELION's failure marker,
+@pytest.mark.parametrize("failure, line", [
+    ('raise MemoryError("injected on rank 1")', "cryorefine refine: error: out of memory (injected on rank 1)"),
+    ("os.kill(os.getpid(), signal.SIGTERM)", "cryorefine refine: terminated (SIGTERM)"),
+], ids=["memory", "sigterm"])
+def test_a_failure_on_one_rank_ends_the_job(subset: Path, small_set: Path, tmp_path: Path, failure, line):
+    """Memory, disk, a bug or a signal on one rank only: the job ends with its line and RELION's failure marker,
     instead of the other ranks waiting for that one in a collective call forever."""
     script = tmp_path / "fail.py"
-    script.write_text(FAILING_RANK)
+    script.write_text(FAILING_RANK.replace("FAILURE", failure))
     cmd = [MPIEXEC, "-n", "2", sys.executable, str(script), *_cmd(subset, small_set / "reference.mrc", "fail/run")[3:],
            "--j", "1", "--pipeline_control", str(tmp_path / "job")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "cryorefine refine: error: out of memory (injected on rank 1)" in r.stderr, r.stderr[-2000:]
+    assert line in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "job" / "RELION_JOB_EXIT_FAILURE").is_file()
+    assert not (tmp_path / "job" / "RELION_JOB_EXIT_SUCCESS").exists()
 
 
 FAILING_MICROGRAPH = '''

@@ -359,3 +359,14 @@ def test_report_redraw_in_a_child_process_writes_the_page(stopped_run: Path, tmp
     r.maybe_refresh(str(tmp_path / "none"), lines.append)
     r.close(lines.append)
     assert len(lines) == 1 and "could not write the report" in lines[0] and "none" in lines[0], lines
+
+
+def test_report_of_a_run_whose_latest_data_star_is_cut_short(stopped_run, tmp_path, capsys):
+    """A _data.star cut short (a copy interrupted, a file still being written) was a KeyError traceback."""
+    d = tmp_path / "cut"
+    shutil.copytree(Path(stopped_run).parent, d)
+    data = d / f"{Path(stopped_run).name}_it002_data.star"
+    data.write_bytes(data.read_bytes()[:200])
+    assert main(["report", str(d / Path(stopped_run).name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "_it002_data.star: no data_particles table" in err[0]

@@ -16,7 +16,10 @@ from cryorefine.errors import InputError
 from cryorefine.fourier.transforms import rfft_freqs_2d
 
 # optional particle columns and the value RELION assumes when they are absent
-_PARTICLE_DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
+_PARTICLE_DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0, "rlnDefocusAngle": 0.0}
+# the one per-particle CTF column that must be there: RELION's CTF::readByGroup takes a missing rlnDefocusV as
+# rlnDefocusU (no astigmatism) and a missing rlnDefocusAngle as 0, as files of other programs often have them
+CTF_REQUIRED_COLUMNS = ("rlnDefocusU",)
 
 
 @dataclass
@@ -60,7 +63,7 @@ def ctf_params_from_table(table, rows: ArrayLike | None = None) -> CtfParams:
 
     parts = table.particles
     name = str(getattr(table, "path", None) or "particles STAR file")
-    missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c not in parts.columns]
+    missing = [c for c in CTF_REQUIRED_COLUMNS if c not in parts.columns]
     if missing:
         raise InputError(f"{name}: no {', '.join(missing)} column (needed for CTF correction)")
     idx = np.arange(len(parts)) if rows is None else np.asarray(rows)
@@ -73,8 +76,10 @@ def ctf_params_from_table(table, rows: ArrayLike | None = None) -> CtfParams:
     def optics(label: str) -> NDArray[np.float64]:
         return np.asarray(particle_optics(table, label), dtype=np.float64)[idx]
 
+    defocus_u = col("rlnDefocusU")
     return CtfParams(
-        defocus_u=col("rlnDefocusU"), defocus_v=col("rlnDefocusV"), defocus_angle=col("rlnDefocusAngle"),
+        defocus_u=defocus_u, defocus_v=col("rlnDefocusV") if "rlnDefocusV" in parts.columns else defocus_u.copy(),
+        defocus_angle=col("rlnDefocusAngle"),
         voltage=optics("rlnVoltage"), cs=optics("rlnSphericalAberration"),
         amplitude_contrast=optics("rlnAmplitudeContrast"),
         phase_shift=col("rlnPhaseShift"), bfactor=col("rlnCtfBfactor"), scale=col("rlnCtfScalefactor"),

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from cryorefine.errors import option_error, require
 from cryorefine.fourier import backprojector as bpmod
 from cryorefine.fourier.aberrations import OpticsModel, demodulate, model_frequencies, optics_ctf
-from cryorefine.fourier.ctf import ctf_params_from_table
+from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS, ctf_params_from_table
 from cryorefine.fourier.filters import phase_shift_2d
 from cryorefine.fourier.transforms import rfft2_centered, rfft_freqs_2d
 
@@ -45,13 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctf", action="store_true", help="apply CTF correction")
     p.add_argument("--ctf_phase_flipped", action="store_true",
                    help="images have been phase flipped (as rlnCtfDataArePhaseFlipped 1 in data_optics)")
-    p.add_argument("--subset", type=int, default=-1, help="1 or 2: only particles with this rlnRandomSubset")
+    p.add_argument("--subset", type=int, default=-1,
+                   help="1 or 2: only particles with this rlnRandomSubset; other values: all (as RELION)")
     p.add_argument("--class", dest="chosen_class", type=int, default=-1,
                    help="only particles with this rlnClassNumber")
     p.add_argument("--maxres", type=float, default=-1.0, help="highest resolution (Å) inserted (default Nyquist)")
     p.add_argument("--angpix", type=float, default=-1.0,
                    help="pixel size of the reconstruction (default: that of the first optics group)")
-    p.add_argument("--pad", type=int, default=2, help="padding factor (default 2)")
+    p.add_argument("--pad", type=float, default=2, help="padding factor (default 2; RELION reads a number, "
+                                                         "a whole one is needed here)")
     p.add_argument("--dont_skip_gridding", action="store_true",
                    help="iterative gridding density compensation instead of the floored division")
     p.add_argument("--iter", type=int, default=GRIDDING_ITER,
@@ -264,14 +266,18 @@ def run(args: argparse.Namespace) -> int:
                                      droppable_particles, stacks_named_by)
 
     t0 = time.perf_counter()
-    require(args.pad >= 1, f"--pad: must be a positive integer, got {args.pad}")
+    require(args.pad >= 1 and float(args.pad).is_integer(), f"--pad: must be a positive integer, got {args.pad:g}")
+    args.pad = int(args.pad)
+    # before the work: the map is written at the very end, and a folder there would fail only then
+    require(not Path(args.o).is_dir(), f"--o {args.o}: is a folder, not a map file")
     require(args.batch >= 1, "--batch: must be positive")
     require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
     from cryorefine.parallel.threads import limit_threads
     limit_threads(args.threads)
     with option_error("--sym"):
         symmetry_matrices(args.sym)
-    require(args.subset in (-1, 1, 2), f"--subset: must be 1 or 2 (got {args.subset})")
+    if args.subset not in (1, 2):      # RELION: "1: only half1; 2: only half2; other: reconstruct all"
+        args.subset = -1
     require(args.maxres == -1.0 or args.maxres > 0, f"--maxres: must be > 0 (got {args.maxres:g})")
     # nan fails both "> 0" and "<= 0": it would silently mean "the first optics group's"
     require(math.isfinite(args.angpix) and args.angpix != 0,
@@ -280,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     table = read_particles(args.i, angpix=args.angpix if args.angpix > 0 else None)
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
-        _require_columns(table, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"], "needed with --ctf")
+        _require_columns(table, list(CTF_REQUIRED_COLUMNS), "needed with --ctf")
     check_particle_table(table, need_ctf=args.ctf, need_poses=True, allow_bad_particles=args.drop_bad_particles)
     check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)

@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
 from cryorefine.fourier.aberrations import OpticsModel, model_ctf
-from cryorefine.fourier.ctf import CtfParams, ctf_params_from_table
+from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS, CtfParams, ctf_params_from_table
 from cryorefine.fourier.filters import coloured_noise, mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
@@ -75,7 +75,7 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     if len(df) == 0:
         raise InputError(f"{path}: the particle table is empty")
     if need_ctf:
-        missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c not in df.columns]
+        missing = [c for c in CTF_REQUIRED_COLUMNS if c not in df.columns]
         if missing:
             raise InputError(f"{path}: CTF correction (--ctf) needs column(s) {', '.join(missing)}")
     images = ParticleImages(table)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryorefine.errors import InputError
+from cryorefine.errors import InputError, require
 from cryorefine.geometry.euler import euler_to_matrix
 from cryorefine.geometry.sampling import angular_step
 from cryorefine.geometry.symmetry import relion_angular_distance_deg, symmetry_matrices
@@ -163,8 +163,11 @@ def input_files(command_line: str) -> dict[str, str]:
 
 
 def pose_arrays(data_star: Path) -> pd.DataFrame:
-    """The particles table of a `_data.star` file."""
-    return read_star(data_star)["particles"]
+    """The particles table of a `_data.star` file (InputError when it has none: a file cut short or still written)."""
+    table = read_star(data_star).get("particles")
+    require(isinstance(table, pd.DataFrame), f"{data_star}: no data_particles table (cut short, or still being "
+                                             f"written?)")
+    return table
 
 
 def pose_changes(old: pd.DataFrame, new: pd.DataFrame, sym: str) -> tuple[np.ndarray, np.ndarray]:

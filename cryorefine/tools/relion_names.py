@@ -42,6 +42,8 @@ def script_text(program: str, python: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Write one script per RELION program; refuse to replace a file that is not one of ours."""
     from cryorefine.cli import RELION_PROGRAMS
+    require(bool(str(args.folder).strip()), "relion-names: give the folder to write the programs into (e.g. "
+                                            "~/cryorefine-bin)")
     folder = Path(args.folder).expanduser()
     check_output_folder(folder)
     for program in RELION_PROGRAMS:
