@@ -94,7 +94,8 @@ def fsc_iterations_figure(curves: Sequence[tuple[int, NDArray, NDArray]], resolu
         ax.plot(final[0], final[1], color="black", lw=2.4, label="final (joined halves)", zorder=3)
     _fsc_axes(ax, resolution_A)
     ax.set_title("Gold-standard FSC between the half maps")
-    ax.legend(fontsize=8, loc="lower left")
+    if ax.get_legend_handles_labels()[1]:       # none before iteration 1: no empty legend (and no warning)
+        ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
