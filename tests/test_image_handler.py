@@ -290,3 +290,41 @@ def test_non_finite_pixel_options_are_refused(tmp_path, capsys, option):
     assert main(["image-handler", "--i", str(tmp_path / "in.mrc"), "--o", str(tmp_path / "o.mrc"), option, "inf"]) == 2
     assert f"{option}: must be a finite number > 0 (got inf)" in _one_error_line(capsys)
     assert not (tmp_path / "o.mrc").exists()
+
+
+def test_mirrors_as_relion(tmp_path):
+    """RELION image_handler: --flipX/Y/Z map index i to N-1-i; --invert_hand maps x to (N-x) mod N (0 stays 0), a
+    mirror about the centre pixel N/2 that keeps a symmetry axis through it where it is. Loops as RELION's."""
+    rng = np.random.default_rng(7)
+    vol = rng.normal(size=(6, 6, 6)).astype(np.float32)
+    write_map(tmp_path / "v.mrc", vol, 2.0)
+    n = 6
+    expect = {"--flipX": np.empty_like(vol), "--flipY": np.empty_like(vol), "--flipZ": np.empty_like(vol),
+              "--invert_hand": np.empty_like(vol)}
+    for k in range(n):
+        for i in range(n):
+            for j in range(n):
+                expect["--flipX"][k, i, j] = vol[k, i, n - 1 - j]
+                expect["--flipY"][k, i, j] = vol[k, n - 1 - i, j]
+                expect["--flipZ"][k, i, j] = vol[n - 1 - k, i, j]
+                expect["--invert_hand"][k, i, j] = vol[k, i, 0 if j == 0 else n - j]
+    for option, want in expect.items():
+        out = tmp_path / f"{option[2:]}.mrc"
+        assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--o", str(out), option]) == 0
+        got, angpix = read_map(out)
+        np.testing.assert_array_equal(got, want, err_msg=option)
+        assert angpix == 2.0
+    # invert_hand twice is the identity
+    again = tmp_path / "twice.mrc"
+    assert main(["image-handler", "--i", str(tmp_path / "invert_hand.mrc"), "--o", str(again), "--invert_hand"]) == 0
+    np.testing.assert_array_equal(read_map(again)[0], vol)
+
+
+def test_mirror_options_that_cannot_work(tmp_path, capsys):
+    write_map(tmp_path / "img.mrc", np.ones((8, 8), np.float32), 1.0)
+    write_map(tmp_path / "v.mrc", np.ones((8, 8, 8), np.float32), 1.0)
+    assert main(["image-handler", "--i", str(tmp_path / "img.mrc"), "--o", str(tmp_path / "o.mrc"), "--flipZ"]) == 2
+    assert "--flipZ: this image is 2D" in capsys.readouterr().err
+    assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--o", str(tmp_path / "o.mrc"), "--flipX",
+                 "--invert_hand"]) == 2
+    assert "--flipX, --invert_hand: give one mirror at a time" in capsys.readouterr().err

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="width of the low/high-pass raised-cosine edge in shells (default 2)")
     parser.add_argument("--multiply_constant", type=float, default=1.0, help="multiply the pixel values by this")
     parser.add_argument("--invert_contrast", action="store_true", help="multiply the pixel values by -1")
+    for axis in "XYZ":
+        parser.add_argument(f"--flip{axis}", dest=f"flip{axis.lower()}", action="store_true",
+                            help=f"mirror in {axis} (index i -> N-1-i){' (3D maps only)' if axis == 'Z' else ''}")
+    parser.add_argument("--invert_hand", action="store_true",
+                        help="invert the hand by mirroring x about the box centre N/2 (index i -> (N-i) mod N), so "
+                             "that the symmetry origin stays where it is")
     parser.add_argument("--stats", action="store_true",
                         help="print per-image statistics (avg, stddev, min, max, pixel size); nothing is written")
     parser.add_argument("--float16", action="store_true", help="write float16 (MRC mode 12)")
@@ -116,6 +122,17 @@ def output_range_error(data: np.ndarray, float16: bool) -> str | None:
     return None
 
 
+def mirrored(data: np.ndarray, flip: str | None) -> np.ndarray:
+    """RELION image_handler's mirrors of the last axes ([z,] y, x): flipX/Y/Z i -> N-1-i; invert_hand x -> (N-x) mod
+    N, a mirror about the centre pixel N/2 that keeps a symmetry axis through it in place. None: unchanged."""
+    if flip is None:
+        return data
+    if flip == "invert_hand":
+        return np.roll(data[..., ::-1], 1, axis=-1)
+    axis = {"x": -1, "y": -2, "z": -3}[flip]
+    return np.flip(data, axis=axis)
+
+
 def fourier_filter(data: np.ndarray, gain: np.ndarray, ndim: int) -> np.ndarray:
     """Multiply the last `ndim` axes' Fourier transform by `gain` (rfft layout)."""
     n = data.shape[-1]
@@ -153,6 +170,7 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
             data = lowpass_map(data, args.lowpass, angpix, ndim, args.filter_edge_width)
         if args.highpass is not None:
             data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
+        data = mirrored(data, _flip(args))       # after the filters, before rescaling: RELION's order
         if new_size is not None:
             data = resize_fourier(data, new_size, stack=stack)
         if args.new_box is not None and args.new_box != data.shape[-1]:
@@ -196,6 +214,16 @@ def _check_options(args) -> None:
             require(bool(np.isfinite(val)) and val > 0, f"{opt}: must be a finite number > 0 (got {val:g})")
     if args.new_box is not None:
         require(args.new_box > 0 and args.new_box % 2 == 0, f"--new_box: must be a positive even box (got {args.new_box})")
+    flips = [f"--{n}" for n, v in (("flipX", args.flipx), ("flipY", args.flipy), ("flipZ", args.flipz),
+                                   ("invert_hand", args.invert_hand)) if v]
+    # RELION applies only the first of them (an else-if chain), silently: one at a time here
+    require(len(flips) <= 1, f"{', '.join(flips)}: give one mirror at a time")
+
+
+def _flip(args) -> str | None:
+    """The one mirror asked for (--flipX, --flipY, --flipZ or --invert_hand), or None."""
+    names = {"flipx": "x", "flipy": "y", "flipz": "z", "invert_hand": "invert_hand"}
+    return next((flip for dest, flip in names.items() if getattr(args, dest, False)), None)
 
 
 def _new_size(box: int, angpix: float, args, what: str) -> tuple[int | None, float]:
@@ -248,6 +276,7 @@ def _run_star(src: Path, dst: Path, args) -> int:
             box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
             require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
             _check_filters(src, box, 2, angpix, args, f"optics group {g}")
+            require(not args.flipz, f"{src}: --flipZ: particle images are 2D; only a 3D map has a z to mirror")
             new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
             _check_output_fits(src, max(new_size or box, args.new_box or 0, box), 2)
             header_angpix = args.force_header_angpix or out_angpix
@@ -332,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
         require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
 
     _check_filters(src, nx, ndim, angpix, args, what)
+    require(not (args.flipz and ndim == 2), f"{src}: --flipZ: this {what} is 2D; only a 3D map has a z to mirror")
     new_size, out_angpix = _new_size(nx, angpix, args, what)
     _check_output_fits(src, max(new_size or nx, args.new_box or 0, nx), ndim)
     header_angpix = args.force_header_angpix if args.force_header_angpix is not None else out_angpix
