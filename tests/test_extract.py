@@ -419,12 +419,12 @@ def _warnings(text: str) -> list[str]:
     return [line for line in text.splitlines() if "warning:" in line]
 
 
-def test_centre_outside_uses_the_box_centre_pixel():
-    """(int)coord off the (ny, nx) micrograph, with the truncation of the windowing (-0.5 -> pixel 0, inside)."""
-    cx = np.array([0.0, -0.5, -1.0, 149.9, 150.0, 5000.0, 75.0, 75.0])
-    cy = np.array([0.0, 10.0, 10.0, 60.0, 60.0, 5000.0, 119.5, 120.0])
-    from cryorefine.extract.extraction import centre_outside
-    assert centre_outside(cx, cy, (120, 150)).tolist() == [False, False, True, False, True, True, False, True]
+def test_wholly_outside_means_no_pixel_of_the_box_on_the_micrograph():
+    """RELION's test: x0 = (int)x - box/2, xF = x0 + box - 1; outside when xF < 0 or x0 >= nx (same for y)."""
+    cx = np.array([0.0, -15.9, -16.0, -17.0, 165.9, 166.0, 75.0, 5000.0])
+    cy = np.array([0.0, 10.0, 10.0, 10.0, 60.0, 60.0, 135.9, 5000.0])
+    from cryorefine.extract.extraction import wholly_outside
+    assert wholly_outside(cx, cy, 32, (120, 150)).tolist() == [False, False, True, True, False, True, False, True]
 
 
 def _add_coordinates(tmp: Path, mic: int, rows: list[tuple[float, float]], replace: bool = False) -> None:
@@ -435,44 +435,34 @@ def _add_coordinates(tmp: Path, mic: int, rows: list[tuple[float, float]], repla
     starfile.write({"": new if replace else pd.concat([old, new], ignore_index=True)}, path, overwrite=True)
 
 
-def test_boxes_centred_off_the_micrograph_are_skipped_with_one_warning(tmp_path, monkeypatch, capsys):
-    """A box centred off the micrograph (5000, 5000 or -50, -50 on 200 x 160) is no particle: it is in neither the
-    stacks nor particles.star, one warning gives the count and the first file/row; a micrograph left without
-    particles gets no stack. Boxes centred inside but crossing the edge are still filled and counted."""
+def test_boxes_off_the_micrograph_as_relion(tmp_path, monkeypatch, capsys):
+    """A box holding no micrograph pixel (5000, 5000 on 200 x 160) stops the job with one line naming the file and
+    row, as RELION's "lies completely outside micrograph"; a box centred off the micrograph that still overlaps it
+    (-10, -10; x 200 = nx) is extracted with edge replication, as RELION does."""
     star = _synthetic_project(tmp_path)
-    _add_coordinates(tmp_path, 0, [(5000.0, 5000.0), (-50.0, -50.0)])          # rows 5 and 6 of m0
-    _add_coordinates(tmp_path, 1, [(-50.0, -50.0), (200.0, 80.0)], replace=True)   # all outside (x 200 = nx)
+    _add_coordinates(tmp_path, 0, [(-10.0, -10.0), (200.0, 80.0)])          # rows 5 and 6 of m0: overlapping
     assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
-                "--norm", "--o", "Extract/job001/") == 0
-    captured = capsys.readouterr()
-    warnings = _warnings(captured.err)
-    assert len(warnings) == 1, captured.err
-    assert "4 particles have their box centre outside the micrograph" in warnings[0]
-    assert "Micrographs/m0_pick.star row 5" in warnings[0] and "x 5000, y 5000" in warnings[0]
-    assert "3 filled by edge replication" in captured.out
-    star_out = tmp_path / "Extract/job001/particles.star"
-    parts = starfile.read(star_out)["particles"]
-    assert parts["rlnCoordinateX"].tolist() == [100.0, 5.0, 199.0, 100.0]
-    assert not (tmp_path / "Extract/job001/Micrographs/m1.mrcs").exists()
-    images = _stack(star_out)
-    assert images.shape == (4, 32, 32) and mrcfile.read(tmp_path / "Extract/job001/Micrographs/m0.mrcs").shape[0] == 4
-    assert images.reshape(4, -1).std(axis=1).min() > 0.5      # no constant (or normalised rounding-noise) box
+                "--o", "Extract/job001/") == 0
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    assert {-10.0, 200.0} <= set(parts["rlnCoordinateX"].tolist())
+    _add_coordinates(tmp_path, 0, [(5000.0, 5000.0)])                       # row 7: wholly outside
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--o", "Extract/job002/") == 2
+    err = _error_line(capsys)
+    assert "Micrographs/m0_pick.star row 7" in err and "lies completely outside" in err
+    assert not (tmp_path / "Extract/job002").exists()
 
 
 def test_recentred_box_off_the_micrograph_names_the_particle_row(mics_set, tmp_path, monkeypatch, capsys):
-    """Re-extraction: the row of the refined STAR file is named; the other 799 particles are extracted."""
+    """Re-extraction: the row of the refined STAR file is named."""
     table = starfile.read(mics_set / "particles_mic_refined.star")
     table["particles"].loc[2, ["rlnCoordinateX", "rlnCoordinateY"]] = [5000.0, -40.0]
     refined = tmp_path / "refined.star"
     starfile.write(table, refined, overwrite=True)
     assert _run(tmp_path, monkeypatch, "--i", f"{mics_set}/micrographs_ctf.star", "--reextract_data_star",
-                str(refined), "--recenter", "--extract_size", "64", "--o", "Extract/job001/") == 0
-    warnings = _warnings(capsys.readouterr().err)
-    assert len(warnings) == 1 and "1 particles have their box centre outside" in warnings[0]
-    assert f"{refined} row 3" in warnings[0]
-    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
-    assert len(parts) == 799 and len(_stack(tmp_path / "Extract/job001/particles.star")) == 799
-    assert (parts["rlnCoordinateX"] < 1024).all()
+                str(refined), "--recenter", "--extract_size", "64", "--o", "Extract/job001/") == 2
+    err = _error_line(capsys)
+    assert f"{refined} row 3" in err and "lies completely outside" in err
 
 
 def test_star_pixel_size_used_but_a_different_header_warned_once(tmp_path, monkeypatch, capsys):
@@ -518,3 +508,46 @@ def test_recenter_without_offsets_is_an_error(mics_set, tmp_path, monkeypatch, c
     err = _error_line(capsys)
     assert str(refined) in err and all(label in err for label in named)
     assert not (tmp_path / "Extract").exists()
+
+
+def test_minimum_pick_fom_keeps_only_larger_values(tmp_path, monkeypatch, capsys):
+    """RELION keeps a coordinate when rlnAutopickFigureOfMerit > --minimum_pick_fom (strictly)."""
+    star = _synthetic_project(tmp_path, n_mics=1)
+    path = tmp_path / "Micrographs/m0_pick.star"
+    coords = starfile.read(path)
+    coords["rlnAutopickFigureOfMerit"] = [0.2, 0.5, 0.7, 0.9]
+    starfile.write({"": coords}, path, overwrite=True)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--minimum_pick_fom", "0.5", "--o", "Extract/job001/") == 0
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    assert sorted(parts["rlnAutopickFigureOfMerit"].tolist()) == [0.7, 0.9]
+
+
+def test_reextraction_matches_micrographs_after_the_job_folder(mics_set, tmp_path, monkeypatch, capsys):
+    """Particles refined from MotionCorr/job002's micrographs, re-extracted from another job's (RELION matches the
+    name after the job folder): every particle found, named as the micrograph STAR names it."""
+    table = starfile.read(mics_set / "particles_mic_refined.star")
+    table["particles"]["rlnMicrographName"] = "MotionCorr/job002/" + table["particles"]["rlnMicrographName"]
+    refined = tmp_path / "refined.star"
+    starfile.write(table, refined, overwrite=True)
+    assert _run(tmp_path, monkeypatch, "--i", f"{mics_set}/micrographs_ctf.star", "--reextract_data_star",
+                str(refined), "--extract_size", "64", "--o", "Extract/job001/") == 0
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    assert len(parts) == len(table["particles"])
+    assert not parts["rlnMicrographName"].str.startswith("MotionCorr").any()
+
+
+def test_white_dust_removed_with_norm(tmp_path, monkeypatch, capsys):
+    """--norm --white_dust 5 replaces a hot pixel (RELION's removeDust inside normalise); without it the pixel stays."""
+    star = _synthetic_project(tmp_path, n_mics=1)
+    with mrcfile.open(tmp_path / "Micrographs/m0.mrc", "r+") as mrc:
+        data = mrc.data.copy()
+        data[80, 102] = 500.0                        # inside the box at (100, 80)
+        mrc.set_data(data)
+    common = ["--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32", "--norm"]
+    assert _run(tmp_path, monkeypatch, *common, "--o", "Extract/job001/") == 0
+    assert _run(tmp_path, monkeypatch, *common, "--white_dust", "5", "--o", "Extract/job002/") == 0
+    plain = _stack(tmp_path / "Extract/job001/particles.star")
+    clean = _stack(tmp_path / "Extract/job002/particles.star")
+    assert plain[0].max() > 100 and clean[0].max() < 8
+    np.testing.assert_allclose(clean[1:], plain[1:], atol=1e-5)     # boxes without dust: the same images

@@ -142,3 +142,42 @@ def test_normalise_background_removes_ramp():
     np.testing.assert_allclose(out[:, bg].std(axis=1), 1.0, atol=1e-5)
     # the plane is gone: the background correlates with x no more
     assert abs(np.corrcoef(out[0][bg], xx[bg])[0, 1]) < 1e-4
+
+
+def test_phase_randomisation_starts_at_the_radius_not_the_rounded_shell():
+    """RELION's randomizePhasesBeyond keeps every component with |k|² < r² (half of shell r keeps its phases); the
+    amplitudes are kept everywhere."""
+    from cryorefine.fourier.fsc import randomise_phases_beyond
+    from cryorefine.fourier.transforms import freq_radius
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(16, 16, 16))
+    out = randomise_phases_beyond(vol, 5, np.random.default_rng(4))
+    # the kx = 0 and Nyquist planes hold Hermitian pairs randomised independently: the real map keeps their
+    # symmetric part (as FFTW's c2r does for RELION), so compare the planes in between
+    a, b = np.fft.rfftn(vol)[..., 1:-1], np.fft.rfftn(out)[..., 1:-1]
+    k = freq_radius(vol.shape)[..., 1:-1]
+    np.testing.assert_allclose(np.abs(b), np.abs(a), rtol=1e-9, atol=1e-9)
+    kept = k < 5
+    assert kept.sum() > 0 and ((k >= 4.5) & (k < 5)).any()
+    np.testing.assert_allclose(b[kept], a[kept], rtol=1e-9, atol=1e-9)
+    changed = np.abs(np.angle(b[~kept] / a[~kept]))
+    assert np.mean(changed > 1e-6) > 0.95
+
+
+def test_dust_removal_as_relion():
+    """removeDust: exactly the pixels more than k background σ above (white) or below (black) the background mean
+    are replaced, by draws from N(mean, σ²); the others are kept."""
+    rng = np.random.default_rng(5)
+    flat = rng.normal(0.0, 1.0, size=(3, 4000))
+    flat[0, 10], flat[1, 20], flat[2, 30] = 40.0, -40.0, 6.0
+    mean, std = flat.mean(axis=1, keepdims=True), flat.std(axis=1, keepdims=True)
+    out = filters.remove_dust(flat, mean, std, 5.0, -1.0, np.random.default_rng(1))
+    white = flat - mean > 5.0 * std
+    assert white[0, 10] and white[2, 30] and not white[1, 20]
+    np.testing.assert_array_equal(out[~white], flat[~white])
+    assert np.all(np.abs(out[white] - mean[np.nonzero(white)[0], 0]) < 5.0 * std[np.nonzero(white)[0], 0])
+    both = filters.remove_dust(flat, mean, std, 5.0, 5.0, np.random.default_rng(1))
+    assert abs(both[1, 20]) < 5.0 and np.array_equal(both[0, :10], flat[0, :10])
+    draws = filters.remove_dust(np.full((1, 20000), 9.0), np.zeros((1, 1)), np.full((1, 1), 2.0), 1.0, -1.0,
+                                np.random.default_rng(2))
+    assert abs(draws.mean()) < 0.05 and abs(draws.std() - 2.0) < 0.05

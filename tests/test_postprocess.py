@@ -184,6 +184,9 @@ def test_auto_bfactor_cli_and_star(maps, tmp_path, capsys):
                   "rlnFittedInterceptGuinierPlot", "rlnCorrelationFitGuinierPlot"):
         assert label in general
     assert str(np.ravel(general["rlnUnfilteredMapHalf2"])[0]).endswith("run_half2_class001_unfil.mrc")
+    # RELION's f = 0.476 / (fraction of the box inside the mask), which CTF refinement and polishing read too
+    assert float(np.ravel(general["rlnParticleBoxFractionSolventMask"])[0]) == pytest.approx(
+        0.476 / float(np.mean(mask > 0.5)), rel=1e-5)
     fsc_table = star["fsc"]
     assert len(fsc_table) == 33 and list(fsc_table["rlnSpectralIndex"]) == list(range(33))
     for label in ("rlnResolution", "rlnAngstromResolution", "rlnFourierShellCorrelationCorrected",

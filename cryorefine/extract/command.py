@@ -8,7 +8,7 @@ Relative micrograph and coordinate paths are looked up in the current folder fir
 input STAR file.
 
 relion_preprocess spellings are accepted as the RELION 5 GUI writes them: --part_dir (= --o), --part_star
-(default <part_dir>/particles.star), --extract, --pick_star, --white_dust/--black_dust (negative = off),
+(default <part_dir>/particles.star), --extract, --pick_star, --white_dust/--black_dust (with --norm; negative = off),
 --minimum_pick_fom, --only_do_unfinished.
 """
 
@@ -19,14 +19,14 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from cryorefine.errors import InputError, require
-from cryorefine.extract.extraction import (ExtractParams, centre_outside, crop_keep, crosses_edge, iter_particles,
+from cryorefine.extract.extraction import (ExtractParams, crop_keep, crosses_edge, iter_particles, wholly_outside,
                                            output_angpix)
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
@@ -77,9 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--skip_outside", action="store_true", help="drop particles whose box crosses the edge")
     ex.add_argument("--skip_missing", action="store_true", help="warn and skip micrographs that are missing")
     ex.add_argument("--white_dust", type=float, default=-1.0,
-                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+                    help="with --norm: replace pixels more than this many background sigma above the background "
+                         "mean by Gaussian noise (RELION's dust removal; negative = off, the GUI default)")
     ex.add_argument("--black_dust", type=float, default=-1.0,
-                    help="RELION dust removal (negative = off, the GUI default; positive values are not available)")
+                    help="with --norm: the same for pixels below the mean (negative = off)")
     ex.add_argument("--minimum_pick_fom", type=float, default=None,
                     help="only coordinates with rlnAutopickFigureOfMerit >= this value")
     ex.add_argument("--skip_nonfinite", action="store_true",
@@ -138,13 +139,13 @@ def _pipeline_post(name: str) -> PurePosixPath:
 
 
 def _star_mic_angpix(optics: pd.DataFrame | None, group: int) -> tuple[str, float] | None:
-    """(label, A/px) of a group's micrograph pixel size in the optics table: rlnMicrographPixelSize, else
-    rlnMicrographOriginalPixelSize; None when the table gives neither."""
+    """(label, A/px) of a group's micrograph pixel size in the optics table (rlnMicrographPixelSize, as RELION); None
+    when the table gives none (the MRC header's is used then)."""
     if optics is not None and "rlnOpticsGroup" in optics:
         row = optics[optics["rlnOpticsGroup"].astype(int) == group]
-        for label in ("rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"):
-            if len(row) and label in row:
-                return label, float(row[label].iloc[0])
+        # not rlnMicrographOriginalPixelSize: for micrographs binned in motion correction that is the movies'
+        if len(row) and "rlnMicrographPixelSize" in row:
+            return "rlnMicrographPixelSize", float(row["rlnMicrographPixelSize"].iloc[0])
     return None
 
 
@@ -232,37 +233,37 @@ def _recenter_missing_columns(columns, need_angles: bool) -> list[str]:
     return [c for c in need if c not in columns]
 
 
-def _subset(job: MicJob, keep: np.ndarray) -> MicJob:
-    """The job with only the particles where `keep` is True (rows, coordinates and source rows together)."""
-    return replace(job, coord_x=job.coord_x[keep], coord_y=job.coord_y[keep],
-                   rows=job.rows[keep].reset_index(drop=True),
-                   source_rows=None if job.source_rows is None else job.source_rows[keep])
+def _after_job_folder(name: str) -> str:
+    """The part of a pipeline file name after its `Job/jobNNN/` folder (the whole name when it has none)."""
+    m = re.search(r"(?:^|/)job\d+/(.+)$", name)
+    return m.group(1) if m else name
 
 
-def _drop_centres_outside(jobs: list[MicJob]) -> tuple[list[MicJob], str | None]:
-    """The jobs without particles whose box centre is off the micrograph, and one warning line (None if none).
+def _micrograph_names(particle_mics: pd.Series, names: list[str]) -> pd.Series:
+    """Each particle's micrograph as the micrograph STAR names it. RELION matches a re-extraction's particles by the
+    micrograph's name after its job folder (preprocessing.cpp), so particles refined from MotionCorr/job002 are
+    re-extracted from the same movies' MotionCorr/job010 micrographs; exact names first."""
+    known = set(names)
+    by_tail: dict[str, str | None] = {}
+    for name in names:
+        tail = _after_job_folder(name)
+        by_tail[tail] = name if tail not in by_tail else None       # ambiguous tails match nothing
+    tails = particle_mics.map(_after_job_folder)
+    mapped = tails.map(lambda t: by_tail.get(t) or "")
+    return particle_mics.where(particle_mics.isin(known) | (mapped == ""), mapped)
 
-    Edge replication turns such a box into a near-constant image (amplified rounding noise after --norm), not a
-    particle; RELION 5 stops with an error on a box wholly outside. Skipping them, counted, keeps the rest of the
-    job; micrographs left without particles get no (empty) stack.
-    """
-    kept: list[MicJob] = []
-    n_out, first = 0, ""
+
+def _check_boxes_overlap(jobs: list[MicJob], box: int) -> None:
+    """InputError naming the first particle whose box holds no micrograph pixel, as RELION stops the job ("lies
+    completely outside micrograph"); a box that overlaps the micrograph is extracted with edge replication."""
     for job in jobs:
-        out = centre_outside(job.coord_x, job.coord_y, job.shape)
+        out = wholly_outside(job.coord_x, job.coord_y, box, job.shape)
         if out.any():
-            if not first:
-                k = int(np.argmax(out))
-                row = f" row {job.source_rows[k]}" if job.source_rows is not None else ""
-                first = (f"{job.source}{row}: x {job.coord_x[k]:g}, y {job.coord_y[k]:g} on {job.path} "
-                         f"({job.shape[1]} x {job.shape[0]} px)")
-            n_out += int(out.sum())
-            job = _subset(job, ~out)
-        if len(job.coord_x):
-            kept.append(job)
-    if not n_out:
-        return kept, None
-    return kept, f"{n_out} particles have their box centre outside the micrograph: not extracted (first: {first})"
+            k = int(np.argmax(out))
+            row = f" row {job.source_rows[k]}" if job.source_rows is not None else ""
+            raise InputError(f"{job.source}{row}: the {box}-px box at x {job.coord_x[k]:g}, y {job.coord_y[k]:g} "
+                             f"lies completely outside {job.path} ({job.shape[1]} x {job.shape[0]} px)"
+                             + (f" ({int(out.sum())} such particles on it)" if out.sum() > 1 else ""))
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, list[str]]:
@@ -306,6 +307,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
                                  f"data_particles (--recenter{' --recenter_x/y/z' if point else ''} needs the "
                                  f"refined {'offsets and angles' if point else 'offsets'})")
         check_table(parts, COORDINATE_RULES, f"{args.reextract_data_star}: data_particles")
+        parts = parts.assign(rlnMicrographName=_micrograph_names(parts["rlnMicrographName"].astype(str), names))
         known = set(names)
         orphan = ~parts["rlnMicrographName"].astype(str).isin(known)
         if orphan.any():
@@ -353,7 +355,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             require("rlnAutopickFigureOfMerit" in t, f"--minimum_pick_fom: the coordinates of {name} have no "
                                                    f"rlnAutopickFigureOfMerit column")
             fom = pd.to_numeric(t["rlnAutopickFigureOfMerit"], errors="coerce").to_numpy(float)
-            ok = fom >= args.minimum_pick_fom
+            ok = fom > args.minimum_pick_fom        # RELION keeps fom > the minimum (preprocessing.cpp)
             n_low += int((~ok).sum())
             per_mic[name] = t[ok]
         warnings.append(f"{n_low} coordinates below --minimum_pick_fom {args.minimum_pick_fom:g}: not extracted")
@@ -389,9 +391,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         warnings.append(apix_warning + (f" ({more} more micrograph{'s' if more > 1 else ''} likewise)" if more else ""))
     if part_optics is not None:
         jobs = [_reextract_rows(job, part_optics, args) for job in jobs]
-    jobs, outside = _drop_centres_outside(jobs)     # after --recenter, which moves the boxes
-    if outside:
-        warnings.append(outside)
+    _check_boxes_overlap(jobs, args.extract_size)     # after --recenter, which moves the boxes
     if part_optics is not None:
         optics = _output_optics(part_optics, jobs, args)
     else:
@@ -518,7 +518,8 @@ def _extract_boxes(job: MicJob, params: ExtractParams, float16: bool, reuse: boo
         rows = np.nonzero(keep)[0]
         chunk = 256
         with StackWriter(job.stack, angpix, float16=float16) as stack:
-            for k, images in enumerate(iter_particles(mic, job.coord_x[keep], job.coord_y[keep], params, chunk)):
+            for k, images in enumerate(iter_particles(mic, job.coord_x[keep], job.coord_y[keep], params, chunk,
+                                                      stream=job.index)):
                 ok = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
                 if not ok.all():
                     bad = rows[k * chunk:k * chunk + len(images)][~ok]
@@ -556,8 +557,8 @@ def compatibility_notes(args: argparse.Namespace) -> list[str]:
     if args.pick_star:
         notes.append(f"--pick_star {args.pick_star}: the re-extraction coordinate list is not written; ignored")
     for opt in ("white_dust", "black_dust"):
-        if getattr(args, opt) > 0:
-            notes.append(f"--{opt} {getattr(args, opt):g}: dust removal is not available; ignored")
+        if getattr(args, opt) > 0 and not args.norm:    # RELION removes dust inside its normalisation only
+            notes.append(f"--{opt} {getattr(args, opt):g}: dust is removed only with --norm; ignored")
     return notes
 
 
@@ -571,6 +572,8 @@ def _validate(args: argparse.Namespace) -> ExtractParams:
     if args.scale != -1:
         require(args.scale > 0 and args.scale % 2 == 0, f"--scale: must be a positive even number of pixels (got {args.scale})")
     require(not (args.recenter and args.reset_offsets), "--recenter / --reset_offsets: give at most one")
+    for opt in ("white_dust", "black_dust"):
+        require(bool(np.isfinite(getattr(args, opt))), f"--{opt}: must be a number (got {getattr(args, opt):g})")
     for axis in "xyz":   # RELION's GUI writes the point only with --recenter; alone it would be silently unused
         value = getattr(args, f"recenter_{axis}")
         require(np.isfinite(value), f"--recenter_{axis}: must be a finite number (got {value:g})")
@@ -580,7 +583,8 @@ def _validate(args: argparse.Namespace) -> ExtractParams:
     require(args.j >= 1, f"--j: must be at least 1 (got {args.j})")
     params = ExtractParams(extract_size=args.extract_size, scale=args.scale if args.scale > 0 else None,
                            norm=args.norm, bg_radius=args.bg_radius if args.bg_radius > 0 else None,
-                           ramp=not args.no_ramp, invert_contrast=args.invert_contrast, skip_outside=args.skip_outside)
+                           ramp=not args.no_ramp, invert_contrast=args.invert_contrast, skip_outside=args.skip_outside,
+                           white_dust=args.white_dust, black_dust=args.black_dust)
     if args.norm:
         require(2 * params.out_bg_radius <= params.out_size and params.out_bg_radius > 0,
                 f"--bg_radius: {params.out_bg_radius} px does not fit a {params.out_size} px box (2*radius > box)")

@@ -30,6 +30,9 @@ class ExtractParams:
     ramp: bool = True
     invert_contrast: bool = False
     skip_outside: bool = False
+    white_dust: float = -1.0          # with norm: replace pixels this many background σ above the mean (<= 0: off)
+    black_dust: float = -1.0          # ... below the mean
+    seed: int = 0                     # of the dust replacement draws (one stream per micrograph)
 
     @property
     def out_size(self) -> int:
@@ -66,15 +69,12 @@ def crosses_edge(coord_x: ArrayLike, coord_y: ArrayLike, box: int, shape: tuple[
     return (x0 < 0) | (y0 < 0) | (x0 + box > nx) | (y0 + box > ny)
 
 
-def centre_outside(coord_x: ArrayLike, coord_y: ArrayLike, shape: tuple[int, int]) -> NDArray[np.bool_]:
-    """True where the box centre pixel (int)coord is not a pixel of a micrograph of shape (ny, nx).
-
-    Such a box is mostly (or wholly) edge replication, i.e. no particle; a box holding no micrograph pixel at
-    all (which RELION refuses with an error) always has its centre outside.
-    """
-    cx, cy = box_corners(coord_x, coord_y, 0)       # box 0: the centre pixel itself, same truncation as windowing
+def wholly_outside(coord_x: ArrayLike, coord_y: ArrayLike, box: int, shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """True where the box around (int)coord holds no pixel of a micrograph of shape (ny, nx): RELION stops the job
+    on such a box (preprocessing.cpp, "lies completely outside micrograph"); one that overlaps is edge-filled."""
+    x0, y0 = box_corners(coord_x, coord_y, box)
     ny, nx = shape
-    return (cx < 0) | (cy < 0) | (cx >= nx) | (cy >= ny)
+    return (x0 + box - 1 < 0) | (y0 + box - 1 < 0) | (x0 >= nx) | (y0 >= ny)
 
 
 def window_particles(micrograph: NDArray, coord_x: ArrayLike, coord_y: ArrayLike, box: int) -> NDArray[np.float32]:
@@ -88,15 +88,17 @@ def window_particles(micrograph: NDArray, coord_x: ArrayLike, coord_y: ArrayLike
     return mic[rows[:, :, None], cols[:, None, :]].astype(np.float32, copy=False)
 
 
-def process_boxes(boxes: NDArray, params: ExtractParams) -> NDArray[np.float32]:
-    """Rescale -> normalise -> invert, in RELION's order, for (n, extract_size, extract_size) boxes."""
+def process_boxes(boxes: NDArray, params: ExtractParams, rng: np.random.Generator | None = None) -> NDArray[np.float32]:
+    """Rescale -> normalise (dust removal first) -> invert, in RELION's order, for (n, extract_size, extract_size)
+    boxes."""
     out = np.asarray(boxes, dtype=np.float32)
     if len(out) == 0:
         return np.zeros((0, params.out_size, params.out_size), np.float32)
     if params.scale and params.scale != params.extract_size:
         out = resize_fourier(out, params.scale, stack=True)   # RELION resizeMap per image
     if params.norm:
-        out = normalise_background(out, params.out_bg_radius, remove_ramp=params.ramp)
+        out = normalise_background(out, params.out_bg_radius, remove_ramp=params.ramp, white_dust=params.white_dust,
+                                   black_dust=params.black_dust, rng=rng)
     if params.invert_contrast:
         out = -out
     return out.astype(np.float32, copy=False)
@@ -110,12 +112,15 @@ def crop_keep(coord_x: ArrayLike, coord_y: ArrayLike, params: ExtractParams, sha
 
 
 def iter_particles(micrograph: NDArray, coord_x: ArrayLike, coord_y: ArrayLike, params: ExtractParams,
-                   chunk: int = 256) -> Iterator[NDArray[np.float32]]:
-    """Processed particles of the given boxes, `chunk` at a time (bounded memory for big boxes)."""
+                   chunk: int = 256, stream: int = 0) -> Iterator[NDArray[np.float32]]:
+    """Processed particles of the given boxes, `chunk` at a time (bounded memory for big boxes); `stream` (the
+    micrograph's index) keeps the dust draws of every micrograph the same whichever process extracts it."""
     cx = np.asarray(coord_x, dtype=np.float64)
     cy = np.asarray(coord_y, dtype=np.float64)
+    rng = np.random.default_rng([params.seed, stream])
     for s in range(0, len(cx), chunk):
-        yield process_boxes(window_particles(micrograph, cx[s:s + chunk], cy[s:s + chunk], params.extract_size), params)
+        yield process_boxes(window_particles(micrograph, cx[s:s + chunk], cy[s:s + chunk], params.extract_size), params,
+                            rng)
 
 
 def extract_from_micrograph(micrograph: NDArray, coord_x: ArrayLike, coord_y: ArrayLike,

@@ -142,9 +142,12 @@ def phase_shift_2d(ft: NDArray, kx: ArrayLike, ky: ArrayLike, shift_x: ArrayLike
     return out.reshape(ft.shape)
 
 
-def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = True) -> NDArray[np.float32]:
+def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = True, white_dust: float = -1.0,
+                         black_dust: float = -1.0, rng: np.random.Generator | None = None) -> NDArray[np.float32]:
     """RELION image.cpp normalise: remove a least-squares plane fitted to the background (pixels with
-    i² + j² > bg_radius², relative to the centre), then make that background mean 0 and (population) std 1."""
+    i² + j² > bg_radius², relative to the centre), then make that background mean 0 and (population) std 1.
+    With white_dust (black_dust) > 0, first every pixel more than that many background σ above (below) the
+    background mean is replaced by a draw from N(mean, σ²) (removeDust), from `rng`."""
     images = np.asarray(images, dtype=np.float64)
     single = images.ndim == 2
     stack = images[None] if single else images
@@ -156,6 +159,10 @@ def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = 
     bg = (xx * xx + yy * yy) > bg_radius * bg_radius
     flat = stack.reshape(stack.shape[0], -1)
     vals = flat[:, bg.ravel()]
+    if white_dust > 0 or black_dust > 0:
+        flat = remove_dust(flat, vals.mean(axis=1, keepdims=True), vals.std(axis=1, keepdims=True), white_dust,
+                           black_dust, rng if rng is not None else np.random.default_rng(0))
+        vals = flat[:, bg.ravel()]
     if remove_ramp:
         design = np.stack([xx[bg], yy[bg], np.ones(int(bg.sum()))], axis=1)
         coef, *_ = np.linalg.lstsq(design, vals.T, rcond=None)     # (3, n)
@@ -167,5 +174,20 @@ def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = 
     std = np.where(std > 0, std, 1.0)
     out = ((flat - mean) / std).reshape(stack.shape).astype(np.float32)
     return out[0] if single else out
+
+def remove_dust(flat: NDArray, mean: NDArray, std: NDArray, white: float, black: float,
+                rng: np.random.Generator) -> NDArray[np.float64]:
+    """RELION removeDust on (n, pixels) rows: v − mean > white·σ (white > 0) or v − mean < −black·σ (black > 0)
+    replaced by N(mean, σ²) draws; mean, std (n, 1) of each row's background."""
+    out = np.array(flat, dtype=np.float64)
+    dust = np.zeros(out.shape, bool)
+    if white > 0:
+        dust |= out - mean > white * std
+    if black > 0:
+        dust |= out - mean < -black * std
+    rows = np.nonzero(dust)[0]
+    out[dust] = rng.normal(mean[rows, 0], std[rows, 0])
+    return out
+
 
 fourier_shift_2d = phase_shift_2d  # name used in docs/architecture.md

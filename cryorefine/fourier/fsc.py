@@ -76,11 +76,11 @@ def crossing_resolution(fsc_curve: NDArray, threshold: float, box: int, angpix: 
 
 
 def randomise_phases_beyond(volume: NDArray, shell: int, rng: np.random.Generator) -> NDArray[np.float64]:
-    """Map with the phases of every Fourier component with round(|k|) ≥ shell replaced by uniform random ones."""
+    """Map with the phases of every Fourier component with |k| ≥ shell replaced by uniform random ones (RELION's
+    randomizePhasesBeyond tests |k|² ≥ shell², not the rounded shell index: half of shell `shell` keeps its phases)."""
     volume = np.asarray(volume, dtype=np.float64)
     ft = sfft.rfftn(volume, workers=-1)
-    r = shell_index(volume.shape)
-    sel = np.broadcast_to(r >= shell, ft.shape)
+    sel = np.broadcast_to(freq_radius(volume.shape) >= shell, ft.shape)
     phases = rng.uniform(0.0, 2.0 * np.pi, size=int(sel.sum()))
     ft[sel] = np.abs(ft[sel]) * np.exp(1j * phases)
     return sfft.irfftn(ft, s=volume.shape, workers=-1)

@@ -92,10 +92,15 @@ def fsc_weights(fsc_curve: NDArray) -> NDArray[np.float64]:
     return w
 
 
+def solvent_mask_fraction(mask: NDArray) -> float:
+    """RELION's rlnParticleBoxFractionSolventMask: f = 0.476 / (fraction of voxels with mask > 0.5)."""
+    return 0.476 / float(np.mean(np.asarray(mask) > 0.5))
+
+
 def particle_fsc_fraction(fsc_unmasked: NDArray, mask: NDArray) -> NDArray[np.float64]:
-    """RELION calculateFSCpart with the mask fraction f = 0.476 / (fraction of voxels with mask > 0.5):
-    f·F/(1 + (f − 1)·F), F = unmasked FSC (cisTEM-like particle FSC)."""
-    frac = 0.476 / float(np.mean(np.asarray(mask) > 0.5))
+    """RELION calculateFSCpart with the mask fraction f (solvent_mask_fraction): f·F/(1 + (f − 1)·F), F = unmasked
+    FSC (cisTEM-like particle FSC)."""
+    frac = solvent_mask_fraction(mask)
     f = np.asarray(fsc_unmasked, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = frac * f / (1.0 + (frac - 1.0) * f)
@@ -253,6 +258,7 @@ class PostprocessResult:
     fsc_masked: NDArray | None = None
     fsc_random: NDArray | None = None
     fsc_part_fracmask: NDArray | None = None
+    mask_fraction: float | None = None        # rlnParticleBoxFractionSolventMask
     randomise_from: int | None = None
     unmasked_used: bool = False
     fit: GuinierFit | None = None
@@ -307,7 +313,7 @@ def corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Po
                                "resolution; a softer mask with fewer features gives a more reliable estimate")
     out.update(fsc_unmasked=unmasked, fsc_masked=masked, fsc_random=rand, fsc_true=true, shell=shell,
                randomise_from=r_rand, unmasked_used=used_unmasked,
-               fsc_part_fracmask=particle_fsc_fraction(unmasked, mask))
+               fsc_part_fracmask=particle_fsc_fraction(unmasked, mask), mask_fraction=solvent_mask_fraction(mask))
     return out
 
 
@@ -382,6 +388,7 @@ def postprocess(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Post
         box=box, angpix=opts.angpix, fsc_unmasked=c["fsc_unmasked"], fsc_true=c["fsc_true"], resolution_shell=shell,
         resolution_A=resolution, bfactor=bfactor, sharpened=sharpened, guinier=columns,
         fsc_masked=c.get("fsc_masked"), fsc_random=c.get("fsc_random"), fsc_part_fracmask=c.get("fsc_part_fracmask"),
+        mask_fraction=c.get("mask_fraction"),
         randomise_from=c.get("randomise_from"), unmasked_used=bool(c.get("unmasked_used", False)), fit=fit,
         lowpass_A=lowpass, warnings=c["warnings"])
 
@@ -392,6 +399,7 @@ def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_n
     general: dict = {"rlnFinalResolution": float(res.resolution_A), "rlnBfactorUsedForSharpening": float(res.bfactor),
                      "rlnUnfilteredMapHalf1": half1_name, "rlnUnfilteredMapHalf2": half2_name}
     if mask_name is not None:
+        general["rlnParticleBoxFractionSolventMask"] = float(res.mask_fraction)
         general["rlnMaskName"] = mask_name
         general["rlnRandomiseFrom"] = float(shell_resolution(int(res.randomise_from), res.box, res.angpix))
     if res.fit is not None:
