@@ -551,3 +551,17 @@ def test_white_dust_removed_with_norm(tmp_path, monkeypatch, capsys):
     clean = _stack(tmp_path / "Extract/job002/particles.star")
     assert plain[0].max() > 100 and clean[0].max() < 8
     np.testing.assert_allclose(clean[1:], plain[1:], atol=1e-5)     # boxes without dust: the same images
+
+
+def test_reextraction_of_particles_without_ctf_takes_the_micrographs(mics_set, tmp_path, monkeypatch):
+    """RELION (preprocessing.cpp) writes the micrograph's CTF into re-extracted particles that have none."""
+    table = starfile.read(mics_set / "particles_mic_refined.star")
+    table["particles"] = table["particles"].drop(columns=[c for c in table["particles"].columns
+                                                          if c.startswith(("rlnDefocus", "rlnCtf", "rlnPhase"))])
+    refined = tmp_path / "refined.star"
+    starfile.write(table, refined, overwrite=True)
+    assert _run(tmp_path, monkeypatch, "--i", f"{mics_set}/micrographs_ctf.star", "--reextract_data_star",
+                str(refined), "--extract_size", "64", "--o", "Extract/job001/") == 0
+    parts = starfile.read(tmp_path / "Extract/job001/particles.star")["particles"]
+    mics = starfile.read(mics_set / "micrographs_ctf.star")["micrographs"].set_index("rlnMicrographName")
+    np.testing.assert_allclose(parts["rlnDefocusU"], mics.loc[parts["rlnMicrographName"], "rlnDefocusU"])

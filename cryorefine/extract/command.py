@@ -313,7 +313,11 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
         if orphan.any():
             warnings.append(f"{int(orphan.sum())} particles are on micrographs not in {args.i}: not extracted")
         parts = parts[~orphan]
+        by_name = mics.set_index(names, drop=False)      # names are unique (checked above)
         for name, grp in parts.groupby(parts["rlnMicrographName"].astype(str), sort=False):
+            if "rlnDefocusU" not in grp:     # RELION fills in a particle file without CTF from its micrographs
+                ctf = [c for c in _MIC_TO_PARTICLE if c.startswith(("rlnDefocus", "rlnCtf", "rlnPhase"))]
+                grp = grp.assign(**{c: by_name.loc[name, c] for c in ctf if c in by_name.columns})
             per_mic[name] = grp
             sources[name] = args.reextract_data_star
     else:
