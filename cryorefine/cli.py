@@ -91,6 +91,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             add_pipeline_control(p)
         # `relion_refine --version` and the like print the version, as RELION's programs do
         p.add_argument("--version", action="version", version=f"cryorefine {__version__}")
+        if "verb" not in {a.dest for a in p._actions}:      # every RELION program takes it (1 normal, 0 silent)
+            p.add_argument("--verb", type=int, default=None, metavar="N",
+                           help="RELION's verbosity: accepted; the output does not change with it")
         p.set_defaults(_run=mod.run)
     return parser
 

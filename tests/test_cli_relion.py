@@ -592,3 +592,14 @@ def test_version_of_every_program(capsys, tmp_path):
             main(argv)
         assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"cryorefine {__version__}"
     assert main(["relion-names", ""]) == 2 and "give the folder" in capsys.readouterr().err
+
+
+def test_verb_is_accepted_by_every_program():
+    """Every RELION program takes --verb (1 normal, 0 silent); scripts that pass it run unchanged."""
+    from cryorefine.cli import COMMANDS
+    for name in COMMANDS:
+        parser = build_parser(name)
+        sub = parser._subparsers._group_actions[0].choices[name]
+        assert "--verb" in sub._option_string_actions, name
+    args = build_parser("refine").parse_args(["refine", "--i", "a.star", "--ref", "r.mrc", "--o", "x", "--verb", "0"])
+    assert args.verb == 0
