@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Iterator
 
@@ -34,6 +35,14 @@ def require(condition: bool, message: str) -> None:
     """Raise InputError(message) unless condition holds."""
     if not condition:
         raise InputError(message)
+
+
+def require_finite(args, dests) -> None:
+    """InputError for the first option among `dests` (argparse destinations, spelled --dest) that is nan or ±inf:
+    nan passes and fails every comparison, so a later `> 0` test would let it through or skip it silently."""
+    for dest in dests:
+        value = getattr(args, dest)
+        require(math.isfinite(value), f"--{dest}: must be a finite number (got {value:g})")
 
 
 class JobAborted(Exception):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -450,17 +451,24 @@ def test_reconstruct_subset_other_than_1_or_2_is_all_and_bad_angpix_or_folder_re
         assert rc == 2 and "--angpix: must be a pixel size" in err and not (tmp_path / "x.mrc").exists()
 
 
-def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
-    stack = tmp_path / "stack.mrcs"
+def _damaged_copy(sub: Path, small_set: Path, tmp_path: Path, name: str, damage) -> tuple[Path, Path]:
+    """(STAR, stack) of the 40 particles of `sub` in their own stack `name`.mrcs, `damage(images)` applied first."""
+    stack = tmp_path / f"{name}.mrcs"
     data = mrcfile.read(small_set / "particles.mrcs")[:40].copy()
-    data[17, 30, 30] = np.nan
-    with mrcfile.new(stack) as m:
+    damage(data)
+    with mrcfile.new(stack) as m, np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # mrcfile's header statistics of a NaN or overflowing image
         m.set_data(data.astype(np.float32))
         m.voxel_size = 2.5
     t = read_particles(sub)
     t.particles["rlnImageName"] = [f"{i + 1:06d}@{stack}" for i in range(40)]
-    star = tmp_path / "nan.star"
+    star = tmp_path / f"{name}.star"
     write_particles(star, t)
+    return star, stack
+
+
+def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
+    star, stack = _damaged_copy(sub, small_set, tmp_path, "stack", lambda d: d.__setitem__((17, 30, 30), np.nan))
     before = sha(stack)
     rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
     assert rc == 2 and "stack.mrcs: image 18 contains NaN" in err
@@ -474,16 +482,7 @@ def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
 
 def test_absurd_values_in_a_particle_image(sub, small_set, tmp_path, capsys):
     """Finite but absurd (1e30) pixel values overflowed the sums into inf half maps and -inf likelihoods, exit 0."""
-    stack = tmp_path / "big.mrcs"
-    data = mrcfile.read(small_set / "particles.mrcs")[:40].copy()
-    data[9] *= 1e30
-    with mrcfile.new(stack) as m, np.errstate(over="ignore"):    # mrcfile's header rms overflows too
-        m.set_data(data.astype(np.float32))
-        m.voxel_size = 2.5
-    t = read_particles(sub)
-    t.particles["rlnImageName"] = [f"{i + 1:06d}@{stack}" for i in range(40)]
-    star = tmp_path / "big.star"
-    write_particles(star, t)
+    star, _ = _damaged_copy(sub, small_set, tmp_path, "big", lambda d: d.__setitem__(9, d[9] * 1e30))
     rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
     assert rc == 2 and "big.mrcs: image 10 has values up to" in err
 

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import InputError, require
 from cryorefine.io.mrc import open_stack, read_header
-from cryorefine.io.star import ParticleTable, particle_optics, resolve_image_path
+from cryorefine.io.star import ParticleTable, optics_row_index, particle_optics, resolve_image_path
 
 
 # pixel values beyond this are a broken image, not data: their squares summed over a large box's Fourier transform
@@ -73,14 +73,13 @@ class ParticleImages:
         """One line per optics group whose first stack's header pixel size differs by more than 1 % from the STAR
         file's rlnImagePixelSize (the STAR file's is used, as RELION does; headers of 0 are not compared)."""
         pix = particle_optics(self.table, "rlnImagePixelSize")
-        groups = self.table.particles["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in self.table.particles \
-            else np.ones(self.nr_particles, np.int64)
+        groups = optics_row_index(self.table)
         lines = []
         for g in pd.unique(groups):
             row = int(np.argmax(groups == g))
             head = read_header(self.stack_path(row)).angpix
             if head > 0 and abs(head - pix[row]) > 0.01 * pix[row]:
-                lines.append(f"optics group {g}: rlnImagePixelSize {pix[row]:g} A in {self.table.path} but "
+                lines.append(f"optics group {self.table.optics['rlnOpticsGroup'].iloc[g]}: rlnImagePixelSize {pix[row]:g} A in {self.table.path} but "
                              f"{head:g} A in the header of {self._names[self._stack_id[row]]}; using {pix[row]:g} "
                              f"(the STAR file's, as RELION)")
         return lines
@@ -127,10 +126,10 @@ class ParticleImages:
                                  f"has only {stack.shape[0]} images")
             order = np.argsort(idx, kind="stable")  # sequential access through the map
             imgs = np.asarray(stack[idx[order]], dtype=np.float32)
-            if not np.isfinite(imgs).all():
-                k = int(np.nonzero(~np.isfinite(imgs).reshape(len(imgs), -1).all(axis=1))[0][0])
+            peak = np.abs(imgs).reshape(len(imgs), -1).max(axis=1)      # nan or inf when an image holds one
+            if not np.isfinite(peak).all():
+                k = int(np.argmin(np.isfinite(peak)))
                 raise InputError(f"{self._paths[sid]}: image {int(idx[order][k]) + 1} contains NaN or inf")
-            peak = np.abs(imgs).reshape(len(imgs), -1).max(axis=1)
             if (peak >= MAX_PIXEL_VALUE).any():
                 k = int(np.argmax(peak >= MAX_PIXEL_VALUE))
                 raise InputError(f"{self._paths[sid]}: image {int(idx[order][k]) + 1} has values up to "

@@ -24,7 +24,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import InputError, require, require_finite
 from cryorefine.refine.state import RefineOptions
 
 
@@ -350,10 +350,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     require(args.maxsig == -1 or args.maxsig >= 1, f"--maxsig: must be -1 (no cap) or at least 1 (got {args.maxsig})")
     require(math.isfinite(args.fsc_sigma_criterion) and args.fsc_sigma_criterion >= 0,
             f"--fsc_sigma_criterion: must be a number >= 0 (got {args.fsc_sigma_criterion:g})")
-    for name, v in (("--ini_high", args.ini_high), ("--particle_diameter", args.particle_diameter),
-                    ("--offset_range", args.offset_range), ("--offset_step", args.offset_step),
-                    ("--low_resol_join_halves", args.low_resol_join_halves)):
-        require(math.isfinite(v), f"{name}: must be a finite number (got {v})")
+    require_finite(args, ("ini_high", "particle_diameter", "offset_range", "offset_step", "low_resol_join_halves"))
     require(args.angpix == -1.0 or (math.isfinite(args.angpix) and args.angpix > 0),
             f"--angpix: must be a pixel size > 0 A (got {args.angpix:g})")
     require(not args.solvent_correct_fsc or args.solvent_mask not in (None, "", "None"),

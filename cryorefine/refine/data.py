@@ -86,8 +86,7 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     uniq = sorted(set(opt_numbers.tolist()))
     first = {o: int(np.nonzero(opt_numbers == o)[0][0]) for o in uniq}
     # the model grid is the first optics group's in the table's order, as RELION's (ml_model.cpp getOpticsPixelSize(0))
-    used = [int(g) for g in table.optics["rlnOpticsGroup"].to_numpy() if int(g) in first]
-    g0 = used[0] if used else uniq[0]
+    g0 = next(int(g) for g in table.optics["rlnOpticsGroup"].to_numpy() if int(g) in first)
     n0, p0 = (int(boxes[first[g0]]), float(pix[first[g0]])) if model_box is None else (model_box, model_angpix)
     optics = []
     models = optics_models(table, {int(o): int(boxes[first[o]]) for o in uniq})

@@ -17,14 +17,13 @@ without --angpix).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import InputError, require, require_finite
 from cryorefine.io.mrc import is_stack_path, read_map, write_map
 from cryorefine.validate import check_not_inputs, check_output_folder
 
@@ -112,9 +111,7 @@ def same_pixel_size(a: float, b: float) -> bool:
 def _check_options(args) -> None:
     """Option values that can never work, before any file is read."""
     require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
-    for name in NUMBER_OPTIONS:
-        value = getattr(args, name)
-        require(math.isfinite(value), f"--{name}: must be a finite number (got {value:g})")
+    require_finite(args, NUMBER_OPTIONS)
     require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
     require(args.j >= 1, f"--j: the number of threads must be >= 1 (got {args.j})")
     # before any work: writing would fail at the very end, naming an internal temporary file

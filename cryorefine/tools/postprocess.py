@@ -32,7 +32,7 @@ import scipy.fft as sfft
 from numpy.typing import NDArray
 
 from cryorefine.validate import check_not_inputs, check_output_folder
-from cryorefine.errors import InputError, require
+from cryorefine.errors import InputError, require, require_finite
 from cryorefine.fourier.filters import raised_cosine_lowpass_profile
 from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc
 from cryorefine.io.mrc import read_map, write_map
@@ -481,9 +481,7 @@ def _same_angpix(a: float, b: float) -> bool:
 
 def _validate_options(args) -> None:
     """Option values that make no sense, before any file is read."""
-    for name in NUMBER_OPTIONS:
-        value = getattr(args, name)
-        require(math.isfinite(value), f"--{name}: must be a finite number (got {value:g})")
+    require_finite(args, NUMBER_OPTIONS)
     require(not (args.auto_bfac and args.adhoc_bfac != 0), "--auto_bfac: give either --auto_bfac or --adhoc_bfac")
     require(0 < args.randomize_at_fsc < 1, f"--randomize_at_fsc: {args.randomize_at_fsc:g} is not in (0, 1)")
     require(args.autob_lowres > 0, f"--autob_lowres: {args.autob_lowres:g} must be positive")
