@@ -7,7 +7,9 @@ of mask·noise, so the corrected masked FSC should follow S/(S+N_masked).
 
 from __future__ import annotations
 
+import re
 import time
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -207,6 +209,16 @@ def test_auto_bfactor_cli_and_star(maps, tmp_path, capsys):
     masked, _ = read_map(f"{out}_masked.mrc")
     assert p_out == pytest.approx(angpix, rel=1e-5)
     np.testing.assert_allclose(masked, sharpened * mask, atol=1e-6)
+    # EMDB's FSC XML and RELION's .dat: the corrected FSC against 1/Å, as the STAR's columns
+    root = ElementTree.parse(f"{out}_fsc.xml").getroot()
+    assert root.tag == "fsc" and root.get("xaxis") == "Resolution (A-1)"
+    xy = np.array([[float(c.find("x").text), float(c.find("y").text)] for c in root.findall("coordinate")])
+    np.testing.assert_allclose(xy[:, 0], fsc_table["rlnResolution"], rtol=1e-5)
+    np.testing.assert_allclose(xy[:, 1], fsc_table["rlnFourierShellCorrelationCorrected"], atol=1e-5)
+    np.testing.assert_allclose(np.loadtxt(f"{out}_fsc.dat"), xy, rtol=1e-5, atol=1e-6)
+    # RELION's logfile.pdf (its GUI's Display): the FSC and Guinier pages
+    pdf = (tmp_path / "PostProcess" / "logfile.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type /Page[^s]", pdf)) == 2
 
     # the same map without the blur: no sharpening needed
     unblurred = pp.postprocess(flat + sigma * rng.normal(size=flat.shape), flat + sigma * rng.normal(size=flat.shape),

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cryorefine import __version__
 from cryorefine.geometry.sampling import angular_step
+from cryorefine.io.atomic import write_text_atomic
 from cryorefine.io.mrc import write_map
 from cryorefine.io.star import format_star_vector, write_particles, write_star
 from cryorefine.refine.orientations import make_grid
@@ -164,13 +164,6 @@ def sampling_blocks(run) -> dict:
     return {"sampling_general": general, "sampling_directions": dirs}
 
 
-def _write_text(path: str, text: str) -> None:
-    """Atomically write a small text file."""
-    from cryorefine.io.atomic import atomic_path
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 def write_iteration(run, it: int, final: bool) -> None:
     """Every file of iteration `it` (`run_itNNN_*`), plus the unnumbered final files when `final`."""
     o = run.opts
@@ -187,7 +180,7 @@ def write_iteration(run, it: int, final: bool) -> None:
         p = run.poses
         for h in (1, 2):
             sel = run.data.subset == h
-            _write_text(f"{root}_half{h}_class001_angdist.bild",
+            write_text_atomic(f"{root}_half{h}_class001_angdist.bild",
                         angdist_bild(p.rot[sel], p.tilt[sel], run.box, run.angpix, o.sym, run.sampling.healpix_order))
     if run.fsc_maps is not None:       # --solvent_correct_fsc: the maps its FSC was computed from, as RELION
         for h in (1, 2):
@@ -205,5 +198,5 @@ def write_iteration(run, it: int, final: bool) -> None:
         write_star(f"{fin}_optimiser.star", {"optimiser_general": optimiser_block(run, fin, it, True)},
                    comment=header)
         write_star(f"{fin}_sampling.star", sampling_blocks(run))
-        _write_text(f"{fin}_class001_angdist.bild",
+        write_text_atomic(f"{fin}_class001_angdist.bild",
                     angdist_bild(run.poses.rot, run.poses.tilt, run.box, run.angpix, o.sym, run.sampling.healpix_order))

@@ -93,24 +93,49 @@ def _relative(path: Path) -> Path:
         return Path(path)
 
 
-def postprocess_section(pp: R.PostprocessFiles, name: str) -> Section:
-    """Postprocess FSC curves and the Guinier plot with the fitted B-factor."""
+def postprocess_figures(pp: R.PostprocessFiles) -> dict[str, object]:
+    """The postprocess FSC curves and (when the STAR has one) the Guinier plot with the fitted B-factor, as
+    matplotlib figures keyed 'fsc' and 'guinier' (the report's panels and RELION's logfile.pdf pages)."""
     t, g = pp.fsc, pp.general
     labels = {"unmasked": "rlnFourierShellCorrelationUnmaskedMaps", "masked": "rlnFourierShellCorrelationMaskedMaps",
               "phase-randomised": "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps",
               "corrected": "rlnFourierShellCorrelationCorrected"}
     curves = {k: np.asarray(t[v], float) for k, v in labels.items() if v in t}
     res = float(g.get("rlnFinalResolution", np.nan))
-    figs = [_fig(f"{name}_postprocess_fsc", F.postprocess_fsc_figure(np.asarray(t["rlnResolution"], float), curves,
-                                                                      res), "postprocess FSC curves")]
+    figs = {"fsc": F.postprocess_fsc_figure(np.asarray(t["rlnResolution"], float), curves, res)}
     if pp.guinier is not None and "rlnResolutionSquared" in pp.guinier:
         gu = pp.guinier
         ys = {k.replace("rlnLogAmplitudes", "").lower(): np.asarray(gu[k], float) for k in gu.columns
               if k.startswith("rlnLogAmplitudes") and k != "rlnLogAmplitudesIntercept"}
-        slope = g.get("rlnFittedSlopeGuinierPlot")
-        figs.append(_fig(f"{name}_guinier", F.guinier_figure(
-            np.asarray(gu["rlnResolutionSquared"], float), ys, slope, g.get("rlnFittedInterceptGuinierPlot"),
-            float(g.get("rlnBfactorUsedForSharpening", 0.0))), "Guinier plot and fitted B-factor"))
+        figs["guinier"] = F.guinier_figure(
+            np.asarray(gu["rlnResolutionSquared"], float), ys, g.get("rlnFittedSlopeGuinierPlot"),
+            g.get("rlnFittedInterceptGuinierPlot"), float(g.get("rlnBfactorUsedForSharpening", 0.0)))
+    return figs
+
+
+def write_postprocess_logfile(postprocess_star: str | Path, path: str | Path) -> Path:
+    """RELION's `logfile.pdf` of a postprocess job (what its GUI's Display shows): the FSC curves, then the
+    Guinier plot, one page each, from `<o>.star`; written atomically."""
+    from matplotlib.backends.backend_pdf import PdfPages
+    figs = postprocess_figures(R.read_postprocess(postprocess_star))
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, PdfPages(tmp) as pdf:
+            for fig in figs.values():
+                pdf.savefig(fig)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def postprocess_section(pp: R.PostprocessFiles, name: str) -> Section:
+    """Postprocess FSC curves and the Guinier plot with the fitted B-factor."""
+    g = pp.general
+    res = float(g.get("rlnFinalResolution", np.nan))
+    pf = postprocess_figures(pp)
+    figs = [_fig(f"{name}_postprocess_fsc", pf["fsc"], "postprocess FSC curves")]
+    if "guinier" in pf:
+        figs.append(_fig(f"{name}_guinier", pf["guinier"], "Guinier plot and fitted B-factor"))
     rows = [("postprocess STAR", _relative(pp.path)), ("final resolution (Å)", res),
             ("B-factor used for sharpening (Å²)", g.get("rlnBfactorUsedForSharpening", "—")),
             ("mask", g.get("rlnMaskName", "none")), ("phases randomised from (Å)", g.get("rlnRandomiseFrom", "—")),

@@ -14,7 +14,7 @@ FSC < 1e-4), sharpened by exp(−B s²/4) with B = 4 × the slope of a straight-
 ln⟨|F|⟩ vs 1/d² of the weighted map over d in [--autob_highres, --autob_lowres] (--auto_bfac; RELION's default
 high limit 0 means up to Nyquist, i.e. every shell with non-zero weighted amplitude), or --adhoc_bfac; optionally
 low-passed (--low_pass A; negative = at the final resolution; 0 = off). Outputs: <o>.mrc, <o>_masked.mrc (with
---mask), <o>.star (data_general, data_fsc, data_guinier).
+--mask), <o>.star (data_general, data_fsc, data_guinier), <o>_fsc.xml (EMDB), <o>_fsc.dat and logfile.pdf.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from cryorefine.validate import check_not_inputs, check_output_folder
 from cryorefine.errors import InputError, require, require_finite
 from cryorefine.fourier.filters import raised_cosine_lowpass_profile
 from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc
+from cryorefine.io.atomic import write_text_atomic
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.io.star import read_star, write_star
 
@@ -424,6 +425,19 @@ def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_n
     return {"general": general, "fsc": pd.DataFrame(fsc_table), "guinier": pd.DataFrame(res.guinier)}
 
 
+def fsc_xml(resolution_inv_A: NDArray, fsc: NDArray) -> str:
+    """EMDB's FSC XML (x: resolution in 1/Å, y: FSC), as RELION's writeFscXml (for deposition)."""
+    points = "".join(f"  <coordinate>\n    <x>{x:.6g}</x>\n    <y>{y:.6g}</y>\n  </coordinate>\n"
+                     for x, y in zip(np.asarray(resolution_inv_A, float), np.asarray(fsc, float)))
+    return ('<fsc title="RELION masked-corrected FSC" xaxis="Resolution (A-1)" yaxis="Correlation Coefficient">\n'
+            + points + "</fsc>\n")
+
+
+def fsc_dat(resolution_inv_A: NDArray, fsc: NDArray) -> str:
+    """'resolution (1/Å) FSC' lines, as RELION's writeFscDat (for xmgrace and gnuplot)."""
+    return "".join(f"{x:.6g} {y:.6g}\n" for x, y in zip(np.asarray(resolution_inv_A, float), np.asarray(fsc, float)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
@@ -490,8 +504,26 @@ def _validate_options(args) -> None:
     require(args.filter_edge_width >= 0, f"--filter_edge_width: {args.filter_edge_width} must be ≥ 0")
     require(bool(str(args.o).strip()), "--o: empty output root")
     # before any work: writing would fail at the very end, naming an internal temporary file
-    for out in (f"{args.o}.mrc", f"{args.o}_masked.mrc", f"{args.o}.star"):
+    for out in output_names(str(args.o)):
         require(not Path(out).is_dir(), f"{out}: is a folder, not a file (an output of --o {args.o})")
+
+
+def output_names(root: str) -> list[str]:
+    """Every file a postprocess job with output root `root` writes (the report page aside)."""
+    return [f"{root}{end}" for end in (".mrc", "_masked.mrc", ".star", "_fsc.xml", "_fsc.dat")] + \
+        [str(Path(root).parent / "logfile.pdf")]
+
+
+def _write_logfile(root: str) -> Path | None:
+    """RELION's `logfile.pdf` beside the outputs (its GUI's Display); a drawing failure is a warning line, never
+    the end of a job whose maps are written."""
+    path = Path(root).parent / "logfile.pdf"
+    try:
+        from cryorefine.report.build import write_postprocess_logfile
+        return write_postprocess_logfile(root + ".star", path)
+    except Exception as exc:  # noqa: BLE001
+        print(f"WARNING: could not write {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -502,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
     require(half2_name is not None, f"--i {args.i}: the file name contains neither 'half1' nor 'half2'; give --i2")
     root = str(args.o)
     check_output_folder(Path(root).parent)
-    check_not_inputs([root + ".mrc", root + "_masked.mrc", root + ".star"], [half1_name, half2_name, args.mask, args.mtf])
+    check_not_inputs(output_names(root), [half1_name, half2_name, args.mask, args.mtf])
     half1, p1 = _read_half(half1_name)
     half2, p2 = _read_half(half2_name)
     require(half2.shape == half1.shape, f"{half2_name}: box {half2.shape[0]} differs from {half1_name} "
@@ -545,6 +577,11 @@ def run(args: argparse.Namespace) -> int:
     if masked_name is not None:
         write_map(masked_name, (res.sharpened * mask).astype(np.float32), angpix)
     write_star(root + ".star", blocks, comment="# cryorefine postprocess\n")
+    # the corrected FSC, or the unmasked one without a mask (RELION writes the same column then)
+    inv_res = np.asarray(blocks["fsc"]["rlnResolution"], float)
+    write_text_atomic(root + "_fsc.xml", fsc_xml(inv_res, res.fsc_true))
+    write_text_atomic(root + "_fsc.dat", fsc_dat(inv_res, res.fsc_true))
+    logfile = _write_logfile(root)
 
     if res.randomise_from is not None:
         print(f"  + randomise phases beyond: {shell_resolution(res.randomise_from, res.box, angpix):.2f} Å "
@@ -555,7 +592,8 @@ def run(args: argparse.Namespace) -> int:
               f"({res.fit.n_points} shells)")
     if res.lowpass_A:
         print(f"  + low-pass filter at {res.lowpass_A:.2f} Å")
-    print(f"  + written: {map_name}" + (f", {masked_name}" if masked_name else "") + f", {root}.star")
+    print(f"  + written: {map_name}" + (f", {masked_name}" if masked_name else "") + f", {root}.star, "
+          f"{root}_fsc.xml, {root}_fsc.dat" + (f", {logfile}" if logfile else ""))
     print(f"FINAL RESOLUTION: {res.resolution_A:.2f} Å; B-factor used for sharpening: {res.bfactor:.2f} Å^2"
           + (" (unmasked FSC)" if res.unmasked_used else ""))
     from cryorefine.report import refresh_postprocess_report
