@@ -48,6 +48,8 @@ RELION_PROGRAMS: dict[str, str] = {
     "relion_mask_create": "mask-create",
 }
 
+UNDERSCORE_SPELLINGS = {name.replace("-", "_"): name for name in COMMANDS if "-" in name}
+
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
 EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     invoked_as = sys.argv[0] if argv is None else None
     argv = sys.argv[1:] if argv is None else list(argv)
     program, argv = relion_program(invoked_as, argv)
+    if argv and argv[0] in UNDERSCORE_SPELLINGS:     # `cryorefine image_handler`, as RELION spells its programs
+        argv = [UNDERSCORE_SPELLINGS[argv[0]], *argv[1:]]
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(chosen if chosen is not None else "")
     try:

@@ -165,6 +165,9 @@ def test_relion_names_run_relion_command_lines_unchanged(small_set, tmp_path, ca
     assert main(["image-handler", *opts, "--o", str(tmp_path / "c.mrc")]) == 0
     (ours, apix), (theirs, _) = read_map(tmp_path / "r.mrc"), read_map(tmp_path / "c.mrc")
     assert ours.shape == (40, 40, 40) and apix == pytest.approx(5.0) and np.array_equal(ours, theirs)
+    # RELION's spelling of the sub-command (`image_handler`) names the same program
+    assert main(["image_handler", *opts, "--o", str(tmp_path / "u.mrc")]) == 0
+    assert np.array_equal(read_map(tmp_path / "u.mrc")[0], theirs)
     failed = subprocess.run(["relion_refine", "--i", "a.star", "--o", str(tmp_path / "x")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
