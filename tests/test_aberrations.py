@@ -25,7 +25,8 @@ from cryorefine.cli import main
 from cryorefine.errors import InputError
 from cryorefine.fourier.aberrations import (OpticsModel, demodulate, even_index_to_mn, gamma_offset,
                                             insert_beam_tilt, model_ctf, model_frequencies, odd_index_to_mn,
-                                            odd_phase, odd_phase_grid, optics_ctf, zernike_sum)
+                                            odd_phase, odd_phase_grid, optics_ctf, with_ctf_switches,
+                                            zernike_sum)
 from cryorefine.fourier.ctf import CtfParams, ctf_values, electron_wavelength
 from cryorefine.fourier.fsc import fsc
 from cryorefine.io.star import optics_models, parse_star_vector, read_particles, read_star, write_star
@@ -141,6 +142,11 @@ def test_premultiplied_and_phase_flipped_ctf():
     np.testing.assert_allclose(model_ctf(_params(), base, kx, ky), c)
     np.testing.assert_allclose(model_ctf(_params(), replace(base, premultiplied=True), kx, ky), c * c, rtol=1e-6)
     np.testing.assert_allclose(model_ctf(_params(), replace(base, phase_flipped=True), kx, ky), np.abs(c))
+    # RELION's run-wide switches reach the groups' CTFs (refine and reconstruct both go through with_ctf_switches)
+    intact = with_ctf_switches(base, intact_first_peak=True)
+    np.testing.assert_allclose(model_ctf(_params(), intact, kx, ky),
+                               ctf_values(_params(), kx, ky, N, APIX, intact_first_peak=True))
+    assert with_ctf_switches(replace(base, phase_flipped=True)).phase_flipped     # the table's flag is kept
     assert (c < -0.5).any()
 
 
@@ -312,6 +318,13 @@ def test_phase_flipped_data(sim, plain_score, tmp_path):
     assert main(["reconstruct", "--i", str(tmp_path / "unflagged.star"), "--ctf", "--ctf_phase_flipped",
                  "--sym", "D2", "--o", str(out)]) == 0
     np.testing.assert_allclose(mrcfile.read(out), mrcfile.read(tmp_path / "flagged_rec.mrc"), atol=1e-6)
+    # --only_flip_phases: the data times the CTF's sign with unit weights, i.e. the flipped images without CTF
+    only_flip, no_ctf = tmp_path / "only_flip.mrc", tmp_path / "no_ctf.mrc"
+    assert main(["reconstruct", "--i", str(sim / "plain" / "truth.star"), "--ctf", "--only_flip_phases", "--sym", "D2",
+                 "--o", str(only_flip)]) == 0
+    assert main(["reconstruct", "--i", str(tmp_path / "unflagged.star"), "--sym", "D2", "--o", str(no_ctf)]) == 0
+    a, b = mrcfile.read(only_flip), mrcfile.read(no_ctf)
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ def test_refine_round_trip_keeps_every_label(all_set, tmp_path, monkeypatch):
 def test_refine_sees_each_groups_optics(all_set):
     """refine.data carries each group's OpticsModel; groups differing only in beam tilt share one projection key;
     pixel sets sample the model at s·M·k; the refine CTF is CTF(Mk)² for premultiplied data."""
-    from cryorefine.refine.data import load_particles
+    from cryorefine.refine.data import ctf_on_pixels, load_particles
     from cryorefine.refine.pixels import pixel_set
 
     data = load_particles(str(all_set / "particles.star"), None, None, 1, True)
@@ -387,6 +400,15 @@ def test_refine_sees_each_groups_optics(all_set):
     rows = np.nonzero(data.optics_index == 0)[0][:5]
     c = optics_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky)
     np.testing.assert_allclose(model_ctf(data.ctf.subset(rows), og.optics_model, ps.kx, ps.ky), c * c, rtol=1e-6)
+    # --ctf_intact_first_peak (refine's setup passes RELION's switches): every group keeps its aberrations, and the
+    # refinement's CTF is 1 until the first peak
+    switched = load_particles(str(all_set / "particles.star"), None, None, 1, True,
+                              ctf_switches={"intact_first_peak": True})
+    for a, b in zip(data.optics, switched.optics):
+        assert b.optics_model == replace(a.optics_model, intact_first_peak=True)
+    got = ctf_on_pixels(switched, rows, ps.kx, ps.ky, True)
+    assert not np.allclose(got, c * c, atol=1e-3)
+    np.testing.assert_allclose(got, model_ctf(data.ctf.subset(rows), switched.optics[0].optics_model, ps.kx, ps.ky))
 
 
 def _estep_log_likelihood(sim: Path, star: Path, tmp: Path) -> float:

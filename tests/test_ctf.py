@@ -14,8 +14,10 @@ from cryorefine.errors import InputError
 from cryorefine.fourier.ctf import CtfParams, ctf_grid, ctf_params_from_table, ctf_values
 
 
-def relion_ctf(kx, ky, box, angpix, du, dv, ang_deg, kv, cs_mm, q0, phase_deg=0.0, bfac=0.0, scale=1.0):
-    """One CTF value written straight from spec §1.3 (rotation form of the astigmatism)."""
+def relion_ctf(kx, ky, box, angpix, du, dv, ang_deg, kv, cs_mm, q0, phase_deg=0.0, bfac=0.0, scale=1.0,
+               intact_first_peak=False, only_flip=False, absolute=False):
+    """One CTF value written straight from spec §1.3 (rotation form of the astigmatism), with CTF::getCTF's
+    switches in its order (1 before the first peak, damping, |·| or sign, scale)."""
     lam = 12.2643247 / math.sqrt(kv * 1e3 * (1 + kv * 1e3 * 0.978466e-6))
     ux, uy = kx / (box * angpix), ky / (box * angpix)
     a = math.radians(ang_deg)
@@ -23,7 +25,12 @@ def relion_ctf(kx, ky, box, angpix, du, dv, ang_deg, kv, cs_mm, q0, phase_deg=0.
     u2 = ux * ux + uy * uy
     gamma = (-math.pi * lam * dfu2 + math.pi / 2 * cs_mm * 1e7 * lam ** 3 * u2 * u2
              - math.radians(phase_deg) - math.atan(q0 / math.sqrt(1 - q0 * q0)))
-    v = -scale * math.sin(gamma) * math.exp(-bfac * u2 / 4)
+    v = (1.0 if intact_first_peak and abs(gamma) < math.pi / 2 else -math.sin(gamma)) * math.exp(-bfac * u2 / 4)
+    if absolute:
+        v = abs(v)
+    elif only_flip:
+        v = -1.0 if v < 0 else 1.0
+    v *= scale
     if abs(v) < 1e-8:
         v = 1e-8 if v >= 0 else -1e-8
     return v
@@ -47,6 +54,25 @@ def test_ctf_matches_relion_formula():
         want = [relion_ctf(x, y, 64, 2.5, p.defocus_u[i], p.defocus_v[i], p.defocus_angle[i], 300, 2.7, 0.1,
                            p.phase_shift[i], p.bfactor[i], p.scale[i]) for x, y in zip(kx, ky)]
         np.testing.assert_allclose(got[i], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("switch", ["intact_first_peak", "only_flip", "absolute"])
+def test_ctf_switches_match_relion(switch):
+    """--ctf_intact_first_peak, --only_flip_phases, phase-flipped data: CTF::getCTF's values, here on a line of
+    pixels through the first zeros (where the switches change something)."""
+    p = _params(3)
+    kx = np.linspace(0, 32, 200)
+    ky = np.zeros_like(kx)
+    kwargs = {"intact_first_peak": switch == "intact_first_peak", "only_flip_phases": switch == "only_flip",
+              "absolute": switch == "absolute"}
+    got = ctf_values(p, kx, ky, 64, 2.5, **kwargs)
+    plain = ctf_values(p, kx, ky, 64, 2.5)
+    for i in range(3):
+        want = [relion_ctf(x, y, 64, 2.5, p.defocus_u[i], p.defocus_v[i], p.defocus_angle[i], 300, 2.7, 0.1,
+                           p.phase_shift[i], p.bfactor[i], p.scale[i], intact_first_peak=kwargs["intact_first_peak"],
+                           only_flip=kwargs["only_flip_phases"], absolute=kwargs["absolute"]) for x, y in zip(kx, ky)]
+        np.testing.assert_allclose(got[i], want, atol=1e-6)
+    assert np.mean(np.abs(got - plain) > 1e-3) > 0.05        # the switch changes a part of the curve
 
 
 def test_ctf_at_zero_is_scale_times_q0():

@@ -162,3 +162,28 @@ def test_solvent_corrected_fsc_is_postprocess_fsc_of_the_written_half_maps(tiny:
     no_mask = _refine(["--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o",
                        str(tmp_path / "x"), "--solvent_correct_fsc"], tmp_path)
     assert no_mask.returncode == 2 and "--solvent_correct_fsc: needs" in no_mask.stderr
+
+
+def test_relion_ctf_switches_reach_the_refinement(tiny: Path, small_set: Path, tmp_path: Path):
+    """--ctf_intact_first_peak / --only_flip_phases / --ctf_phase_flipped (RELION's relion_refine options): the
+    state's optics groups carry them (so every CTF of the run does), and _optimiser.star records them under
+    RELION's labels."""
+    from cryorefine.cli import build_parser, main
+    from cryorefine.refine.command import options_from_args
+    from cryorefine.refine.log import RunLog
+    from cryorefine.refine.setup import initialise
+
+    base = ["refine", "--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--sym", "D2",
+            "--particle_diameter", "150"]
+    switches = {"--ctf_intact_first_peak": "intact_first_peak", "--only_flip_phases": "only_flip_phases",
+                "--ctf_phase_flipped": "phase_flipped"}
+    for option, field in switches.items():
+        opts = options_from_args(build_parser("refine").parse_args([*base, "--o", str(tmp_path / "s"), option]))
+        state = initialise(opts, RunLog(str(tmp_path / f"init{field}"), quiet=True))
+        model = state.data.optics[0].optics_model
+        assert {f: getattr(model, f) for f in switches.values()} == {f: f == field for f in switches.values()}
+    assert main([*base, "--o", str(tmp_path / "run"), "--auto_iter_max", "1", "--quiet",
+                 "--ctf_intact_first_peak"]) == 0
+    general = starfile.read(tmp_path / "run_it001_optimiser.star", always_dict=True)["optimiser_general"]
+    assert int(general["rlnDoIgnoreCtfUntilFirstPeak"]) == 1
+    assert int(general["rlnDoOnlyFlipCtfPhases"]) == 0 and int(general["rlnCtfDataArePhaseFlipped"]) == 0

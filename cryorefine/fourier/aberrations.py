@@ -35,7 +35,8 @@ class OpticsModel:
     odd: effective odd Zernike coefficients, beam tilt already inserted (`TiltHelper::insertTilt`);
     even: even Zernike coefficients (rlnEvenZernike); mag: (M00, M01, M10, M11) of rlnMagMat;
     premultiplied: rlnCtfDataAreCtfPremultiplied (data = CTF·image, modelled as CTF²·projection);
-    phase_flipped: rlnCtfDataArePhaseFlipped (the CTF is |CTF|).
+    phase_flipped: rlnCtfDataArePhaseFlipped (the CTF is |CTF|); intact_first_peak, only_flip_phases: RELION's
+    --ctf_intact_first_peak (CTF 1 until its first peak) and --only_flip_phases (the CTF's sign only).
     """
 
     box: int                                  # N_o, px
@@ -45,6 +46,8 @@ class OpticsModel:
     mag: tuple[float, float, float, float] = IDENTITY
     premultiplied: bool = False
     phase_flipped: bool = False
+    intact_first_peak: bool = False
+    only_flip_phases: bool = False
 
     @property
     def has_odd(self) -> bool:
@@ -197,7 +200,16 @@ def optics_ctf(params: CtfParams, optics: OpticsModel, kx: ArrayLike, ky: ArrayL
     data (`CTF::getFftwImage` without padding; the premultiplied flag is *not* applied here)."""
     x, y = mag_frequencies(optics.mag, kx, ky)
     goff = gamma_offset(optics, kx, ky) if optics.has_even else None
-    return ctf_values(params, x, y, optics.box, optics.angpix, gamma_offset=goff, absolute=optics.phase_flipped)
+    return ctf_values(params, x, y, optics.box, optics.angpix, gamma_offset=goff, absolute=optics.phase_flipped,
+                      intact_first_peak=optics.intact_first_peak, only_flip_phases=optics.only_flip_phases)
+
+
+def with_ctf_switches(optics: OpticsModel, intact_first_peak: bool = False, only_flip_phases: bool = False,
+                      phase_flipped: bool = False) -> OpticsModel:
+    """The group's model with RELION's run-wide CTF options (--ctf_intact_first_peak, --only_flip_phases,
+    --ctf_phase_flipped; phase-flipped also where the optics table says so)."""
+    return replace(optics, intact_first_peak=intact_first_peak, only_flip_phases=only_flip_phases,
+                   phase_flipped=optics.phase_flipped or phase_flipped)
 
 
 def model_ctf(params: CtfParams, optics: OpticsModel, kx: ArrayLike, ky: ArrayLike) -> NDArray[np.float32]:

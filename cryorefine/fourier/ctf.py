@@ -109,11 +109,12 @@ def _coefficients(params: CtfParams, box: ArrayLike, angpix: ArrayLike) -> NDArr
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
-def _ctf_kernel(coef, kx, ky, goff, absolute, out):  # pragma: no cover - compiled
+def _ctf_kernel(coef, kx, ky, goff, absolute, intact_first_peak, only_flip, out):  # pragma: no cover - compiled
     n, m = out.shape
     stride = 1 if kx.shape[0] > 1 else 0
     gstride = 1 if goff.shape[0] > 1 else 0
     two_pi = 2.0 * np.pi
+    half_pi = 0.5 * np.pi
     for i in numba.prange(n):
         cxx = coef[i, 0]
         cyy = coef[i, 1]
@@ -129,10 +130,19 @@ def _ctf_kernel(coef, kx, ky, goff, absolute, out):  # pragma: no cover - compil
             r2 = x * x + y * y
             # phase in float64 (it reaches hundreds of radians), reduced to [-π, π) so float32 sin is exact enough
             gamma = cxx * x * x + cyy * y * y + cxy * x * y + c4 * r2 * r2 + c0 + goff[j * gstride]
-            gamma -= two_pi * np.floor(gamma / two_pi + 0.5)
-            v = -scale * np.sin(np.float32(gamma)) * np.exp(cb * np.float32(r2))
+            # RELION's order (CTF::getCTF): 1 before the first peak (|γ| < π/2, the unreduced phase), damping,
+            # then |·| or the sign, then the scale
+            if intact_first_peak and abs(gamma) < half_pi:
+                v = np.float32(1.0)
+            else:
+                gamma -= two_pi * np.floor(gamma / two_pi + 0.5)
+                v = -np.sin(np.float32(gamma))
+            v *= np.exp(cb * np.float32(r2))
             if absolute:
                 v = abs(v)
+            elif only_flip:
+                v = np.float32(-1.0) if v < 0.0 else np.float32(1.0)
+            v *= scale
             # RELION never lets the CTF be exactly 0 (later divisions); sign of 0 counts as +
             if abs(v) < 1e-8:
                 v = np.float32(1e-8) if v >= 0.0 else np.float32(-1e-8)
@@ -140,12 +150,14 @@ def _ctf_kernel(coef, kx, ky, goff, absolute, out):  # pragma: no cover - compil
 
 
 def ctf_values(params: CtfParams, kx: ArrayLike, ky: ArrayLike, box: ArrayLike, angpix: ArrayLike,
-               gamma_offset: ArrayLike | None = None, absolute: bool = False) -> NDArray[np.float32]:
+               gamma_offset: ArrayLike | None = None, absolute: bool = False, intact_first_peak: bool = False,
+               only_flip_phases: bool = False) -> NDArray[np.float32]:
     """(n, m) CTF of n particles at Fourier pixels (kx, ky) of their `box`-sized images (pixel `angpix` Å).
 
     kx, ky: (m,) shared by all particles or (n, m) per particle; box, angpix: scalars or (n,) arrays.
     gamma_offset: (m,) phase in rad added to γ at each pixel (RELION's even-Zernike `getGammaOffset`, the
-    `gammaOffset` argument of `CTF::getCTF`); absolute: |CTF| (phase-flipped data, `do_abs`).
+    `gammaOffset` argument of `CTF::getCTF`); absolute: |CTF| (phase-flipped data, `do_abs`); intact_first_peak:
+    1 where |γ| < π/2 (RELION's --ctf_intact_first_peak); only_flip_phases: the CTF's sign (±1 times the scale).
     """
     kx = np.asarray(kx, dtype=np.float64)
     ky = np.asarray(ky, dtype=np.float64)
@@ -161,7 +173,7 @@ def ctf_values(params: CtfParams, kx: ArrayLike, ky: ArrayLike, box: ArrayLike, 
         raise ValueError(f"gamma_offset has {goff.size} values for {kx.shape[1]} pixels")
     if n and kx.shape[1]:
         _ctf_kernel(_coefficients(params, box, angpix), np.ascontiguousarray(kx), np.ascontiguousarray(ky), goff,
-                    bool(absolute), out)
+                    bool(absolute), bool(intact_first_peak), bool(only_flip_phases), out)
     return out
 
 

@@ -24,7 +24,8 @@ from numpy.typing import NDArray
 
 from cryorefine.errors import option_error, require
 from cryorefine.fourier import backprojector as bpmod
-from cryorefine.fourier.aberrations import OpticsModel, demodulate, model_frequencies, optics_ctf
+from cryorefine.fourier.aberrations import (OpticsModel, demodulate, model_frequencies, optics_ctf,
+                                            with_ctf_switches)
 from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS, ctf_params_from_table
 from cryorefine.fourier.filters import phase_shift_2d
 from cryorefine.fourier.transforms import rfft2_centered, rfft_freqs_2d
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctf", action="store_true", help="apply CTF correction")
     p.add_argument("--ctf_phase_flipped", action="store_true",
                    help="images have been phase flipped (as rlnCtfDataArePhaseFlipped 1 in data_optics)")
+    p.add_argument("--ctf_intact_first_peak", action="store_true",
+                   help="the CTF is 1 until its first peak (|gamma| < pi/2), as RELION's")
+    p.add_argument("--only_flip_phases", action="store_true",
+                   help="correct only the CTF's phases (its sign), not its amplitudes, as RELION's")
     p.add_argument("--subset", type=int, default=-1,
                    help="1 or 2: only particles with this rlnRandomSubset; other values: all (as RELION)")
     p.add_argument("--class", dest="chosen_class", type=int, default=-1,
@@ -168,13 +173,14 @@ def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
 
 def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
                       batch: int = BATCH, progress: bool = True, fom: NDArray | None = None,
-                      phase_flipped: bool = False, what: str = "particles") -> int:
+                      ctf_switches: dict[str, bool] | None = None, what: str = "particles") -> int:
     """Insert the particles `rows` of a ParticleTable into bp (model box bp.ori_size, pixel `angpix`).
 
     Each optics group's aberrations are corrected as relion_reconstruct does: the data are demodulated by the
     odd phase (beam tilt, odd Zernikes), the CTF includes the even Zernikes and is evaluated at M·k, and pixel
     k is inserted at the model frequency s·M·k (fourier.aberrations). `fom` (per table row): RELION
-    --fom_weighting, both the image and its CTF² weight are multiplied by it.
+    --fom_weighting, both the image and its CTF² weight are multiplied by it. `ctf_switches`: the keywords of
+    fourier.aberrations.with_ctf_switches (RELION's --ctf_phase_flipped, --ctf_intact_first_peak, --only_flip_phases).
     """
     from dataclasses import replace
 
@@ -206,8 +212,8 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
         first = images.read(g_rows[:1])
         n_o = first.shape[-1]
         optics: OpticsModel = replace(models[int(g)], box=n_o, angpix=p_o)
-        if phase_flipped:
-            optics = replace(optics, phase_flipped=True)
+        if ctf_switches:
+            optics = with_ctf_switches(optics, **ctf_switches)
         ky, kx = rfft_freqs_2d(n_o)
         # k_model = s·M·k_o, s = (N_o p_o)/(N p): the group's frequencies on the model grid
         scale = (n_model * angpix) / (n_o * p_o)
@@ -323,7 +329,9 @@ def run(args: argparse.Namespace) -> int:
     backproject_table(table, reducer.share(rows), bp, angpix, args.ctf, batch=args.batch,
                       progress=reducer.is_leader, fom=fom,
                       what="particles of rank 0's share" if reducer.size > 1 else "particles",
-                      phase_flipped=bool(getattr(args, "ctf_phase_flipped", False)))
+                      ctf_switches={"phase_flipped": args.ctf_phase_flipped,
+                                    "intact_first_peak": args.ctf_intact_first_peak,
+                                    "only_flip_phases": args.only_flip_phases})
     reducer.sum_array(bp.data)
     reducer.sum_array(bp.weight)
     if not reducer.is_leader:

@@ -73,7 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dont_skip_gridding", action="store_true",
                    help="RELION: iterative gridding in the M-step (not available: ignored with a log line)")
     m.add_argument("--ctf_intact_first_peak", action="store_true",
-                   help="RELION: ignore CTFs until their first peak (not available: ignored with a log line)")
+                   help="the CTF is 1 until its first peak (|gamma| < pi/2), as RELION's")
+    m.add_argument("--ctf_phase_flipped", action="store_true",
+                   help="the images have been phase-flipped (the CTF is |CTF|), as RELION's")
+    m.add_argument("--only_flip_phases", action="store_true",
+                   help="CTF correction by phase flipping only (the CTF's sign), as RELION's")
     m.add_argument("--flatten_solvent", action="store_true", default=True, help="solvent flattening (default on)")
     m.add_argument("--no_flatten_solvent", dest="flatten_solvent", action="store_false")
     m.add_argument("--zero_mask", action="store_true", default=True, help="fill outside the particle mask with "
@@ -168,7 +172,6 @@ IGNORED_OPTIONS: dict[str, str] = {
     "dont_skip_gridding": "WARNING: --dont_skip_gridding is not available; the M-step does not grid (RELION 4+ "
                           "default)",
     "trust_ref_size": "--trust_ref_size: the reference is always rescaled / re-boxed to the particles if needed",
-    "ctf_intact_first_peak": "WARNING: --ctf_intact_first_peak is not available; the full CTF is used",
     "blush": "WARNING: --blush (neural-network regularisation) is not available; RELION's standard "
              "regularisation is used",
     "relax_sym": "WARNING: --relax_sym {v} is not available; poses are searched with --sym only",
@@ -256,6 +259,8 @@ _OPTIMISER_OPTIONS = {
     "rlnDoSolventFlattening": ("flatten_solvent", bool), "rlnAutoLocalSearchesHealpixOrder":
     ("auto_local_healpix_order", int), "rlnDoCorrectNorm": ("norm", bool), "rlnDoCorrectScale": ("scale", bool),
     "rlnDoCorrectCtf": ("ctf", bool), "rlnRandomSeed": ("random_seed", int),
+    "rlnDoIgnoreCtfUntilFirstPeak": ("ctf_intact_first_peak", bool),
+    "rlnCtfDataArePhaseFlipped": ("ctf_phase_flipped", bool), "rlnDoOnlyFlipCtfPhases": ("only_flip_phases", bool),
 }
 
 
@@ -365,7 +370,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     return RefineOptions(
         fn_in=args.fn_in, fn_ref=args.fn_ref, fn_out=args.fn_out, sym=args.sym, ini_high=args.ini_high,
         particle_diameter=args.particle_diameter, maskedge_px=args.maskedge, firstiter_cc=firstiter_cc,
-        ctf=args.ctf, flatten_solvent=args.flatten_solvent, zero_mask=args.zero_mask,
+        ctf=args.ctf, ctf_intact_first_peak=args.ctf_intact_first_peak, ctf_phase_flipped=args.ctf_phase_flipped,
+        only_flip_phases=args.only_flip_phases, flatten_solvent=args.flatten_solvent, zero_mask=args.zero_mask,
         solvent_mask=args.solvent_mask, solvent_correct_fsc=args.solvent_correct_fsc, norm=args.norm,
         scale=args.scale, pad=args.pad,
         healpix_order=args.healpix_order, auto_local_healpix_order=args.auto_local_healpix_order,

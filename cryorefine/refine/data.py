@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
-from cryorefine.fourier.aberrations import OpticsModel, model_ctf
+from cryorefine.fourier.aberrations import OpticsModel, model_ctf, with_ctf_switches
 from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS, CtfParams, ctf_params_from_table
 from cryorefine.fourier.filters import coloured_noise, mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
@@ -67,9 +67,10 @@ def column(table: ParticleTable, label: str, default: float) -> NDArray[np.float
 
 
 def load_particles(path: str, model_box: int | None, model_angpix: float | None, seed: int,
-                   need_ctf: bool, angpix: float | None = None) -> ParticleData:
+                   need_ctf: bool, angpix: float | None = None, ctf_switches: dict[str, bool] | None = None
+                   ) -> ParticleData:
     """Read a particle STAR file, check it, assign half-sets (spec §1.5) and groups (`angpix`: pixel size of a RELION
-    3.0 file that gives none)."""
+    3.0 file that gives none; `ctf_switches`: the keywords of fourier.aberrations.with_ctf_switches)."""
     table = read_particles(path, angpix=angpix)
     df = table.particles
     if len(df) == 0:
@@ -94,7 +95,10 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
         b, p = int(boxes[first[o]]), float(pix[first[o]])
         if b % 2:
             raise InputError(f"{path}: optics group {o} has an odd box size {b}; an even box is needed")
-        optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p), models[int(o)]))
+        model = models[int(o)]
+        if ctf_switches:
+            model = with_ctf_switches(model if model is not None else OpticsModel(b, p), **ctf_switches)
+        optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p), model))
     optics_index = np.searchsorted(np.array(uniq), opt_numbers)
     ctf = ctf_params_from_table(table)
     if "rlnGroupName" in df.columns:

@@ -133,6 +133,8 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         "rlnSmallestChangesOffsets": c.smallest_changes_offset, "rlnSmallestChangesClasses": c.smallest_changes_class,
         "rlnHasConverged": int(c.has_converged), "rlnHasHighFscAtResolLimit": int(c.has_high_fsc_at_limit),
         "rlnDoCorrectNorm": int(o.norm), "rlnDoCorrectScale": int(o.scale), "rlnDoCorrectCtf": int(o.ctf),
+        "rlnDoIgnoreCtfUntilFirstPeak": int(o.ctf_intact_first_peak), "rlnCtfDataArePhaseFlipped":
+        int(o.ctf_phase_flipped), "rlnDoOnlyFlipCtfPhases": int(o.only_flip_phases),
         "rlnRefsAreCtfCorrected": 1, "rlnMaxNumberOfPooledParticles": o.batch_size,
         # not a RELION label (RELION re-derives the flag): lets --continue check convergence exactly
         FINE_ENOUGH_LABEL: int(c.has_fine_enough_angular_sampling),

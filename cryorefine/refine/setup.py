@@ -71,7 +71,10 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     """The state before iteration 1 (or, with opts.continue_from, after the iteration it names)."""
     reducer = reducer or get_reducer()
     data = load_particles(opts.fn_in, None, None, opts.random_seed, opts.ctf,
-                          angpix=opts.angpix if opts.angpix > 0 else None)
+                          angpix=opts.angpix if opts.angpix > 0 else None,
+                          ctf_switches={"intact_first_peak": opts.ctf_intact_first_peak,
+                                        "only_flip_phases": opts.only_flip_phases,
+                                        "phase_flipped": opts.ctf_phase_flipped})
     box, angpix = data.model_box, data.model_angpix
     if opts.angpix > 0 and data.table.version != "3.0":
         log.line(f" --angpix {opts.angpix:g}: not used; the optics groups of {opts.fn_in} give the pixel size "

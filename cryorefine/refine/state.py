@@ -27,7 +27,9 @@ class RefineOptions:
     maskedge_px: float = 5.0
     firstiter_cc: bool = True
     ctf: bool = True
-    ctf_intact_first_peak: bool = False
+    ctf_intact_first_peak: bool = False            # RELION's CTF switches (fourier.ctf.ctf_values)
+    ctf_phase_flipped: bool = False
+    only_flip_phases: bool = False
     flatten_solvent: bool = True
     zero_mask: bool = True
     solvent_mask: str | None = None
