@@ -64,7 +64,9 @@ POSE_RULES: dict[str, Rule] = {
 # figure of merit, coordinates in refine) must not stop a job (--fom_weighting checks its own column)
 PARTICLE_RULES: dict[str, Rule] = {
     **CTF_RULES, **POSE_RULES,
-    "rlnRandomSubset": Rule(lambda v: (v == 1) | (v == 2), "1 or 2"),
+    # 0 everywhere = not assigned yet (refine splits at random, as RELION); what refine accepts is checked by
+    # check_half_sets, and reconstruct reads the column only for --subset 1/2 (RELION)
+    "rlnRandomSubset": Rule(lambda v: v == np.round(v), "a whole number"),
     "rlnClassNumber": Rule(lambda v: v == np.round(v), "a whole number"),
     "rlnOpticsGroup": Rule(lambda v: v == np.round(v), "a whole number"),
 }
@@ -166,9 +168,19 @@ def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_b
 
 
 def check_half_sets(subset: NDArray, path: str | Path) -> None:
-    """Gold-standard refinement: both half-sets must hold particles."""
+    """Gold-standard refinement from a file's rlnRandomSubset: all 0 (the halves are drawn at random), or all 1 or
+    2 with both half-sets holding particles (RELION's divideParticlesInRandomHalves)."""
     subset = np.asarray(subset)
     require(subset.size >= 2, f"{path}: {subset.size} particle(s); a gold-standard refinement needs at least 2")
+    if not np.any(subset != 0):
+        return
+    require(bool(np.all(subset != 0)), f"{path}: rlnRandomSubset is 0 for {int(np.sum(subset == 0))} of "
+                                       f"{subset.size} particles and not for the others: all 0 (the halves drawn "
+                                       f"at random) or all 1 or 2")
+    wrong = np.nonzero((subset != 1) & (subset != 2))[0]
+    require(wrong.size == 0, f"{path}: rlnRandomSubset = {subset[wrong[0]] if wrong.size else 0:g} in particle "
+                             f"{wrong[0] + 1 if wrong.size else 0} ({wrong.size} particles): must be 1 or 2 (or 0 "
+                             f"for all, to draw the halves at random)")
     for h in (1, 2):
         require(bool(np.any(subset == h)), f"{path}: half-set {h} has no particles (rlnRandomSubset); both "
                                            f"half-sets need particles (with very few particles give "

@@ -334,6 +334,42 @@ def test_single_particle_and_empty_half_set(sub, small_set, tmp_path, capsys):
     assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
 
 
+def test_reconstruct_odd_box_and_negative_maxres(sub, tmp_path, capsys):
+    """An odd first image box is one error line (it was a traceback); any negative --maxres is Nyquist (RELION)."""
+    t = read_particles(sub)
+    imgs = np.stack([mrcfile.read(name.split("@")[1])[int(name.split("@")[0]) - 1, :63, :63]
+                     for name in t.particles["rlnImageName"]])
+    mrcfile.write(tmp_path / "odd.mrcs", imgs.astype(np.float32))
+    t.optics["rlnImageSize"] = 63
+    t.particles["rlnImageName"] = [f"{i + 1}@{tmp_path / 'odd.mrcs'}" for i in range(len(imgs))]
+    write_particles(tmp_path / "odd.star", t)
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(tmp_path / "odd.star"), "--o", str(tmp_path / "o.mrc")])
+    assert rc == 2 and "odd.star: the first image (1@" in err and "odd box size 63" in err
+    for maxres in ("-5", "-1"):
+        assert main(["reconstruct", "--i", str(sub), "--o", str(tmp_path / f"n{maxres}.mrc"), "--maxres", maxres]) == 0
+    np.testing.assert_array_equal(read_map(tmp_path / "n-5.mrc")[0], read_map(tmp_path / "n-1.mrc")[0])
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "z.mrc"), "--maxres", "0"])
+    assert rc == 2 and "--maxres" in err
+
+
+def test_random_subset_semantics_as_relion(sub, small_set, tmp_path, capsys):
+    """rlnRandomSubset as RELION's divideParticlesInRandomHalves: 0 everywhere = halves drawn at random; a mix of 0
+    and 1/2, or another value, stops refine naming the particle; reconstruct reads it only for --subset 1/2."""
+    zeros = edited(sub, "particles", "rlnRandomSubset", -1, 0)
+    assert main(refine_argv(zeros, small_set / "reference.mrc", tmp_path / "z" / "run")) == 0
+    halves = read_star(tmp_path / "z" / "run_it001_data.star")["particles"]["rlnRandomSubset"]
+    assert set(halves) == {1, 2}
+    mixed = edited(sub, "particles", "rlnRandomSubset", 4, 0)
+    rc, err = error_of(capsys, refine_argv(mixed, small_set / "reference.mrc", tmp_path / "m" / "run"))
+    assert rc == 2 and "rlnRandomSubset is 0 for 1 of 40 particles" in err
+    three = edited(sub, "particles", "rlnRandomSubset", 6, 3)
+    rc, err = error_of(capsys, refine_argv(three, small_set / "reference.mrc", tmp_path / "t" / "run"))
+    assert rc == 2 and "rlnRandomSubset = 3 in particle 7" in err
+    assert main(["reconstruct", "--i", str(three), "--o", str(tmp_path / "all.mrc"), "--ctf"]) == 0
+    assert main(["reconstruct", "--i", str(sub), "--o", str(tmp_path / "ref_all.mrc"), "--ctf"]) == 0
+    np.testing.assert_array_equal(read_map(tmp_path / "all.mrc")[0], read_map(tmp_path / "ref_all.mrc")[0])
+
+
 def _map_file(path: Path, data: np.ndarray, angpix: float = 2.5) -> Path:
     with mrcfile.new(path, overwrite=True) as m:
         m.set_data(np.asarray(data, np.float32))

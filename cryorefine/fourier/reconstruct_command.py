@@ -284,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         symmetry_matrices(args.sym)
     if args.subset not in (1, 2):      # RELION: "1: only half1; 2: only half2; other: reconstruct all"
         args.subset = -1
-    require(args.maxres == -1.0 or args.maxres > 0, f"--maxres: must be > 0 (got {args.maxres:g})")
+    require(math.isfinite(args.maxres) and args.maxres != 0,
+            f"--maxres: must be a resolution > 0 A, or negative for Nyquist (got {args.maxres:g})")
     # nan fails both "> 0" and "<= 0": it would silently mean "the first optics group's"
     require(math.isfinite(args.angpix) and args.angpix != 0,
             f"--angpix: must be a pixel size > 0 A, or negative for the first optics group's (got {args.angpix:g})")
@@ -315,6 +316,10 @@ def run(args: argparse.Namespace) -> int:
             f"--3d_rot: needs 3D images (subtomograms), but {args.i} holds 2D images; leave out --3d_rot")
     require(not args.rot3d, "--3d_rot: reconstruction from 3D images (subtomograms) is not available")
     box = int(first_image.shape[-1])   # like RELION: the first image's size
+    # RELION does not check, but its centring by sign (CenterFFTbySign) is wrong for odd sizes
+    require(box % 2 == 0, f"{args.i}: the first image ({table.particles['rlnImageName'].iloc[0]}) has an odd box "
+                          f"size {box}, which is the reconstruction's; an even box is needed (re-box the particles "
+                          f"with `cryorefine image-handler --new_box`)")
     angpix = float(args.angpix) if args.angpix > 0 else float(table.optics["rlnImagePixelSize"].iloc[0])
     r_max = None
     if args.maxres > 0:

@@ -14,6 +14,7 @@ from cryorefine.fourier.filters import coloured_noise, mask_particles
 from cryorefine.fourier.transforms import rfft2_centered
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import ParticleTable, optics_models, particle_optics, read_particles
+from cryorefine.validate import check_half_sets
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,9 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
         names = np.array(["group1"] * len(df))
     group_names, group = np.unique(names, return_inverse=True)
     subset = column(table, "rlnRandomSubset", 0).astype(np.int64)
-    if np.all(subset > 0):
-        if not np.all((subset == 1) | (subset == 2)):
-            raise InputError(f"{path}: rlnRandomSubset must be 1 or 2")
-    elif np.any(subset > 0):
-        raise InputError(f"{path}: rlnRandomSubset is set for some particles and not for others")
-    else:
+    if np.any(subset != 0):
+        check_half_sets(subset, path)
+    else:                                  # not assigned yet: drawn at random (RELION)
         subset = np.random.default_rng(seed).integers(1, 3, size=len(df))
     return ParticleData(table, images, optics, optics_index, ctf, group.astype(np.int64),
                         [str(g) for g in group_names], subset, n0, p0)
