@@ -472,6 +472,35 @@ def test_disk_full_or_out_of_memory_is_one_line(small_set, tmp_path, capsys, mon
     assert rc == 1 and len(err) == 1 and phrase in err[0], err
 
 
+def test_full_disk_names_the_output_file(small_set, tmp_path, capsys, monkeypatch):
+    """A write that fails for lack of space names no file (errno 28 from write()); the error line names the output
+    being written, not nothing (nor a hidden temporary), and no partial file is left."""
+    from cryorefine.io import mrc
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, _data):
+            raise OSError(28, "No space left on device")
+
+    real_open = open
+    def opened(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if "w" in mode else f
+    monkeypatch.setattr(mrc, "open", opened, raising=False)
+    rc, err = error_of(capsys, ["image-handler", "--i", str(small_set / "reference.mrc"), "--o",
+                                str(tmp_path / "a.mrc"), "--new_box", "32"])
+    assert rc == 1 and f"error: {tmp_path / 'a.mrc'}: No space left on device" in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_reconstruct_subset_other_than_1_or_2_is_all_and_bad_angpix_or_folder_refused(sub, tmp_path, capsys):
     """RELION: "--subset 1: only half1; 2: only half2; other: reconstruct all"; --pad 2.0 is RELION's number."""
     assert main(["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3", "--pad", "2.0"]) == 0

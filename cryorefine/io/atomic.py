@@ -31,6 +31,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         # mkstemp makes 0600 files; outputs get the usual 0666 & ~umask like any other file
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        if exc.filename is None or exc.filename == str(tmp_path):
+            # a failed write names no file (a full disk): the error line must name the output, not a temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
