@@ -229,3 +229,47 @@ def test_null_sigma_vector_round_trip_and_errors(tmp_path):
     for bad in ("0.1,0.2", "[0.1,abc]", "[]", "[nan,1]"):
         with pytest.raises(InputError, match="run_it001_optimiser.star: _cryorefineFscNullSigma"):
             _shell_vector({FSC_NULL_SIGMA_LABEL: bad}, FSC_NULL_SIGMA_LABEL, tmp_path / "run_it001_optimiser.star")
+
+
+def test_converged_run_continues_only_to_redo_incomplete_final_files(uninterrupted, tmp_path):
+    """A converged run's optimiser (its iteration was the final one): with every final file there, nothing to
+    continue, also from the unnumbered run_optimiser.star; with one missing (a run stopped while writing them),
+    the final iteration is made again from the iteration before."""
+    from cryorefine.errors import InputError
+    from cryorefine.refine.restart import FINAL_SUFFIXES, continue_point
+
+    out_a, _, _ = uninterrupted
+    for f in Path(out_a).parent.glob("run_it00[12]_*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    last = tmp_path / "run_it002_optimiser.star"
+    general = {**read_star(last)["optimiser_general"], "rlnHasConverged": 1}
+    assert continue_point(last, {**general, "rlnHasConverged": 0}) == (last, None)
+    for suffix in FINAL_SUFFIXES:
+        (tmp_path / f"run{suffix}").write_bytes(b"x")
+    for path in (last, tmp_path / "run_optimiser.star"):
+        with pytest.raises(InputError, match="converged at iteration 2 and its final files .* were written"):
+            continue_point(path, general)
+    (tmp_path / "run_half2_class001_unfil.mrc").unlink()
+    path, note = continue_point(last, general)
+    assert path == tmp_path / "run_it001_optimiser.star"
+    assert "run_half2_class001_unfil.mrc missing): making it again from run_it001_optimiser.star" in note
+    (tmp_path / "run_it001_optimiser.star").unlink()
+    with pytest.raises(InputError, match="run_it001_optimiser.star, from which it would be made again, is not there"):
+        continue_point(last, general)
+
+
+def test_continue_without_o_or_with_the_runs_root_writes_ct_files(uninterrupted, star, small_set, tmp_path):
+    """RELION's parseContinue: no --o, or the run's own root, gives <root>_ct<iteration>, so a continued run never
+    rewrites the iteration files it goes on from; another --o is used as given."""
+    from cryorefine.refine.command import compatibility_notes, continue_arguments, given_dests
+
+    out_a, _, _ = uninterrupted
+    opt = str(out_a) + "_it001_optimiser.star"
+    for extra in ([], ["--o", str(out_a)], ["--o", str(tmp_path / "new" / "run")]):
+        argv = ["refine", "--continue", opt, *extra]
+        args = build_parser("refine").parse_args(argv)
+        continue_arguments(args, given_dests(argv[1:]))
+        want = str(tmp_path / "new" / "run") if extra[-1:] == [str(tmp_path / "new" / "run")] else f"{out_a}_ct1"
+        assert args.fn_out == want, extra
+        noted = any("_ct1, as RELION's --continue names it" in n for n in compatibility_notes(args))
+        assert noted == want.endswith("_ct1"), extra

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 from dataclasses import replace
@@ -206,8 +207,9 @@ def relion_command_line_defaults(args: argparse.Namespace, given: set[str]) -> l
 
 
 def compatibility_notes(args: argparse.Namespace) -> list[str]:
-    """One log line per RELION option that was given but means nothing (or is not available) here."""
-    notes = []
+    """One log line per RELION option that was given but means nothing (or is not available) here, and what a
+    --continue decided (where it goes on from, its output root)."""
+    notes = list(getattr(args, "_continue_notes", []))
     if getattr(args, "_continue_unused", None):
         names = ", ".join(n.replace("fn_ref", "ref").replace("absolute_greyscale", "ref_is_absolute_greyscale")
                           for n in args._continue_unused)
@@ -276,15 +278,21 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
     map (its maps replace the reference anyway); --o: the recorded output root.
     """
     from cryorefine.io.star import read_star
-    from cryorefine.refine.restart import iteration_files
+    from cryorefine.refine.restart import continue_point, iteration_files
 
     opt_path = Path(args.continue_from)
     require(opt_path.is_file(), f"{opt_path}: no such file (--continue)")
     args._continue_unused = [f"--{d}" for d in CONTINUE_UNUSED if d in given]
-    files = iteration_files(opt_path)
-    blocks = read_star(opt_path)
-    gen = blocks.get("optimiser_general")
+    iteration_files(opt_path)          # the name is an _optimiser.star's
+    gen = read_star(opt_path).get("optimiser_general")
     require(isinstance(gen, dict), f"{opt_path}: no data_optimiser_general block: not an _optimiser.star file")
+    opt_path, note = continue_point(opt_path, gen)
+    if note:
+        args.continue_from = str(opt_path)
+        args._continue_notes = [note]
+        gen = read_star(opt_path).get("optimiser_general")
+        require(isinstance(gen, dict), f"{opt_path}: no data_optimiser_general block: not an _optimiser.star file")
+    files = iteration_files(opt_path)
     for label in ("rlnDoAutoRefine", "rlnDoSplitRandomHalves"):     # a classification's file: not ours to go on
         require(str(gen.get(label, 1)).strip() not in ("0", "0.0", "False", "false"),
                 f"{opt_path}: not a 3D auto-refine run with gold-standard halves (_{label} {gen.get(label)})")
@@ -317,11 +325,16 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
         args.fn_in = recorded or str(data if str(data) else files["data"])
     if "fn_ref" not in given:
         args.fn_ref = str(files["map1"])
-    if "fn_out" not in given:
-        root = gen.get("rlnOutputRootName")
-        require(isinstance(root, str) and bool(root),
-                f"{opt_path}: no _rlnOutputRootName: give --o with --continue")
-        args.fn_out = root
+    root = gen.get("rlnOutputRootName")
+    if "fn_out" not in given or (isinstance(root, str) and os.path.normpath(args.fn_out) == os.path.normpath(root)):
+        # RELION (MlOptimiser::parseContinue): without --o, or with the run's own root, the output root is the
+        # run's plus _ct<iteration>, so that a continued run never rewrites the files it goes on from
+        require(isinstance(root, str) and bool(root), f"{opt_path}: no _rlnOutputRootName: give --o with --continue")
+        it = int(float(gen.get("rlnCurrentIteration", 0)))
+        args.fn_out = f"{root}_ct{it}"
+        args._continue_notes = [*getattr(args, "_continue_notes", []),
+                                f" Output root {args.fn_out} (the run's root {root} with _ct{it}, as RELION's "
+                                f"--continue names it)"]
 
 
 def options_from_args(args: argparse.Namespace) -> RefineOptions:

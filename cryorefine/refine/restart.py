@@ -53,6 +53,39 @@ def iteration_files(optimiser_star: str | Path) -> dict[str, Path]:
             "map1": Path(f"{root}_half1_class001.mrc"), "map2": Path(f"{root}_half2_class001.mrc")}
 
 
+# the files only the final, joined iteration writes (unnumbered), beside its run_itNNN_* ones
+FINAL_SUFFIXES = ("_class001.mrc", "_half1_class001_unfil.mrc", "_half2_class001_unfil.mrc", "_data.star",
+                  "_model.star", "_sampling.star", "_optimiser.star")
+
+
+def _truthy(value: object) -> bool:
+    """A STAR flag (1, 1.0, true) as a bool; anything else is False."""
+    return str(value).strip().lower() in ("1", "1.0", "true")
+
+
+def continue_point(optimiser_star: str | Path, general: dict) -> tuple[Path, str | None]:
+    """The optimiser file a --continue goes on from, and a log line when it is not the one given: a converged
+    run's optimiser (its iteration was the final, joined one) can only be gone on from when that iteration's
+    final files are incomplete (a run stopped while writing them), and then from the iteration before, which makes
+    the final iteration again; InputError when there is nothing to continue."""
+    path = Path(optimiser_star)
+    if not _truthy(general.get("rlnHasConverged", 0)):
+        return path, None
+    it = int(float(general.get("rlnCurrentIteration", 0)))
+    head = str(path)[: -len(OPTIMISER_SUFFIX)] if str(path).endswith(OPTIMISER_SUFFIX) else str(path)
+    root = head[: -len(f"_it{it:03d}")] if head.endswith(f"_it{it:03d}") else head
+    missing = [Path(root + suffix).name for suffix in FINAL_SUFFIXES if not Path(root + suffix).is_file()]
+    if not missing:
+        raise InputError(f"{path}: the refinement converged at iteration {it} and its final files ({root}_class001.mrc"
+                         f", ...) were written; there is nothing to continue")
+    previous = Path(f"{root}_it{it - 1:03d}{OPTIMISER_SUFFIX}")
+    require(previous.is_file(), f"{path}: iteration {it} was the final, joined iteration and its final files are "
+                                f"incomplete ({', '.join(missing)} missing), but {previous}, from which it would be "
+                                f"made again, is not there")
+    return previous, (f" {path.name}: iteration {it} was the final one, but its final files are incomplete "
+                      f"({', '.join(missing)} missing): making it again from {previous.name}")
+
+
 def _locate(sibling: Path, recorded: object, moved: bool = True) -> Path:
     """The file next to the optimiser, else (if the optimiser was moved alone) the one the optimiser names;
     InputError naming the expected file."""
@@ -331,9 +364,8 @@ def restore(optimiser_star: str, data, box: int, angpix: float, opts: RefineOpti
     opt = _block(read_star(opt_path), "optimiser_general", opt_path, loop=False)
     it = _value(opt, "rlnCurrentIteration", opt_path, int)
     require(it >= 0, f"{opt_path}: _rlnCurrentIteration must be >= 0")
-    if _value(opt, "rlnHasConverged", opt_path, bool):
-        raise InputError(f"{opt_path}: the refinement converged at iteration {it} and its final files were "
-                         f"written; there is nothing to continue")
+    require(not _value(opt, "rlnHasConverged", opt_path, bool),
+            f"{opt_path}: the refinement converged at iteration {it}: continue from the iteration before")
     recorded = {"data": opt.get("rlnExperimentalDataStarFile"), "sampling": opt.get("rlnOrientSamplingStarFile"),
                 "model1": opt.get("rlnModelStarFile"), "model2": opt.get("rlnModelStarFile2")}
     moved = not any(p.is_file() for p in files.values())   # else one file missing beside the others: stop
