@@ -334,6 +334,27 @@ def test_single_particle_and_empty_half_set(sub, small_set, tmp_path, capsys):
     assert_only_log(tmp_path / "a") and assert_only_log(tmp_path / "b")
 
 
+def test_two_runs_on_one_root_and_a_killed_runs_temporaries(sub, small_set, tmp_path, capsys):
+    """A refine whose output root another process is writing (its log locked) stops with one line and touches
+    nothing; a run that starts cleans the hidden temporaries a killed run left on its root (not another root's)."""
+    import fcntl
+    out = tmp_path / "o" / "run"
+    out.parent.mkdir()
+    with open(f"{out}.out", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", out))
+        assert rc == 2 and f"{out}.out: another cryorefine refine is writing this run now" in err
+        assert Path(f"{out}.out").read_text() == "" and sorted(p.name for p in out.parent.iterdir()) == ["run.out"]
+    stale = out.parent / ".run_it001_half1_class001.mrc.abcd1234.tmp.mrc"
+    other = out.parent / ".run_ct3_it004_data.star.abcd1234.tmp.star"
+    stale.write_bytes(b"x" * 100)
+    other.write_bytes(b"x")
+    assert main(refine_argv(sub, small_set / "reference.mrc", out)) == 0
+    assert not stale.exists() and other.exists()
+    assert "Removed 1 temporary file(s) a stopped run left (.run_it001_half1_class001.mrc" in \
+        Path(f"{out}.out").read_text()
+
+
 def test_reconstruct_odd_box_and_negative_maxres(sub, tmp_path, capsys):
     """An odd first image box is one error line (it was a traceback); any negative --maxres is Nyquist (RELION)."""
     t = read_particles(sub)

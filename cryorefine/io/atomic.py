@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -48,3 +50,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (UTF-8) through atomic_path."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def stale_temporaries(root: str | os.PathLike, kinds: tuple[str, ...]) -> list[Path]:
+    """The temporary files atomic_path left when a process was killed while writing the outputs `<root>_<kind>...`
+    or `<root>_itNNN_<kind>...` (hidden `.<name>.<random>.tmp<suffix>`); not those of another root that begins
+    with this one (`run_ct10_...` beside `run_...`)."""
+    root = Path(root)
+    if not root.parent.is_dir():
+        return []
+    own = re.compile(rf"\.{re.escape(root.name)}(_it\d{{3,}})?_({'|'.join(map(re.escape, kinds))})[^/]*\.tmp[^/]*")
+    return sorted(p for p in root.parent.glob(f".{glob.escape(root.name)}_*.tmp*") if own.fullmatch(p.name)
+                  and p.is_file())

@@ -491,6 +491,17 @@ def remove_failed_outputs(root: str, before: set[str], log) -> None:
                       f"{', ...' if len(removed) > 4 else ''})")
 
 
+def remove_stale_temporaries(root: str, log) -> None:
+    """Remove the temporary files a killed run left beside `<root>*` (hidden, never read, as large as the maps)."""
+    from cryorefine.io.atomic import stale_temporaries
+    stale = stale_temporaries(root, ("class", "half", "data", "model", "optimiser", "sampling", "report"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.line(f" Removed {len(stale)} temporary file(s) a stopped run left ({', '.join(p.name for p in stale[:3])}"
+                 f"{', ...' if len(stale) > 3 else ''})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the refinement; user mistakes surface as InputError (one line, exit 2) and end run.out too."""
     import time
@@ -518,8 +529,10 @@ def run(args: argparse.Namespace) -> int:
     # only rank 0 writes the log (and every other file)
     control = getattr(args, "pipeline_control", None)
     log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader,
-                 abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None)
+                 abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None, lock=True)
     try:
+        if reducer.is_leader:      # the log's lock says no other run writes this root: what is left was killed
+            remove_stale_temporaries(opts.fn_out, log)
         log.line(f" cryorefine refine, started {timestamp()}"
                  + (f" on {reducer.size} MPI processes, {threads} thread(s) each" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from cryorefine.errors import InputError
+
 # a plain progress line at least every this fraction of the work and at most every this many seconds apart
 PROGRESS_FRACTION = 0.1
 PROGRESS_MIN_INTERVAL_S = 0.5
@@ -45,16 +47,32 @@ def progress_text(label: str, done: int, total: int, elapsed: float) -> str:
     return f" {label}: {done}/{total} particles ({100 * frac:.0f}%), {format_duration(elapsed)} elapsed, ETA {eta_s}"
 
 
+def lock_exclusively(fh, path: Path, what: str) -> None:
+    """Hold an exclusive advisory lock on the open file `fh` until it is closed (the kernel drops it when the process
+    dies, even by SIGKILL); InputError when another process holds it. Where the file system has no locks (some NFS
+    mounts), nothing is locked."""
+    try:
+        import fcntl
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        raise InputError(f"{path}: another {what} is writing this run now (its log is locked); give another --o, "
+                         f"or wait for it to end") from None
+    except (ImportError, OSError):
+        pass
+
+
 class RunLog:
-    """Writes each line to stdout and to <root>.out (appending, flushed per line)."""
+    """Writes each line to stdout and to <root>.out (appending, flushed per line). `lock`: hold an exclusive lock on
+    the log for the life of the run, so that two runs never write one output root at once."""
 
     def __init__(self, path: str | Path | None, quiet: bool = False, stream: TextIO | None = None,
-                 abort_file: str | Path | None = None):
+                 abort_file: str | Path | None = None, lock: bool = False):
         self.path = Path(path) if path else None
         self.abort_file = Path(abort_file) if abort_file else None
         self.quiet = quiet
         self.stream = stream or sys.stdout
         self._fh = None
+        self._lock_fh = None
         self._stream_is_log = False
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +81,14 @@ class RunLog:
                 self._stream_is_log = True
             else:
                 self._fh = open(self.path, "a", encoding="utf-8")
+            if lock:
+                # a descriptor of its own: stdout may be the log (RELION's pipeliner redirects it there)
+                self._lock_fh = open(self.path, "a", encoding="utf-8")
+                try:
+                    lock_exclusively(self._lock_fh, self.path, "cryorefine refine")
+                except InputError:
+                    self.close()
+                    raise
 
     def line(self, text: str) -> None:
         """One line of the log (with --quiet, a line starting with WARNING still reaches stderr)."""
@@ -150,10 +176,12 @@ class RunLog:
             emit(force=True)
 
     def close(self) -> None:
-        """Close the log file."""
-        if self._fh:
-            self._fh.close()
-            self._fh = None
+        """Close the log file (and release its lock)."""
+        for name in ("_fh", "_lock_fh"):
+            fh = getattr(self, name)
+            if fh:
+                fh.close()
+                setattr(self, name, None)
 
 
 def timestamp() -> str:
