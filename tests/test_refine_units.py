@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cryorefine.geometry.euler import euler_to_matrix, matrix_to_euler
@@ -191,6 +192,14 @@ def test_model_grid_is_the_first_optics_group_of_the_table(small_set, tmp_path):
     assert (data.model_box, data.model_angpix) == (80, 2.0)
     scales = {og.number: og.model_scale for og in data.optics}
     assert scales[2] == pytest.approx(1.0) and scales[1] == pytest.approx(80 * 2.0 / (64 * 2.5))
+    # a first row no particle uses (a selection keeps every group) is still the model grid, as RELION's
+    unused = table.optics.iloc[[0]].copy()
+    unused.loc[:, ["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImagePixelSize", "rlnImageSize"]] = [3, "g3", 1.7, 96]
+    table.optics = pd.concat([unused, two], ignore_index=True)
+    write_particles(tmp_path / "three.star", table)
+    data = load_particles(str(tmp_path / "three.star"), None, None, 1, True)
+    assert (data.model_box, data.model_angpix) == (96, 1.7) and len(data.optics) == 2
+    assert {og.number: og.model_scale for og in data.optics}[2] == pytest.approx(96 * 1.7 / (80 * 2.0))
 
 
 def test_quiet_log_still_shows_warnings(tmp_path, capsys):
@@ -204,3 +213,12 @@ def test_quiet_log_still_shows_warnings(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "" and out.err == "WARNING: --blush (neural-network regularisation) is not available\n"
     assert (tmp_path / "run.out").read_text().count("\n") == 2
+
+
+def test_resolution_angular_step_is_relions():
+    """RELION's "requires orientationSampling of at least": 360/ceil(pi d / res) (ml_optimiser.cpp), also what the
+    sampling update compares the fine step with."""
+    from cryorefine.refine.autosampling import resolution_angular_step
+    assert resolution_angular_step(160.0, 1 / 53.3333) == pytest.approx(36.0)     # ceil(9.42) = 10
+    assert resolution_angular_step(150.0, 1 / 10.0) == pytest.approx(360.0 / 48)  # ceil(47.1) = 48
+    assert resolution_angular_step(5.0, 1 / 53.3333) == 360.0 and resolution_angular_step(150.0, 0.0) == 360.0

@@ -80,13 +80,20 @@ class SamplingDecision:
     note: str
 
 
+def resolution_angular_step(particle_diameter: float, current_resolution: float) -> float:
+    """The angular step (deg) the current resolution (1/Å) needs for a particle of this diameter (Å):
+    360 / ⌈π d / res⌉, RELION's "requires orientationSampling of at least" (360 when nothing is resolved)."""
+    if current_resolution <= 0:
+        return 360.0
+    return 360.0 / max(1, math.ceil(math.pi * particle_diameter * current_resolution))
+
+
 def next_sampling(opts: RefineOptions, s: SamplingState, c: Counters) -> tuple[SamplingState, SamplingDecision]:
     """updateAngularSampling (auto-refine branch, §5.3–§5.5): the new sampling and the decision, from the
     counters' accuracies, changes and no-gain counts (pure; refine.counters applies the decision)."""
     acc_rot, acc_trans, delta_offset = c.acc_rot, c.acc_trans, c.changes_offset
     fine = angular_step(s.healpix_order + s.oversampling)
-    theta_res = 360.0 / math.ceil(math.pi * opts.particle_diameter * c.current_resolution) \
-        if c.current_resolution > 0 else 360.0
+    theta_res = resolution_angular_step(opts.particle_diameter, c.current_resolution)
     go_res = (opts.auto_resol_angles and theta_res < fine and s.healpix_order + 1 != opts.auto_local_healpix_order) \
         or c.nr_iter_wo_resol_gain >= 1
     go_hid = opts.auto_ignore_angles or c.nr_iter_wo_large_changes >= 1

@@ -87,9 +87,14 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
     pix = particle_optics(table, "rlnImagePixelSize").astype(np.float64)
     uniq = sorted(set(opt_numbers.tolist()))
     first = {o: int(np.nonzero(opt_numbers == o)[0][0]) for o in uniq}
-    # the model grid is the first optics group's in the table's order, as RELION's (ml_model.cpp getOpticsPixelSize(0))
-    g0 = next(int(g) for g in table.optics["rlnOpticsGroup"].to_numpy() if int(g) in first)
-    n0, p0 = (int(boxes[first[g0]]), float(pix[first[g0]])) if model_box is None else (model_box, model_angpix)
+    # the model grid is the optics table's first row's, whether particles use it or not, as RELION's (ml_model.cpp
+    # getOpticsPixelSize(0), getOpticsImageSize(0); selections keep unused groups) and reconstruct's
+    if model_box is not None:
+        n0, p0 = model_box, model_angpix
+    elif {"rlnImageSize", "rlnImagePixelSize"} <= set(table.optics.columns):
+        n0, p0 = int(table.optics["rlnImageSize"].iloc[0]), float(table.optics["rlnImagePixelSize"].iloc[0])
+    else:       # sizes given per particle (a RELION 3.0 file): the first particle's
+        n0, p0 = int(boxes[0]), float(pix[0])
     optics = []
     models = optics_models(table, {int(o): int(boxes[first[o]]) for o in uniq})
     for o in uniq:

@@ -205,7 +205,7 @@ def log_search(state: RunState, it: int, cc: bool):
     grid = make_grid(s.healpix_order, opts.sym, s.psi_step, s.oversampling, s.perturb, s.local_searches)
     n_orient = len(grid.dir_pix) * grid.n_psi * grid.n_children
     log.line(f" CurrentResolution= {1.0 / c.current_resolution:g} Angstroms, which requires orientationSampling of "
-             f"at least {math.degrees(math.atan(1.0 / (c.current_resolution * opts.particle_diameter / 2))):g} "
+             f"at least {autos.resolution_angular_step(opts.particle_diameter, c.current_resolution):g} "
              f"degrees for a particle of diameter {opts.particle_diameter:g} Angstroms")
     log.line(f" CurrentImageSize= {c.current_size} CoarseImageSize= {c.coarse_size} "
              f"OrientationalSampling= {angular_step(s.healpix_order + s.oversampling):g} "
