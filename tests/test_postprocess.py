@@ -105,7 +105,9 @@ def test_fsc_weights_guinier_fit_and_filters():
     fit = pp.fit_guinier(x, y, 10.0, 0.0)
     assert fit.bfactor == pytest.approx(-80.0) and fit.intercept == pytest.approx(3.0)
     assert fit.correlation == pytest.approx(1.0) and fit.n_points == 17       # shells 16..32
-    assert pp.fit_guinier(x, np.full(33, pp.GUINIER_MISSING), 10.0, 0.0) is None
+    # nothing to fit: RELION's zeros (no sharpening), marked for a warning line
+    empty = pp.fit_guinier(x, np.full(33, pp.GUINIER_MISSING), 10.0, 0.0)
+    assert empty.degenerate and (empty.slope, empty.intercept, empty.bfactor) == (0.0, 0.0, 0.0)
     # B-factor factor: exp(−B s²/4) up to Nyquist, zero in the corners
     k2 = pp.k_squared(16)
     fac = pp.bfactor_factors(k2, 16, 2.0, 100.0)
@@ -346,3 +348,27 @@ def test_output_that_is_a_folder_is_refused(maps, noisy, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{tmp_path / 'pp.mrc'}: is a folder, not a file" in err
     assert not (tmp_path / "pp.star").exists()
+
+
+def test_auto_bfactor_with_nothing_to_fit_sharpens_with_zero_as_relion(maps, tmp_path, capsys):
+    """Half maps with signal only to about 16 Å: no shell between --autob_lowres 10 Å and Nyquist keeps a weighted
+    amplitude, so RELION's straight-line fit gives slope 0 and the map is not sharpened; a warning line says so
+    (it was an error that stopped the job)."""
+    truth, mask, angpix = maps
+    n = truth.shape[0]
+    r = np.arange(n // 2 + 1)
+    design = np.where(r <= 9, 0.999, 1e-12)            # shell 10 = 16 Å on 160 Å
+    signal = _shell_power(truth)
+    noise_power = signal * (1.0 - design) / design
+    halves = [truth + _coloured_noise(noise_power, n, seed) for seed in (3, 4)]
+    for k, h in enumerate(halves, 1):
+        write_map(tmp_path / f"run_half{k}_class001_unfil.mrc", h, angpix)
+    out = tmp_path / "pp"
+    capsys.readouterr()
+    assert cli.main(["postprocess", "--i", str(tmp_path / "run_half1_class001_unfil.mrc"), "--o", str(out),
+                     "--auto_bfac"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: --auto_bfac: 0 shell(s) with signal between 10 and 5 Å" in captured.err
+    general = starfile.read(f"{out}.star", always_dict=True)["general"]
+    assert float(np.ravel(general["rlnBfactorUsedForSharpening"])[0]) == 0.0
+    assert float(np.ravel(general["rlnFittedSlopeGuinierPlot"])[0]) == 0.0

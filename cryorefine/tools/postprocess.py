@@ -131,15 +131,17 @@ class GuinierFit:
     intercept: float
     correlation: float
     n_points: int
+    degenerate: bool = False     # fewer than 2 shells (or one x): RELION's zeros, i.e. no sharpening
 
     @property
     def bfactor(self) -> float:
         return 4.0 * self.slope
 
 
-def fit_guinier(x: NDArray, y: NDArray, lowres_A: float, highres_A: float) -> GuinierFit | None:
+def fit_guinier(x: NDArray, y: NDArray, lowres_A: float, highres_A: float) -> GuinierFit:
     """RELION fitStraightLine over shells with d in [highres_A, lowres_A] and y > −99 (d = 1/sqrt(x));
-    correlation = ss_xy²/(ss_xx·ss_yy). None if fewer than 2 shells qualify."""
+    correlation = ss_xy²/(ss_xx·ss_yy). Fewer than 2 distinct shells: slope, intercept and correlation 0, as
+    RELION's (ss_xx not > 0), marked degenerate."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     with np.errstate(divide="ignore"):
@@ -147,13 +149,13 @@ def fit_guinier(x: NDArray, y: NDArray, lowres_A: float, highres_A: float) -> Gu
     w = (y > GUINIER_MISSING) & (d <= lowres_A) & (d >= highres_A)
     n = int(w.sum())
     if n < 2:
-        return None
+        return GuinierFit(0.0, 0.0, 0.0, n, degenerate=True)
     xs, ys = x[w], y[w]
     ss_xx = float(((xs - xs.mean()) ** 2).sum())
     ss_yy = float(((ys - ys.mean()) ** 2).sum())
     ss_xy = float(((xs - xs.mean()) * (ys - ys.mean())).sum())
     if ss_xx <= 0:
-        return None
+        return GuinierFit(0.0, 0.0, 0.0, n, degenerate=True)
     slope = ss_xy / ss_xx
     corr = ss_xy * ss_xy / (ss_xx * ss_yy) if ss_yy > 0 else 1.0
     return GuinierFit(slope=slope, intercept=float(ys.mean() - slope * xs.mean()), correlation=corr, n_points=n)
@@ -343,9 +345,6 @@ def sharpen(average: NDArray, fsc_true: NDArray, resolution_A: float,
     bfactor = 0.0
     if opts.auto_bfac:
         fit = fit_guinier(x, y_weighted, opts.autob_lowres, opts.autob_highres)
-        require(fit is not None, f"--autob_lowres: fewer than 2 shells with signal between {opts.autob_lowres:g} and "
-                                 f"{max(opts.autob_highres, 2 * p):g} Å for the B-factor fit (final resolution "
-                                 f"{resolution_A:.2f} Å); give --adhoc_bfac instead")
         bfactor = fit.bfactor
     elif opts.adhoc_bfac != 0:
         bfactor = opts.adhoc_bfac
@@ -391,7 +390,17 @@ def postprocess(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Post
         fsc_masked=c.get("fsc_masked"), fsc_random=c.get("fsc_random"), fsc_part_fracmask=c.get("fsc_part_fracmask"),
         mask_fraction=c.get("mask_fraction"),
         randomise_from=c.get("randomise_from"), unmasked_used=bool(c.get("unmasked_used", False)), fit=fit,
-        lowpass_A=lowpass, warnings=c["warnings"])
+        lowpass_A=lowpass, warnings=c["warnings"] + guinier_warnings(fit, opts, resolution))
+
+
+def guinier_warnings(fit: GuinierFit | None, opts: PostprocessOptions, resolution_A: float) -> list[str]:
+    """A line when --auto_bfac had nothing to fit (RELION then sharpens with B = 0 without a word)."""
+    if fit is None or not fit.degenerate:
+        return []
+    return [f"--auto_bfac: {fit.n_points} shell(s) with signal between {opts.autob_lowres:g} and "
+            f"{max(opts.autob_highres, 2 * opts.angpix):g} Å (final resolution {resolution_A:.2f} Å): no B-factor "
+            f"fit, so B = 0 (no sharpening), as RELION; give --adhoc_bfac, or --autob_lowres coarser than the "
+            f"resolution"]
 
 
 def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_name: str | None,
