@@ -783,7 +783,8 @@ def test_kill_9_during_an_estep_then_continue_gives_the_same_map(small_set, tmp_
     res = float(read_star(tmp_path / "A" / "run_it002_half1_model.star")["model_general"]["rlnCurrentResolution"])
     for h in (1, 2):
         ma, _ = read_map(tmp_path / "A" / f"run_it002_half{h}_class001.mrc")
-        mb, _ = read_map(tmp_path / "B" / f"run_it002_half{h}_class001.mrc")
+        # the run's own root on --continue: RELION's <root>_ct<iteration> names
+        mb, _ = read_map(tmp_path / "B" / f"run_ct1_it002_half{h}_class001.mrc")
         n = ma.shape[0]
         shell = int(n * 2.5 / res)
         corr, fsc = _masked_corr(ma, mb, mask), _fsc(ma, mb)[1:shell + 1]
