@@ -275,7 +275,9 @@ def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
 
     Precedence: the continue command line, then the optimiser's labels, then the command line it records.
     --i: the recorded particle file if it exists, else the iteration's _data.star; --ref: the iteration's half-1
-    map (its maps replace the reference anyway); --o: the recorded output root.
+    map (its maps replace the reference anyway); --o: the recorded output root plus _ct<iteration> when not given
+    or the same (RELION). A converged optimiser is gone on from only to remake incomplete final files
+    (restart.continue_point).
     """
     from cryorefine.io.star import read_star
     from cryorefine.refine.restart import continue_point, iteration_files
@@ -531,11 +533,11 @@ def run(args: argparse.Namespace) -> int:
     log = RunLog(f"{opts.fn_out}.out" if reducer.is_leader else None, quiet=args.quiet or not reducer.is_leader,
                  abort_file=Path(control) / "RELION_JOB_ABORT_NOW" if control else None, lock=True)
     try:
-        if reducer.is_leader:      # the log's lock says no other run writes this root: what is left was killed
-            remove_stale_temporaries(opts.fn_out, log)
         log.line(f" cryorefine refine, started {timestamp()}"
                  + (f" on {reducer.size} MPI processes, {threads} thread(s) each" if reducer.size > 1 else ""))
         log.line(f" {opts.command_line}")
+        if reducer.is_leader:      # the log's lock says no other run writes this root: what is left was killed
+            remove_stale_temporaries(opts.fn_out, log)
         for note in compatibility_notes(args):
             log.line(note)
         if clock:
