@@ -230,6 +230,17 @@ def test_missing_run_is_one_line_exit_2(tmp_path: Path, capsys):
         assert len(lines) == 1 and "no such run" in lines[0] and str(root) in lines[0], err
 
 
+def test_run_without_complete_iterations_names_the_missing_file(stopped_run: Path, tmp_path: Path, capsys):
+    """Optimiser files whose _data.star files were removed: the line names what is missing (it said there were no
+    optimiser files)."""
+    for f in stopped_run.parent.glob(f"{stopped_run.name}_it00*_*.star"):
+        if not f.name.endswith("_data.star"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    assert main(["report", str(tmp_path / stopped_run.name)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no complete iteration: run_it002_data.star" in lines[0], lines
+
+
 def test_run_found_from_its_folder_or_one_of_its_files(stopped_run: Path):
     from cryorefine.report.readers import open_run
     for given in (stopped_run.parent, f"{stopped_run}_it001_optimiser.star", f"{stopped_run}_it002_data.star"):

@@ -229,11 +229,16 @@ def open_run(root: str) -> RunFiles:
             root = re.sub(r"_it\d{3}$", "", root)
     # an iteration (or the final set) counts once all its STAR files are there: `report` may run while
     # `refine` is still writing the newest iteration's files
-    its = [it for it in find_iterations(root) if all(p.exists() for p in iteration_files(root, it).values())]
+    listed = find_iterations(root)
+    its = [it for it in listed if all(p.exists() for p in iteration_files(root, it).values())]
     if not its:
         where = Path(root).parent
         if not where.is_dir():
             raise InputError(f"{root}: no such run (folder {where} does not exist)")
+        if listed:      # optimiser files, but every iteration lacks another of its STAR files
+            gone = [p for p in iteration_files(root, listed[-1]).values() if not p.exists()]
+            raise InputError(f"{root}: no complete iteration: {gone[0].name} (and the like of every other "
+                             f"iteration) is missing")
         raise InputError(f"{root}: no such run (no {Path(root).name}_itNNN_optimiser.star in {where})")
     finished = all(p.exists() for p in iteration_files(root, None).values())
     return RunFiles(root, its, finished, read_log(Path(f"{root}.out")))
