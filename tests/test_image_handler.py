@@ -55,6 +55,16 @@ def test_small_to_medium(maps, tmp_path, capsys):
     assert _min_fsc_to(fsc_curve(up, ref), 128, 1.5, 5.5) >= 0.98
 
 
+def test_odd_new_box_windows_about_the_centre(maps, tmp_path):
+    """--new_box 63 (RELION windows to any size): voxel N//2 of the input is voxel 63//2 of the output."""
+    small, _ = maps
+    ref, _ = read_map(small)
+    assert main(["image-handler", "--i", str(small), "--new_box", "63", "--o", str(tmp_path / "odd.mrc")]) == 0
+    odd, angpix = read_map(tmp_path / "odd.mrc")
+    assert odd.shape == (63, 63, 63) and angpix == pytest.approx(2.5)
+    np.testing.assert_array_equal(odd, ref[1:, 1:, 1:])      # indices 1..63 keep 32 at 31
+
+
 def test_medium_to_small(maps, tmp_path):
     small, medium = maps
     out = tmp_path / "down.mrc"

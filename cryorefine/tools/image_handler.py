@@ -213,7 +213,8 @@ def _check_options(args) -> None:
         if val is not None:
             require(bool(np.isfinite(val)) and val > 0, f"{opt}: must be a finite number > 0 (got {val:g})")
     if args.new_box is not None:
-        require(args.new_box > 0 and args.new_box % 2 == 0, f"--new_box: must be a positive even box (got {args.new_box})")
+        # odd boxes too, as RELION's window (the centre stays at index N//2)
+        require(args.new_box > 0, f"--new_box: must be a positive box size (got {args.new_box})")
     flips = [f"--{n}" for n, v in (("flipX", args.flipx), ("flipY", args.flipy), ("flipZ", args.flipz),
                                    ("invert_hand", args.invert_hand)) if v]
     # RELION applies only the first of them (an else-if chain), silently: one at a time here
