@@ -54,6 +54,10 @@ def test_converges_by_itself_with_relion_log_lines(small_run):
         assert any(key in ln for ln in auto), key
     assert all(ln.startswith(" Auto-refine: ") for ln in auto)
     assert proc.stdout.count("Auto-refine:") == len(auto)       # the log is also on stdout
+    # iteration 2's accuracy is worse than 10 deg here: RELION's four warning lines, in its order
+    warn = [ln for ln in auto if "WARNING" in ln][:4]
+    assert [w.split("WARNING: ")[1][:20] for w in warn] == ["Iter = 2 The angular", "You probably need no",
+                                                            "However, if the prob", "Sometimes it is bett"], warn
 
 
 def test_map_resolution_against_truth(score):

@@ -178,6 +178,13 @@ def with_accuracy(state: RunState, proj, rng: np.random.Generator, it: int) -> R
     if acc_rot > 10:
         state.log.auto(f"WARNING: Iter = {it} The angular accuracy is worse than 10 degrees, so basically you "
                        f"cannot align your particles (yet)!")
+        # RELION's three lines that follow (ml_optimiser.cpp), word for word
+        state.log.auto("WARNING: You probably need not worry if the accuracy improves during the next few "
+                       "iterations.")
+        state.log.auto("WARNING: However, if the problem persists it may lead to spurious FSC curves, so be wary of "
+                       "inflated resolution estimates...")
+        state.log.auto("WARNING: Sometimes it is better to tune resolution yourself by adjusting T in a "
+                       "3D-classification with a single class.")
     return replace(state, counters=cnt.with_accuracy(state.counters, acc_rot, acc_trans))
 
 
