@@ -160,6 +160,28 @@ def test_optics_as_a_key_value_list_and_a_repeated_block(tmp_path):
     twice = _write_text(tmp_path / "twice.star", OPTICS.format(angpix=2.5) + particles + particles)
     with pytest.raises(InputError, match=r"twice.star: line 14: a second data_particles block"):
         read_particles(twice)
+    # a second loop_ in one block: RELION reads the first, an earlier reader here the last; neither says so
+    two_loops = _write_text(tmp_path / "loops.star", OPTICS.format(angpix=2.5) + particles
+                            + "loop_\n_rlnImageName\n_rlnOpticsGroup\n3@a.mrcs 1\n")
+    with pytest.raises(InputError, match=r"loops.star: line 14: a second loop_ in data_particles"):
+        read_particles(two_loops)
+
+
+def test_names_that_look_like_numbers_stay_text(tmp_path):
+    """RELION's string labels keep their text ("01" is not the group 1, "1e3" not 1000), quoted or not, in loops
+    and lists; other columns are still numbers."""
+    text = ("data_optics\nloop_\n_rlnOpticsGroup\n_rlnOpticsGroupName\n_rlnImagePixelSize\n1 \"01\" 2.5\n"
+            + "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n_rlnGroupName\n_rlnMicrographName\n"
+              "1@a.mrcs 1 1e3 00001\n2@a.mrcs 1 01 00002\n")
+    for name, body in (("plain.star", text), ("tokens.star", text.replace("00002", "'00002'"))):
+        blocks = read_star(_write_text(tmp_path / name, body))
+        p = blocks["particles"]
+        assert list(p["rlnGroupName"]) == ["1e3", "01"] and list(p["rlnMicrographName"]) == ["00001", "00002"]
+        assert str(blocks["optics"]["rlnOpticsGroupName"].iloc[0]) == "01"
+        assert p["rlnOpticsGroup"].dtype.kind == "i"
+    listed = read_star(_write_text(tmp_path / "list.star", "data_general\n_rlnOutputRootName 007\n"
+                                                            "_rlnCurrentIteration 007\n"))["general"]
+    assert listed == {"rlnOutputRootName": "007", "rlnCurrentIteration": 7}
 
 
 def test_relion30_with_angpix_option(small_set, tmp_path):

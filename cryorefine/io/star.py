@@ -25,6 +25,21 @@ STAR_VERSION = "50001"
 
 Block = pd.DataFrame | dict
 
+# labels RELION types as strings (metadata_label.h, EMDL_STRING): "01" stays "01", never the number 1 (names of
+# groups, micrographs and files; the tomography, scheme and job-option ones left out)
+STRING_LABELS = frozenset("""
+    rlnAreaName rlnBodyMaskName rlnBodyReferenceName rlnBodyStarFile rlnComment rlnCtfImage rlnCtfPowerSpectrum
+    rlnExperimentalDataStarFile rlnExtReconsDataImag rlnExtReconsDataReal rlnExtReconsResult
+    rlnExtReconsResultStarfile rlnExtReconsWeight rlnFourierMask rlnGroupName rlnImageName rlnImageOriginalName
+    rlnLocalSymmetryFile rlnMaskName rlnMicrographCoordinates rlnMicrographDefectFile rlnMicrographGainName
+    rlnMicrographMetadata rlnMicrographMovieName rlnMicrographName rlnMicrographNameEven rlnMicrographNameNoDW
+    rlnMicrographNameOdd rlnModelStarFile rlnModelStarFile2 rlnMtfFileName rlnOpticsGroupName rlnOpticsStarFile
+    rlnOrientSamplingStarFile rlnOriginalParticleName rlnOutputRootName rlnParticleName rlnPostprocessedMap
+    rlnPostprocessedMapMasked rlnReconstructImageName rlnReferenceImage rlnSolventMask2Name rlnSolventMaskName
+    rlnStarFileMovieParticles rlnSubImageStack rlnSubImageStarFile rlnSymmetryGroup rlnTau2FudgeScheme
+    rlnTauSpectrumName rlnUnfilteredMapHalf1 rlnUnfilteredMapHalf2
+""".split())
+
 
 # ----------------------------------------------------------------------------------------------------------
 # generic reading
@@ -65,10 +80,13 @@ def unquote(token: str) -> str:
     return token
 
 
-def _convert_scalar(token: str) -> int | float | str:
-    """A list value as int, float or str (quotes removed; a quoted value stays a string)."""
+def _convert_scalar(token: str, label: str = "") -> int | float | str:
+    """A list value as int, float or str (quotes removed; a quoted value, or one of a STRING_LABELS label, stays a
+    string)."""
     if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
         return token[1:-1]
+    if label in STRING_LABELS:
+        return token
     try:
         return int(token)
     except ValueError:
@@ -80,10 +98,10 @@ def _convert_scalar(token: str) -> int | float | str:
 
 
 def _numeric_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Convert string columns that hold only numbers (e.g. with 'nan'/'inf') to float."""
+    """Convert string columns that hold only numbers (e.g. with 'nan'/'inf') to float (not STRING_LABELS)."""
     for col in df.columns:
         s = df[col]
-        if pd.api.types.is_numeric_dtype(s.dtype):
+        if pd.api.types.is_numeric_dtype(s.dtype) or col in STRING_LABELS:
             continue
         try:
             df[col] = pd.to_numeric(s)
@@ -117,8 +135,8 @@ def _parse_loop_tokens(path: Path, name: str, labels: list[str], lines: list[str
     columns = {}
     for j, lab in enumerate(labels):
         col = tokens[j::ncols]
-        if any(t[:1] in "\"'" for t in col):
-            columns[lab] = pd.Series([unquote(t) for t in col], dtype=object)   # quoted: text
+        if lab in STRING_LABELS or any(t[:1] in "\"'" for t in col):
+            columns[lab] = pd.Series([unquote(t) for t in col], dtype=object)   # quoted or a name: text
             continue
         series = pd.Series(col, dtype=object)
         try:
@@ -142,7 +160,8 @@ def _parse_loop(path: Path, name: str, labels: list[str], lines: list[str], firs
         return _parse_loop_tokens(path, name, labels, lines, first_line)
     try:
         df = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, names=labels, index_col=False,
-                         keep_default_na=False, na_values=[], quotechar='"', dtype=None, engine="c")
+                         keep_default_na=False, na_values=[], quotechar='"',
+                         dtype={lab: str for lab in labels if lab in STRING_LABELS} or None, engine="c")
     except (pd.errors.ParserError, ValueError) as exc:
         row = _first_bad_row(lines, len(labels))
         if len(tokenize(lines[row])) != len(labels):
@@ -186,6 +205,7 @@ def read_star(path) -> dict[str, Block]:
             continue
         require(current is not None, f"{path}: line {i + 1}: content before any data_ block")
         if line.startswith("loop_"):
+            loop_line = i + 1
             i += 1
             labels: list[str] = []
             while i < n:
@@ -209,6 +229,10 @@ def read_star(path) -> dict[str, Block]:
                 if s and not s.startswith("#"):
                     body.append(s)
                 i += 1
+            # RELION reads one loop per block (metadata_table.cpp) and would drop the rest without a word
+            require(not isinstance(blocks[current], pd.DataFrame),
+                    f"{path}: line {loop_line}: a second loop_ in data_{current} (one loop per block; join the rows "
+                    f"into one loop)")
             blocks[current] = _parse_loop(path, current, labels, body, first)
             continue
         if line.startswith("_"):
@@ -218,7 +242,7 @@ def read_star(path) -> dict[str, Block]:
             key = parts[0][1:]
             values = tokenize(parts[1]) if len(parts) == 2 else []
             require(len(values) > 0, f"{path}: line {i + 1}: label _{key} has no value")
-            block[key] = _convert_scalar(values[0])
+            block[key] = _convert_scalar(values[0], key)
             i += 1
             continue
         raise InputError(f"{path}: line {i + 1}: unexpected text {line[:40]!r}")
