@@ -815,3 +815,22 @@ def test_sigterm_is_one_line_and_a_failure_marker(sub, small_set, tmp_path):
     assert err.strip().splitlines() == ["cryorefine refine: terminated (SIGTERM)"]
     assert (job / "RELION_JOB_EXIT_FAILURE").is_file() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
     assert "stopped: Terminated" in log.read_text()
+
+
+def test_pixel_origins_in_a_relion31_file_are_used(sub, tmp_path, capsys):
+    """A file with data_optics but origins only in pixels (rlnOriginX/Y): converted with rlnImagePixelSize and said
+    so; RELION reads only rlnOriginXAngst there, and the shifts were silently dropped (a map of correlation 0.4)."""
+    t = read_particles(sub)
+    p = t.particles.copy()
+    p["rlnOriginX"] = p.pop("rlnOriginXAngst") / 2.5
+    p["rlnOriginY"] = p.pop("rlnOriginYAngst") / 2.5
+    write_particles(tmp_path / "px.star", replace(t, particles=p))
+    table = read_particles(tmp_path / "px.star")
+    np.testing.assert_allclose(table.particles["rlnOriginXAngst"], t.particles["rlnOriginXAngst"], atol=1e-5)
+    assert "rlnOriginX" not in table.particles and "origins given in pixels only" in table.notes[0]
+    capsys.readouterr()
+    for name, star in (("a.mrc", sub), ("b.mrc", tmp_path / "px.star")):
+        assert main(["reconstruct", "--i", str(star), "--o", str(tmp_path / name), "--ctf"]) == 0
+    assert "WARNING: " in capsys.readouterr().err
+    a, b = read_map(tmp_path / "a.mrc")[0], read_map(tmp_path / "b.mrc")[0]
+    np.testing.assert_allclose(b, a, atol=1e-4 * float(np.abs(a).max()))

@@ -294,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
         _require_columns(table, list(CTF_REQUIRED_COLUMNS), "needed with --ctf")
+    for note in table.notes:
+        _log(f"WARNING: {note}")
     check_particle_table(table, need_ctf=args.ctf, need_poses=True, allow_bad_particles=args.drop_bad_particles)
     check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from cryorefine.errors import InputError, require
 from cryorefine.io.atomic import atomic_path
@@ -356,6 +357,7 @@ class ParticleTable:
     particles: pd.DataFrame
     path: Path = field(default_factory=lambda: Path("particles.star"))
     version: str = ""  # '# version' of the file read ('30001', '50001'), '3.0' for an upgraded old file
+    notes: tuple[str, ...] = ()   # what reading changed, for the jobs' logs (e.g. pixel origins made Å)
 
     @property
     def nr_particles(self) -> int:
@@ -440,14 +442,7 @@ def _upgrade_legacy(path: Path, particles: pd.DataFrame, angpix: float | None) -
     require(bool(np.all(np.isfinite(pix) & (pix > 0))), f"{path}: pixel size must be > 0")
     pix = np.round(pix, 6)
 
-    parts = particles.copy()
-    for axis in ("X", "Y", "Z"):
-        old = f"rlnOrigin{axis}"
-        if old in parts:
-            loc = parts.columns.get_loc(old)
-            values = parts[old].to_numpy(dtype=np.float64) * pix
-            parts = parts.drop(columns=[old])
-            parts.insert(loc, f"rlnOrigin{axis}Angst", values)
+    parts, _ = _angstrom_origins(particles, pix)
 
     keys = {lab: parts[lab].to_numpy(dtype=np.float64) for lab in _LEGACY_OPTICS if lab in parts}
     keys["rlnImagePixelSize"] = pix
@@ -519,7 +514,39 @@ def read_particles(path, angpix: float | None = None) -> ParticleTable:
         missing = sorted(set(used.tolist()) - set(groups.tolist()))
         if missing:
             raise InputError(f"{path}: optics group {missing[0]} used in data_particles but not defined in data_optics")
+        parts, notes = _pixel_origins_in_angstrom(path, optics, parts)
+        return ParticleTable(optics=optics, particles=parts, path=path, version=version, notes=notes)
     return ParticleTable(optics=optics, particles=parts, path=path, version=version)
+
+
+def _angstrom_origins(parts: pd.DataFrame, pix: NDArray) -> tuple[pd.DataFrame, list[str]]:
+    """rlnOrigin{X,Y,Z} (pixels) replaced in place by rlnOrigin{X,Y,Z}Angst = value × pix (per particle), where
+    no Å column exists already; returns the table and the axes converted."""
+    parts = parts.copy()
+    axes = []
+    for a in ("X", "Y", "Z"):
+        old = f"rlnOrigin{a}"
+        if old in parts and f"{old}Angst" not in parts:
+            loc = parts.columns.get_loc(old)
+            values = pd.to_numeric(parts[old], errors="coerce").to_numpy(np.float64) * pix
+            parts = parts.drop(columns=[old])
+            parts.insert(loc, f"{old}Angst", values)
+            axes.append(a)
+    return parts, axes
+
+
+def _pixel_origins_in_angstrom(path: Path, optics: pd.DataFrame, parts: pd.DataFrame
+                               ) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """A RELION 3.1+ table with origins only in pixels (rlnOriginX/Y, a hand edit or an old exporter): the Å columns
+    from each particle's rlnImagePixelSize. RELION reads only rlnOriginXAngst there and would drop the shifts."""
+    if not any(f"rlnOrigin{a}" in parts and f"rlnOrigin{a}Angst" not in parts for a in ("X", "Y", "Z")):
+        return parts, ()
+    pix = pd.to_numeric(optics["rlnImagePixelSize"]).to_numpy(np.float64)[
+        optics_row_index(ParticleTable(optics, parts, path))]
+    parts, axes = _angstrom_origins(parts, pix)
+    return parts, (f"{path}: origins given in pixels only (rlnOrigin{'/'.join(axes)}); converted to Å with each "
+                   f"particle's rlnImagePixelSize (RELION 3.1+ reads only rlnOrigin{axes[0]}Angst and would ignore "
+                   f"them)",)
 
 
 def write_particles(path, table: ParticleTable, extra_blocks: dict[str, Block] | None = None) -> None:

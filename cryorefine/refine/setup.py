@@ -89,7 +89,7 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
     backend = timed_backend(backend, clock)
     if note:
         log.line(note)
-    for line in data.images.header_pixel_mismatches():
+    for line in (*data.table.notes, *data.images.header_pixel_mismatches()):
         log.line(f" WARNING: {line}")
     if opts.solvent_mask:
         solvent = load_solvent_mask(opts.solvent_mask, box, angpix)
