@@ -120,6 +120,23 @@ def test_missing_ctf_column_and_empty_star(tiny: Path, small_set: Path, tmp_path
     assert proc.returncode == 2 and "empty.star" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_reference_without_header_pixel_size_takes_ref_angpix(tiny: Path, small_set: Path, tmp_path: Path):
+    """A reference whose header has no pixel size: one line naming --ref_angpix; with it (RELION's option), the
+    run uses that pixel size (here 2 A, so the map is rescaled to the particles' 2.5 A)."""
+    ref = mrcfile.read(small_set / "reference.mrc")
+    with mrcfile.new(tmp_path / "nopix.mrc") as m:
+        m.set_data(ref)
+        m.voxel_size = 0.0
+    args = ["--i", str(tiny / "p.star"), "--ref", str(tmp_path / "nopix.mrc"), "--sym", "D2",
+            "--particle_diameter", "150", "--auto_iter_max", "1"]
+    proc = _refine([*args, "--o", str(tmp_path / "a")], tmp_path)
+    assert proc.returncode == 2 and "no pixel size in its header; give it with --ref_angpix" in proc.stderr
+    proc = _refine([*args, "--o", str(tmp_path / "b"), "--ref_angpix", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nopix.mrc: pixel size 2 A differs from the particles' 2.5 A; rescaled from box 64 to 50" in \
+        (tmp_path / "b.out").read_text()
+
+
 def test_reference_with_other_pixel_size_is_rescaled(tiny: Path, small_set: Path, tmp_path: Path):
     from cryorefine.fourier.resize import resize_fourier
     from cryorefine.io.mrc import read_map, write_map

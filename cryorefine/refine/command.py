@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("input / output")
     io.add_argument("--i", "--particles", dest="fn_in", default=None, help="particle STAR file")
     io.add_argument("--ref", "--reference", dest="fn_ref", default=None, help="initial reference map (MRC)")
+    io.add_argument("--ref_angpix", type=float, default=-1.0,
+                    help="pixel size (A) of --ref instead of its header's, as RELION's (default -1: the header's)")
     io.add_argument("--o", "--output", dest="fn_out", default=None, help="output root, e.g. Refine3D/job019/run")
     io.add_argument("--continue", dest="continue_from", default=None,
                     help="continue from this _optimiser.star (e.g. run_it005_optimiser.star); --i, --ref and the "
@@ -267,7 +269,7 @@ _OPTIMISER_OPTIONS = {
 
 
 # options that only shape a run's start: a continued run goes on from its iteration's maps and sampling
-CONTINUE_UNUSED = ("fn_ref", "healpix_order", "ini_high", "firstiter_cc", "absolute_greyscale")
+CONTINUE_UNUSED = ("fn_ref", "ref_angpix", "healpix_order", "ini_high", "firstiter_cc", "absolute_greyscale")
 
 
 def continue_arguments(args: argparse.Namespace, given: set[str]) -> None:
@@ -370,7 +372,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     require(args.maxsig == -1 or args.maxsig >= 1, f"--maxsig: must be -1 (no cap) or at least 1 (got {args.maxsig})")
     require(math.isfinite(args.fsc_sigma_criterion) and args.fsc_sigma_criterion >= 0,
             f"--fsc_sigma_criterion: must be a number >= 0 (got {args.fsc_sigma_criterion:g})")
-    require_finite(args, ("ini_high", "particle_diameter", "offset_range", "offset_step", "low_resol_join_halves"))
+    require_finite(args, ("ini_high", "particle_diameter", "offset_range", "offset_step", "low_resol_join_halves",
+                          "ref_angpix"))
     require(args.angpix == -1.0 or (math.isfinite(args.angpix) and args.angpix > 0),
             f"--angpix: must be a pixel size > 0 A (got {args.angpix:g})")
     require(not args.solvent_correct_fsc or args.solvent_mask not in (None, "", "None"),
@@ -398,7 +401,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         fsc_sigma_criterion=args.fsc_sigma_criterion, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
         random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
         batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
-        command_line=command_line, gpu=args.gpu, angpix=args.angpix)
+        command_line=command_line, gpu=args.gpu, angpix=args.angpix, ref_angpix=args.ref_angpix)
 
 
 def gpu_syntax_ok(gpu: str) -> bool:

@@ -10,9 +10,11 @@ from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import is_stack_path, read_map
 
 
-def load_reference(path: str, box: int, angpix: float, log) -> NDArray[np.float32]:
-    """Read the reference; Fourier-rescale to `angpix` and window to `box` if needed (RELION --trust_ref_size)."""
-    vol, ref_angpix = read_map(path)
+def load_reference(path: str, box: int, angpix: float, log, ref_angpix: float = -1.0) -> NDArray[np.float32]:
+    """Read the reference; Fourier-rescale to `angpix` and window to `box` if needed (RELION --trust_ref_size).
+    `ref_angpix` > 0: its pixel size instead of the header's (RELION's --ref_angpix)."""
+    vol, header_angpix = read_map(path)
+    ref_angpix = ref_angpix if ref_angpix > 0 else header_angpix
     # RELION reads a .mrcs as a stack of 2D images (2D references), never as a map
     require(not is_stack_path(path), f"{path}: a .mrcs file is a stack of 2D images; the reference must be a 3D map "
                                      f"(.mrc)")
@@ -22,7 +24,7 @@ def load_reference(path: str, box: int, angpix: float, log) -> NDArray[np.float3
     if not np.all(np.isfinite(vol)):
         raise InputError(f"{path}: the reference contains NaN or infinite values")
     if ref_angpix <= 0:
-        raise InputError(f"{path}: the reference has no pixel size in its header")
+        raise InputError(f"{path}: the reference has no pixel size in its header; give it with --ref_angpix")
     if float(vol.max()) == float(vol.min()):
         raise InputError(f"{path}: the reference is constant ({float(vol.flat[0]):g} everywhere): there is nothing "
                          f"to align the particles to")

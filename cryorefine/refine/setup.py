@@ -111,7 +111,7 @@ def initialise(opts: RefineOptions, log, reducer=None) -> RunState:
                                         sampling=r.sampling, counters=r.counters, poses=r.poses,
                                         start_iteration=r.iteration + 1, estep_stats=r.estep_stats))
 
-    reference = load_reference(opts.fn_ref, box, angpix, log)
+    reference = load_reference(opts.fn_ref, box, angpix, log, opts.ref_angpix)
     if opts.ini_high > 0:
         reference = lowpass_raised_cosine(reference, angpix, opts.ini_high)
     sigma2 = initial_noise(opts, data, angpix)

@@ -62,6 +62,7 @@ class RefineOptions:
     continue_from: str | None = None
     command_line: str = ""
     angpix: float = -1.0            # Å/px of a RELION 3.0 particle file without one (--angpix); -1: from the file
+    ref_angpix: float = -1.0        # Å/px of --ref instead of its header's (RELION's --ref_angpix); -1: the header's
     gpu: str | None = None          # RELION --gpu [IDS]: None = CPU; "" = all devices; "0", "0:1", "0,1" ...
 
 
