@@ -834,3 +834,13 @@ def test_pixel_origins_in_a_relion31_file_are_used(sub, tmp_path, capsys):
     assert "WARNING: " in capsys.readouterr().err
     a, b = read_map(tmp_path / "a.mrc")[0], read_map(tmp_path / "b.mrc")[0]
     np.testing.assert_allclose(b, a, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_reconstruct_names_a_stack_header_pixel_size_that_differs(sub, tmp_path, capsys):
+    """reconstruct uses the STAR file's pixel size (RELION) and says when the stack header disagrees, as refine and
+    extract do."""
+    bad = edited(sub, "optics", "rlnImagePixelSize", 0, 3.0)
+    capsys.readouterr()
+    assert main(["reconstruct", "--i", str(bad), "--o", str(tmp_path / "r.mrc"), "--ctf"]) == 0
+    assert "WARNING: optics group 1: rlnImagePixelSize 3 A" in capsys.readouterr().err
+    assert read_map(tmp_path / "r.mrc")[1] == pytest.approx(3.0)

@@ -313,7 +313,10 @@ def run(args: argparse.Namespace) -> int:
         require(bad.size == 0, f"{args.i}: particle {rows[bad[0]] + 1 if bad.size else 0}: rlnParticleFigureOfMerit "
                                f"must be a finite number >= 0")
     from cryorefine.io.particles import ParticleImages
-    first_image = ParticleImages(table).read(np.arange(1))[0]
+    images = ParticleImages(table)
+    for line in images.header_pixel_mismatches():
+        _log(f"WARNING: {line}")
+    first_image = images.read(np.arange(1))[0]
     require(not args.rot3d or first_image.ndim == 3,
             f"--3d_rot: needs 3D images (subtomograms), but {args.i} holds 2D images; leave out --3d_rot")
     require(not args.rot3d, "--3d_rot: reconstruction from 3D images (subtomograms) is not available")
