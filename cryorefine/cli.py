@@ -16,6 +16,7 @@ import importlib
 import re
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -178,6 +179,9 @@ def end_other_ranks(control: str | None, rc: int, show_traceback: bool = False, 
     write_exit_marker(control, False, aborted)
     sys.stdout.flush()
     sys.stderr.flush()
+    # mpiexec forwards each rank's output through a pipe that Abort tears down: give the error line time to get
+    # through (on a loaded machine it was lost, leaving a failed job without its reason)
+    time.sleep(0.5)
     mpi.COMM_WORLD.Abort(rc)
 
 
