@@ -11,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import time
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -246,6 +247,22 @@ def test_run_found_from_its_folder_or_one_of_its_files(stopped_run: Path):
     for given in (stopped_run.parent, f"{stopped_run}_it001_optimiser.star", f"{stopped_run}_it002_data.star"):
         run = open_run(str(given))
         assert run.root == str(stopped_run) and run.iterations == [0, 1, 2] and run.status() == "stopped"
+
+
+def test_job_folder_with_a_continued_run_reports_the_newest(stopped_run: Path, tmp_path: Path, capsys):
+    """A job folder holding run_* and its continuation run_ct1_* (RELION's --continue names): the folder means the
+    newest; two unrelated runs stay a question for the user."""
+    from cryorefine.report.readers import open_run
+    for f in stopped_run.parent.glob("run_it00[012]_*.star"):
+        shutil.copy(f, tmp_path / f.name)
+    time.sleep(0.05)
+    for f in stopped_run.parent.glob("run_it00[12]_*.star"):
+        shutil.copy(f, tmp_path / f.name.replace("run_", "run_ct1_"))
+    assert open_run(str(tmp_path)).root == str(tmp_path / "run_ct1")
+    for f in stopped_run.parent.glob("run_it001_*.star"):
+        shutil.copy(f, tmp_path / f.name.replace("run_", "other_"))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "several runs in this folder (other, run, run_ct1)" in capsys.readouterr().err
 
 
 def test_unfinished_run_gives_partial_report_in_progress(stopped_run: Path, tmp_path: Path):

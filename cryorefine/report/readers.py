@@ -219,10 +219,18 @@ def open_run(root: str) -> RunFiles:
     """Locate a run by its output root (e.g. Refine3D/run); InputError if it has no iteration files."""
     root = str(root)
     if Path(root).is_dir():         # a job folder (Refine3D/job019/): the one run root inside it
-        roots = sorted({_IT_FILE.split(p.name)[0] for p in Path(root).glob("*_it[0-9][0-9][0-9]_optimiser.star")})
+        found = {}
+        for p in Path(root).glob("*_it[0-9][0-9][0-9]_optimiser.star"):
+            name = _IT_FILE.split(p.name)[0]
+            found[name] = max(found.get(name, 0.0), p.stat().st_mtime)
+        roots = sorted(found)
+        base = roots[0] if roots else "run"
         if len(roots) > 1:
-            raise InputError(f"{root}: several runs in this folder ({', '.join(roots)}); give the run root")
-        root = str(Path(root) / (roots[0] if roots else "run"))
+            # a run and its continuations (RELION's <root>_ct<iteration>): the newest; other runs: which is for the user
+            require(all(r == base or r.startswith(base + "_ct") for r in roots),
+                    f"{root}: several runs in this folder ({', '.join(roots)}); give the run root")
+            base = max(roots, key=found.get)
+        root = str(Path(root) / base)
     for suffix in ("_optimiser.star", "_model.star", "_data.star", ".out"):
         if root.endswith(suffix) and not Path(root).is_dir():
             root = root[: -len(suffix)]
