@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import mrcfile
+
 import numpy as np
 import pytest
 
@@ -338,3 +340,52 @@ def test_mirror_options_that_cannot_work(tmp_path, capsys):
     assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--o", str(tmp_path / "o.mrc"), "--flipX",
                  "--invert_hand"]) == 2
     assert "--flipX, --invert_hand: give one mirror at a time" in capsys.readouterr().err
+
+
+def test_relion_arithmetic_bfactor_and_thresholds(maps, small_set, tmp_path, capsys):
+    """relion_image_handler's --add/--subtract/--divide_constant, pixel-by-pixel --multiply/--divide/--add/--subtract
+    (each image of a stack by one image), --bfactor and --threshold_above/below, against numpy on the same data."""
+    small, _ = maps
+    ref, _ = read_map(small)
+    ref = ref.astype(np.float64)
+    mask, _ = read_map(small_set / "mask.mrc")
+    out = tmp_path / "o.mrc"
+
+    def run(*opts) -> np.ndarray:
+        assert main(["image-handler", "--i", str(small), "--o", str(out), *opts]) == 0
+        return read_map(out)[0].astype(np.float64)
+
+    tol = {"atol": 1e-5 * float(np.abs(ref).max())}
+    np.testing.assert_allclose(run("--add_constant", "1.5"), ref + 1.5, **tol)
+    np.testing.assert_allclose(run("--subtract_constant", "2"), ref - 2, **tol)
+    np.testing.assert_allclose(run("--divide_constant", "4"), ref / 4, **tol)
+    np.testing.assert_allclose(run("--multiply", str(small_set / "mask.mrc")), ref * mask, **tol)
+    np.testing.assert_allclose(run("--add", str(small)), 2 * ref, **tol)
+    np.testing.assert_allclose(run("--subtract", str(small)), 0 * ref, **tol)
+    # division: 0 where the divisor is (almost) 0, as RELION
+    expected = np.where(mask < 1e-10, 0.0, ref / np.where(mask < 1e-10, 1.0, mask))
+    np.testing.assert_allclose(run("--divide", str(small_set / "mask.mrc")), expected, rtol=1e-5, atol=1e-6)
+    # B-factor: exp(-B s^2/4) up to Nyquist, 0 beyond (RELION applyBFactorToMap)
+    n = ref.shape[0]
+    k = np.fft.fftfreq(n, 1.0 / n)
+    k2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2
+    s2 = k2 / (n * 2.5) ** 2
+    gain = np.where(s2 <= 1 / 5.0 ** 2, np.exp(100 / 4 * s2), 0.0)
+    want = np.fft.irfftn(np.fft.rfftn(ref) * gain, s=ref.shape, axes=(0, 1, 2))
+    np.testing.assert_allclose(run("--bfactor", "-100"), want, atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(run("--threshold_above", "0.01", "--threshold_below", "-0.01"),
+                               np.clip(ref, -0.01, 0.01), atol=1e-7)
+    # a stack: each image by one 2D image
+    stack = tmp_path / "s.mrcs"
+    imgs = np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32)
+    mrcfile.write(stack, imgs, voxel_size=2.0)
+    mrcfile.write(tmp_path / "w.mrc", imgs[0], voxel_size=2.0)
+    assert main(["image-handler", "--i", str(stack), "--o", str(tmp_path / "m.mrcs"), "--multiply",
+                 str(tmp_path / "w.mrc")]) == 0
+    np.testing.assert_allclose(mrcfile.read(tmp_path / "m.mrcs"), imgs * imgs[0], rtol=1e-6)
+    capsys.readouterr()
+    assert main(["image-handler", "--i", str(small), "--o", str(out), "--add_constant", "1",
+                 "--multiply", str(small)]) == 2
+    assert "--add_constant, --multiply: give one arithmetic operation at a time" in capsys.readouterr().err
+    assert main(["image-handler", "--i", str(small), "--o", str(out), "--multiply", str(tmp_path / "w.mrc")]) == 2
+    assert "--multiply: shape 16x16 differs from the map's 64x64x64" in capsys.readouterr().err

@@ -6,7 +6,8 @@ Examples:
 
 --rescale_angpix A: Fourier crop/pad to N' = round(N*p/A), made even (minus 1 if odd); the true pixel size N*p/N'
 is written to the header. --new_box B: real-space centred crop/pad after rescaling. --lowpass R: raised-cosine
-low-pass at R Å (edge 2 shells wide), applied before rescaling. Input: 2D image (.mrc), stack (.mrcs), 3D map,
+low-pass at R Å (edge 2 shells wide), applied before rescaling. RELION's order: one arithmetic operation (by a
+constant, or pixel by pixel by another map/image), --bfactor, filters, mirror, rescale, re-box, thresholds. Input: 2D image (.mrc), stack (.mrcs), 3D map,
 or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
 <o>_opticsgroupK.mrcs, when there are several) and the optics table gets the new rlnImageSize/rlnImagePixelSize.
 """
@@ -53,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter_edge_width", type=int, default=2,
                         help="width of the low/high-pass raised-cosine edge in shells (default 2)")
     parser.add_argument("--multiply_constant", type=float, default=1.0, help="multiply the pixel values by this")
+    parser.add_argument("--divide_constant", type=float, default=1.0, help="divide the pixel values by this")
+    parser.add_argument("--add_constant", type=float, default=0.0, help="add this to the pixel values")
+    parser.add_argument("--subtract_constant", type=float, default=0.0, help="subtract this from the pixel values")
+    for name, verb in (("multiply", "multiply by"), ("divide", "divide by"), ("add", "add"), ("subtract", "subtract")):
+        parser.add_argument(f"--{name}", dest=f"{name}_map", default=None, metavar="MRC",
+                            help=f"{verb} the pixel values of this map or image (same size; each image of a stack)")
+    parser.add_argument("--bfactor", type=float, default=0.0,
+                        help="apply exp(-B s^2/4) up to Nyquist, 0 beyond (B in A^2; negative sharpens)")
+    parser.add_argument("--threshold_above", type=float, default=None, help="values above this are set to it")
+    parser.add_argument("--threshold_below", type=float, default=None, help="values below this are set to it")
     parser.add_argument("--invert_contrast", action="store_true", help="multiply the pixel values by -1")
     for axis in "XYZ":
         parser.add_argument(f"--flip{axis}", dest=f"flip{axis.lower()}", action="store_true",
@@ -157,15 +168,74 @@ def image_stats(data: np.ndarray) -> tuple[float, float, float, float]:
     return float(d.mean()), float(d.std()), float(d.min()), float(d.max())
 
 
+ARITHMETIC = ("multiply_constant", "divide_constant", "add_constant", "subtract_constant", "multiply_map",
+              "divide_map", "add_map", "subtract_map")
+ZERO_DIVISOR = 1e-10     # RELION's --divide: where the divisor is smaller than this, the result is 0
+
+
+def arithmetic_given(args) -> list[str]:
+    """The arithmetic options given (RELION applies only the first of its else-if chain; one at a time here)."""
+    defaults = {"multiply_constant": 1.0, "divide_constant": 1.0, "add_constant": 0.0, "subtract_constant": 0.0}
+    return [name for name in ARITHMETIC if getattr(args, name, None) not in (defaults.get(name), None)]
+
+
+def apply_arithmetic(data: np.ndarray, name: str, value: float | np.ndarray) -> np.ndarray:
+    """RELION image_handler's pixel arithmetic, in float64: by a constant or pixel by pixel by an operand of the
+    image's shape (broadcast over a stack); division by |operand| < 1e-10 gives 0, as RELION's --divide."""
+    data = np.asarray(data, dtype=np.float64)
+    op = value if np.isscalar(value) else np.asarray(value, dtype=np.float64)
+    kind = name.split("_")[0]
+    if kind == "multiply":
+        return data * op
+    if kind == "add":
+        return data + op
+    if kind == "subtract":
+        return data - op
+    if np.isscalar(op):
+        return data / op
+    small = np.abs(op) < ZERO_DIVISOR
+    return np.where(small, 0.0, data / np.where(small, 1.0, op))
+
+
+def bfactor_gain(n: int, ndim: int, angpix: float, bfactor: float) -> np.ndarray:
+    """RELION applyBFactorToMap on the rfft grid of an N-box: exp(−B s²/4) with s = |k|/(N·p) up to Nyquist, 0
+    beyond (the postprocess formula)."""
+    from cryorefine.tools.postprocess import bfactor_factors
+    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
+    k2 = sum(g * g for g in np.meshgrid(*ks, indexing="ij"))
+    return bfactor_factors(k2, n, angpix, bfactor)
+
+
+def load_operand(args, shape: tuple[int, ...], what: str) -> np.ndarray | None:
+    """The map or image of --multiply/--divide/--add/--subtract (None without one), checked to have the shape of
+    one input image or map and finite values."""
+    name = next((n for n in arithmetic_given(args) if n.endswith("_map")), None)
+    if name is None:
+        return None
+    path = getattr(args, name)
+    require(not is_stack_path(path), f"{path}: --{name[:-4]} needs one map or image, not a stack")
+    op, _ = read_map(path)
+    require(op.shape == tuple(shape), f"{path}: --{name[:-4]}: shape {'x'.join(map(str, op.shape[::-1]))} differs "
+                                      f"from the {what}'s {'x'.join(map(str, tuple(shape)[::-1]))}")
+    require(bool(np.isfinite(op).all()), f"{path}: contains NaN or inf (--{name[:-4]})")
+    return op
+
+
 def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
-    """Low-pass, rescale, re-box one map / image / batch of images (in that order, like RELION)."""
+    """Arithmetic, B-factor, filters, mirror, rescale, re-box, thresholds of one map / image / batch of images (in
+    RELION's order)."""
     stack = ndim == 2 and data.ndim == 3
-    factor = args.multiply_constant * (-1.0 if args.invert_contrast else 1.0)
+    factor = -1.0 if args.invert_contrast else 1.0
     # overflow to inf is allowed here, silently: the caller refuses a non-finite result (output_range_error) with
     # one error line instead of numpy warnings
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if factor != 1.0:       # in float64: a factor beyond float32 (e.g. 1e39) may still give float32 values
             data = np.asarray(data, dtype=np.float64) * factor
+        for name in arithmetic_given(args):
+            value = getattr(args, name)
+            data = apply_arithmetic(data, name, args._operand if name.endswith("_map") else value)
+        if args.bfactor != 0:
+            data = fourier_filter(data, bfactor_gain(data.shape[-1], ndim, angpix, args.bfactor), ndim)
         if args.lowpass is not None:
             data = lowpass_map(data, args.lowpass, angpix, ndim, args.filter_edge_width)
         if args.highpass is not None:
@@ -175,6 +245,10 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
             data = resize_fourier(data, new_size, stack=stack)
         if args.new_box is not None and args.new_box != data.shape[-1]:
             data = window_real(data, args.new_box, stack=stack)
+        if args.threshold_above is not None:
+            data = np.minimum(data, args.threshold_above)
+        if args.threshold_below is not None:
+            data = np.maximum(data, args.threshold_below)
         return np.asarray(data, dtype=np.float32)
 
 
@@ -206,7 +280,15 @@ def _check_options(args) -> None:
     # before any work: writing would fail at the very end, naming an internal temporary file
     require(not (args.o and Path(args.o).is_dir()), f"{args.o}: is a folder, not a file")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
-    require(bool(np.isfinite(args.multiply_constant)), "--multiply_constant: must be a finite number")
+    for name in ("multiply_constant", "divide_constant", "add_constant", "subtract_constant", "bfactor",
+                 "threshold_above", "threshold_below"):
+        v = getattr(args, name)
+        require(v is None or bool(np.isfinite(v)), f"--{name}: must be a finite number")
+    require(args.divide_constant != 0, "--divide_constant: must not be 0")
+    given = arithmetic_given(args)
+    # RELION applies only the first of them (an else-if chain), silently: one at a time here
+    require(len(given) <= 1, f"{', '.join('--' + g.replace('_map', '') for g in given)}: give one arithmetic "
+                             f"operation at a time")
     for opt, val in (("--rescale_angpix", args.rescale_angpix), ("--lowpass", args.lowpass),
                      ("--highpass", args.highpass),
                      ("--force_header_angpix", args.force_header_angpix), ("--angpix", args.angpix)):
@@ -277,6 +359,7 @@ def _run_star(src: Path, dst: Path, args) -> int:
             box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
             require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
             _check_filters(src, box, 2, angpix, args, f"optics group {g}")
+            args._operand = load_operand(args, (box, box), f"optics group {g} images")
             require(not args.flipz, f"{src}: --flipZ: particle images are 2D; only a 3D map has a z to mirror")
             new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
             _check_output_fits(src, max(new_size or box, args.new_box or 0, box), 2)
@@ -362,6 +445,7 @@ def run(args: argparse.Namespace) -> int:
         require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
 
     _check_filters(src, nx, ndim, angpix, args, what)
+    args._operand = load_operand(args, (ny, nx) if ndim == 2 else (nz, ny, nx), "stack image" if stack else what)
     require(not (args.flipz and ndim == 2), f"{src}: --flipZ: this {what} is 2D; only a 3D map has a z to mirror")
     new_size, out_angpix = _new_size(nx, angpix, args, what)
     _check_output_fits(src, max(new_size or nx, args.new_box or 0, nx), ndim)
