@@ -290,7 +290,7 @@ def test_output_folder_and_stats_with_o(tmp_path, capsys, monkeypatch):
     assert "error: outdir: is a folder, not a file" in _one_error_line(capsys)
     _unit_map(tmp_path / "in.mrc")
     assert main(["image-handler", "--i", "in.mrc", "--stats", "--o", "x.mrc"]) == 2
-    assert "--stats prints statistics; it writes no --o" in _one_error_line(capsys)
+    assert "--stats prints its result; it writes no --o" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc", "outdir"]
     assert not any((tmp_path / "outdir").iterdir())
     assert main(["image-handler", "--i", "in.mrc", "--stats"]) == 0
@@ -389,3 +389,56 @@ def test_relion_arithmetic_bfactor_and_thresholds(maps, small_set, tmp_path, cap
     assert "--add_constant, --multiply: give one arithmetic operation at a time" in capsys.readouterr().err
     assert main(["image-handler", "--i", str(small), "--o", str(out), "--multiply", str(tmp_path / "w.mrc")]) == 2
     assert "--multiply: shape 16x16 differs from the map's 64x64x64" in capsys.readouterr().err
+
+
+def test_relion_sym_shift_fsc_and_remove_nan(maps, tmp_path, capsys):
+    """--sym (mean over the group's rotations about voxel N//2), --shift_x/y/z (content moved, zero fill, linear
+    interpolation), --fsc (a data_fsc table on stdout) and --remove_nan, against index arithmetic."""
+    import starfile
+
+    from cryorefine.fourier.fsc import fsc
+    small, _ = maps
+    ref, _ = read_map(small)
+    ref = ref.astype(np.float64)
+    out = tmp_path / "o.mrc"
+
+    def run(*opts) -> np.ndarray:
+        assert main(["image-handler", "--i", str(small), "--o", str(out), *opts]) == 0
+        return read_map(out)[0].astype(np.float64)
+
+    # C2 about z: (x, y) -> (2c - x, 2c - y); index 0 maps to 2c = N, outside the box: zero. On a map without
+    # symmetry (the D2 reference has these axes already)
+    rough = np.random.default_rng(2).normal(size=ref.shape)
+    write_map(tmp_path / "rough.mrc", rough, 2.5)
+    turned = np.zeros_like(rough)
+    turned[:, 1:, 1:] = rough[:, 1:, 1:][:, ::-1, ::-1]
+    assert main(["image-handler", "--i", str(tmp_path / "rough.mrc"), "--o", str(out), "--sym", "C2"]) == 0
+    np.testing.assert_allclose(read_map(out)[0], 0.5 * (rough + turned), atol=1e-5)
+    c4 = run("--sym", "C4")
+    write_map(tmp_path / "c4.mrc", c4, 2.5)
+    assert main(["image-handler", "--i", str(tmp_path / "c4.mrc"), "--o", str(out), "--sym", "C4"]) == 0
+    np.testing.assert_allclose(read_map(out)[0], c4, atol=1e-6)          # 90-degree turns keep the grid
+    # shifts: content moves towards +x by 3 px; half a pixel is the mean of two neighbours
+    moved = np.zeros_like(ref)
+    moved[..., 3:] = ref[..., :-3]
+    np.testing.assert_allclose(run("--shift_x", "3"), moved, atol=1e-6)
+    half = run("--shift_z", "0.5")
+    np.testing.assert_allclose(half[1:], 0.5 * (ref[1:] + ref[:-1]), atol=1e-6)
+    # --fsc: a STAR table on stdout, the FSC of the two maps; a map with itself is 1 everywhere
+    noisy = ref + np.random.default_rng(1).normal(scale=float(ref.std()), size=ref.shape)
+    write_map(tmp_path / "noisy.mrc", noisy, 2.5)
+    capsys.readouterr()
+    assert main(["image-handler", "--i", str(small), "--fsc", str(tmp_path / "noisy.mrc")]) == 0
+    (tmp_path / "fsc.star").write_text(capsys.readouterr().out)
+    table = starfile.read(tmp_path / "fsc.star")
+    np.testing.assert_allclose(table["rlnFourierShellCorrelation"], fsc(ref, noisy), atol=1e-5)
+    assert table["rlnAngstromResolution"].iloc[16] == pytest.approx(10.0)
+    # --remove_nan: replaced before anything else (a NaN map is otherwise refused)
+    bad = ref.copy()
+    bad[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    write_map(tmp_path / "bad.mrc", bad, 2.5)
+    assert main(["image-handler", "--i", str(tmp_path / "bad.mrc"), "--o", str(out)]) == 2
+    assert main(["image-handler", "--i", str(tmp_path / "bad.mrc"), "--o", str(out), "--remove_nan",
+                 "--replace_nan", "7"]) == 0
+    fixed = read_map(out)[0]
+    assert list(fixed[0, 0, :3]) == [7.0, 7.0, 7.0] and np.isfinite(fixed).all()

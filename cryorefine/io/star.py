@@ -334,13 +334,16 @@ def _block_text(name: str, block: Block) -> str:
     return "".join(parts)
 
 
-def write_star(path, blocks: dict[str, Block], comment: str = "") -> None:
-    """Write blocks (name without 'data_' -> DataFrame loop or dict list) atomically, RELION layout.
+def star_text(blocks: dict[str, Block], comment: str = "") -> str:
+    """Blocks (name without 'data_' -> DataFrame loop or dict list) as STAR text, RELION layout; `comment` (lines
+    starting with '#') at the top, as in RELION's _optimiser.star."""
+    return comment + "".join(_block_text(name, block) for name, block in blocks.items())
 
-    `comment` (lines starting with '#') goes at the top, as in RELION's _optimiser.star.
-    """
+
+def write_star(path, blocks: dict[str, Block], comment: str = "") -> None:
+    """Write star_text(blocks, comment) atomically."""
     path = Path(path)
-    text = comment + "".join(_block_text(name, block) for name, block in blocks.items())
+    text = star_text(blocks, comment)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

@@ -7,7 +7,8 @@ Examples:
 --rescale_angpix A: Fourier crop/pad to N' = round(N*p/A), made even (minus 1 if odd); the true pixel size N*p/N'
 is written to the header. --new_box B: real-space centred crop/pad after rescaling. --lowpass R: raised-cosine
 low-pass at R Å (edge 2 shells wide), applied before rescaling. RELION's order: one arithmetic operation (by a
-constant, or pixel by pixel by another map/image), --bfactor, filters, mirror, rescale, re-box, thresholds. Input: 2D image (.mrc), stack (.mrcs), 3D map,
+constant, or pixel by pixel by another map/image), --bfactor, filters, mirror, shift, rescale, re-box, --sym,
+thresholds (--remove_nan before all). --stats and --fsc print and write nothing. Input: 2D image (.mrc), stack (.mrcs), 3D map,
 or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
 <o>_opticsgroupK.mrcs, when there are several) and the optics table gets the new rlnImageSize/rlnImagePixelSize.
 """
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.fft as sfft
 
 from cryorefine.errors import InputError, require
@@ -63,6 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bfactor", type=float, default=0.0,
                         help="apply exp(-B s^2/4) up to Nyquist, 0 beyond (B in A^2; negative sharpens)")
     parser.add_argument("--threshold_above", type=float, default=None, help="values above this are set to it")
+    for axis in "xyz":
+        parser.add_argument(f"--shift_{axis}", type=float, default=0.0,
+                            help=f"move the content this many pixels along {axis} (linear interpolation, zero fill)")
+    parser.add_argument("--sym", default=None, help="symmetrise a 3D map: the average over the point group's "
+                        "rotations about the box centre N//2 (RELION's symmetriseMap)")
+    parser.add_argument("--fsc", default=None, metavar="MRC",
+                        help="print the FSC between --i and this map as a STAR table (data_fsc) on stdout; no --o")
+    parser.add_argument("--remove_nan", action="store_true",
+                        help="replace NaN and infinite values by --replace_nan before anything else")
+    parser.add_argument("--replace_nan", type=float, default=0.0, help="the value for --remove_nan (default 0)")
     parser.add_argument("--threshold_below", type=float, default=None, help="values below this are set to it")
     parser.add_argument("--invert_contrast", action="store_true", help="multiply the pixel values by -1")
     for axis in "XYZ":
@@ -221,6 +233,32 @@ def load_operand(args, shape: tuple[int, ...], what: str) -> np.ndarray | None:
     return op
 
 
+def shifted(data: np.ndarray, shift_xyz: tuple[float, float, float], ndim: int) -> np.ndarray:
+    """The content of each image / map moved by (x, y[, z]) px, i.e. out(r) = in(r − t): linear interpolation,
+    zeros where nothing comes in (RELION's selfTranslate with DONT_WRAP)."""
+    from scipy import ndimage
+    t = (shift_xyz[2], shift_xyz[1], shift_xyz[0])[3 - ndim:]
+    lead = data.ndim - ndim
+    return ndimage.shift(np.asarray(data, np.float64), (0.0,) * lead + t, order=1, mode="constant", cval=0.0)
+
+
+def symmetrised(volume: np.ndarray, sym: str) -> np.ndarray:
+    """The mean of the map over the rotations g of point group `sym` about voxel N//2: out(r) = mean_g in(g r), with
+    linear interpolation and zeros from outside the box (RELION's symmetriseMap; the group holds each inverse, so
+    which way g acts does not matter)."""
+    from scipy import ndimage
+
+    from cryorefine.geometry.symmetry import symmetry_matrices
+    vol = np.asarray(volume, np.float64)
+    centre = np.array([s // 2 for s in vol.shape], np.float64)
+    flip = np.eye(3)[::-1]                      # (x, y, z) <-> array (z, y, x)
+    out = np.zeros_like(vol)
+    for g in symmetry_matrices(sym):
+        m = flip @ g @ flip
+        out += ndimage.affine_transform(vol, m, offset=centre - m @ centre, order=1, mode="constant", cval=0.0)
+    return out / len(symmetry_matrices(sym))
+
+
 def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
     """Arithmetic, B-factor, filters, mirror, rescale, re-box, thresholds of one map / image / batch of images (in
     RELION's order)."""
@@ -241,10 +279,15 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
         if args.highpass is not None:
             data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
         data = mirrored(data, _flip(args))       # after the filters, before rescaling: RELION's order
+        shift = (args.shift_x, args.shift_y, args.shift_z)
+        if any(shift):
+            data = shifted(data, shift, ndim)
         if new_size is not None:
             data = resize_fourier(data, new_size, stack=stack)
         if args.new_box is not None and args.new_box != data.shape[-1]:
             data = window_real(data, args.new_box, stack=stack)
+        if args.sym is not None:
+            data = symmetrised(data, args.sym)
         if args.threshold_above is not None:
             data = np.minimum(data, args.threshold_above)
         if args.threshold_below is not None:
@@ -274,14 +317,16 @@ def _check_filters(src: Path, n: int, ndim: int, angpix: float, args, what: str)
 
 def _check_options(args) -> None:
     """Option values that can never work."""
-    require(args.stats or bool(args.o), "--o: the output file is required (unless --stats)")
-    # RELION's --stats only prints; an --o beside it would be silently ignored
-    require(not (args.stats and args.o), f"--stats prints statistics; it writes no --o (got --o {args.o})")
+    printing = "--stats" if args.stats else "--fsc" if args.fsc else None
+    require(printing is not None or bool(args.o), "--o: the output file is required (unless --stats or --fsc)")
+    # RELION's --stats and --fsc only print; an --o beside them would be silently ignored
+    require(not (printing and args.o), f"{printing} prints its result; it writes no --o (got --o {args.o})")
+    require(not (args.stats and args.fsc), "--stats, --fsc: give one of them")
     # before any work: writing would fail at the very end, naming an internal temporary file
     require(not (args.o and Path(args.o).is_dir()), f"{args.o}: is a folder, not a file")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
     for name in ("multiply_constant", "divide_constant", "add_constant", "subtract_constant", "bfactor",
-                 "threshold_above", "threshold_below"):
+                 "threshold_above", "threshold_below", "shift_x", "shift_y", "shift_z", "replace_nan"):
         v = getattr(args, name)
         require(v is None or bool(np.isfinite(v)), f"--{name}: must be a finite number")
     require(args.divide_constant != 0, "--divide_constant: must not be 0")
@@ -381,6 +426,36 @@ def _run_star(src: Path, dst: Path, args) -> int:
     return 0
 
 
+def without_nan(data: np.ndarray, args) -> np.ndarray:
+    """With --remove_nan, NaN and ±inf replaced by --replace_nan (RELION does it first); else unchanged."""
+    if not args.remove_nan:
+        return data
+    return np.where(np.isfinite(data), data, np.float32(args.replace_nan)).astype(data.dtype, copy=False)
+
+
+def fsc_table(fsc_curve: np.ndarray, box: int, angpix: float) -> pd.DataFrame:
+    """RELION image_handler --fsc's data_fsc: spectral index, 1/Å, Å (999 for shell 0) and the FSC."""
+    i = np.arange(fsc_curve.size)
+    ang = np.where(i > 0, box * angpix / np.maximum(i, 1), 999.0)
+    return pd.DataFrame({"rlnSpectralIndex": i, "rlnResolution": 1.0 / ang, "rlnAngstromResolution": ang,
+                         "rlnFourierShellCorrelation": fsc_curve})
+
+
+def _print_fsc(src: Path, other: Path, angpix: float, args) -> int:
+    """--fsc: the FSC of --i and the other map (same box) as a STAR table on stdout."""
+    from cryorefine.fourier.fsc import fsc
+    from cryorefine.io.star import star_text
+    a = without_nan(read_map(src)[0], args)
+    b = without_nan(read_map(other)[0], args)
+    require(b.shape == a.shape, f"{other}: --fsc: shape {'x'.join(map(str, b.shape[::-1]))} differs from {src}'s "
+                                f"{'x'.join(map(str, a.shape[::-1]))}")
+    require(a.ndim in (2, 3) and len(set(a.shape)) == 1, f"{src}: --fsc needs a square image or a cubic map")
+    for path, m in ((src, a), (other, b)):
+        require(bool(np.isfinite(m).all()), f"{path}: contains NaN or inf (--remove_nan replaces them)")
+    sys.stdout.write(star_text({"fsc": fsc_table(fsc(a, b), a.shape[0], angpix)}))
+    return 0
+
+
 def _print_stats(src: Path, stack: bool, angpix: float) -> int:
     """relion_image_handler --stats: one line per image (stack) or for the map."""
     if stack:
@@ -436,6 +511,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stats:
         return _print_stats(src, stack, angpix)
+    if args.fsc:
+        return _print_fsc(src, Path(args.fsc), angpix, args)
+    if args.sym is not None:
+        require(ndim == 3 and not stack, f"{src}: --sym symmetrises 3D maps; this is a {what}")
+        from cryorefine.errors import option_error
+        from cryorefine.geometry.symmetry import symmetry_matrices
+        with option_error("--sym"):
+            symmetry_matrices(args.sym)
     needs_square = (args.rescale_angpix is not None or args.new_box is not None or args.lowpass is not None
                     or args.highpass is not None)
     if needs_square:
@@ -456,14 +539,15 @@ def run(args: argparse.Namespace) -> int:
         per_chunk = max(1, _CHUNK_BYTES // (nx * ny * 4))
         with StackWriter(dst, header_angpix, float16=args.float16) as w:
             for start in range(0, images.shape[0], per_chunk):
-                chunk = np.asarray(images[start:start + per_chunk], dtype=np.float32)
-                require(bool(np.isfinite(chunk).all()), f"{src}: images {start + 1}.. contain NaN or inf")
+                chunk = without_nan(np.asarray(images[start:start + per_chunk], dtype=np.float32), args)
+                require(bool(np.isfinite(chunk).all()), f"{src}: images {start + 1}.. contain NaN or inf "
+                                                        f"(--remove_nan replaces them)")
                 w.write(_writable(_process(chunk, 2, angpix, args, new_size), dst, args.float16))
         out_box, count = w.shape[-1], w.count
         desc = f"{count} images of {out_box}x{out_box}"
     else:
-        data, _ = read_map(src)
-        require(bool(np.isfinite(data).all()), f"{src}: contains NaN or inf")
+        data = without_nan(read_map(src)[0], args)
+        require(bool(np.isfinite(data).all()), f"{src}: contains NaN or inf (--remove_nan replaces them)")
         out = _writable(_process(data, ndim, angpix, args, new_size), dst, args.float16)
         write_map(dst, out, header_angpix, float16=args.float16)
         desc = f"{what} of box {out.shape[-1]}"
