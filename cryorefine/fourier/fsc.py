@@ -47,6 +47,14 @@ def fsc(map1: NDArray, map2: NDArray) -> NDArray[np.float64]:
     return fsc_ft(sfft.rfftn(map1, workers=-1), sfft.rfftn(map2, workers=-1), map1.shape[0])
 
 
+def shell_columns(n: int, box: int, angpix: float) -> dict[str, NDArray]:
+    """rlnSpectralIndex, rlnResolution (1/Å) and rlnAngstromResolution of shells 0..n−1, as RELION's postprocess
+    and image_handler --fsc write them (shell 0: 999 Å, so 1/999 in 1/Å)."""
+    i = np.arange(n)
+    ang = np.where(i > 0, box * angpix / np.maximum(i, 1), 999.0)
+    return {"rlnSpectralIndex": i, "rlnResolution": 1.0 / ang, "rlnAngstromResolution": ang}
+
+
 def shell_resolutions(box: int, angpix: float) -> NDArray[np.float64]:
     """Resolution in Å of shells 0..box/2 (shell 0 = inf)."""
     r = np.arange(box // 2 + 1, dtype=np.float64)

@@ -523,7 +523,7 @@ def read_particles(path, angpix: float | None = None) -> ParticleTable:
 
 
 def _angstrom_origins(parts: pd.DataFrame, pix: NDArray) -> tuple[pd.DataFrame, list[str]]:
-    """rlnOrigin{X,Y,Z} (pixels) replaced in place by rlnOrigin{X,Y,Z}Angst = value × pix (per particle), where
+    """A copy with rlnOrigin{X,Y,Z} (pixels) replaced by rlnOrigin{X,Y,Z}Angst = value × pix (per particle), where
     no Å column exists already; returns the table and the axes converted."""
     parts = parts.copy()
     axes = []

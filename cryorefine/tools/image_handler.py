@@ -260,8 +260,8 @@ def symmetrised(volume: np.ndarray, sym: str) -> np.ndarray:
 
 
 def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
-    """Arithmetic, B-factor, filters, mirror, rescale, re-box, thresholds of one map / image / batch of images (in
-    RELION's order)."""
+    """Arithmetic, B-factor, filters, mirror, shift, rescale, re-box, symmetry, thresholds of one map / image / batch
+    of images (in RELION's order)."""
     stack = ndim == 2 and data.ndim == 3
     factor = -1.0 if args.invert_contrast else 1.0
     # overflow to inf is allowed here, silently: the caller refuses a non-finite result (output_range_error) with
@@ -435,10 +435,8 @@ def without_nan(data: np.ndarray, args) -> np.ndarray:
 
 def fsc_table(fsc_curve: np.ndarray, box: int, angpix: float) -> pd.DataFrame:
     """RELION image_handler --fsc's data_fsc: spectral index, 1/Å, Å (999 for shell 0) and the FSC."""
-    i = np.arange(fsc_curve.size)
-    ang = np.where(i > 0, box * angpix / np.maximum(i, 1), 999.0)
-    return pd.DataFrame({"rlnSpectralIndex": i, "rlnResolution": 1.0 / ang, "rlnAngstromResolution": ang,
-                         "rlnFourierShellCorrelation": fsc_curve})
+    from cryorefine.fourier.fsc import shell_columns
+    return pd.DataFrame({**shell_columns(fsc_curve.size, box, angpix), "rlnFourierShellCorrelation": fsc_curve})
 
 
 def _print_fsc(src: Path, other: Path, angpix: float, args) -> int:

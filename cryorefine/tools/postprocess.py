@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from cryorefine.validate import check_not_inputs, check_output_folder
 from cryorefine.errors import InputError, require, require_finite
 from cryorefine.fourier.filters import raised_cosine_lowpass_profile
-from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc
+from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc, shell_columns
 from cryorefine.io.atomic import write_text_atomic
 from cryorefine.io.mrc import read_map, write_map
 from cryorefine.io.star import read_star, write_star
@@ -419,9 +419,7 @@ def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_n
     general["rlnPostprocessedMap"] = map_name
     if masked_map_name is not None:
         general["rlnPostprocessedMapMasked"] = masked_map_name
-    i = np.arange(res.fsc_true.size)
-    ang = np.where(i > 0, res.box * res.angpix / np.maximum(i, 1), 999.0)
-    fsc_table = {"rlnSpectralIndex": i, "rlnResolution": 1.0 / ang, "rlnAngstromResolution": ang}
+    fsc_table = shell_columns(res.fsc_true.size, res.box, res.angpix)
     if mask_name is not None:
         fsc_table.update({
             "rlnFourierShellCorrelationCorrected": res.fsc_true,
