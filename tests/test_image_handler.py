@@ -442,3 +442,19 @@ def test_relion_sym_shift_fsc_and_remove_nan(maps, tmp_path, capsys):
                  "--replace_nan", "7"]) == 0
     fixed = read_map(out)[0]
     assert list(fixed[0, 0, :3]) == [7.0, 7.0, 7.0] and np.isfinite(fixed).all()
+
+
+def test_center_of_mass_and_shift_com(tmp_path, capsys):
+    """--com: the centre of mass of the positive values relative to voxel N//2, as (x, y, z); --shift_com moves it
+    there (RELION's centerOfMass and selfTranslateCenterOfMassToCenter)."""
+    vol = np.zeros((32, 32, 32), np.float32)
+    vol[16 + 2, 16 - 3, 16 + 5] = 2.0
+    vol[16 + 2, 16 - 3, 16 + 7] = 2.0         # x 5 and 7: mean 6
+    vol[0, 0, 0] = -50.0                      # negative values do not count
+    write_map(tmp_path / "v.mrc", vol, 1.0)
+    capsys.readouterr()
+    assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--com"]) == 0
+    assert "center of mass (relative to XmippOrigin) x 6 y -3 z 2" in capsys.readouterr().out
+    assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--shift_com", "--o", str(tmp_path / "c.mrc")]) == 0
+    moved = read_map(tmp_path / "c.mrc")[0]
+    assert moved[16, 16, 15] == pytest.approx(2.0) and moved[16, 16, 17] == pytest.approx(2.0)

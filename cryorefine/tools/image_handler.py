@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for axis in "xyz":
         parser.add_argument(f"--shift_{axis}", type=float, default=0.0,
                             help=f"move the content this many pixels along {axis} (linear interpolation, zero fill)")
+    parser.add_argument("--shift_com", action="store_true",
+                        help="move each image's / the map's centre of mass (of its positive values) to voxel N//2")
+    parser.add_argument("--com", action="store_true",
+                        help="print the centre of mass (of the positive values) relative to voxel N//2; no --o")
     parser.add_argument("--sym", default=None, help="symmetrise a 3D map: the average over the point group's "
                         "rotations about the box centre N//2 (RELION's symmetriseMap)")
     parser.add_argument("--fsc", default=None, metavar="MRC",
@@ -242,6 +246,25 @@ def shifted(data: np.ndarray, shift_xyz: tuple[float, float, float], ndim: int) 
     return ndimage.shift(np.asarray(data, np.float64), (0.0,) * lead + t, order=1, mode="constant", cval=0.0)
 
 
+def center_of_mass(image: np.ndarray) -> tuple[float, ...]:
+    """(x, y[, z]) in px of the centre of mass of the positive values of one image or map, relative to index N//2
+    on each axis (RELION's centerOfMass about the Xmipp origin; (0, ...) when nothing is positive)."""
+    v = np.where(image > 0, np.asarray(image, np.float64), 0.0)
+    mass = v.sum()
+    if mass == 0:
+        return (0.0,) * image.ndim
+    coords = [float((v.sum(axis=tuple(a for a in range(image.ndim) if a != ax)) * (np.arange(n) - n // 2)).sum()
+                    / mass) for ax, n in enumerate(image.shape)]
+    return tuple(coords[::-1])                  # array (z, y, x) -> (x, y, z)
+
+
+def _com_shifted(data: np.ndarray, ndim: int) -> np.ndarray:
+    """--shift_com: each image (or the map) moved so that its centre of mass lands on N//2."""
+    if data.ndim == ndim:
+        return shifted(data, tuple(-c for c in center_of_mass(data)) + (0.0,) * (3 - ndim), ndim)
+    return np.stack([_com_shifted(d, ndim) for d in data])
+
+
 def symmetrised(volume: np.ndarray, sym: str) -> np.ndarray:
     """The mean of the map over the rotations g of point group `sym` about voxel N//2: out(r) = mean_g in(g r), with
     linear interpolation and zeros from outside the box (RELION's symmetriseMap; the group holds each inverse, so
@@ -280,7 +303,9 @@ def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | N
             data = highpass_map(data, args.highpass, angpix, ndim, args.filter_edge_width)
         data = mirrored(data, _flip(args))       # after the filters, before rescaling: RELION's order
         shift = (args.shift_x, args.shift_y, args.shift_z)
-        if any(shift):
+        if args.shift_com:          # RELION: instead of --shift_x/y/z
+            data = _com_shifted(data, ndim)
+        elif any(shift):
             data = shifted(data, shift, ndim)
         if new_size is not None:
             data = resize_fourier(data, new_size, stack=stack)
@@ -317,11 +342,12 @@ def _check_filters(src: Path, n: int, ndim: int, angpix: float, args, what: str)
 
 def _check_options(args) -> None:
     """Option values that can never work."""
-    printing = "--stats" if args.stats else "--fsc" if args.fsc else None
-    require(printing is not None or bool(args.o), "--o: the output file is required (unless --stats or --fsc)")
-    # RELION's --stats and --fsc only print; an --o beside them would be silently ignored
-    require(not (printing and args.o), f"{printing} prints its result; it writes no --o (got --o {args.o})")
-    require(not (args.stats and args.fsc), "--stats, --fsc: give one of them")
+    prints = [f"--{n}" for n in ("stats", "fsc", "com") if getattr(args, n)]
+    require(bool(prints) or bool(args.o), "--o: the output file is required (unless --stats, --fsc or --com)")
+    # RELION's --stats, --fsc and --com only print; an --o beside them would be silently ignored
+    require(not (prints and args.o), f"{prints[0] if prints else ''} prints its result; it writes no --o (got --o "
+                                     f"{args.o})")
+    require(len(prints) <= 1, f"{', '.join(prints)}: give one of them")
     # before any work: writing would fail at the very end, naming an internal temporary file
     require(not (args.o and Path(args.o).is_dir()), f"{args.o}: is a folder, not a file")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
@@ -454,6 +480,16 @@ def _print_fsc(src: Path, other: Path, angpix: float, args) -> int:
     return 0
 
 
+def _print_com(src: Path, stack: bool) -> int:
+    """--com: the centre of mass of each image (or the map), one line each as RELION prints it."""
+    images = open_stack(src) if stack else read_map(src)[0][None]
+    for i, image in enumerate(images, start=1):
+        com = center_of_mass(np.asarray(image, np.float32))
+        name = f"{i:06d}@{src}" if stack else str(src)
+        print(f"{name} : center of mass (relative to XmippOrigin) " + " ".join(f"{a} {c:g}" for a, c in zip("xyz", com)))
+    return 0
+
+
 def _print_stats(src: Path, stack: bool, angpix: float) -> int:
     """relion_image_handler --stats: one line per image (stack) or for the map."""
     if stack:
@@ -511,6 +547,8 @@ def run(args: argparse.Namespace) -> int:
         return _print_stats(src, stack, angpix)
     if args.fsc:
         return _print_fsc(src, Path(args.fsc), angpix, args)
+    if args.com:
+        return _print_com(src, stack)
     if args.sym is not None:
         require(ndim == 3 and not stack, f"{src}: --sym symmetrises 3D maps; this is a {what}")
         from cryorefine.errors import option_error
