@@ -372,3 +372,24 @@ def test_auto_bfactor_with_nothing_to_fit_sharpens_with_zero_as_relion(maps, tmp
     general = starfile.read(f"{out}.star", always_dict=True)["general"]
     assert float(np.ravel(general["rlnBfactorUsedForSharpening"])[0]) == 0.0
     assert float(np.ravel(general["rlnFittedSlopeGuinierPlot"])[0]) == 0.0
+
+
+def test_molweight_particle_fsc(maps, noisy, tmp_path):
+    """--molweight M: f = 0.476 (N p)^3 0.81 / (1000 M) and the cisTEM-like FSC f F / (1 + (f - 1) F) of the
+    unmasked F, written with RELION's labels, with and without a mask."""
+    truth, mask, angpix = maps
+    for k, h in ((1, noisy["h1"]), (2, noisy["h2"])):
+        write_map(tmp_path / f"run_half{k}_class001_unfil.mrc", h, angpix)
+    write_map(tmp_path / "mask.mrc", mask, angpix)
+    f = 0.476 * (64 * 2.5) ** 3 * 0.81 / (150.0 * 1000)
+    for extra in ([], ["--mask", str(tmp_path / "mask.mrc")]):
+        out = tmp_path / f"pp{len(extra)}"
+        assert cli.main(["postprocess", "--i", str(tmp_path / "run_half1_class001_unfil.mrc"), "--o", str(out),
+                         "--molweight", "150", *extra]) == 0
+        star = starfile.read(f"{out}.star", always_dict=True)
+        general, table = star["general"], star["fsc"]
+        assert float(np.ravel(general["rlnMolecularWeight"])[0]) == 150.0
+        assert float(np.ravel(general["rlnParticleBoxFractionMolecularWeight"])[0]) == pytest.approx(f, rel=1e-5)
+        unmasked = table["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy()
+        np.testing.assert_allclose(table["rlnFourierShellCorrelationParticleMolWeight"],
+                                   f * unmasked / (1 + (f - 1) * unmasked), rtol=1e-4, atol=1e-5)

@@ -45,7 +45,7 @@ GUINIER_MISSING = -99.0     # RELION's y value for a shell with no amplitude
 RAND_FSC_WARNING = 0.1      # RELION warns when FSC_rand exceeds this at the resolution shell
 # options taken as numbers: nan passes or skips their tests silently (nan > 0 and nan < 0 are both false)
 NUMBER_OPTIONS = ("angpix", "mtf_angpix", "autob_lowres", "autob_highres", "adhoc_bfac", "low_pass",
-                  "randomize_at_fsc", "randomize_at_A")
+                  "randomize_at_fsc", "randomize_at_A", "molweight")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,10 +98,15 @@ def solvent_mask_fraction(mask: NDArray) -> float:
     return 0.476 / float(np.mean(np.asarray(mask) > 0.5))
 
 
-def particle_fsc_fraction(fsc_unmasked: NDArray, mask: NDArray) -> NDArray[np.float64]:
-    """RELION calculateFSCpart with the mask fraction f (solvent_mask_fraction): f·F/(1 + (f − 1)·F), F = unmasked
-    FSC (cisTEM-like particle FSC)."""
-    frac = solvent_mask_fraction(mask)
+def molweight_fraction(box: int, angpix: float, molweight_kda: float) -> float:
+    """RELION's f from --molweight: 0.476·(N·p)³·0.81 / (M·1000), the sphere-in-box fraction over the ordered
+    protein's volume (M/0.81 Å³ per Da, density 1.35 g/cm³)."""
+    return 0.476 * (box * angpix) ** 3 * 0.81 / (molweight_kda * 1000.0)
+
+
+def particle_fsc_fraction(fsc_unmasked: NDArray, frac: float) -> NDArray[np.float64]:
+    """RELION calculateFSCpart with a fraction f (solvent_mask_fraction or molweight_fraction): f·F/(1 + (f − 1)·F),
+    F = unmasked FSC (cisTEM-like particle FSC)."""
     f = np.asarray(fsc_unmasked, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = frac * f / (1.0 + (frac - 1.0) * f)
@@ -243,6 +248,7 @@ class PostprocessOptions:
     filter_edge_width: int = 2
     mtf: tuple[NDArray, NDArray] | None = None    # (resolution 1/Å, MTF value)
     seed: int = 0
+    molweight: float = -1.0                       # kDa of ordered protein (RELION's --molweight); -1: none
 
 
 @dataclass
@@ -262,6 +268,9 @@ class PostprocessResult:
     fsc_random: NDArray | None = None
     fsc_part_fracmask: NDArray | None = None
     mask_fraction: float | None = None        # rlnParticleBoxFractionSolventMask
+    fsc_part_molweight: NDArray | None = None  # with --molweight
+    molweight_fraction: float | None = None    # rlnParticleBoxFractionMolecularWeight
+    molweight: float | None = None             # rlnMolecularWeight (kDa)
     randomise_from: int | None = None
     unmasked_used: bool = False
     fit: GuinierFit | None = None
@@ -277,7 +286,7 @@ def corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Po
         out["fsc_unmasked"] = fsc(half1, half2)
         out["fsc_true"] = out["fsc_unmasked"].copy()
         out["shell"] = last_shell_above(out["fsc_true"], FSC_THRESHOLD)
-        return out
+        return with_molweight_fsc(out, box, opts)
     if opts.randomize_at_A > 0:
         r_rand = int(opts.angpix * box / opts.randomize_at_A)
         require(r_rand > 0, f"--randomize_at_A: {opts.randomize_at_A:g} Å is coarser than the box "
@@ -316,7 +325,18 @@ def corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Po
                                "resolution; a softer mask with fewer features gives a more reliable estimate")
     out.update(fsc_unmasked=unmasked, fsc_masked=masked, fsc_random=rand, fsc_true=true, shell=shell,
                randomise_from=r_rand, unmasked_used=used_unmasked,
-               fsc_part_fracmask=particle_fsc_fraction(unmasked, mask), mask_fraction=solvent_mask_fraction(mask))
+               fsc_part_fracmask=particle_fsc_fraction(unmasked, solvent_mask_fraction(mask)),
+               mask_fraction=solvent_mask_fraction(mask))
+    return with_molweight_fsc(out, box, opts)
+
+
+def with_molweight_fsc(out: dict, box: int, opts: PostprocessOptions) -> dict:
+    """With --molweight: its fraction and the cisTEM-like particle FSC from the unmasked FSC (RELION writes both
+    with or without a mask)."""
+    if opts.molweight > 0:
+        frac = molweight_fraction(box, opts.angpix, opts.molweight)
+        out.update(molweight=opts.molweight, molweight_fraction=frac,
+                   fsc_part_molweight=particle_fsc_fraction(out["fsc_unmasked"], frac))
     return out
 
 
@@ -388,7 +408,8 @@ def postprocess(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Post
         box=box, angpix=opts.angpix, fsc_unmasked=c["fsc_unmasked"], fsc_true=c["fsc_true"], resolution_shell=shell,
         resolution_A=resolution, bfactor=bfactor, sharpened=sharpened, guinier=columns,
         fsc_masked=c.get("fsc_masked"), fsc_random=c.get("fsc_random"), fsc_part_fracmask=c.get("fsc_part_fracmask"),
-        mask_fraction=c.get("mask_fraction"),
+        mask_fraction=c.get("mask_fraction"), fsc_part_molweight=c.get("fsc_part_molweight"),
+        molweight_fraction=c.get("molweight_fraction"), molweight=c.get("molweight"),
         randomise_from=c.get("randomise_from"), unmasked_used=bool(c.get("unmasked_used", False)), fit=fit,
         lowpass_A=lowpass, warnings=c["warnings"] + guinier_warnings(fit, opts, resolution))
 
@@ -416,6 +437,9 @@ def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_n
         general["rlnFittedSlopeGuinierPlot"] = float(res.fit.slope)
         general["rlnFittedInterceptGuinierPlot"] = float(res.fit.intercept)
         general["rlnCorrelationFitGuinierPlot"] = float(res.fit.correlation)
+    if res.molweight_fraction is not None:
+        general["rlnMolecularWeight"] = float(res.molweight)
+        general["rlnParticleBoxFractionMolecularWeight"] = float(res.molweight_fraction)
     general["rlnPostprocessedMap"] = map_name
     if masked_map_name is not None:
         general["rlnPostprocessedMapMasked"] = masked_map_name
@@ -429,6 +453,8 @@ def star_blocks(res: PostprocessResult, half1_name: str, half2_name: str, mask_n
             "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": res.fsc_random})
     else:
         fsc_table["rlnFourierShellCorrelationUnmaskedMaps"] = res.fsc_true
+    if res.fsc_part_molweight is not None:
+        fsc_table["rlnFourierShellCorrelationParticleMolWeight"] = res.fsc_part_molweight
     return {"general": general, "fsc": pd.DataFrame(fsc_table), "guinier": pd.DataFrame(res.guinier)}
 
 
@@ -480,6 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="randomise phases from the first shell where the unmasked FSC drops below this (default 0.8)")
     a("--randomize_at_A", "--randomize-at-A", dest="randomize_at_A", type=float, default=-1.0,
       help="randomise phases from this resolution in Å instead (if positive)")
+    a("--molweight", type=float, default=-1.0,
+      help="molecular weight (kDa) of the ordered protein: a cisTEM-like particle FSC from it in <o>.star (RELION)")
     a("--random_seed", "--random-seed", dest="random_seed", type=int, default=0,
       help="seed of the phase randomisation (default 0)")
 
@@ -568,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
                               auto_bfac=args.auto_bfac, autob_lowres=args.autob_lowres,
                               autob_highres=args.autob_highres, adhoc_bfac=args.adhoc_bfac, low_pass=args.low_pass,
                               skip_fsc_weighting=args.skip_fsc_weighting, filter_edge_width=args.filter_edge_width,
-                              mtf=mtf, seed=effective_seed(args.random_seed, time.time()))
+                              mtf=mtf, seed=effective_seed(args.random_seed, time.time()), molweight=args.molweight)
     print(f"== postprocess: half1 {half1_name}, half2 {half2_name}, box {half1.shape[0]}, {angpix:g} Å/px"
           + (f", mask {args.mask}" if mask is not None else ", no mask"), flush=True)
     if args.random_seed < 0:    # printed, so that the run can be repeated with this seed
