@@ -58,20 +58,15 @@ FINAL_SUFFIXES = ("_class001.mrc", "_half1_class001_unfil.mrc", "_half2_class001
                   "_model.star", "_sampling.star", "_optimiser.star")
 
 
-def _truthy(value: object) -> bool:
-    """A STAR flag (1, 1.0, true) as a bool; anything else is False."""
-    return str(value).strip().lower() in ("1", "1.0", "true")
-
-
 def continue_point(optimiser_star: str | Path, general: dict) -> tuple[Path, str | None]:
     """The optimiser file a --continue goes on from, and a log line when it is not the one given: a converged
     run's optimiser (its iteration was the final, joined one) can only be gone on from when that iteration's
     final files are incomplete (a run stopped while writing them), and then from the iteration before, which makes
     the final iteration again; InputError when there is nothing to continue."""
     path = Path(optimiser_star)
-    if not _truthy(general.get("rlnHasConverged", 0)):
+    if not _value(general, "rlnHasConverged", path, bool, default=False):
         return path, None
-    it = int(float(general.get("rlnCurrentIteration", 0)))
+    it = _value(general, "rlnCurrentIteration", path, int)
     head = str(path)[: -len(OPTIMISER_SUFFIX)] if str(path).endswith(OPTIMISER_SUFFIX) else str(path)
     root = head[: -len(f"_it{it:03d}")] if head.endswith(f"_it{it:03d}") else head
     missing = [Path(root + suffix).name for suffix in FINAL_SUFFIXES if not Path(root + suffix).is_file()]
