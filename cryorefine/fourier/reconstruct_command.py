@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop_bad_particles", action="store_true",
                    help="leave out particles with impossible values (NaN or infinite angles, origins, defocus ...) "
                         "and say how many, instead of stopping")
+    p.add_argument("--angular_error", type=float, default=0.0,
+                   help="add Gaussian noise of this s.d. (deg) to each Euler angle (RELION's, to simulate errors)")
+    p.add_argument("--shift_error", type=float, default=0.0,
+                   help="add Gaussian noise of this s.d. (A) to each origin (RELION's, to simulate errors)")
     p.add_argument("--fom_weighting", action="store_true",
                    help="weight each particle by its rlnParticleFigureOfMerit (image and CTF² weight)")
     p.add_argument("--3d_rot", dest="rot3d", action="store_true",
@@ -171,6 +176,20 @@ def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
     return rows
 
 
+def perturbed_poses(particles: pd.DataFrame, angular_error: float, shift_error: float,
+                    rng: np.random.Generator) -> pd.DataFrame:
+    """A copy with N(0, angular_error²) deg added to rlnAngleRot/Tilt/Psi and N(0, shift_error²) Å to
+    rlnOriginX/YAngst, each value its own draw (RELION reconstruct's --angular_error, --shift_error)."""
+    out = particles.copy()
+    for labels, sd in ((("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"), angular_error),
+                       (("rlnOriginXAngst", "rlnOriginYAngst"), shift_error)):
+        if sd > 0:
+            for label in labels:
+                base = out[label].to_numpy(np.float64) if label in out else np.zeros(len(out))
+                out[label] = base + rng.normal(0.0, sd, len(out))
+    return out
+
+
 def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: float, do_ctf: bool,
                       batch: int = BATCH, progress: bool = True, fom: NDArray | None = None,
                       ctf_switches: dict[str, bool] | None = None, what: str = "particles") -> int:
@@ -182,8 +201,6 @@ def backproject_table(table, rows: NDArray, bp: bpmod.BackProjector, angpix: flo
     --fom_weighting, both the image and its CTF² weight are multiplied by it. `ctf_switches`: the keywords of
     fourier.aberrations.with_ctf_switches (RELION's --ctf_phase_flipped, --ctf_intact_first_peak, --only_flip_phases).
     """
-    from dataclasses import replace
-
     from cryorefine.geometry.euler import euler_to_matrix
     from cryorefine.io.particles import ParticleImages
     from cryorefine.io.star import optics_models, particle_optics
@@ -284,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
         symmetry_matrices(args.sym)
     if args.subset not in (1, 2):      # RELION: "1: only half1; 2: only half2; other: reconstruct all"
         args.subset = -1
+    for name in ("angular_error", "shift_error"):
+        v = getattr(args, name)
+        require(math.isfinite(v) and v >= 0, f"--{name}: must be a standard deviation >= 0 (got {v:g})")
     require(math.isfinite(args.maxres) and args.maxres != 0,
             f"--maxres: must be a resolution > 0 A, or negative for Nyquist (got {args.maxres:g})")
     # nan fails both "> 0" and "<= 0": it would silently mean "the first optics group's"
@@ -336,6 +356,12 @@ def run(args: argparse.Namespace) -> int:
         _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
              f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px"
              + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))
+    if args.angular_error > 0 or args.shift_error > 0:
+        seed = int(np.random.SeedSequence().entropy % 2**31)      # RELION draws from the clock as well
+        table = replace(table, particles=perturbed_poses(table.particles, args.angular_error, args.shift_error,
+                                                         np.random.default_rng([seed, reducer.rank])))
+        _log(f"poses perturbed: --angular_error {args.angular_error:g} deg, --shift_error {args.shift_error:g} A "
+             f"(random seed {seed})")
     backproject_table(table, reducer.share(rows), bp, angpix, args.ctf, batch=args.batch,
                       progress=reducer.is_leader, fom=fom,
                       what="particles of rank 0's share" if reducer.size > 1 else "particles",
