@@ -458,3 +458,15 @@ def test_center_of_mass_and_shift_com(tmp_path, capsys):
     assert main(["image-handler", "--i", str(tmp_path / "v.mrc"), "--shift_com", "--o", str(tmp_path / "c.mrc")]) == 0
     moved = read_map(tmp_path / "c.mrc")[0]
     assert moved[16, 16, 15] == pytest.approx(2.0) and moved[16, 16, 17] == pytest.approx(2.0)
+
+
+def test_map_only_options_refuse_a_particle_star_file(small_set, tmp_path, capsys):
+    """--sym on a STAR input would have symmetrised a batch of particle images as if it were a 3D map; --fsc and
+    --com need a map too: one error line each."""
+    for opts in (["--sym", "C2", "--o", str(tmp_path / "s.star")], ["--fsc", str(small_set / "reference.mrc")],
+                 ["--com"]):
+        capsys.readouterr()
+        assert main(["image-handler", "--i", str(small_set / "particles.star"), *opts]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{opts[0]}: give a map, image or stack, not a STAR file" in err[0], err
+    assert not list(tmp_path.iterdir())

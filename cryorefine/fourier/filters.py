@@ -175,6 +175,7 @@ def normalise_background(images: NDArray, bg_radius: float, remove_ramp: bool = 
     out = ((flat - mean) / std).reshape(stack.shape).astype(np.float32)
     return out[0] if single else out
 
+
 def remove_dust(flat: NDArray, mean: NDArray, std: NDArray, white: float, black: float,
                 rng: np.random.Generator) -> NDArray[np.float64]:
     """RELION removeDust on (n, pixels) rows: v − mean > white·σ (white > 0) or v − mean < −black·σ (black > 0)

@@ -357,11 +357,14 @@ def run(args: argparse.Namespace) -> int:
              f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px"
              + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))
     if args.angular_error > 0 or args.shift_error > 0:
-        seed = int(np.random.SeedSequence().entropy % 2**31)      # RELION draws from the clock as well
+        # RELION draws from the clock as well; rank 0's seed on every rank, which perturbs the whole table alike,
+        # so that the logged seed gives the same poses with any number of ranks
+        seed = reducer.allgather(int(np.random.SeedSequence().entropy % 2**31))[0]
         table = replace(table, particles=perturbed_poses(table.particles, args.angular_error, args.shift_error,
-                                                         np.random.default_rng([seed, reducer.rank])))
-        _log(f"poses perturbed: --angular_error {args.angular_error:g} deg, --shift_error {args.shift_error:g} A "
-             f"(random seed {seed})")
+                                                         np.random.default_rng(seed)))
+        if reducer.is_leader:
+            _log(f"poses perturbed: --angular_error {args.angular_error:g} deg, --shift_error {args.shift_error:g} "
+                 f"A (random seed {seed})")
     backproject_table(table, reducer.share(rows), bp, angpix, args.ctf, batch=args.batch,
                       progress=reducer.is_leader, fom=fom,
                       what="particles of rank 0's share" if reducer.size > 1 else "particles",

@@ -79,7 +79,8 @@ class ParticleImages:
             row = int(np.argmax(groups == g))
             head = read_header(self.stack_path(row)).angpix
             if head > 0 and abs(head - pix[row]) > 0.01 * pix[row]:
-                lines.append(f"optics group {self.table.optics['rlnOpticsGroup'].iloc[g]}: rlnImagePixelSize {pix[row]:g} A in {self.table.path} but "
+                group = self.table.optics["rlnOpticsGroup"].iloc[g]
+                lines.append(f"optics group {group}: rlnImagePixelSize {pix[row]:g} A in {self.table.path} but "
                              f"{head:g} A in the header of {self._names[self._stack_id[row]]}; using {pix[row]:g} "
                              f"(the STAR file's, as RELION)")
         return lines

@@ -8,8 +8,8 @@ Examples:
 is written to the header. --new_box B: real-space centred crop/pad after rescaling. --lowpass R: raised-cosine
 low-pass at R Å (edge 2 shells wide), applied before rescaling. RELION's order: one arithmetic operation (by a
 constant, or pixel by pixel by another map/image), --bfactor, filters, mirror, shift, rescale, re-box, --sym,
-thresholds (--remove_nan before all). --stats and --fsc print and write nothing. Input: 2D image (.mrc), stack (.mrcs), 3D map,
-or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
+thresholds (--remove_nan before all). --stats, --com and --fsc print and write nothing. Input: 2D image (.mrc),
+stack (.mrcs), 3D map, or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
 <o>_opticsgroupK.mrcs, when there are several) and the optics table gets the new rlnImageSize/rlnImagePixelSize.
 """
 
@@ -29,6 +29,7 @@ from cryorefine.fourier.resize import resize_fourier, window_real
 from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
 from cryorefine.io.particles import ParticleImages
 from cryorefine.io.star import read_particles, write_particles
+from cryorefine.tools.postprocess import bfactor_factors, k_squared
 from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
 
 _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
@@ -112,9 +113,7 @@ def lowpass_profile(r: np.ndarray, n: int, resolution: float, angpix: float, edg
 
 def lowpass_gain(n: int, ndim: int, resolution: float, angpix: float, edge_width: int = 2) -> np.ndarray:
     """RELION lowPassFilterMap gain on the rfft grid: 1 below shell round(N·p/R) − 1, cosine edge to shell + 1."""
-    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
-    r = np.sqrt(sum(g * g for g in np.meshgrid(*ks, indexing="ij"))) / n
-    return lowpass_profile(r, n, resolution, angpix, edge_width)
+    return lowpass_profile(np.sqrt(k_squared(n, ndim)) / n, n, resolution, angpix, edge_width)
 
 
 def largest_filter_gain(n: int, ndim: int, angpix: float, lowpass: float | None, highpass: float | None,
@@ -216,10 +215,7 @@ def apply_arithmetic(data: np.ndarray, name: str, value: float | np.ndarray) -> 
 def bfactor_gain(n: int, ndim: int, angpix: float, bfactor: float) -> np.ndarray:
     """RELION applyBFactorToMap on the rfft grid of an N-box: exp(−B s²/4) with s = |k|/(N·p) up to Nyquist, 0
     beyond (the postprocess formula)."""
-    from cryorefine.tools.postprocess import bfactor_factors
-    ks = [np.fft.fftfreq(n, 1.0 / n)] * (ndim - 1) + [np.arange(n // 2 + 1)]
-    k2 = sum(g * g for g in np.meshgrid(*ks, indexing="ij"))
-    return bfactor_factors(k2, n, angpix, bfactor)
+    return bfactor_factors(k_squared(n, ndim), n, angpix, bfactor)
 
 
 def load_operand(args, shape: tuple[int, ...], what: str) -> np.ndarray | None:
@@ -275,11 +271,12 @@ def symmetrised(volume: np.ndarray, sym: str) -> np.ndarray:
     vol = np.asarray(volume, np.float64)
     centre = np.array([s // 2 for s in vol.shape], np.float64)
     flip = np.eye(3)[::-1]                      # (x, y, z) <-> array (z, y, x)
+    group = symmetry_matrices(sym)
     out = np.zeros_like(vol)
-    for g in symmetry_matrices(sym):
+    for g in group:
         m = flip @ g @ flip
         out += ndimage.affine_transform(vol, m, offset=centre - m @ centre, order=1, mode="constant", cval=0.0)
-    return out / len(symmetry_matrices(sym))
+    return out / len(group)
 
 
 def _process(data: np.ndarray, ndim: int, angpix: float, args, new_size: int | None) -> np.ndarray:
@@ -486,7 +483,8 @@ def _print_com(src: Path, stack: bool) -> int:
     for i, image in enumerate(images, start=1):
         com = center_of_mass(np.asarray(image, np.float32))
         name = f"{i:06d}@{src}" if stack else str(src)
-        print(f"{name} : center of mass (relative to XmippOrigin) " + " ".join(f"{a} {c:g}" for a, c in zip("xyz", com)))
+        print(f"{name} : center of mass (relative to XmippOrigin) "
+              + " ".join(f"{a} {c:g}" for a, c in zip("xyz", com)))
     return 0
 
 
@@ -517,7 +515,10 @@ def run(args: argparse.Namespace) -> int:
         if src.suffix != ".star":
             check_not_inputs([dst], [src])
     if src.suffix == ".star":
-        require(not args.stats, "--stats: give a map, image or stack, not a STAR file")
+        for option, given in (("--stats", args.stats), ("--fsc", args.fsc), ("--com", args.com),
+                              ("--sym", args.sym is not None)):
+            # --sym would take a batch of particle images for a 3D map
+            require(not given, f"{option}: give a map, image or stack, not a STAR file")
         return _run_star(src, dst, args)
     header = read_header(src)
     stack = is_stack_path(src)

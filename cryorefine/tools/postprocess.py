@@ -64,11 +64,12 @@ def other_half_path(path: str) -> str | None:
     return head + sep + name
 
 
-def k_squared(box: int) -> NDArray[np.float64]:
-    """|k|² (Fourier px of the N-box) for every element of the (N, N, N//2+1) rfftn layout."""
-    k = np.fft.fftfreq(box, 1.0 / box)
-    kx = np.arange(box // 2 + 1, dtype=np.float64)
-    return (k * k)[:, None, None] + (k * k)[None, :, None] + (kx * kx)[None, None, :]
+def k_squared(box: int, ndim: int = 3) -> NDArray[np.float64]:
+    """|k|² (Fourier px of the N-box) for every element of the rfftn layout ((N, N, N//2+1) in 3D, (N, N//2+1) in
+    2D)."""
+    k2 = np.fft.fftfreq(box, 1.0 / box) ** 2
+    axes = [k2] * (ndim - 1) + [np.arange(box // 2 + 1, dtype=np.float64) ** 2]
+    return sum(g.reshape([-1 if a == i else 1 for a in range(ndim)]) for i, g in enumerate(axes))
 
 
 def last_shell_above(curve: NDArray, threshold: float) -> int:
@@ -323,10 +324,10 @@ def corrected_fsc(half1: NDArray, half2: NDArray, mask: NDArray | None, opts: Po
     elif rand[shell] > RAND_FSC_WARNING:
         out["warnings"].append(f"the phase-randomised FSC is {rand[shell]:.3f} (> 0.10) at the estimated "
                                "resolution; a softer mask with fewer features gives a more reliable estimate")
+    frac = solvent_mask_fraction(mask)
     out.update(fsc_unmasked=unmasked, fsc_masked=masked, fsc_random=rand, fsc_true=true, shell=shell,
                randomise_from=r_rand, unmasked_used=used_unmasked,
-               fsc_part_fracmask=particle_fsc_fraction(unmasked, solvent_mask_fraction(mask)),
-               mask_fraction=solvent_mask_fraction(mask))
+               fsc_part_fracmask=particle_fsc_fraction(unmasked, frac), mask_fraction=frac)
     return with_molweight_fsc(out, box, opts)
 
 
