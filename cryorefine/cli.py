@@ -196,6 +196,12 @@ def pipeline_control_in(argv: list[str]) -> str | None:
     return None
 
 
+def repeated_options(argv: list[str]) -> list[str]:
+    """Options (--name or --name=value) that occur more than once in a command line, in order of first use."""
+    names = [a.split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
+    return [n for i, n in enumerate(names) if names.count(n) > 1 and names.index(n) == i]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn user mistakes into one error line and exit code 2."""
     invoked_as = sys.argv[0] if argv is None else None
@@ -221,7 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args._argv = argv[argv.index(args.command) + 1:]
+    for option in repeated_options(args._argv):      # RELION's parser warns likewise and takes the last value
+        print(f"cryorefine {args.command}: warning: {option} was given more than once; the last value is used",
+              file=sys.stderr)
     control = getattr(args, "pipeline_control", None)
+    if control and Path(control).exists() and not Path(control).is_dir():
+        # the job's folder is where RELION's pipeliner looks for the exit marker: the job would end unseen
+        print(f"cryorefine {args.command}: error: --pipeline_control {control}: is a file, not the job's folder",
+              file=sys.stderr)
+        return 2
     rc = 1
     aborted = False
     previous = signal.signal(signal.SIGTERM, request_termination)   # scancel / kill: as Ctrl-C, failure marker

@@ -53,7 +53,12 @@ OPTICS_RULES: dict[str, Rule] = {
 # particle-table labels (one value per particle)
 CTF_RULES: dict[str, Rule] = {
     "rlnDefocusU": _positive(), "rlnDefocusV": _positive(), "rlnDefocusAngle": _finite(),
-    "rlnPhaseShift": _finite(), "rlnCtfBfactor": _finite(), "rlnCtfScalefactor": _finite(),
+    "rlnPhaseShift": _finite(),
+    # the CTF envelope exp(-B s²/4): above 1000 Å² it is 0 beyond 6 Å (a map of noise); negative values have a
+    # floor that depends on the pixel size (ctf_bfactor_floor, checked with it)
+    "rlnCtfBfactor": Rule(lambda v: v <= 1000, "a finite B-factor in Å², at most 1000"),
+    # the CTF is multiplied by it: 0 or a negative scale leaves no signal or inverts it
+    "rlnCtfScalefactor": _positive(),
 }
 POSE_RULES: dict[str, Rule] = {
     "rlnAngleRot": _finite(), "rlnAngleTilt": _finite(), "rlnAnglePsi": _finite(),
@@ -156,6 +161,8 @@ def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_b
         from cryorefine.fourier.ctf import CTF_REQUIRED_COLUMNS
         missing = [c for c in CTF_REQUIRED_COLUMNS if c not in table.particles.columns]
         require(not missing, f"{path}: CTF correction needs column(s) {', '.join(missing)}")
+        if "rlnCtfBfactor" in table.particles.columns and not allow_bad_particles:
+            _check_ctf_bfactor_floor(table)
     if need_poses:
         missing = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in table.particles.columns]
         require(not missing, f"{path}: no {', '.join(missing)} column (the poses are needed)")
@@ -165,6 +172,26 @@ def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_b
         require(odd.size == 0, f"{path}: data_optics optics group "
                                f"{table.optics['rlnOpticsGroup'].iloc[odd[0]] if odd.size else ''}: rlnImageSize "
                                f"{sizes[odd[0]] if odd.size else 0:g} is odd; an even box is needed")
+
+
+def ctf_bfactor_floor(angpix: NDArray) -> NDArray:
+    """The most negative CTF B-factor (Å²) for pixel size `angpix` (Å): exp(-B s²/4) at Nyquist (s = 1/2p) stays
+    below e^20, so CTF² stays finite in float32 (below it, the map is NaN or noise amplified 10^9-fold and more)."""
+    return -320.0 * np.asarray(angpix, dtype=np.float64) ** 2
+
+
+def _check_ctf_bfactor_floor(table) -> None:
+    """InputError naming the first particle whose rlnCtfBfactor is below its pixel size's floor."""
+    from cryorefine.io.star import particle_optics
+    b = numeric_values(table.particles, "rlnCtfBfactor", f"{table.path}: data_particles")
+    floor = ctf_bfactor_floor(particle_optics(table, "rlnImagePixelSize"))
+    low = np.nonzero(b < floor)[0]
+    if low.size:
+        r = int(low[0])
+        raise InputError(f"{table.path}: data_particles row {r + 1}{row_name(table.particles, r)}: rlnCtfBfactor = "
+                         f"{b[r]:g} must be at least {floor[r]:g} Å² at {np.sqrt(floor[r] / -320.0):g} Å/px (-320·p²: "
+                         f"the CTF envelope would amplify Nyquist more than e^20-fold)"
+                         + (f" ({low.size} rows)" if low.size > 1 else ""))
 
 
 def check_half_sets(subset: NDArray, path: str | Path) -> None:
@@ -215,6 +242,15 @@ def check_output_folder(folder: str | Path) -> None:
         raise InputError(f"{d}: output folder not writable (cannot make a file in {p}: {exc.strerror})") from None
 
 
+def check_output_file(name: str, option: str = "--o", kind: str = "file") -> None:
+    """InputError when an output file name is empty, ends in a path separator, '.' or '..' (a folder meant) or names
+    a folder: `--o newdir/` would otherwise write a file called newdir, and a folder fails only at the very end."""
+    require(bool(str(name).strip()), f"{option}: empty output file name")
+    require(os.path.basename(str(name)) not in ("", ".", ".."),
+            f"{option} {name}: names a folder, not a {kind}; give a file name such as {Path(name) / 'out.mrc'}")
+    require(not Path(name).is_dir(), f"{option} {name}: is a folder, not a {kind}")
+
+
 def _key(path: str | Path) -> str:
     """A path as compared for overwriting: resolved, without ./ and symlinks."""
     return os.path.realpath(os.path.abspath(str(path)))
@@ -228,6 +264,28 @@ def stacks_named_by(table) -> list[Path]:
     return [resolve_image_path(f, table.directory) for f in files]
 
 
+def check_fits_in_memory(nbytes: float, what: str) -> None:
+    """InputError when `nbytes` (the arrays a job must hold at once) exceed the memory the machine has available
+    (an absurd box would otherwise end as a MemoryError after minutes, or take the machine down)."""
+    from cryorefine.refine.memory import available_bytes
+    avail = available_bytes()
+    if avail is not None and nbytes > avail:
+        raise InputError(f"{what} would need {nbytes / 2 ** 30:.3g} GiB, more than the {avail / 2 ** 30:.3g} GiB "
+                         f"available")
+
+
+def same_pixel_size(a: float, b: float) -> bool:
+    """Header pixel sizes agree within 0.1 % (0, not set in a header, counts as agreeing)."""
+    return a <= 0 or b <= 0 or abs(a - b) <= 1e-3 * max(a, b)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Two names of one file: the same resolved path, or the same file through a link."""
+    if _key(a) == _key(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], what: str = "--o") -> None:
     """No output path may be an input file (same resolved path, or the same file through a link)."""
     ins = {}
@@ -239,10 +297,9 @@ def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]
         k = _key(out)
         if k in ins:
             raise InputError(f"{what}: the output {out} would overwrite the input {ins[k]}; choose another output name")
-        if os.path.exists(out):
-            for kin, name in ins.items():
-                if os.path.exists(kin) and os.path.samefile(out, kin):
-                    raise InputError(f"{what}: the output {out} would overwrite the input {name} (the same file)")
+        for kin, name in ins.items():
+            if same_file(out, kin):
+                raise InputError(f"{what}: the output {out} would overwrite the input {name} (the same file)")
 
 
 _REFINE_OUTPUT = re.compile(r"^(?:_it(\d{3}))?(?:_half[12])?(?:_class001(?:_unfil|_angdist)?)?"

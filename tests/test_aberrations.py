@@ -368,9 +368,13 @@ def test_refine_round_trip_keeps_every_label(all_set, tmp_path, monkeypatch):
         pd.testing.assert_frame_equal(got["optics"], src["optics"], check_dtype=False)
         missing = set(src["particles"].columns) - set(got["particles"].columns)
         assert not missing, missing
-        for col in ("rlnImageName", "rlnMicrographName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
+        for col in ("rlnMicrographName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV",
                     "rlnDefocusAngle", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnPhaseShift"):
             pd.testing.assert_series_equal(got["particles"][col], src["particles"][col], check_dtype=False)
+        # the input's names open from its own folder only: the run's name the same images from the current folder
+        pd.testing.assert_series_equal(read_particles(f"{out}_{it}_data.star").particles["rlnImageName"],
+                                       read_particles(all_set / "particles.star").particles["rlnImageName"])
+        assert Path(got["particles"]["rlnImageName"].iloc[0].split("@")[1]).is_file()
     text = Path(f"{out}_it001_data.star").read_text()
     for vec in set(src["optics"]["rlnOddZernike"]) | set(src["optics"]["rlnEvenZernike"]):
         assert vec in text

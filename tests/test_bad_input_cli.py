@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from cryorefine.cli import main
-from cryorefine.io.mrc import read_map
+from cryorefine.io.mrc import read_map, write_map
 from cryorefine.io.star import read_particles, read_star, write_particles, write_star
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def sub(small_set, tmp_path) -> Path:
     """A 40-particle copy of the small set's truth.star (poses, CTF, halves) with absolute image paths."""
     t = read_particles(small_set / "truth.star")
     p = t.particles.head(40).copy()
-    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{Path(s.split('@')[1]).resolve()}" for s in p["rlnImageName"]]
     dest = tmp_path / "in" / "parts.star"
     dest.parent.mkdir()
     write_particles(dest, replace(t, particles=p.reset_index(drop=True)))
@@ -115,6 +115,30 @@ def test_postprocess_output_root_equal_to_a_half_map(small_set, tmp_path, capsys
     rc, err = error_of(capsys, ["postprocess", "--i", str(h1), "--o", str(h1)[:-4]])
     assert rc == 2 and "would overwrite the input" in err and h1.name in err
     assert sha(h1) == before and files_under(tmp_path) == {h1.name, h2.name}
+
+
+def test_postprocess_half_map_twice_or_a_folder_as_root(small_set, tmp_path, capsys):
+    """--i2 naming --i's map gave FSC 1 and a Nyquist "resolution" with exit 0; --o a folder wrote hidden files
+    (.mrc, .star) in it."""
+    h1 = tmp_path / "run_half1_class001_unfil.mrc"
+    shutil.copy(small_set / "reference.mrc", h1)
+    (tmp_path / "link.mrc").symlink_to(h1)
+    for other in (h1, tmp_path / "link.mrc"):
+        rc, err = error_of(capsys, ["postprocess", "--i", str(h1), "--i2", str(other), "--o", str(tmp_path / "pp")])
+        assert rc == 2 and "is the same map as --i" in err, err
+    for root in (f"{tmp_path}/out/", str(tmp_path)):
+        rc, err = error_of(capsys, ["postprocess", "--i", str(h1), "--o", root])
+        assert rc == 2 and "is a folder; an output root" in err, err
+    assert files_under(tmp_path) == {h1.name, "link.mrc"}
+
+
+@pytest.mark.parametrize("command", ["image-handler", "mask-create"])
+def test_output_name_ending_in_a_separator(small_set, tmp_path, capsys, command):
+    """--o newdir/ wrote a map file called newdir."""
+    extra = ["--lowpass", "20"] if command == "image-handler" else []
+    rc, err = error_of(capsys, [command, "--i", str(small_set / "reference.mrc"), *extra, "--o", f"{tmp_path}/new/"])
+    assert rc == 2 and "names a folder, not a file; give a file name" in err, err
+    assert not (tmp_path / "new").exists()
 
 
 def test_extract_into_the_folder_of_the_reextraction_star(mics_set, tmp_path, capsys, monkeypatch):
@@ -251,7 +275,8 @@ def test_text_in_a_coordinate_file(mics_set, tmp_path, capsys, monkeypatch):
                                            ("--offset_step", "0"), ("--healpix_order", "9"), ("--pad", "0"),
                                            ("--particle_diameter", "nan"), ("--max_memory", "0"),
                                            ("--max_memory", "nan"), ("--fsc_sigma_criterion", "-1"),
-                                           ("--fsc_sigma_criterion", "inf"), ("--gpu", "abc"), ("--gpu", "0;1")])
+                                           ("--fsc_sigma_criterion", "inf"), ("--gpu", "abc"), ("--gpu", "0;1"),
+                                           ("--j", "0")])
 def test_option_values_out_of_range(sub, small_set, tmp_path, capsys, option, value):
     rc, err = error_of(capsys, refine_argv(sub, small_set / "reference.mrc", tmp_path / "o" / "run", option, value))
     assert rc == 2 and option in err
@@ -273,7 +298,17 @@ def test_a_stack_file_as_reference(sub, small_set, tmp_path, capsys):
     ref = tmp_path / "ref.mrcs"
     shutil.copy(small_set / "reference.mrc", ref)
     rc, err = error_of(capsys, refine_argv(sub, ref, tmp_path / "o" / "run"))
-    assert rc == 2 and "ref.mrcs: a .mrcs file is a stack of 2D images" in err
+    assert rc == 2 and "ref.mrcs: a cubic 3D map is needed for the reference, and a .mrcs file is a stack" in err
+    # the same rule for every map input (the solvent mask and postprocess's half maps were read as maps)
+    mask = tmp_path / "mask.mrcs"
+    shutil.copy(small_set / "mask.mrc", mask)
+    rc, err = error_of(capsys, [*refine_argv(sub, small_set / "reference.mrc", tmp_path / "p" / "run"),
+                                "--solvent_mask", str(mask)])
+    assert rc == 2 and "mask.mrcs: a cubic 3D map is needed for the solvent mask" in err, err
+    half = tmp_path / "run_half1_class001_unfil.mrcs"
+    shutil.copy(small_set / "reference.mrc", half)
+    rc, err = error_of(capsys, ["postprocess", "--i", str(half), "--i2", str(ref), "--o", str(tmp_path / "pp")])
+    assert rc == 2 and "a cubic 3D map is needed for the half map" in err, err
 
 
 def test_a_folder_as_reference_or_mask(sub, small_set, tmp_path, capsys):
@@ -295,6 +330,11 @@ def test_a_folder_as_reference_or_mask(sub, small_set, tmp_path, capsys):
     ("particles", "rlnAngleTilt", 9, float("nan"), "rlnAngleTilt = nan"),
     ("particles", "rlnOriginXAngst", 11, float("inf"), "rlnOriginXAngst = inf"),
     ("optics", "rlnAmplitudeContrast", 0, 1.5, "rlnAmplitudeContrast = 1.5"),
+    # a zero CTF scale or an envelope that removes every frequency made maps of +-1e7 with exit 0
+    ("particles", "rlnCtfScalefactor", 3, 0.0, "rlnCtfScalefactor = 0"),
+    ("particles", "rlnCtfBfactor", 7, 1e6, "rlnCtfBfactor = 1000000.0"),
+    # at 2.5 Å/px the floor is -2000 Å² (-320·p²): below it the envelope overflowed CTF² to a NaN map
+    ("particles", "rlnCtfBfactor", 8, -2500.0, "rlnCtfBfactor = -2500 must be at least -2000"),
 ])
 def test_impossible_values_stop_reconstruct_and_refine(sub, small_set, tmp_path, capsys, block, label, row, value,
                                                        phrase):
@@ -450,6 +490,13 @@ def test_image_handler_output_box_beyond_memory(small_set, tmp_path, capsys, opt
                                 str(tmp_path / "a.mrc"), *option])
     assert rc == 2 and "reference.mrc: the output box" in err and "GiB available" in err
     assert not (tmp_path / "a.mrc").exists()
+
+
+def test_mask_create_denovo_box_beyond_memory(tmp_path, capsys):
+    """It tried the 74.5 GiB allocation and ended as an out-of-memory error (exit 1)."""
+    rc, err = error_of(capsys, ["mask-create", "--denovo", "--box_size", "100000", "--outer_radius", "20",
+                                "--o", str(tmp_path / "m.mrc")])
+    assert rc == 2 and "--denovo --box_size 100000 would need" in err and "GiB available" in err, err
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
@@ -646,6 +693,27 @@ def test_extract_box_larger_than_the_micrograph(mics_set, tmp_path, capsys, monk
     assert not Path("Extract").exists()
 
 
+@pytest.mark.filterwarnings("error")
+def test_extract_coordinate_beyond_int64_and_part_star_folder(mics_set, tmp_path, capsys, monkeypatch):
+    """A coordinate of 1e300 is a box wholly outside, reported without numpy's cast warnings first; a --part_star
+    that is a folder is refused before any work (it ended as a disk error after extracting)."""
+    monkeypatch.chdir(tmp_path)
+    star = _mics_copy(mics_set, tmp_path, 1)
+    pick = tmp_path / "Micrographs" / "mic_0001_pick.star"
+    blocks = read_star(pick)
+    table = next(k for k, v in blocks.items() if isinstance(v, pd.DataFrame))
+    blocks[table].loc[0, ["rlnCoordinateX", "rlnCoordinateY"]] = 1e300
+    write_star(pick, blocks)
+    rc, err = error_of(capsys, ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "64",
+                                "--o", "Extract/job001/", "--no_progress"])
+    assert rc == 2 and "mic_0001" in err, err
+    (tmp_path / "pdir").mkdir()
+    rc, err = error_of(capsys, ["extract", "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "64",
+                                "--o", "Extract/job002/", "--part_star", "pdir", "--no_progress"])
+    assert rc == 2 and "--part_star pdir: is a folder, not a file" in err, err
+    assert not Path("Extract").exists()
+
+
 # ------------------------------------------------------------------------------------------------ leftovers
 
 
@@ -669,7 +737,7 @@ def one_iteration(small_set, tmp_path_factory):
     work = tmp_path_factory.mktemp("cont")
     t = read_particles(small_set / "particles.star")
     p = t.particles.head(40).copy()
-    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{Path(s.split('@')[1]).resolve()}" for s in p["rlnImageName"]]
     star = work / "p.star"
     write_particles(star, replace(t, particles=p.reset_index(drop=True)))
     assert main(refine_argv(star, small_set / "reference.mrc", work / "A" / "run")) == 0
@@ -736,7 +804,7 @@ def test_kill_9_during_an_estep_then_continue_gives_the_same_map(small_set, tmp_
     --continue from the last one reaches the uninterrupted run's iteration-2 maps."""
     t = read_particles(small_set / "particles.star")
     p = t.particles.head(120).copy()
-    p["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}" for s in p["rlnImageName"]]
+    p["rlnImageName"] = [f"{s.split('@')[0]}@{Path(s.split('@')[1]).resolve()}" for s in p["rlnImageName"]]
     star = tmp_path / "p.star"
     write_particles(star, replace(t, particles=p.reset_index(drop=True)))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -844,3 +912,36 @@ def test_reconstruct_names_a_stack_header_pixel_size_that_differs(sub, tmp_path,
     assert main(["reconstruct", "--i", str(bad), "--o", str(tmp_path / "r.mrc"), "--ctf"]) == 0
     assert "WARNING: optics group 1: rlnImagePixelSize 3 A" in capsys.readouterr().err
     assert read_map(tmp_path / "r.mrc")[1] == pytest.approx(3.0)
+
+
+def test_image_handler_operand_of_another_pixel_size_or_a_constant_fsc_map(small_set, tmp_path, capsys):
+    """--add / --fsc with a map of 3 Å beside a 2.5 Å input, and --fsc against an all-zero map, went through with
+    exit 0 (mask-create, postprocess and refine refuse a pixel-size mismatch)."""
+    data, _ = read_map(small_set / "reference.mrc")
+    write_map(tmp_path / "three.mrc", data, 3.0)
+    write_map(tmp_path / "zero.mrc", np.zeros_like(data), 2.5)
+    ref = str(small_set / "reference.mrc")
+    rc, err = error_of(capsys, ["image-handler", "--i", ref, "--add", str(tmp_path / "three.mrc"),
+                                "--o", str(tmp_path / "o.mrc")])
+    assert rc == 2 and "three.mrc: --add: pixel size 3 Å differs" in err, err
+    rc, err = error_of(capsys, ["image-handler", "--i", ref, "--fsc", str(tmp_path / "three.mrc")])
+    assert rc == 2 and "three.mrc: --fsc: pixel size 3 Å differs" in err, err
+    rc, err = error_of(capsys, ["image-handler", "--i", ref, "--fsc", str(tmp_path / "zero.mrc")])
+    assert rc == 2 and "zero.mrc: the map is constant" in err, err
+    assert not (tmp_path / "o.mrc").exists()
+
+
+def test_image_handler_star_error_leaves_no_new_folder(sub, tmp_path, capsys):
+    """An image number beyond the stack stops the job after the output folder was made: it is removed again."""
+    bad = edited(sub, "particles", "rlnImageName", 3, "001001@" + read_particles(sub).particles["rlnImageName"]
+                 .iloc[0].split("@")[1])
+    rc, err = error_of(capsys, ["image-handler", "--i", str(bad), "--rescale_angpix", "5",
+                                "--o", str(tmp_path / "out" / "deeper" / "y.star")])
+    assert rc == 2 and "1001" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reconstruct_zero_threads_is_refused_as_refine(sub, tmp_path, capsys):
+    """--j 0 was taken for "not given" while --j -1 was refused."""
+    rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "r.mrc"), "--j", "0"])
+    assert rc == 2 and "--j: must be at least 1 (got 0)" in err

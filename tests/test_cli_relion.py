@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pytest
 import starfile
@@ -295,8 +296,19 @@ def test_extract_gui_jobs_run(mics_set, tmp_path, monkeypatch, capsys):
         assert t.nr_particles > 0
         size = int(t.optics["rlnImageSize"].iloc[0])
         assert size == (128 if job.endswith("007/") else 64)
-    out = capsys.readouterr().out
-    assert "--pick_star Extract/job020/extractpick.star" in out
+    # the re-extraction's coordinate list: one <stack root>_extract.star per micrograph, every particle once, and
+    # usable as the coordinates of another Extract job (--coord_list), which cuts the same re-centred boxes
+    pick = starfile.read("Extract/job020/extractpick.star")
+    assert list(pick.columns) == ["rlnMicrographName", "rlnMicrographCoordinates"]
+    parts = read_particles(Path("Extract/job020/particles.star")).particles
+    per_mic = [starfile.read(f) for f in pick["rlnMicrographCoordinates"]]
+    assert sum(len(t) for t in per_mic) == len(parts)
+    assert all(f.endswith("_extract.star") and Path(f).is_file() for f in pick["rlnMicrographCoordinates"])
+    again = _extract_gui(mics_set, "Extract/job021/", "--coord_list Extract/job020/extractpick.star", 128, 64)
+    assert main([*relion(again), "--no_progress"]) == 0
+    boxes = [mrcfile.read(s) for s in sorted(Path("Extract/job020").rglob("*.mrcs"))]
+    boxes_again = [mrcfile.read(s) for s in sorted(Path("Extract/job021").rglob("*.mrcs"))]
+    assert len(boxes) == len(boxes_again) and all(np.allclose(a, b, atol=1e-3) for a, b in zip(boxes, boxes_again))
     # the continue job keeps the complete stacks and writes the same particles
     first = (Path("Extract/job008/particles.star")).read_text()
     stacks = sorted(Path("Extract/job008").rglob("*.mrcs"))
@@ -607,3 +619,26 @@ def test_verb_is_accepted_by_every_program():
         assert "--verb" in sub._option_string_actions, name
     args = build_parser("refine").parse_args(["refine", "--i", "a.star", "--ref", "r.mrc", "--o", "x", "--verb", "0"])
     assert args.verb == 0
+
+
+def test_an_option_given_twice_takes_the_last_value_with_a_warning(small_set, tmp_path, capsys):
+    """RELION's IOParser: "was specified more than once. The value specified the last is used."."""
+    src = small_set / "reference.mrc"
+    assert main(["image-handler", "--i", str(src), "--lowpass", "10", "--o", str(tmp_path / "a.mrc"),
+                 "--o", str(tmp_path / "b.mrc"), "--lowpass=20"]) == 0
+    err = capsys.readouterr().err
+    assert "--o was given more than once" in err and "--lowpass was given more than once" in err
+    assert not (tmp_path / "a.mrc").exists() and (tmp_path / "b.mrc").exists()
+    assert main(["image-handler", "--i", str(src), "--lowpass", "20", "--o", str(tmp_path / "c.mrc")]) == 0
+    np.testing.assert_array_equal(read_map(tmp_path / "b.mrc")[0], read_map(tmp_path / "c.mrc")[0])
+
+
+def test_pipeline_control_that_is_a_file_is_refused_before_any_work(small_set, tmp_path, capsys):
+    """The pipeliner would never see the job end (the exit marker cannot be made inside a file)."""
+    (tmp_path / "pc").write_text("")
+    out = tmp_path / "lp.mrc"
+    assert main(["image-handler", "--i", str(small_set / "reference.mrc"), "--lowpass", "20", "--o", str(out),
+                 "--pipeline_control", str(tmp_path / "pc")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--pipeline_control" in err and "is a file" in err, err
+    assert not out.exists()

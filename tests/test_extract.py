@@ -311,7 +311,7 @@ def test_missing_micrograph_error_or_skip(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("bad, option", [(["--extract_size", "33"], "--extract_size"),
-                                         (["--extract_size", "32", "--scale", "15"], "--scale"),
+                                         (["--extract_size", "32", "--scale", "0"], "--scale"),
                                          (["--extract_size", "32", "--norm", "--bg_radius", "17"], "--bg_radius")])
 def test_bad_sizes_exit_2(tmp_path, monkeypatch, capsys, bad, option):
     star = _synthetic_project(tmp_path, n_mics=1)
@@ -319,6 +319,47 @@ def test_bad_sizes_exit_2(tmp_path, monkeypatch, capsys, bad, option):
     err = capsys.readouterr().err
     assert option in err and err.count("\n") == 1
     assert not (tmp_path / "E").exists()
+
+
+def test_coordinate_files_not_found_are_named(tmp_path, monkeypatch, capsys):
+    """No coordinate file at all: one error line naming what was looked for (it was a warning, then "no particles
+    to extract"); one missing of two: the warning names it and the other micrograph is extracted."""
+    _synthetic_project(tmp_path, n_mics=2)
+    assert _run(tmp_path, monkeypatch, "--i", "mics.star", "--coord_suffix", "_nope.star", "--extract_size", "32",
+                "--o", "E/") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no coordinate file for any of the 2 micrographs" in err, err
+    assert "Micrographs/m0_nope.star" in err and not (tmp_path / "E").exists()
+    (tmp_path / "Micrographs/m1_pick.star").unlink()
+    assert _run(tmp_path, monkeypatch, "--i", "mics.star", "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--o", "E/") == 0
+    assert "1 micrographs have no coordinate file (first: Micrographs/m1_pick.star)" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("error")
+def test_float16_overflow_is_one_line_and_no_stack(tmp_path, monkeypatch, capsys):
+    """--float16 without --norm on a micrograph of values near 1e6: RELION's mode 12 cannot hold them (inf in the
+    stack, exit 0 before); one line naming the stack, nothing left, no numpy warning."""
+    _synthetic_project(tmp_path, n_mics=1)
+    with mrcfile.open(tmp_path / "Micrographs/m0.mrc", "r+") as mrc:
+        mrc.set_data((mrc.data * 1e6).astype(np.float32))
+    assert _run(tmp_path, monkeypatch, "--i", "mics.star", "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--float16", "--o", "E/") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exceed the float16 range" in err and "m0.mrcs" in err, err
+    assert not list(tmp_path.rglob("*.mrcs")) and not (tmp_path / "E").exists()
+
+
+def test_odd_scale_is_rounded_up_as_relion(tmp_path, monkeypatch, capsys):
+    """relion_preprocess makes --scale 15 into 16 with a warning (the GUI lets a user type an odd size)."""
+    star = _synthetic_project(tmp_path, n_mics=1)
+    assert _run(tmp_path, monkeypatch, "--i", str(star), "--coord_suffix", "_pick.star", "--extract_size", "32",
+                "--scale", "15", "--o", "E/") == 0
+    assert "--scale 15 -> 16" in capsys.readouterr().err
+    table = starfile.read(tmp_path / "E/particles.star")
+    assert int(table["optics"]["rlnImageSize"].iloc[0]) == 16
+    stack = tmp_path / table["particles"]["rlnImageName"].iloc[0].split("@")[1]
+    assert mrcfile.read(stack).shape[-2:] == (16, 16)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -183,6 +183,60 @@ def test_particle_star_input(small_set, tmp_path, monkeypatch):
                                atol=1e-6)
 
 
+def _copy_small(small_set, dst):
+    """The small set's STAR and stack in a folder of their own (outputs are written beside the input stacks)."""
+    dst.mkdir()
+    for name in ("particles.star", "particles.mrcs"):
+        shutil.copy(small_set / name, dst / name)
+    return dst / "particles.star"
+
+
+def test_relion_output_forms_for_a_star_input(small_set, tmp_path, monkeypatch):
+    """relion_image_handler's --o with a STAR input: a bare word is a suffix (<stack>_<o>.mrcs beside each input
+    stack, <in>_<o>.star), a .mrcs name one stack (STAR <in>_<o>.star); the images are those of the .star form."""
+    monkeypatch.chdir(tmp_path)
+    star = _copy_small(small_set, tmp_path / "Extract")
+    opts = ["--rescale_angpix", "5", "--force_header_angpix", "4.9"]
+    assert main(["image-handler", "--i", str(star), *opts, "--o", "ref.star"]) == 0
+    assert main(["image-handler", "--i", str(star), *opts, "--o", "bin2"]) == 0
+    suffixed = read_particles(tmp_path / "Extract" / "particles_bin2.star")
+    # the input names open from the STAR's folder: read as names from the current folder, then suffixed
+    assert suffixed.particles["rlnImageName"].iloc[5] == "000006@Extract/particles_bin2.mrcs"
+    assert main(["image-handler", "--i", str(star), *opts, "--o", "one.mrcs"]) == 0
+    single = read_particles(tmp_path / "Extract" / "particles_one.mrcs.star")
+    assert single.particles["rlnImageName"].iloc[5] == "000006@one.mrcs"
+    reference = read_particles(tmp_path / "ref.star")
+    expected = ParticleImages(reference).read([0, 5, 999])
+    for table in (suffixed, single):
+        np.testing.assert_array_equal(ParticleImages(table).read([0, 5, 999]), expected)
+        # the optics table has the true pixel size, the MRC headers the forced one (RELION)
+        np.testing.assert_array_equal(particle_optics(table, "rlnImagePixelSize"), 5.0)
+    assert read_header(tmp_path / "one.mrcs").angpix == pytest.approx(4.9)
+
+
+def test_bare_word_output_of_a_stack_is_a_suffix(small_set, tmp_path):
+    stack = tmp_path / "parts.mrcs"
+    shutil.copy(small_set / "particles.mrcs", stack)
+    assert main(["image-handler", "--i", str(stack), "--rescale_angpix", "5", "--o", "small"]) == 0
+    assert read_header(tmp_path / "parts_small.mrcs").shape == (1000, 32, 32)
+
+
+def test_odd_box_filters_keep_what_is_below_the_cutoff(tmp_path):
+    """--lowpass on a 45-box: a cosine at 15 Å passes, one at 5 Å goes; the header keeps the input's pixel size
+    when --angpix is given only for the filter (RELION copies the input header)."""
+    n, angpix = 45, 2.0
+    i = np.arange(n) / n
+    z, y, x = np.meshgrid(i, i, i, indexing="ij")
+    slow = np.cos(2 * np.pi * (3 * x + 0 * y + 0 * z))            # 3 periods in 90 Å: 30 Å
+    fast = np.cos(2 * np.pi * (10 * x + 12 * y + 0 * z))          # |k| = 15.6: 5.8 Å
+    write_map(tmp_path / "odd.mrc", (slow + fast).astype(np.float32), 1.0)
+    assert main(["image-handler", "--i", str(tmp_path / "odd.mrc"), "--angpix", str(angpix), "--lowpass", "15",
+                 "--o", str(tmp_path / "lp.mrc")]) == 0
+    out, header_angpix = read_map(tmp_path / "lp.mrc")
+    np.testing.assert_allclose(out, slow, atol=1e-5)
+    assert header_angpix == pytest.approx(1.0)
+
+
 def test_2d_image(tmp_path):
     rng = np.random.default_rng(5)
     write_map(tmp_path / "img.mrc", rng.normal(size=(40, 40)), 1.0)
@@ -287,7 +341,7 @@ def test_output_folder_and_stats_with_o(tmp_path, capsys, monkeypatch):
     (tmp_path / "outdir").mkdir()
     # refused before any work: the (missing) input is not even read
     assert main(["image-handler", "--i", "missing.mrc", "--o", "outdir", "--lowpass", "20"]) == 2
-    assert "error: outdir: is a folder, not a file" in _one_error_line(capsys)
+    assert "error: --o outdir: is a folder, not a file" in _one_error_line(capsys)
     _unit_map(tmp_path / "in.mrc")
     assert main(["image-handler", "--i", "in.mrc", "--stats", "--o", "x.mrc"]) == 2
     assert "--stats prints its result; it writes no --o" in _one_error_line(capsys)

@@ -58,6 +58,30 @@ def test_particles_round_trip(small_set, tmp_path):
     _assert_same_table(table.optics, again.optics)
 
 
+def test_image_names_are_written_to_open_from_the_current_folder(small_set, tmp_path, monkeypatch):
+    """A STAR file whose names open only from its own folder (read from elsewhere): the table names its images as
+    RELION, cryoDRGN and cryoSPARC open them, from the current folder (relative below it, else absolute), so a
+    refinement's _data.star written from it names images that exist; names that open as they are stay."""
+    project = tmp_path / "project"
+    (project / "Extract").mkdir(parents=True)
+    for name in ("particles.star", "particles.mrcs"):
+        (project / "Extract" / name).write_bytes((small_set / name).read_bytes())
+    monkeypatch.chdir(project)
+    below = read_particles(project / "Extract" / "particles.star")
+    assert below.particles["rlnImageName"].iloc[3] == "000004@Extract/particles.mrcs"
+    monkeypatch.chdir(tmp_path / "project" / "Extract")
+    assert read_particles("particles.star").particles["rlnImageName"].iloc[3] == "000004@particles.mrcs"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    above = read_particles(project / "Extract" / "particles.star")
+    name = above.particles["rlnImageName"].iloc[3]
+    assert name == f"000004@{(project / 'Extract' / 'particles.mrcs').resolve()}"
+    write_particles(elsewhere / "run_data.star", above)
+    again = read_particles(elsewhere / "run_data.star")
+    assert again.particles["rlnImageName"].iloc[3] == name and Path(name.split("@")[1]).is_file()
+
+
 def test_list_blocks_quotes_and_number_format(tmp_path):
     blocks = {
         "general": {"rlnCurrentResolution": 4.24, "rlnCurrentIteration": 7, "rlnMaskName": "my mask.mrc",

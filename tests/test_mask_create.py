@@ -148,7 +148,8 @@ def blob_map(tmp_path):
 ])
 def test_empty_mask_is_refused(blob_map, tmp_path, capsys, argv, message):
     path, _ = blob_map
-    err = _refused(["--i", str(path), "--ini_threshold", "0.3", *argv], capsys, tmp_path / "m.mrc")
+    threshold = [] if "--ini_threshold" in argv else ["--ini_threshold", "0.3"]
+    err = _refused(["--i", str(path), *threshold, *argv], capsys, tmp_path / "m.mrc")
     assert message in err and "would be empty" in err
 
 
@@ -215,5 +216,46 @@ def test_output_folder_is_refused(blob_map, tmp_path, capsys):
     (tmp_path / "outdir").mkdir()
     capsys.readouterr()
     assert main(["mask-create", "--i", str(path), "--o", str(tmp_path / "outdir")]) == 2
-    assert f"{tmp_path / 'outdir'}: is a folder, not a file" in capsys.readouterr().err
+    assert f"--o {tmp_path / 'outdir'}: is a folder, not a file" in capsys.readouterr().err
     assert not any((tmp_path / "outdir").iterdir())
+
+
+def relion_combined(vin: np.ndarray, vp: np.ndarray, thr: float, flag: str) -> np.ndarray:
+    """makeMaskFromFile's --and/--or/--and_not/--or_not loop as RELION writes it: thr ± 1 per voxel, then >= thr."""
+    out = np.empty_like(vin)
+    for n in range(vin.size):
+        a, b = vin.flat[n], vp.flat[n]
+        keep = {"--and": b > thr and a > thr, "--or": b > thr or a > thr,
+                "--and_not": a > thr and b < thr, "--or_not": a > thr or b < thr}[flag]
+        out.flat[n] = thr + 1.0 if keep else thr - 1.0
+    return out >= thr
+
+
+@pytest.mark.parametrize("flag", ["--and", "--or", "--and_not", "--or_not"])
+def test_combinations_compare_strictly_as_relion(tmp_path, flag):
+    """Voxels exactly at the threshold (here 0, as in maps with a zero background) are in neither map's set."""
+    rng = np.random.default_rng(5)
+    a = rng.choice([-1.0, 0.0, 1.0], size=(12, 12, 12)).astype(np.float32)
+    b = rng.choice([-1.0, 0.0, 1.0], size=(12, 12, 12)).astype(np.float32)
+    write_map(tmp_path / "a.mrc", a, 2.0)
+    write_map(tmp_path / "b.mrc", b, 2.0)
+    assert main(["mask-create", "--i", str(tmp_path / "a.mrc"), flag, str(tmp_path / "b.mrc"), "--ini_threshold", "0",
+                 "--extend_inimask", "0", "--width_soft_edge", "0", "--o", str(tmp_path / "m.mrc")]) == 0
+    ours = read_map(tmp_path / "m.mrc")[0]
+    expected = relion_combined(a.astype(np.float64), b.astype(np.float64), 0.0, flag)
+    assert np.array_equal(ours > 0.5, expected), (int((ours > 0.5).sum()), int(expected.sum()))
+
+
+def test_gui_helical_line_names_what_is_missing(blob_map, tmp_path, capsys):
+    """The MaskCreate GUI's helical line (--helix --z_percentage 0.3): one line saying helical masks are missing,
+    not an unknown option."""
+    path, _ = blob_map
+    err = _refused(["--i", str(path), "--helix", "--z_percentage", "0.3"], capsys, tmp_path / "m.mrc")
+    assert "--helix: helical masks are not available" in err
+
+
+def test_denovo_with_an_input_map_is_refused(blob_map, tmp_path, capsys):
+    """--i was silently unused beside --denovo."""
+    path, _ = blob_map
+    err = _refused(["--denovo", "--box_size", "16", "--outer_radius", "5", "--i", str(path)], capsys, tmp_path / "m.mrc")
+    assert "--denovo makes a mask from scratch" in err

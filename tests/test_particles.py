@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,7 +115,7 @@ def test_project_relative_names_read_from_another_folder(small_set, small_images
 def test_header_pixel_size_that_differs_from_the_star_file(small_set, tmp_path):
     """The STAR file's pixel size is used (as RELION); a stack header that says otherwise is named, once a group."""
     table = read_particles(small_set / "particles.star")
-    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}"
+    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{Path(s.split('@')[1]).resolve()}"
                                        for s in table.particles["rlnImageName"]]
     assert ParticleImages(table).header_pixel_mismatches() == []
     table.optics["rlnImagePixelSize"] = 3.0

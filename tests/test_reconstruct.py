@@ -25,8 +25,11 @@ def _score(bench_dir: Path, rec: Path, data: Path) -> dict:
 
 
 def _absolute_names(names, folder: Path) -> list[str]:
-    """NNNNNN@stack names made absolute (the STAR file is written elsewhere)."""
-    return [f"{n.split('@')[0]}@{(folder / n.split('@')[1]).resolve()}" for n in names]
+    """NNNNNN@stack names made absolute (the STAR file is written elsewhere); read_particles names a stack as it opens
+    from the current folder, a name in a STAR file opens from that file's `folder`."""
+    def absolute(stack: str) -> Path:
+        return (Path(stack) if Path(stack).exists() else folder / stack).resolve()
+    return [f"{n.split('@')[0]}@{absolute(n.split('@')[1])}" for n in names]
 
 
 def _run(args: list[str]) -> int:
@@ -148,3 +151,109 @@ def test_angular_and_shift_errors(small_rec, small_set, tmp_path, capsys):
     ref, truth = mrcfile.read(small_rec), mrcfile.read(small_set / "truth.mrc")
     worse = mrcfile.read(out)
     assert fsc(worse, truth)[10:20].mean() < fsc(ref, truth)[10:20].mean() - 0.05
+
+
+# bad input: one error line on stderr naming the option or file, exit code 2, no map written
+
+
+@pytest.fixture()
+def sub40(small_set, tmp_path) -> Path:
+    """The first 40 particles of truth.star with a stack of their own (sub40.mrcs: 40 images) beside the STAR."""
+    from dataclasses import replace
+
+    from cryorefine.io.particles import ParticleImages
+    from cryorefine.io.star import read_particles, write_particles
+    table = read_particles(small_set / "truth.star")
+    with mrcfile.new(tmp_path / "sub40.mrcs") as m:
+        m.set_data(ParticleImages(table).read(np.arange(40)))
+        m.voxel_size = 2.5
+    parts = table.particles.head(40).copy()
+    parts["rlnImageName"] = [f"{i + 1:06d}@sub40.mrcs" for i in range(40)]
+    write_particles(tmp_path / "sub40.star", replace(table, particles=parts))
+    return tmp_path / "sub40.star"
+
+
+def _edited_star(star: Path, name: str, **columns) -> Path:
+    """A copy of `star` (beside it) with the given particle columns set (a list per row or one value for all)."""
+    from cryorefine.io.star import read_particles, write_particles
+    table = read_particles(star)
+    for label, value in columns.items():
+        table.particles[label] = value
+    write_particles(star.with_name(name), table)
+    return star.with_name(name)
+
+
+def _one_error(capsys, args: list) -> str:
+    """The stderr line of a reconstruct run that must fail with exit code 2 and print only that line."""
+    capsys.readouterr()
+    assert _run(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "error: " in err[0], err
+    return err[0]
+
+
+def test_pad_beyond_the_memory_is_one_line_naming_pad(sub40, tmp_path, capsys, monkeypatch):
+    """--pad 100000 was a traceback (numpy: array is too big); a padded grid larger than the available memory is
+    refused up front."""
+    out = tmp_path / "out" / "rec.mrc"
+    for pad in ("100000", "1e308"):
+        err = _one_error(capsys, ["--i", sub40, "--o", out, "--pad", pad])
+        assert f"--pad {float(pad):.10g}: the padded Fourier grids of box 64 need at least" in err
+        assert "GiB available" in err, err
+    monkeypatch.setattr("cryorefine.refine.memory.available_bytes", lambda: 2 ** 20)
+    assert "--pad 2: " in _one_error(capsys, ["--i", sub40, "--o", out, "--pad", "2"])
+    assert "--pad: must be a positive integer" in _one_error(capsys, ["--i", sub40, "--o", out, "--pad", "0"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_number_beyond_its_stack_is_the_only_stderr_line(sub40, capsys):
+    """The progress line `reconstruct: 40 particles, box 64 ...` came before the error, two stderr lines."""
+    names = [f"{i + 1:06d}@sub40.mrcs" for i in range(40)]
+    names[5] = "000041@sub40.mrcs"
+    bad = _edited_star(sub40, "bad41.star", rlnImageName=names)
+    err = _one_error(capsys, ["--i", bad, "--o", sub40.parent / "rec.mrc"])
+    assert "sub40.mrcs: image 41 requested but the stack has only 40 images" in err
+    assert not (sub40.parent / "rec.mrc").exists()
+
+
+def test_gridding_with_fewer_than_one_iteration_is_refused(sub40, capsys):
+    """--dont_skip_gridding --iter 0 (or negative) silently did no gridding."""
+    for n in ("0", "-3"):
+        err = _one_error(capsys, ["--i", sub40, "--o", sub40.parent / "rec.mrc", "--dont_skip_gridding", "--iter", n])
+        assert f"--iter: must be at least 1 with --dont_skip_gridding (got {n})" in err
+    assert not (sub40.parent / "rec.mrc").exists()
+
+
+def test_an_empty_selection_names_the_option_that_emptied_it(sub40, capsys):
+    """--class / --subset selecting nothing said only 'no particles selected'; a warning about the file (origins in
+    pixels) waits until the checks have passed, so the error is still the only line."""
+    from cryorefine.io.star import read_particles, write_particles
+    out = ["--o", sub40.parent / "rec.mrc"]
+    err = _one_error(capsys, ["--i", sub40, "--class", "5", *out])
+    assert "--class 5: no particle of" in err and "sub40.star has rlnClassNumber 5" in err
+    half2 = _edited_star(sub40, "half2.star", rlnRandomSubset=2)
+    assert "--subset 1: no particle of" in _one_error(capsys, ["--i", half2, "--subset", "1", *out])
+    classes = _edited_star(sub40, "classes.star", rlnClassNumber=[1 + i % 2 for i in range(40)],
+                           rlnRandomSubset=[1 + (i >= 20) for i in range(40)])
+    table = read_particles(classes)
+    table.particles = table.particles.loc[~((table.particles["rlnClassNumber"] == 2)
+                                            & (table.particles["rlnRandomSubset"] == 1))]
+    write_particles(classes, table)
+    err = _one_error(capsys, ["--i", classes, "--subset", "1", "--class", "2", *out])
+    assert "--class 2: no particle of" in err and "with rlnClassNumber 2 is in --subset 1" in err
+    table = read_particles(sub40)
+    assert not table.notes
+    parts = table.particles
+    parts["rlnOriginX"] = parts.pop("rlnOriginXAngst") / 2.5       # a WARNING about pixel origins
+    parts["rlnOriginY"] = parts.pop("rlnOriginYAngst") / 2.5
+    write_particles(sub40.with_name("px.star"), table)
+    assert "--class 5: " in _one_error(capsys, ["--i", sub40.with_name("px.star"), "--class", "5", *out])
+    assert not (sub40.parent / "rec.mrc").exists()
+
+
+def test_output_naming_a_folder_is_refused(sub40, capsys):
+    """--o newdir/ (no such folder) wrote a map FILE called newdir."""
+    for o in ("newdir/", "newdir/.", "."):
+        err = _one_error(capsys, ["--i", sub40, "--o", f"{sub40.parent}/{o}" if o != "." else o])
+        assert "names a folder, not a map file; give a file name such as" in err, err
+    assert not (sub40.parent / "newdir").exists()

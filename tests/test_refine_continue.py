@@ -29,8 +29,8 @@ def _subset(src: Path, dst: Path, start: int, n: int) -> Path:
     """Particles start..start+n of a STAR file, image names made absolute so the STAR can live anywhere."""
     t = read_particles(src)
     p = t.particles.iloc[start:start + n].copy()
-    folder = src.resolve().parent
-    p["rlnImageName"] = [f"{i}@{folder / f}" for i, f in (s.split("@", 1) for s in p["rlnImageName"])]
+    # read_particles gives names that open from the current folder
+    p["rlnImageName"] = [f"{i}@{Path(f).resolve()}" for i, f in (s.split("@", 1) for s in p["rlnImageName"])]
     write_particles(dst, replace(t, particles=p.reset_index(drop=True)))
     return dst
 

@@ -204,3 +204,25 @@ def test_relion_ctf_switches_reach_the_refinement(tiny: Path, small_set: Path, t
     general = starfile.read(tmp_path / "run_it001_optimiser.star", always_dict=True)["optimiser_general"]
     assert int(general["rlnDoIgnoreCtfUntilFirstPeak"]) == 1
     assert int(general["rlnDoOnlyFlipCtfPhases"]) == 0 and int(general["rlnCtfDataArePhaseFlipped"]) == 0
+    # every label relion_refine --continue requires (MlOptimiser::read, RELION 3.1-5: it stops with "incorrect
+    # optimiser_general table" without one), integer labels written as integers (RELION parses them as long)
+    required = ["rlnOutputRootName", "rlnModelStarFile", "rlnExperimentalDataStarFile", "rlnOrientSamplingStarFile",
+                "rlnCurrentIteration", "rlnNumberOfIterations", "rlnDoSplitRandomHalves",
+                "rlnJoinHalvesUntilThisResolution", "rlnAdaptiveOversampleOrder", "rlnAdaptiveOversampleFraction",
+                "rlnRandomSeed", "rlnParticleDiameter", "rlnWidthMaskEdge", "rlnDoZeroMask", "rlnDoSolventFlattening",
+                "rlnSolventMaskName", "rlnSolventMask2Name", "rlnTauSpectrumName", "rlnMaximumCoarseImageSize",
+                "rlnHighresLimitExpectation", "rlnIncrementImageSize", "rlnDoMapEstimation", "rlnDoAutoRefine",
+                "rlnAutoLocalSearchesHealpixOrder", "rlnNumberOfIterWithoutResolutionGain",
+                "rlnBestResolutionThusFar", "rlnNumberOfIterWithoutChangingAssignments", "rlnDoSkipAlign",
+                "rlnOverallAccuracyRotations", "rlnChangesOptimalOrientations", "rlnChangesOptimalOffsets",
+                "rlnChangesOptimalClasses", "rlnSmallestChangesOrientations", "rlnSmallestChangesOffsets",
+                "rlnSmallestChangesClasses", "rlnHasConverged", "rlnHasHighFscAtResolLimit",
+                "rlnHasLargeSizeIncreaseIterationsAgo", "rlnDoCorrectNorm", "rlnDoCorrectScale", "rlnDoCorrectCtf",
+                "rlnDoIgnoreCtfUntilFirstPeak", "rlnCtfDataArePhaseFlipped", "rlnDoOnlyFlipCtfPhases",
+                "rlnRefsAreCtfCorrected", "rlnFixSigmaNoiseEstimates", "rlnFixSigmaOffsetEstimates",
+                "rlnMaxNumberOfPooledParticles"]
+    assert [label for label in required if label not in general] == []
+    for it in (0, 1):
+        text = (tmp_path / f"run_it00{it}_optimiser.star").read_text()
+        value = re.search(r"_rlnSmallestChangesClasses\s+(\S+)", text).group(1)
+        assert re.fullmatch(r"-?\d+", value), value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -179,7 +181,7 @@ def test_model_grid_is_the_first_optics_group_of_the_table(small_set, tmp_path):
 
     table = read_particles(small_set / "particles.star")
     table.particles = table.particles.iloc[:20].reset_index(drop=True)
-    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{small_set / s.split('@')[1]}"
+    table.particles["rlnImageName"] = [f"{s.split('@')[0]}@{Path(s.split('@')[1]).resolve()}"
                                        for s in table.particles["rlnImageName"]]
     two = table.optics.iloc[[0, 0]].reset_index(drop=True)
     two.loc[0, ["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImagePixelSize"]] = [2, "opticsGroup2", 2.0]

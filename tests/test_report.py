@@ -398,3 +398,67 @@ def test_report_of_a_run_whose_latest_data_star_is_cut_short(stopped_run, tmp_pa
     assert main(["report", str(d / Path(stopped_run).name)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "_it002_data.star: no data_particles table" in err[0]
+
+
+def _run_copy(stopped_run: Path, dest: Path) -> Path:
+    """The run's files (not its report) copied into `dest`; returns the copy's root."""
+    for f in stopped_run.parent.glob(f"{stopped_run.name}*"):
+        if "report" not in f.name:
+            shutil.copy(f, dest / f.name)
+    return dest / stopped_run.name
+
+
+def _without_block(path: Path, block: str) -> None:
+    """Remove `data_<block>` (up to the next block) from a STAR file."""
+    text = path.read_text()
+    start = re.search(rf"^data_{block}\s*$", text, re.M).start()
+    end = re.compile(r"^data_", re.M).search(text, start + 1)
+    path.write_text(text[:start] + (text[end.start():] if end else ""))
+
+
+def _without_label(path: Path, label: str) -> None:
+    """Remove the line of `_<label>` (a list block's entry) from a STAR file."""
+    path.write_text("".join(ln for ln in path.read_text().splitlines(keepends=True)
+                            if not ln.startswith(f"_{label} ")))
+
+
+@pytest.mark.parametrize("name, damage, phrase", [
+    ("_it002_half1_model.star", lambda p: _without_block(p, "model_general"), "no data_model_general block"),
+    ("_it002_optimiser.star", lambda p: p.write_text(""), "no data_optimiser_general block"),
+    ("_it002_sampling.star", lambda p: _without_label(p, "rlnSymmetryGroup"),
+     "data_sampling_general has no rlnSymmetryGroup")], ids=["no_model_general", "empty_optimiser", "no_symmetry"])
+def test_report_of_a_run_with_a_damaged_latest_star_file_names_it(stopped_run, tmp_path, capsys, name, damage,
+                                                                    phrase):
+    """A latest-iteration STAR file without a block (or a label) the page's summary reads: a KeyError traceback
+    ('model_general', 'optimiser_general'); now one line naming the file and what it lacks, and no page."""
+    root = _run_copy(stopped_run, tmp_path)
+    damage(Path(f"{root}{name}"))
+    capsys.readouterr()
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{root}{name}: {phrase} (cut short, or still being written?)" in err[0], err
+    assert not list(tmp_path.glob("*report*"))
+
+
+def test_report_names_a_damaged_earlier_iteration_file_in_its_note(stopped_run, tmp_path):
+    """An earlier iteration's model STAR without data_model_general: the page is drawn, and the section it breaks
+    says which file lacks which block (it said KeyError: 'model_general')."""
+    import json
+    root = _run_copy(stopped_run, tmp_path)
+    _without_block(Path(f"{root}_it001_half1_model.star"), "model_general")
+    assert main(["report", str(root)]) == 0
+    errors = json.loads(Path(f"{root}_report.json").read_text())["errors"]
+    assert any(f"{root}_it001_half1_model.star: no data_model_general block" in e for e in errors), errors
+
+
+def test_report_with_a_postprocess_star_without_its_resolution(stopped_run, tmp_path, capsys):
+    """--postprocess STAR whose data_general lacks rlnFinalResolution (read by the summary): a KeyError traceback."""
+    from cryorefine.io.star import write_star
+    root = _run_copy(stopped_run, tmp_path)
+    pp = tmp_path / "postprocess.star"
+    write_star(pp, {"general": {"rlnMaskName": "None"},
+                    "fsc": read_star(f"{root}_it002_half1_model.star")["model_class_1"][["rlnResolution"]]})
+    capsys.readouterr()
+    assert main(["report", str(root), "--postprocess", str(pp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{pp}: data_general has no rlnFinalResolution" in err[0], err

@@ -8,7 +8,8 @@ Relative micrograph and coordinate paths are looked up in the current folder fir
 input STAR file.
 
 relion_preprocess spellings are accepted as the RELION 5 GUI writes them: --part_dir (= --o), --part_star
-(default <part_dir>/particles.star), --extract, --pick_star, --white_dust/--black_dust (with --norm; negative = off),
+(default <part_dir>/particles.star), --extract, --pick_star (each micrograph's particles as <stack root>_extract.star
+and their list, RELION's coordinate_files table), --white_dust/--black_dust (with --norm; negative = off),
 --minimum_pick_fom, --only_do_unfinished.
 """
 
@@ -30,9 +31,9 @@ from cryorefine.extract.extraction import (ExtractParams, crop_keep, crosses_edg
                                            output_angpix)
 from cryorefine.extract.recenter import recenter
 from cryorefine.io.mrc import StackWriter, read_header, read_map
-from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles
-from cryorefine.validate import (COORDINATE_RULES, CTF_RULES, OPTICS_RULES, check_particle_table, check_table,
-                                 stacks_named_by)
+from cryorefine.io.star import ParticleTable, read_particles, read_star, write_particles, write_star
+from cryorefine.validate import (COORDINATE_RULES, CTF_RULES, OPTICS_RULES, check_output_file, check_particle_table,
+                                 check_table, stacks_named_by)
 
 # micrograph-table columns that describe the particle too (what RELION copies into particles.star)
 _MIC_TO_PARTICLE = ("rlnMicrographName", "rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit",
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part_star", default=None, help="output particle STAR file (default <part_dir>/particles.star)")
     p.add_argument("--extract", action="store_true", help="relion_preprocess: do the extraction (always done here)")
     p.add_argument("--pick_star", default=None,
-                   help="relion_preprocess: coordinate list of the re-extracted particles (not written: ignored)")
+                   help="relion_preprocess: write this list of per-micrograph <stack root>_extract.star coordinate files")
     src = p.add_argument_group("coordinates (one of)")
     src.add_argument("--coord_suffix", help="coordinate file = <coord_dir><micrograph without extension><suffix>")
     src.add_argument("--coord_dir", default="", help="folder prefix of the coordinate files (with --coord_suffix)")
@@ -337,21 +338,24 @@ def _plan(args: argparse.Namespace) -> tuple[list[MicJob], pd.DataFrame, str, li
             coord_files = {n: f"{cdir}{_pipeline_post(n).with_suffix('')}{args.coord_suffix}" for n in names}
             base = star.parent
         mic_rows = mics.set_index(names, drop=False)
-        n_nofile = 0
+        missing = []        # what was looked for, to name it
         for name in names:
             if name not in coord_files:
-                n_nofile += 1
+                missing.append(f"{name} (not in {args.coord_list})")
                 continue
             cpath = _resolve(coord_files[name], base)
             if not os.path.exists(cpath):
-                n_nofile += 1
+                missing.append(cpath)
                 continue
             args._input_files.append(cpath)
             coords = _coordinates_file(cpath)
             per_mic[name] = _particles_for_coordinates(coords, mic_rows.loc[name])
             sources[name] = cpath
-        if n_nofile:
-            warnings.append(f"{n_nofile} micrographs have no coordinate file: skipped")
+        require(len(missing) < len(names), f"no coordinate file for any of the {len(names)} micrographs of {args.i} "
+                                           f"(looked for {missing[0] if missing else ''}"
+                                           f"{', ...' if len(missing) > 1 else ''})")
+        if missing:
+            warnings.append(f"{len(missing)} micrographs have no coordinate file (first: {missing[0]}): skipped")
 
     if args.minimum_pick_fom is not None:
         n_low = 0
@@ -558,8 +562,6 @@ def _progress(total: int, enabled: bool):
 def compatibility_notes(args: argparse.Namespace) -> list[str]:
     """One line per relion_preprocess option that is accepted but has no effect here."""
     notes = []
-    if args.pick_star:
-        notes.append(f"--pick_star {args.pick_star}: the re-extraction coordinate list is not written; ignored")
     for opt in ("white_dust", "black_dust"):
         if getattr(args, opt) > 0 and not args.norm:    # RELION removes dust inside its normalisation only
             notes.append(f"--{opt} {getattr(args, opt):g}: dust is removed only with --norm; ignored")
@@ -569,12 +571,18 @@ def compatibility_notes(args: argparse.Namespace) -> list[str]:
 def _validate(args: argparse.Namespace) -> ExtractParams:
     """Option checks; every mistake is an InputError naming the option."""
     require(bool(args.o), "--o (or --part_dir): the output folder is required")
+    if args.part_star:
+        check_output_file(args.part_star, "--part_star")
     sources = [bool(args.coord_suffix), bool(args.coord_list), bool(args.reextract_data_star)]
     require(sum(sources) == 1, "--coord_suffix / --coord_list / --reextract_data_star: give exactly one")
     require(args.extract_size > 0 and args.extract_size % 2 == 0,
             f"--extract_size: must be a positive even number of pixels (got {args.extract_size})")
     if args.scale != -1:
-        require(args.scale > 0 and args.scale % 2 == 0, f"--scale: must be a positive even number of pixels (got {args.scale})")
+        require(args.scale > 0, f"--scale: must be a positive number of pixels (got {args.scale})")
+        if args.scale % 2:      # as relion_preprocess: rounded up, with a warning
+            print(f"cryorefine extract: warning: only even-sized images are made; --scale {args.scale} -> "
+                  f"{args.scale + 1}", file=sys.stderr)
+            args.scale += 1
     require(not (args.recenter and args.reset_offsets), "--recenter / --reset_offsets: give at most one")
     for opt in ("white_dust", "black_dust"):
         require(bool(np.isfinite(getattr(args, opt))), f"--{opt}: must be a number (got {getattr(args, opt):g})")
@@ -687,6 +695,8 @@ def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[Mic
         tables.append(rows)
     require(bool(tables), f"{args.i}: no particle was extracted (all skipped)")
     particles = pd.concat(tables, ignore_index=True)
+    if args.pick_star:
+        _write_pick_star(Path(args.pick_star), tables)
     write_particles(star_out, ParticleTable(optics=optics, particles=particles, path=star_out, version="30001"))
     size = params.out_size
     apix = ", ".join(f"{a:.4f}" for a in optics["rlnImagePixelSize"])
@@ -699,6 +709,25 @@ def _extract_all(args: argparse.Namespace, params: ExtractParams, jobs: list[Mic
         print(f"cryorefine extract: {n_nonfinite} particles skipped: NaN or infinite pixels in their box "
               f"(--skip_nonfinite)")
     return 0
+
+
+def coordinate_file_of(stack: str) -> str:
+    """relion_preprocess's per-micrograph STAR file beside its stack: <root>.mrcs -> <root>_extract.star."""
+    return str(PurePosixPath(stack).with_suffix("")) + "_extract.star"
+
+
+def _write_pick_star(pick_star: Path, tables: list[pd.DataFrame]) -> None:
+    """--pick_star (the GUI's re-extraction output node): each micrograph's particles as RELION's <root>_extract.star
+    (one data_images table, which later Extract jobs read as coordinates) and the list of them, data_coordinate_files
+    (rlnMicrographName -> rlnMicrographCoordinates)."""
+    mics, files = [], []
+    for rows in tables:
+        coords = coordinate_file_of(rows["rlnImageName"].iloc[0].split("@", 1)[1])
+        write_star(coords, {"images": rows})
+        mics.append(rows["rlnMicrographName"].iloc[0] if "rlnMicrographName" in rows else coords)
+        files.append(coords)
+    write_star(pick_star, {"coordinate_files": pd.DataFrame({"rlnMicrographName": mics,
+                                                              "rlnMicrographCoordinates": files})})
 
 
 def _extract_jobs(args: argparse.Namespace, params: ExtractParams, jobs: list[MicJob],

@@ -57,8 +57,10 @@ def output_angpix(mic_angpix: float, extract_size: int, scale: int | None) -> fl
 
 def box_corners(coord_x: ArrayLike, coord_y: ArrayLike, box: int) -> tuple[NDArray, NDArray]:
     """0-based micrograph (x0, y0) of each box's first pixel: (int)coord - box//2 (C truncation)."""
-    cx = np.trunc(np.asarray(coord_x, dtype=np.float64)).astype(np.int64)
-    cy = np.trunc(np.asarray(coord_y, dtype=np.float64)).astype(np.int64)
+    # clipped first: a coordinate such as 1e300 (wholly outside, reported as such) has no int64
+    lim = float(2 ** 62)
+    cx = np.clip(np.trunc(np.asarray(coord_x, dtype=np.float64)), -lim, lim).astype(np.int64)
+    cy = np.clip(np.trunc(np.asarray(coord_y, dtype=np.float64)), -lim, lim).astype(np.int64)
     return cx - box // 2, cy - box // 2
 
 

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterative gridding density compensation instead of the floored division")
     p.add_argument("--iter", type=int, default=GRIDDING_ITER,
                    help="gridding-compensation iterations with --dont_skip_gridding (default 10)")
-    p.add_argument("--j", dest="threads", type=int, default=0, help="threads (default: all cores)")
+    p.add_argument("--j", dest="threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--drop_bad_particles", action="store_true",
                    help="leave out particles with impossible values (NaN or infinite angles, origins, defocus ...) "
                         "and say how many, instead of stopping")
@@ -162,18 +162,57 @@ def _require_columns(table, labels: list[str], why: str) -> None:
 
 
 def _select_rows(table, subset: int, chosen_class: int) -> NDArray[np.int64]:
-    """Row positions used: all, or those of one random half / class."""
-    rows = np.arange(len(table.particles))
-    keep = np.ones(rows.size, bool)
+    """Row positions used: all, or those of one random half / class; InputError naming the option that left none."""
+    keep = np.ones(len(table.particles), bool)
     if subset in (1, 2):
         _require_columns(table, ["rlnRandomSubset"], "needed for --subset")
         keep &= table.particles["rlnRandomSubset"].to_numpy().astype(np.int64) == subset
+        require(keep.any(), f"--subset {subset}: no particle of {table.path} has rlnRandomSubset {subset}")
     if chosen_class >= 0:
         _require_columns(table, ["rlnClassNumber"], "needed for --class")
-        keep &= table.particles["rlnClassNumber"].to_numpy().astype(np.int64) == chosen_class
-    rows = rows[keep]
-    require(rows.size > 0, f"{table.path}: no particles selected")
+        in_class = table.particles["rlnClassNumber"].to_numpy().astype(np.int64) == chosen_class
+        require(in_class.any(),
+                f"--class {chosen_class}: no particle of {table.path} has rlnClassNumber {chosen_class}")
+        keep &= in_class
+        require(keep.any(), f"--class {chosen_class}: no particle of {table.path} with rlnClassNumber {chosen_class} "
+                            f"is in --subset {subset} (rlnRandomSubset)")
+    rows = np.flatnonzero(keep)
+    require(rows.size > 0, f"{table.path}: no particles")
     return rows
+
+
+def _check_memory(box: int, pad: int, r_max: float, gridding: bool) -> None:
+    """InputError naming --pad when the padded Fourier grids cannot fit in the memory the machine has available; the
+    estimate is a lower bound, so that only a job that would surely run out is refused."""
+    from cryorefine.fourier.kernels import half_cube_shape
+    from cryorefine.refine.memory import available_bytes, fft_transient_bytes
+    avail = available_bytes()
+    if avail is None:
+        return
+    # sized with the padding clipped at 2^20 (the estimate stays a lower bound, more than any machine has), so that
+    # --pad 1e308 overflows nothing; Python integers, as numpy's int64 overflows (its "array is too big" traceback)
+    radius = int(round(min(pad, 2 ** 20) * r_max))
+    accumulators = 12 * math.prod(half_cube_shape(radius))           # data complex64 + weight float32
+    transient = fft_transient_bytes(box, min(pad, 2 ** 20))             # the final transform on the (pad·box)³ grid
+    if gridding:        # the blob convolution's distances and their scaled copy, doubles on the full (2R+3)³ grid
+        transient = max(transient, 16 * (2 * radius + 3) ** 3)
+    need = accumulators + transient
+    require(need <= avail, f"--pad {pad:.10g}: the padded Fourier grids of box {box} need at least "
+                           f"{need / 2 ** 30:.3g} GiB, more than the {avail / 2 ** 30:.3g} GiB available "
+                           f"(RELION's default padding is 2)")
+
+
+def _check_image_numbers(images, table, rows: NDArray[np.int64]) -> None:
+    """Read the highest-numbered image of every stack that `rows` use, so that an image number beyond its stack's end
+    (or a stack that cannot be read) stops the job before the first progress line: its error is the only stderr line."""
+    names = table.particles["rlnImageName"].iloc[rows].astype(str).str.partition("@")
+    has_at = (names[1] == "@").to_numpy()
+    # ParticleImages has checked the NNNNNN@ numbers (digits only); a bare name is a file of one image
+    number = np.where(has_at, names[0].str.strip(), "1").astype(np.int64)
+    stack = np.where(has_at, names[2], names[0])
+    last = pd.Series(number, index=rows).groupby(stack, sort=False).idxmax()
+    for row in last.to_numpy():
+        images.read(np.array([row]))
 
 
 def perturbed_poses(particles: pd.DataFrame, angular_error: float, shift_error: float,
@@ -285,18 +324,22 @@ def run(args: argparse.Namespace) -> int:
     from cryorefine.geometry.symmetry import symmetry_matrices
     from cryorefine.io.mrc import write_map
     from cryorefine.io.star import read_particles
-    from cryorefine.validate import (check_not_inputs, check_output_folder, check_particle_table,
+    from cryorefine.validate import (check_not_inputs, check_output_file, check_output_folder, check_particle_table,
                                      droppable_particles, stacks_named_by)
 
     t0 = time.perf_counter()
-    require(args.pad >= 1 and float(args.pad).is_integer(), f"--pad: must be a positive integer, got {args.pad:g}")
+    require(args.pad >= 1 and float(args.pad).is_integer(),
+            f"--pad: must be a positive integer (RELION's padding factor, at least 1; default 2), got {args.pad:g}")
     args.pad = int(args.pad)
-    # before the work: the map is written at the very end, and a folder there would fail only then
-    require(not Path(args.o).is_dir(), f"--o {args.o}: is a folder, not a map file")
+    check_output_file(args.o, kind="map file")
     require(args.batch >= 1, "--batch: must be positive")
-    require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
+    require(args.threads is None or args.threads >= 1,
+            f"--j: must be at least 1 (got {args.threads}); without --j every core is used")
+    # --iter 0 would silently skip the compensation --dont_skip_gridding asks for
+    require(not args.dont_skip_gridding or args.iter >= 1,
+            f"--iter: must be at least 1 with --dont_skip_gridding (got {args.iter})")
     from cryorefine.parallel.threads import limit_threads
-    limit_threads(args.threads)
+    limit_threads(args.threads or 0)
     with option_error("--sym"):
         symmetry_matrices(args.sym)
     if args.subset not in (1, 2):      # RELION: "1: only half1; 2: only half2; other: reconstruct all"
@@ -314,15 +357,16 @@ def run(args: argparse.Namespace) -> int:
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "reconstruction needs angles")
     if args.ctf:
         _require_columns(table, list(CTF_REQUIRED_COLUMNS), "needed with --ctf")
-    for note in table.notes:
-        _log(f"WARNING: {note}")
+    # warnings and notes are printed once every check has passed: an error must be the job's only stderr line
+    notes = [f"WARNING: {note}" for note in table.notes]
     check_particle_table(table, need_ctf=args.ctf, need_poses=True, allow_bad_particles=args.drop_bad_particles)
     check_not_inputs([args.o], [args.i, *stacks_named_by(table)])
     rows = _select_rows(table, args.subset, args.chosen_class)
     if args.drop_bad_particles:
         drop, summary = droppable_particles(table, args.ctf)
         if drop[rows].any():
-            _log(f"--drop_bad_particles: left out {int(drop[rows].sum())} of {rows.size} particles ({summary})")
+            notes.append(f"--drop_bad_particles: left out {int(drop[rows].sum())} of {rows.size} particles "
+                         f"({summary})")
             rows = rows[~drop[rows]]
             require(rows.size > 0, f"{args.i}: no particle left after --drop_bad_particles")
     fom = None
@@ -334,8 +378,7 @@ def run(args: argparse.Namespace) -> int:
                                f"must be a finite number >= 0")
     from cryorefine.io.particles import ParticleImages
     images = ParticleImages(table)
-    for line in images.header_pixel_mismatches():
-        _log(f"WARNING: {line}")
+    notes += [f"WARNING: {line}" for line in images.header_pixel_mismatches()]
     first_image = images.read(np.arange(1))[0]
     require(not args.rot3d or first_image.ndim == 3,
             f"--3d_rot: needs 3D images (subtomograms), but {args.i} holds 2D images; leave out --3d_rot")
@@ -349,10 +392,14 @@ def run(args: argparse.Namespace) -> int:
     r_max = None
     if args.maxres > 0:
         r_max = min(float(np.ceil(box * angpix / args.maxres)), box / 2)
+    _check_memory(box, args.pad, box / 2 if r_max is None else r_max, args.dont_skip_gridding)
+    _check_image_numbers(images, table, rows)
     bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
     from cryorefine.parallel.mpi import get_reducer
     reducer = get_reducer()      # relion_reconstruct_mpi: every rank inserts every size-th particle
     if reducer.is_leader:
+        for note in notes:
+            _log(note)
         _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
              f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px"
              + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))

@@ -23,6 +23,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     is removed and nothing is left at `path`.
     """
     path = Path(path)
+    created = _missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     sfx = suffix if suffix is not None else "".join(path.suffixes[-1:])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + sfx, dir=path.parent)
@@ -36,6 +37,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _remove_if_empty(created)
         if exc.filename is None or exc.filename == str(tmp_path):
             # a failed write names no file (a full disk): the error line must name the output, not a temporary
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
@@ -43,7 +45,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _remove_if_empty(created)
         raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first."""
+    out = []
+    while not folder.exists() and folder.parent != folder:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write made (deepest first), unless something else was put in them meanwhile."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -238,6 +238,36 @@ class _Stats:
         return self.lo, self.hi, mean, float(np.sqrt(var))
 
 
+def read_volume(path, what: str = "map") -> tuple[np.ndarray, float]:
+    """A cubic 3D map with finite values and its header pixel size, or InputError naming the file: a .mrcs is a
+    stack of 2D images to RELION, never a map, whatever its shape (`what` names the map in messages)."""
+    require(not is_stack_path(path), f"{path}: a cubic 3D map is needed for the {what}, and a .mrcs file is a stack "
+                                     f"of 2D images (RELION's rule; save the map as .mrc)")
+    data, angpix = read_map(path)
+    require(data.ndim == 3 and len(set(data.shape)) == 1, f"{path}: a cubic 3D map is needed for the {what} (got shape "
+                                                          f"{' x '.join(map(str, data.shape[::-1]))})")
+    require(bool(np.isfinite(data).all()), f"{path}: the {what} holds NaN or infinite values")
+    return data, angpix
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)   # 65504: larger values become inf in an MRC mode-12 file
+
+
+def float16_overflow(data: np.ndarray) -> float | None:
+    """The largest |value| when `data` cast to float16 would hold inf (from 65520 on), else None."""
+    with np.errstate(over="ignore"):    # the overflow is what is tested here
+        small = np.asarray(data).astype(np.float16)
+    return None if np.isfinite(small).all() else float(np.nanmax(np.abs(data)))
+
+
+def _check_float16(path: Path, data: np.ndarray) -> None:
+    """InputError naming the output when its values do not fit float16 (mode 12 would hold inf)."""
+    peak = float16_overflow(data)
+    if peak is not None:
+        raise InputError(f"{path}: values up to {peak:.4g} exceed the float16 range (largest {FLOAT16_MAX:g}) of "
+                         f"--float16; nothing written")
+
+
 def _file_dtype(float16: bool) -> tuple[np.dtype, int]:
     return (np.dtype("<f2"), 12) if float16 else (np.dtype("<f4"), 2)
 
@@ -248,6 +278,8 @@ def _check_angpix(path: Path, angpix: float) -> None:
 
 def _write(path: Path, data: np.ndarray, angpix: float, float16: bool, ispg: int) -> None:
     dtype, mode = _file_dtype(float16)
+    if float16:
+        _check_float16(path, data)
     arr = np.ascontiguousarray(data, dtype=dtype)
     stats = _Stats()
     stats.add(arr)
@@ -318,6 +350,8 @@ class StackWriter:
         if self.shape is None:
             self.shape = (int(arr.shape[1]), int(arr.shape[2]))
         require(arr.shape[1:] == self.shape, f"{self.path}: image size {arr.shape[1:]} differs from {self.shape}")
+        if self.mode == 12:
+            _check_float16(self.path, arr)
         arr = np.ascontiguousarray(arr, dtype=self.dtype)
         self._stats.add(arr)
         self._file.write(arr.tobytes())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,6 +410,36 @@ def resolve_image_path(fname: str, star_dir: Path) -> Path:
     return p
 
 
+def name_from_here(resolved: Path) -> str:
+    """A found image file as a name that opens from the current folder: relative when it lies below it, else absolute
+    (RELION, cryoDRGN and cryoSPARC open image names from the current folder)."""
+    rel = os.path.relpath(resolved)
+    return rel if not rel.startswith("..") else str(resolved.resolve())
+
+
+def _names_from_here(path: Path, parts: pd.DataFrame) -> pd.DataFrame:
+    """Image names that open only from the STAR file's folder (or a parent of it) rewritten to open from the current
+    folder, so that every STAR file written from this table (a refinement's _data.star) names images its readers
+    find; names that open as they are, or not at all, stay as they are."""
+    names = parts["rlnImageName"].astype(str)
+    has_at = names.str.contains("@", regex=False)
+    split = names.str.partition("@")
+    files = split[2].where(has_at, names)
+    star_dir = path.resolve().parent
+    renamed = {}
+    for f in pd.unique(files):
+        p = Path(f)
+        if f and not p.is_absolute() and not p.exists():
+            found = resolve_image_path(f, star_dir)
+            if found.exists():
+                renamed[f] = name_from_here(found)
+    if not renamed:
+        return parts
+    parts = parts.copy()
+    parts["rlnImageName"] = (split[0] + "@").where(has_at, "") + files.map(lambda f: renamed.get(f, f))
+    return parts
+
+
 def _legacy_box(path: Path, particles: pd.DataFrame) -> int | None:
     """Image size of a RELION 3.0 file (it has no optics table): from rlnImageSize, else the first stack's
     header, else None (metadata can be read without the stacks; the box is found when images are read)."""
@@ -492,7 +523,7 @@ def read_particles(path, angpix: float | None = None) -> ParticleTable:
     require(isinstance(parts, pd.DataFrame), f"{path}: data_particles is not a loop")
     require("rlnImageName" in parts.columns, f"{path}: data_particles has no rlnImageName column")
     require(len(parts) > 0, f"{path}: data_particles is empty")
-    parts = parts.reset_index(drop=True)
+    parts = _names_from_here(path, parts.reset_index(drop=True))
 
     if legacy:
         optics, parts = _upgrade_legacy(path, parts, angpix)

@@ -120,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--random_seed", type=int, default=0,
                    help="seed of the half split and the sampling perturbation (default 0; negative: from the clock, "
                         "as RELION's -1)")
-    r.add_argument("--j", "--threads", dest="threads", type=int, default=0, help="threads (default: all cores)")
+    r.add_argument("--j", "--threads", dest="threads", type=int, default=None, help="threads (default: all cores)")
     r.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64,
                    help="particles per E-step batch (default 64)")
     r.add_argument("--max_memory", dest="max_memory", type=float, default=None, metavar="GB",
@@ -379,7 +379,8 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
     require(not args.solvent_correct_fsc or args.solvent_mask not in (None, "", "None"),
             "--solvent_correct_fsc: needs the mask to correct with (--solvent_mask)")
     require(args.pool is None or args.pool >= 1, f"--pool: must be at least 1 (got {args.pool})")
-    require(args.threads >= 0, f"--j: must be at least 1 (got {args.threads})")
+    require(args.threads is None or args.threads >= 1,
+            f"--j: must be at least 1 (got {args.threads}); without --j every core is used")
     require(args.gpu is None or gpu_syntax_ok(args.gpu),
             f"--gpu: {args.gpu!r} is not GPU numbers in RELION's syntax (nothing = all, 0, 0:1 one per MPI rank, "
             "0,1:2,3)")
@@ -399,7 +400,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         low_resol_join_halves=args.low_resol_join_halves, tau2_fudge=args.tau2_fudge,
         adaptive_fraction=args.adaptive_fraction, maxsig=args.maxsig,
         fsc_sigma_criterion=args.fsc_sigma_criterion, perturb=args.perturb, sigma_offset_A=args.sigma_offset,
-        random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads,
+        random_seed=args.random_seed, auto_iter_max=args.auto_iter_max, threads=args.threads or 0,
         batch_size=args.batch_size, max_memory_gib=args.max_memory, continue_from=args.continue_from,
         command_line=command_line, gpu=args.gpu, angpix=args.angpix, ref_angpix=args.ref_angpix)
 

@@ -36,7 +36,6 @@ from cryorefine.report import BackgroundReport
 def run_refinement(state: RunState) -> RunState:
     """Iterate from state.start_iteration until convergence (then one joined iteration to Nyquist) or
     --auto_iter_max; returns the last state."""
-    opts = state.opts
     if state.start_iteration == 1 and state.reducer.is_leader:
         outputs.write_iteration(state, 0, final=False)
     it = state.start_iteration

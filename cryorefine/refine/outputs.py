@@ -130,12 +130,17 @@ def optimiser_block(run, root: str, it: int, final: bool) -> dict:
         "rlnOverallAccuracyRotations": c.acc_rot, "rlnOverallAccuracyTranslationsAngst": c.acc_trans,
         "rlnChangesOptimalOrientations": c.changes_orient, "rlnChangesOptimalOffsets": c.changes_offset,
         "rlnChangesOptimalClasses": 0.0, "rlnSmallestChangesOrientations": c.smallest_changes_orient,
-        "rlnSmallestChangesOffsets": c.smallest_changes_offset, "rlnSmallestChangesClasses": c.smallest_changes_class,
+        "rlnSmallestChangesOffsets": c.smallest_changes_offset, "rlnSmallestChangesClasses": int(c.smallest_changes_class),
         "rlnHasConverged": int(c.has_converged), "rlnHasHighFscAtResolLimit": int(c.has_high_fsc_at_limit),
         "rlnDoCorrectNorm": int(o.norm), "rlnDoCorrectScale": int(o.scale), "rlnDoCorrectCtf": int(o.ctf),
         "rlnDoIgnoreCtfUntilFirstPeak": int(o.ctf_intact_first_peak), "rlnCtfDataArePhaseFlipped":
         int(o.ctf_phase_flipped), "rlnDoOnlyFlipCtfPhases": int(o.only_flip_phases),
         "rlnRefsAreCtfCorrected": 1, "rlnMaxNumberOfPooledParticles": o.batch_size,
+        # the rest of the labels relion_refine --continue requires (MlOptimiser::read stops without any of them),
+        # at the values of an auto-refine run without those options
+        "rlnSolventMask2Name": "None", "rlnTauSpectrumName": "None", "rlnMaximumCoarseImageSize": -1,
+        "rlnHighresLimitExpectation": -1.0, "rlnDoSkipAlign": 0, "rlnHasLargeSizeIncreaseIterationsAgo": 0,
+        "rlnFixSigmaNoiseEstimates": 0, "rlnFixSigmaOffsetEstimates": 0,
         # not a RELION label (RELION re-derives the flag): lets --continue check convergence exactly
         FINE_ENOUGH_LABEL: int(c.has_fine_enough_angular_sampling),
         # not a RELION label: the shell the references were projected to (counters.reference_limit)

@@ -5,24 +5,17 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from cryorefine.errors import InputError, require
+from cryorefine.errors import InputError
 from cryorefine.fourier.resize import resize_fourier, window_real
-from cryorefine.io.mrc import is_stack_path, read_map
+from cryorefine.io.mrc import read_volume
 
 
 def load_reference(path: str, box: int, angpix: float, log, ref_angpix: float = -1.0) -> NDArray[np.float32]:
     """Read the reference; Fourier-rescale to `angpix` and window to `box` if needed (RELION --trust_ref_size).
     `ref_angpix` > 0: its pixel size instead of the header's (RELION's --ref_angpix)."""
-    vol, header_angpix = read_map(path)
+    vol, header_angpix = read_volume(path, "reference")
     ref_angpix = ref_angpix if ref_angpix > 0 else header_angpix
-    # RELION reads a .mrcs as a stack of 2D images (2D references), never as a map
-    require(not is_stack_path(path), f"{path}: a .mrcs file is a stack of 2D images; the reference must be a 3D map "
-                                     f"(.mrc)")
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise InputError(f"{path}: the reference must be a cubic 3D map, not shape {'x'.join(map(str, vol.shape[::-1]))}")
     n_ref = vol.shape[0]
-    if not np.all(np.isfinite(vol)):
-        raise InputError(f"{path}: the reference contains NaN or infinite values")
     if ref_angpix <= 0:
         raise InputError(f"{path}: the reference has no pixel size in its header; give it with --ref_angpix")
     if float(vol.max()) == float(vol.min()):
@@ -46,13 +39,11 @@ def load_reference(path: str, box: int, angpix: float, log, ref_angpix: float = 
 
 def load_solvent_mask(path: str, box: int, angpix: float) -> NDArray[np.float32]:
     """Read a user solvent mask (values in [0, 1]) that must match the model's box and pixel size."""
-    m, p = read_map(path)
+    m, p = read_volume(path, "solvent mask")
     if m.shape != (box, box, box):
         raise InputError(f"{path}: the solvent mask has box {m.shape[-1]}, the particles have {box}")
     if p > 0 and abs(p - angpix) > 1e-3 * angpix:
         raise InputError(f"{path}: the solvent mask has pixel size {p:g} A, the particles {angpix:g} A")
-    if not np.all(np.isfinite(m)):
-        raise InputError(f"{path}: the solvent mask contains NaN or infinite values")
     if m.min() < -1e-3 or m.max() > 1 + 1e-3:
         raise InputError(f"{path}: mask values must lie between 0 and 1 (found {m.min():g} to {m.max():g})")
     if m.max() <= 0:

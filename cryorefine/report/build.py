@@ -15,7 +15,6 @@ from cryorefine import __version__
 from cryorefine.errors import InputError
 from cryorefine.io.atomic import atomic_path
 from cryorefine.io.mrc import read_map
-from cryorefine.io.star import read_star
 from cryorefine.report import figures as F
 from cryorefine.report import readers as R
 from cryorefine.report.bild import direction_counts
@@ -294,8 +293,8 @@ def _recorded_postprocess(json_path: Path, given: str | None) -> str | None:
 def read_facts(run: R.RunFiles, postprocess: str | None) -> Facts:
     """Read the result files' shared numbers (optimiser, sampling, data STAR; optional postprocess STAR)."""
     files = run.result_files
-    opt = read_star(files["optimiser"])["optimiser_general"]
-    samp = read_star(files["sampling"])["sampling_general"]
+    opt = R.star_block(files["optimiser"], "optimiser_general")
+    samp = R.star_block(files["sampling"], "sampling_general", ["rlnSymmetryGroup", "rlnHealpixOrder"])
     header = _optimiser_header(files["optimiser"])
     mask = str(opt.get("rlnSolventMaskName", "None"))
     pp = R.read_postprocess(postprocess) if postprocess else None
@@ -390,5 +389,5 @@ def write_report(root: str, postprocess: str | None = None, out_root: str | None
 
 def _box_text(model_star: Path) -> str:
     """'64 px, 2.5 Å/px' from a model STAR."""
-    g = read_star(model_star)["model_general"]
+    g = R.star_block(model_star, "model_general", ["rlnOriginalImageSize", "rlnPixelSize"])
     return f"{int(g['rlnOriginalImageSize'])} px, {fmt(float(g['rlnPixelSize']))} Å/px"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,22 +65,35 @@ def find_iterations(root: str) -> list[int]:
     return sorted(its)
 
 
+def star_block(path: Path, block: str, labels: Iterable[str] = (), blocks: dict | None = None) -> dict | pd.DataFrame:
+    """Block `data_<block>` of a STAR file (`blocks`: the file as read_star read it, else it is read) holding `labels`;
+    InputError naming the file and what it lacks, as a file cut short or still being written does (a KeyError)."""
+    found = (read_star(path) if blocks is None else blocks).get(block)
+    require(found is not None, f"{path}: no data_{block} block (cut short, or still being written?)")
+    # `in`: a loop's columns or a list's keys
+    missing = [label for label in labels if label not in found]
+    require(not missing, f"{path}: data_{block} has no {', '.join(missing)} (cut short, or still being written?)")
+    return found
+
+
 def star_value(path: Path, block: str, label: str) -> float:
     """One key/value entry of a STAR list block as a float."""
-    b = read_star(path)[block]
-    return float(b[label])
+    return float(star_block(path, block, [label])[label])
 
 
 def iteration_row(root: str, it: int) -> dict[str, float]:
     """The numbers of one iteration (see ITERATION_COLUMNS), plus the fine angular and offset steps of the log."""
     files = iteration_files(root, it)
     blocks = {k: read_star(files[k]) for k in ("model", "optimiser", "sampling")}
+
+    def value(kind: str, block: str, label: str) -> float:
+        return float(star_block(files[kind], block, [label], blocks[kind])[label])
     row: dict[str, float] = {"iteration": it}
     for col, (kind, block, label) in ITERATION_COLUMNS.items():
-        row[col] = float(blocks[kind][block][label])
-    oversampling = int(blocks["optimiser"]["optimiser_general"]["rlnAdaptiveOversampleOrder"])
+        row[col] = value(kind, block, label)
+    oversampling = int(value("optimiser", "optimiser_general", "rlnAdaptiveOversampleOrder"))
     row["angular_step_deg"] = angular_step(int(row["healpix_order"]) + oversampling)
-    row["offset_step_A"] = float(blocks["sampling"]["sampling_general"]["rlnOffsetStep"]) / 2 ** oversampling
+    row["offset_step_A"] = value("sampling", "sampling_general", "rlnOffsetStep") / 2 ** oversampling
     return row
 
 
@@ -94,7 +108,7 @@ def iteration_table(root: str, iterations: list[int], times: dict[int, float]) -
 
 def fsc_curve(model_star: Path) -> tuple[np.ndarray, np.ndarray]:
     """(resolution 1/Å, gold-standard FSC) of a `_model.star` file's `model_class_1` table."""
-    t = read_star(model_star)["model_class_1"]
+    t = star_block(model_star, "model_class_1", ["rlnResolution", "rlnGoldStandardFsc"])
     return np.asarray(t["rlnResolution"], float), np.asarray(t["rlnGoldStandardFsc"], float)
 
 
@@ -277,5 +291,7 @@ def read_postprocess(path: str | Path) -> PostprocessFiles:
     if "general" not in blocks or "fsc" not in blocks:
         raise InputError(f"{path}: not a postprocess STAR file (no data_general / data_fsc)")
     guinier = blocks.get("guinier")
-    return PostprocessFiles(Path(path), dict(blocks["general"]), blocks["fsc"],
+    # the labels the page reads unguarded (the others are optional)
+    return PostprocessFiles(Path(path), dict(star_block(path, "general", ["rlnFinalResolution"], blocks)),
+                            star_block(path, "fsc", ["rlnResolution"], blocks),
                             guinier if isinstance(guinier, pd.DataFrame) else None)

@@ -8,9 +8,13 @@ Examples:
 is written to the header. --new_box B: real-space centred crop/pad after rescaling. --lowpass R: raised-cosine
 low-pass at R Å (edge 2 shells wide), applied before rescaling. RELION's order: one arithmetic operation (by a
 constant, or pixel by pixel by another map/image), --bfactor, filters, mirror, shift, rescale, re-box, --sym,
-thresholds (--remove_nan before all). --stats, --com and --fsc print and write nothing. Input: 2D image (.mrc),
-stack (.mrcs), 3D map, or a particle STAR file: then --o is the output STAR file, the images go to <o>.mrcs (one stack per optics group,
-<o>_opticsgroupK.mrcs, when there are several) and the optics table gets the new rlnImageSize/rlnImagePixelSize.
+thresholds (--remove_nan before all). --stats, --com and --fsc print and write nothing. The header keeps the
+input's pixel size unless rescaled or --force_header_angpix (--angpix is the size the filters use). Input: 2D image
+(.mrc), stack (.mrcs), 3D map, or a particle STAR file. With a STAR file, --o out.star writes the images to
+out.mrcs (one stack per optics group, out_opticsgroupK.mrcs, when there are several); as RELION, --o out.mrcs
+writes them all to that stack and the STAR to <in>_out.mrcs.star, and a bare word (--o bin2) is a suffix: each
+input stack's images go to <stack>_bin2.mrcs beside it and the STAR to <in>_bin2.star. The optics table gets the
+new rlnImageSize and the true rlnImagePixelSize. With a stack, a bare word --o is a suffix too: <stack>_<o>.mrcs.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -26,14 +30,15 @@ import scipy.fft as sfft
 
 from cryorefine.errors import InputError, require
 from cryorefine.fourier.resize import resize_fourier, window_real
-from cryorefine.io.mrc import StackWriter, is_stack_path, open_stack, read_header, read_map, write_map
+from cryorefine.io.mrc import (FLOAT16_MAX, StackWriter, float16_overflow, is_stack_path, open_stack, read_header,
+                               read_map, write_map)
 from cryorefine.io.particles import ParticleImages
-from cryorefine.io.star import read_particles, write_particles
+from cryorefine.io.star import read_particles, resolve_image_path, write_particles
 from cryorefine.tools.postprocess import bfactor_factors, k_squared
-from cryorefine.validate import check_not_inputs, check_output_folder, check_particle_table, stacks_named_by
+from cryorefine.validate import (check_fits_in_memory, check_not_inputs, check_output_file, check_output_folder,
+                                 check_particle_table, same_pixel_size, stacks_named_by)
 
 _CHUNK_BYTES = 64 * 2**20  # stacks are processed in pieces of about this size
-FLOAT16_MAX = float(np.finfo(np.float16).max)   # 65504: larger values become inf in an MRC mode-12 file
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 NO_GAIN = 1e-6  # a filter whose largest gain is below this keeps nothing: the output would be 0 everywhere
 
@@ -138,13 +143,10 @@ def output_range_error(data: np.ndarray, float16: bool) -> str | None:
     (e.g. a huge --multiply_constant); float16 rounds values beyond 65504 (from 65520 on) to inf."""
     if not np.isfinite(data).all():
         return f"the output values exceed the float32 range (largest {FLOAT32_MAX:.4g}); nothing written"
-    if float16:
-        with np.errstate(over="ignore"):    # the overflow is what is tested here, and reported as the error
-            small = np.asarray(data).astype(np.float16)
-        if not np.isfinite(small).all():
-            peak = float(np.abs(data).max())
-            return (f"values up to {peak:.4g} exceed the float16 range (largest {FLOAT16_MAX:g}); drop --float16 or "
-                    f"scale with --multiply_constant; nothing written")
+    peak = float16_overflow(data) if float16 else None
+    if peak is not None:
+        return (f"values up to {peak:.4g} exceed the float16 range (largest {FLOAT16_MAX:g}); drop --float16 or "
+                f"scale with --multiply_constant; nothing written")
     return None
 
 
@@ -218,17 +220,19 @@ def bfactor_gain(n: int, ndim: int, angpix: float, bfactor: float) -> np.ndarray
     return bfactor_factors(k_squared(n, ndim), n, angpix, bfactor)
 
 
-def load_operand(args, shape: tuple[int, ...], what: str) -> np.ndarray | None:
+def load_operand(args, shape: tuple[int, ...], what: str, angpix: float = 0.0) -> np.ndarray | None:
     """The map or image of --multiply/--divide/--add/--subtract (None without one), checked to have the shape of
-    one input image or map and finite values."""
+    one input image or map, its pixel size (`angpix`, 0 = not known) and finite values."""
     name = next((n for n in arithmetic_given(args) if n.endswith("_map")), None)
     if name is None:
         return None
     path = getattr(args, name)
     require(not is_stack_path(path), f"{path}: --{name[:-4]} needs one map or image, not a stack")
-    op, _ = read_map(path)
+    op, op_angpix = read_map(path)
     require(op.shape == tuple(shape), f"{path}: --{name[:-4]}: shape {'x'.join(map(str, op.shape[::-1]))} differs "
                                       f"from the {what}'s {'x'.join(map(str, tuple(shape)[::-1]))}")
+    require(same_pixel_size(op_angpix, angpix), f"{path}: --{name[:-4]}: pixel size {op_angpix:g} Å differs from "
+                                                f"the {what}'s {angpix:g} Å (resample with --rescale_angpix)")
     require(bool(np.isfinite(op).all()), f"{path}: contains NaN or inf (--{name[:-4]})")
     return op
 
@@ -346,7 +350,8 @@ def _check_options(args) -> None:
                                      f"{args.o})")
     require(len(prints) <= 1, f"{', '.join(prints)}: give one of them")
     # before any work: writing would fail at the very end, naming an internal temporary file
-    require(not (args.o and Path(args.o).is_dir()), f"{args.o}: is a folder, not a file")
+    if args.o:
+        check_output_file(args.o)
     require(args.filter_edge_width >= 0, f"--filter_edge_width: must be >= 0 (got {args.filter_edge_width})")
     for name in ("multiply_constant", "divide_constant", "add_constant", "subtract_constant", "bfactor",
                  "threshold_above", "threshold_below", "shift_x", "shift_y", "shift_z", "replace_nan"):
@@ -393,59 +398,95 @@ def _new_size(box: int, angpix: float, args, what: str) -> tuple[int | None, flo
 def _check_output_fits(src: Path, box: int, ndim: int) -> None:
     """InputError when one map (or image) of the largest box the job makes, with its Fourier transform, cannot fit in
     the memory the machine has available (e.g. --rescale_angpix 1e-9 or --new_box 100000)."""
-    from cryorefine.refine.memory import available_bytes
-    avail = available_bytes()
-    need = 3 * 4 * box ** ndim          # the real map, and its complex half transform made by the resizing
-    if avail is not None and need > avail:
-        raise InputError(f"{src}: the output box {box} would need {need / 2 ** 30:.3g} GiB for one "
-                         f"{'map' if ndim == 3 else 'image'}, more than the {avail / 2 ** 30:.3g} GiB available")
+    # the real map, and its complex half transform made by the resizing
+    check_fits_in_memory(3 * 4 * box ** ndim, f"{src}: the output box {box} ({'map' if ndim == 3 else 'image'})")
 
 
-def _run_star(src: Path, dst: Path, args) -> int:
+def is_suffix_output(o: str) -> bool:
+    """RELION's --o for a STAR or stack input is a suffix when it is a bare word (no extension, no folder)."""
+    return "/" not in o and "." not in o
+
+
+def with_suffix_inserted(name: str, suffix: str) -> str:
+    """FileName::insertBeforeExtension("_" + suffix): Particles/a.mrcs -> Particles/a_<suffix>.mrcs."""
+    path = PurePosixPath(name)
+    return str(path.with_name(f"{path.stem}_{suffix}{path.suffix}"))
+
+
+def _star_outputs(src: Path, o: str, table) -> tuple[Path, list[tuple[str, Path, np.ndarray]]]:
+    """(output STAR, [(output stack as the STAR names it, where it is written, its particle rows)]) for --o as RELION
+    reads it with a STAR input: out.star (ours: <out>.mrcs, or <out>_opticsgroupK.mrcs per group), out.mrcs (one
+    stack, STAR <in>_out.mrcs.star) or a bare suffix (<stack>_<suffix>.mrcs beside each input stack, STAR
+    <in>_<suffix>.star)."""
+    parts = table.particles
+    if is_suffix_output(o):
+        stacks = parts["rlnImageName"].astype(str).str.split("@", n=1).str[-1].to_numpy(dtype=object)
+        out = []
+        for name in pd.unique(stacks):
+            new = with_suffix_inserted(name, o)
+            out.append((new, resolve_image_path(name, table.directory).parent / PurePosixPath(new).name,
+                        np.nonzero(stacks == name)[0]))
+        return src.with_name(f"{src.stem}_{o}{src.suffix}"), out
+    dst = Path(o)
+    if dst.suffix == ".mrcs":
+        return src.with_name(f"{src.stem}_{dst.name}{src.suffix}"), [(o, dst, np.arange(len(parts)))]
+    require(dst.suffix == ".star", f"--o: with a STAR file as input the output is a .star file, a .mrcs stack or a "
+                                   f"suffix for each stack's name (got {o})")
+    groups = table.optics["rlnOpticsGroup"].to_numpy()
+    group_of = parts["rlnOpticsGroup"].to_numpy()
+    out = []
+    for g in groups:
+        if (group_of == g).any():
+            stack = dst.with_suffix(".mrcs") if len(groups) == 1 else dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs")
+            out.append((str(stack), stack, np.nonzero(group_of == g)[0]))
+    return dst, out
+
+
+def _run_star(src: Path, o: str, args) -> int:
     """Particle STAR input: process every particle image, write new stacks and a STAR with updated optics."""
-    require(dst.suffix == ".star", f"--o: with a STAR file as input the output must be a .star file (got {dst})")
     table = read_particles(src, angpix=args.angpix)
     check_particle_table(table, need_ctf=False)
-    groups_ = table.optics["rlnOpticsGroup"].to_numpy()
-    out_stacks = [dst.with_suffix(".mrcs")] if len(groups_) == 1 else \
-        [dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs") for g in groups_]
-    for out in out_stacks:
-        require(not out.is_dir(), f"{out}: is a folder, not a file (the image stack of --o {dst})")
-    check_not_inputs([dst, *out_stacks], [src, *stacks_named_by(table)])
+    # stacks named by --o are relative to the current (project) folder, where RELION looks for them
+    dst, outputs_ = _star_outputs(src, o, table)
+    for _, path, _ in outputs_:
+        require(not path.is_dir(), f"{path}: is a folder, not a file (an image stack of --o {o})")
+    check_not_inputs([dst, *(path for _, path, _ in outputs_)], [src, *stacks_named_by(table)])
     images = ParticleImages(table)
     optics = table.optics.copy()
     parts = table.particles.copy()
-    groups = optics["rlnOpticsGroup"].to_numpy()
     group_of = parts["rlnOpticsGroup"].to_numpy()
     names = parts["rlnImageName"].astype(str).to_numpy(dtype=object)
+    sizes: dict[int, tuple[int, float]] = {}
     with contextlib.ExitStack() as outputs:
-        for g_pos, g in enumerate(groups):
-            rows = np.nonzero(group_of == g)[0]
-            if rows.size == 0:
-                continue
+        for name, path, rows in outputs_:
+            in_groups = pd.unique(group_of[rows])
+            require(len(in_groups) == 1, f"--o {o}: images of optics groups {', '.join(map(str, in_groups))} would "
+                                         f"go into one stack ({name}); give --o as a .star file")
+            g = int(in_groups[0])
+            g_pos = int(np.nonzero(optics["rlnOpticsGroup"].to_numpy() == g)[0][0])
             angpix = float(optics["rlnImagePixelSize"].iloc[g_pos])
             box = int(images.box[rows[0]]) or int(images.read(rows[:1]).shape[-1])
-            require(box % 2 == 0, f"{src}: optics group {g}: box {box} is odd; an even box is needed")
             _check_filters(src, box, 2, angpix, args, f"optics group {g}")
-            args._operand = load_operand(args, (box, box), f"optics group {g} images")
+            args._operand = load_operand(args, (box, box), f"optics group {g} images", angpix)
             require(not args.flipz, f"{src}: --flipZ: particle images are 2D; only a 3D map has a z to mirror")
             new_size, out_angpix = _new_size(box, angpix, args, f"optics group {g}")
             _check_output_fits(src, max(new_size or box, args.new_box or 0, box), 2)
             header_angpix = args.force_header_angpix or out_angpix
-            stack = dst.with_suffix(".mrcs") if len(groups) == 1 else dst.with_name(f"{dst.stem}_opticsgroup{g}.mrcs")
-            writer = outputs.enter_context(StackWriter(stack, header_angpix, float16=args.float16))
+            writer = outputs.enter_context(StackWriter(path, header_angpix, float16=args.float16))
             per_chunk = max(1, _CHUNK_BYTES // (box * box * 4))
             for start in range(0, rows.size, per_chunk):
                 out = _process(images.read(rows[start:start + per_chunk]), 2, angpix, args, new_size)
-                writer.write(_writable(out, stack, args.float16))
-            # the stack as --o names it: relative to the current (project) folder, where RELION looks for it
-            names[rows] = [f"{j:06d}@{stack}" for j in range(1, rows.size + 1)]
-            optics.loc[optics.index[g_pos], "rlnImageSize"] = int(writer.shape[-1])
-            optics.loc[optics.index[g_pos], "rlnImagePixelSize"] = float(header_angpix)
+                writer.write(_writable(out, path, args.float16))
+            names[rows] = [f"{j:06d}@{name}" for j in range(1, rows.size + 1)]
+            # RELION's optics table gets the true pixel size (--force_header_angpix changes only the MRC headers)
+            sizes[g_pos] = (int(writer.shape[-1]), float(out_angpix))
+    for g_pos, (size, angpix) in sizes.items():
+        optics.loc[optics.index[g_pos], "rlnImageSize"] = size
+        optics.loc[optics.index[g_pos], "rlnImagePixelSize"] = angpix
     # the STAR is written once every stack is complete (an error above leaves no stack behind)
     parts["rlnImageName"] = names
     write_particles(dst, type(table)(optics=optics, particles=parts, path=dst, version=table.version))
-    print(f"wrote {dst}: {len(parts)} particles in {len(groups)} optics group(s)")
+    print(f"wrote {dst}: {len(parts)} particles in {len(sizes)} optics group(s), {len(outputs_)} stack(s)")
     return 0
 
 
@@ -467,12 +508,16 @@ def _print_fsc(src: Path, other: Path, angpix: float, args) -> int:
     from cryorefine.fourier.fsc import fsc
     from cryorefine.io.star import star_text
     a = without_nan(read_map(src)[0], args)
-    b = without_nan(read_map(other)[0], args)
+    b, b_angpix = read_map(other)
+    b = without_nan(b, args)
     require(b.shape == a.shape, f"{other}: --fsc: shape {'x'.join(map(str, b.shape[::-1]))} differs from {src}'s "
                                 f"{'x'.join(map(str, a.shape[::-1]))}")
     require(a.ndim in (2, 3) and len(set(a.shape)) == 1, f"{src}: --fsc needs a square image or a cubic map")
+    require(same_pixel_size(b_angpix, angpix), f"{other}: --fsc: pixel size {b_angpix:g} Å differs from {src}'s "
+                                               f"{angpix:g} Å")
     for path, m in ((src, a), (other, b)):
         require(bool(np.isfinite(m).all()), f"{path}: contains NaN or inf (--remove_nan replaces them)")
+        require(float(np.ptp(m)) > 0, f"{path}: the map is constant; its FSC is undefined")
     sys.stdout.write(star_text({"fsc": fsc_table(fsc(a, b), a.shape[0], angpix)}))
     return 0
 
@@ -510,6 +555,8 @@ def run(args: argparse.Namespace) -> int:
     """Read, check, transform and write; prints one summary line (and warnings/notes to stderr)."""
     _check_options(args)
     src, dst = Path(args.i), Path(args.o) if args.o else Path()
+    if args.o and is_stack_path(src) and is_suffix_output(args.o):   # RELION: --o bin2 -> <stack>_bin2.mrcs
+        dst = src.with_name(f"{src.name[:-len(''.join(src.suffixes))]}_{args.o}.mrcs")
     if not args.stats:
         check_output_folder(dst.parent)
         if src.suffix != ".star":
@@ -519,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
                               ("--sym", args.sym is not None)):
             # --sym would take a batch of particle images for a 3D map
             require(not given, f"{option}: give a map, image or stack, not a STAR file")
-        return _run_star(src, dst, args)
+        return _run_star(src, args.o, args)
     header = read_header(src)
     stack = is_stack_path(src)
     shape = header.shape
@@ -562,14 +609,17 @@ def run(args: argparse.Namespace) -> int:
         square = nx == ny and (ndim == 2 or nz == nx)
         dims = "x".join(str(s) for s in (shape if ndim == 3 else (nx, ny)))
         require(square, f"{src}: {what} is {dims}; a square {'map' if ndim == 3 else 'image'} is needed")
-        require(nx % 2 == 0, f"{src}: box {nx} is odd; an even box is needed")
 
     _check_filters(src, nx, ndim, angpix, args, what)
-    args._operand = load_operand(args, (ny, nx) if ndim == 2 else (nz, ny, nx), "stack image" if stack else what)
+    args._operand = load_operand(args, (ny, nx) if ndim == 2 else (nz, ny, nx), "stack image" if stack else what,
+                                 angpix)
     require(not (args.flipz and ndim == 2), f"{src}: --flipZ: this {what} is 2D; only a 3D map has a z to mirror")
     new_size, out_angpix = _new_size(nx, angpix, args, what)
     _check_output_fits(src, max(new_size or nx, args.new_box or 0, nx), ndim)
-    header_angpix = args.force_header_angpix if args.force_header_angpix is not None else out_angpix
+    # RELION copies the input header: only rescaling (the true new size) or --force_header_angpix changes its pixel
+    # size; --angpix is the size the filters use (and the header's when it has none)
+    kept = header.angpix if new_size is None and header.angpix > 0 else out_angpix
+    header_angpix = args.force_header_angpix if args.force_header_angpix is not None else kept
 
     if stack:
         images = open_stack(src)

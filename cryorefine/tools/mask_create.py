@@ -5,7 +5,8 @@ Example (the RELION tutorial's MaskCreate job):
                          --ini_threshold 0.005 --extend_inimask 3 --width_soft_edge 6
 
 As RELION's autoMask: the map (low-passed to --lowpass Å first, RELION's raised cosine) is 1 where it is at least
---ini_threshold, else 0; --and/--or/--and_not/--or_not combine it with another map's thresholded voxels; the binary
+--ini_threshold, else 0; --and/--or/--and_not/--or_not combine the voxels strictly above it with another map's
+voxels strictly above (--and, --or) or below it (--and_not, --or_not), as RELION compares; the binary
 mask grows by --extend_inimask px (shrinks when negative: a voxel changes when one of the other kind lies closer
 than that); then every voxel outside it within --width_soft_edge px of it gets 0.5 + 0.5·cos(π d / width), d the
 distance to the nearest voxel inside. --invert gives 1 − mask. The pixel size is the map's (or --angpix).
@@ -24,8 +25,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from cryorefine.errors import InputError, require, require_finite
-from cryorefine.io.mrc import is_stack_path, read_map, write_map
-from cryorefine.validate import check_not_inputs, check_output_folder
+from cryorefine.io.mrc import read_volume, write_map
+from cryorefine.validate import (check_fits_in_memory, check_not_inputs, check_output_file, check_output_folder,
+                                 same_pixel_size)
 
 COMBINE = {"and_map": "--and", "or_map": "--or", "and_not_map": "--and_not", "or_not_map": "--or_not"}
 # options taken as numbers: nan would pass or skip their tests silently (nan > 0 and nan < 0 are both false)
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=dest, default=None, help=f"RELION {flag}: combine with this map's threshold")
     parser.add_argument("--j", type=int, default=1, help="threads (accepted; scipy's distance transform is serial)")
     parser.add_argument("--helix", action="store_true", help="RELION: helical mask (not available)")
+    # the GUI writes it with --helix: accepted so that the line says what is missing
+    parser.add_argument("--z_percentage", type=float, default=None, help="RELION, with --helix (not available)")
     parser.add_argument("--denovo", action="store_true",
                         help="a spherical mask or shell from scratch (--box_size, --inner_radius, --outer_radius, "
                              "--center_x/y/z in px from the box centre, soft edge --width_soft_edge)")
@@ -63,10 +67,13 @@ def binary_mask(volume: NDArray, threshold: float) -> NDArray[np.bool_]:
     return np.asarray(volume) >= threshold
 
 
-def combined(mask: NDArray[np.bool_], other: NDArray[np.bool_], how: str) -> NDArray[np.bool_]:
-    """RELION's --and / --or / --and_not / --or_not of two thresholded maps."""
-    return {"and_map": mask & other, "or_map": mask | other, "and_not_map": mask & ~other,
-            "or_not_map": mask | ~other}[how]
+def combined(above: NDArray[np.bool_], other: NDArray, threshold: float, how: str) -> NDArray[np.bool_]:
+    """RELION's --and / --or / --and_not / --or_not: `above` (input voxels strictly above the threshold) with the other
+    map's voxels strictly above it (--and, --or) or strictly below it (--and_not, --or_not), as mask_create.cpp
+    compares (a voxel equal to the threshold is in neither)."""
+    other = np.asarray(other)
+    return {"and_map": above & (other > threshold), "or_map": above | (other > threshold),
+            "and_not_map": above & (other < threshold), "or_not_map": above | (other < threshold)}[how]
 
 
 def extended(mask: NDArray[np.bool_], pixels: float) -> NDArray[np.bool_]:
@@ -103,11 +110,6 @@ def crown_mask(box: int, inner: float, outer: float, width: float, centre: tuple
     return out.astype(np.float32)
 
 
-def same_pixel_size(a: float, b: float) -> bool:
-    """Header pixel sizes agree within 0.1 % (0, not set in a header, counts as agreeing)."""
-    return a <= 0 or b <= 0 or abs(a - b) <= 1e-3 * max(a, b)
-
-
 def _check_options(args) -> None:
     """Option values that can never work, before any file is read."""
     require(not args.helix, "--helix: helical masks are not available in cryorefine mask-create")
@@ -115,19 +117,12 @@ def _check_options(args) -> None:
     require(args.width_soft_edge >= 0, f"--width_soft_edge: must be >= 0 (got {args.width_soft_edge:g})")
     require(args.j >= 1, f"--j: the number of threads must be >= 1 (got {args.j})")
     # before any work: writing would fail at the very end, naming an internal temporary file
-    require(not Path(args.o).is_dir(), f"{args.o}: is a folder, not a file")
+    check_output_file(args.o)
 
 
 def _read_volume(path: str, option: str) -> tuple[NDArray, float]:
     """The cubic 3D map given to `option` (--i, --and, ...) and its header pixel size; InputError naming the file."""
-    volume, angpix = read_map(path)
-    stack = is_stack_path(path)
-    require(not stack and volume.ndim == 3 and len(set(volume.shape)) == 1,
-            f"{path}: a cubic 3D map is needed (got {'a stack of' if stack else 'shape'} "
-            f"{' x '.join(map(str, volume.shape))}{' images' if stack else ''})")
-    require(bool(np.isfinite(volume).all()),
-            f"{path}: the {'' if option == '--i' else option + ' '}map holds NaN or infinite values")
-    return volume, angpix
+    return read_volume(path, "map" if option == "--i" else f"{option} map")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(Path(args.o).parent)
     if args.denovo:
         require(args.box_size > 0, "--denovo: give the box size with --box_size")
+        require(args.i is None, f"--denovo makes a mask from scratch; --i {args.i} would not be used (give one of them)")
+        # the distance grid and the mask, float64 while it is made
+        check_fits_in_memory(3 * 8 * float(args.box_size) ** 3, f"--denovo --box_size {args.box_size}")
         require(args.outer_radius > args.inner_radius >= 0, f"--denovo: need 0 <= --inner_radius < --outer_radius "
                                                             f"(got {args.inner_radius:g}, {args.outer_radius:g})")
         result = crown_mask(args.box_size, args.inner_radius, args.outer_radius, args.width_soft_edge,
@@ -177,11 +175,13 @@ def run(args: argparse.Namespace) -> int:
     require(bool(mask.any()), f"{args.i}: no voxel is at or above --ini_threshold {args.ini_threshold:g} (the map's "
                               f"maximum{' after --lowpass' if args.lowpass > 0 else ''} is {float(volume.max()):.4g}); "
                               f"give a lower threshold")
+    if other_maps:      # RELION combines with strict comparisons: the input's voxels above the threshold
+        mask = np.asarray(volume) > args.ini_threshold
     # an empty mask is useless (refine refuses it): each step that can empty it says so rather than write zeros
     for dest, (path, other) in other_maps.items():
-        mask = combined(mask, binary_mask(other, args.ini_threshold), dest)
-        require(bool(mask.any()), f"{path}: the mask would be empty: no voxel at or above --ini_threshold "
-                                  f"{args.ini_threshold:g} is left after {COMBINE[dest]} with this map")
+        mask = combined(mask, other, args.ini_threshold, dest)
+        require(bool(mask.any()), f"{path}: the mask would be empty: no voxel is left after {COMBINE[dest]} with "
+                                  f"this map at --ini_threshold {args.ini_threshold:g}")
     grown = extended(mask, args.extend_inimask)
     if not grown.any():     # only a shrink (negative value) can do this; the depth is computed for the message only
         depth = float(ndimage.distance_transform_edt(mask).max())

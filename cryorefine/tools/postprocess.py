@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,12 @@ import pandas as pd
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
-from cryorefine.validate import check_not_inputs, check_output_folder
+from cryorefine.validate import check_not_inputs, check_output_folder, same_file, same_pixel_size
 from cryorefine.errors import InputError, require, require_finite
 from cryorefine.fourier.filters import raised_cosine_lowpass_profile
 from cryorefine.fourier.fsc import first_shell_below, fsc, masked_corrected_fsc, shell_columns
 from cryorefine.io.atomic import write_text_atomic
-from cryorefine.io.mrc import read_map, write_map
+from cryorefine.io.mrc import read_map, read_volume, write_map
 from cryorefine.io.star import read_star, write_star
 
 FSC_THRESHOLD = 0.143
@@ -515,18 +516,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_half(path: str) -> tuple[NDArray, float]:
     """A 3D cubic map, or InputError naming the file."""
-    data, angpix = read_map(path)
-    require(data.ndim == 3, f"{path}: not a 3D map (shape {data.shape})")
-    require(data.shape[0] == data.shape[1] == data.shape[2], f"{path}: not a cubic map (shape {data.shape})")
-    require(bool(np.all(np.isfinite(data))), f"{path}: map holds NaN or infinite values")
+    data, angpix = read_volume(path, "half map")
     require(float(data.max()) > float(data.min()), f"{path}: the map is constant ({float(data.flat[0]):g} everywhere): "
                                                    f"no FSC can be computed")
     return data, angpix
-
-
-def _same_angpix(a: float, b: float) -> bool:
-    """Header pixel sizes agree (0 = unset counts as agreeing)."""
-    return a <= 0 or b <= 0 or abs(a - b) <= 1e-3 * max(a, b)
 
 
 def _validate_options(args) -> None:
@@ -539,6 +532,9 @@ def _validate_options(args) -> None:
             f"--autob_highres: {args.autob_highres:g} Å must be finer than --autob_lowres {args.autob_lowres:g} Å")
     require(args.filter_edge_width >= 0, f"--filter_edge_width: {args.filter_edge_width} must be ≥ 0")
     require(bool(str(args.o).strip()), "--o: empty output root")
+    # RELION's --o is a root (PostProcess/job001/postprocess): a folder would give hidden files named .mrc, .star
+    require(not str(args.o).endswith(("/", os.sep)) and not Path(args.o).is_dir(),
+            f"--o {args.o}: is a folder; an output root such as PostProcess/job001/postprocess is needed")
     # before any work: writing would fail at the very end, naming an internal temporary file
     for out in output_names(str(args.o)):
         require(not Path(out).is_dir(), f"{out}: is a folder, not a file (an output of --o {args.o})")
@@ -568,6 +564,9 @@ def run(args: argparse.Namespace) -> int:
     half1_name = args.i
     half2_name = args.i2 if args.i2 else other_half_path(args.i)
     require(half2_name is not None, f"--i {args.i}: the file name contains neither 'half1' nor 'half2'; give --i2")
+    # the FSC of a map with itself is 1 everywhere: a "resolution" at Nyquist
+    require(not same_file(half1_name, half2_name), f"--i2 {half2_name}: is the same map as --i {half1_name}; the "
+                                                   f"two independent half maps are needed")
     root = str(args.o)
     check_output_folder(Path(root).parent)
     check_not_inputs(output_names(root), [half1_name, half2_name, args.mask, args.mtf])
@@ -575,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
     half2, p2 = _read_half(half2_name)
     require(half2.shape == half1.shape, f"{half2_name}: box {half2.shape[0]} differs from {half1_name} "
                                         f"(box {half1.shape[0]})")
-    require(_same_angpix(p1, p2), f"{half2_name}: pixel size {p2:g} Å differs from {half1_name} ({p1:g} Å)")
+    require(same_pixel_size(p1, p2), f"{half2_name}: pixel size {p2:g} Å differs from {half1_name} ({p1:g} Å)")
     angpix = args.angpix if args.angpix and args.angpix > 0 else (p1 if p1 > 0 else p2)
     require(angpix > 0, f"--angpix: {half1_name} has no pixel size in its header; give --angpix")
     mask = None
@@ -583,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         mask, pm = read_map(args.mask)
         require(mask.shape == half1.shape, f"{args.mask}: mask shape {mask.shape} differs from the half maps "
                                            f"{half1.shape}")
-        require(_same_angpix(pm, p1 if p1 > 0 else p2),
+        require(same_pixel_size(pm, p1 if p1 > 0 else p2),
                 f"{args.mask}: pixel size {pm:g} Å differs from the half maps ({(p1 if p1 > 0 else p2):g} Å)")
         lo, hi = float(np.min(mask)), float(np.max(mask))
         require(np.isfinite(lo) and np.isfinite(hi) and lo >= -1e-6 and hi <= 1 + 1e-6,
