@@ -166,6 +166,8 @@ def check_particle_table(table, need_ctf: bool, need_poses: bool = False, even_b
     if need_poses:
         missing = [c for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") if c not in table.particles.columns]
         require(not missing, f"{path}: no {', '.join(missing)} column (the poses are needed)")
+    if not allow_bad_particles:
+        _check_origins_within_box(table)
     if even_box and "rlnImageSize" in table.optics.columns:
         sizes = numeric_values(table.optics, "rlnImageSize", f"{path}: data_optics")
         odd = np.nonzero(sizes % 2 != 0)[0]
@@ -192,6 +194,27 @@ def _check_ctf_bfactor_floor(table) -> None:
                          f"{b[r]:g} must be at least {floor[r]:g} Å² at {np.sqrt(floor[r] / -320.0):g} Å/px (-320·p²: "
                          f"the CTF envelope would amplify Nyquist more than e^20-fold)"
                          + (f" ({low.size} rows)" if low.size > 1 else ""))
+
+
+def _check_origins_within_box(table) -> None:
+    """InputError naming the first particle whose origin (Å) moves its centre more than a whole box: the shift of
+    an image is periodic, so such an origin puts the particle somewhere else than it says (a value such as 1e9 from
+    a broken converter)."""
+    from cryorefine.io.star import particle_optics
+    if "rlnImageSize" not in table.optics.columns and "rlnImageSize" not in table.particles.columns:
+        return          # a RELION 3.0 file without sizes: the box is known only from the stacks
+    width = particle_optics(table, "rlnImageSize").astype(np.float64) * \
+        particle_optics(table, "rlnImagePixelSize").astype(np.float64)
+    for label in ("rlnOriginXAngst", "rlnOriginYAngst"):
+        if label not in table.particles.columns:
+            continue
+        v = numeric_values(table.particles, label, f"{table.path}: data_particles")
+        far = np.nonzero(np.abs(v) > width)[0]
+        if far.size:
+            r = int(far[0])
+            raise InputError(f"{table.path}: data_particles row {r + 1}{row_name(table.particles, r)}: {label} = "
+                             f"{v[r]:g} must be within the image (|origin| <= box x pixel size = {width[r]:g} Å)"
+                             + (f" ({far.size} rows)" if far.size > 1 else ""))
 
 
 def check_half_sets(subset: NDArray, path: str | Path) -> None:

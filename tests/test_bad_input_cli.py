@@ -335,6 +335,8 @@ def test_a_folder_as_reference_or_mask(sub, small_set, tmp_path, capsys):
     ("particles", "rlnCtfBfactor", 7, 1e6, "rlnCtfBfactor = 1000000.0"),
     # at 2.5 Å/px the floor is -2000 Å² (-320·p²): below it the envelope overflowed CTF² to a NaN map
     ("particles", "rlnCtfBfactor", 8, -2500.0, "rlnCtfBfactor = -2500 must be at least -2000"),
+    # a shift is periodic: beyond the box (64 x 2.5 Å) the particle would be put elsewhere
+    ("particles", "rlnOriginXAngst", 10, 1e9, "rlnOriginXAngst = 1e+09 must be within the image"),
 ])
 def test_impossible_values_stop_reconstruct_and_refine(sub, small_set, tmp_path, capsys, block, label, row, value,
                                                        phrase):
@@ -572,7 +574,7 @@ def test_full_disk_names_the_output_file(small_set, tmp_path, capsys, monkeypatc
 def test_reconstruct_subset_other_than_1_or_2_is_all_and_bad_angpix_or_folder_refused(sub, tmp_path, capsys):
     """RELION: "--subset 1: only half1; 2: only half2; other: reconstruct all"; --pad 2.0 is RELION's number."""
     assert main(["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--subset", "3", "--pad", "2.0"]) == 0
-    assert "reconstruct: 40 particles" in capsys.readouterr().err
+    assert "reconstruct: 40 particles" in capsys.readouterr().out
     (tmp_path / "x.mrc").unlink()
     rc, err = error_of(capsys, ["reconstruct", "--i", str(sub), "--o", str(tmp_path / "x.mrc"), "--pad", "1.5"])
     assert rc == 2 and "--pad: must be a positive integer" in err
@@ -603,8 +605,11 @@ def _damaged_copy(sub: Path, small_set: Path, tmp_path: Path, name: str, damage)
 def test_nan_image_in_a_particle_stack(sub, small_set, tmp_path, capsys):
     star, stack = _damaged_copy(sub, small_set, tmp_path, "stack", lambda d: d.__setitem__((17, 30, 30), np.nan))
     before = sha(stack)
-    rc, err = error_of(capsys, ["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
-    assert rc == 2 and "stack.mrcs: image 18 contains NaN" in err
+    capsys.readouterr()
+    rc = main(["reconstruct", "--i", str(star), "--o", str(tmp_path / "r" / "x.mrc"), "--ctf"])
+    # found while reading, after the progress line: that went to stdout, so the error is the one stderr line
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "stack.mrcs: image 18 contains NaN" in err[0], err
     out = tmp_path / "f"
     rc, err = error_of(capsys, refine_argv(star, small_set / "reference.mrc", out / "run"))
     assert rc == 2 and "stack.mrcs: image 18 contains NaN" in err

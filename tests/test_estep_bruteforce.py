@@ -114,8 +114,10 @@ def _brute_force(proj, grid, tg, ps, inp, st, pdf, box):
                     resid2.append(np.abs(diff) ** 2)
                     samples.append((t, o))
         logw = np.array(logw)
-        ll = np.logaddexp.reduce(logw)
-        w = np.exp(logw - ll)
+        log_evidence = np.logaddexp.reduce(logw)
+        w = np.exp(logw - log_evidence)
+        # RELION's dLL: with the Gaussian's normalisation, Σ over the likelihood's pixels of log(2π σ²)
+        ll = log_evidence - np.sum(np.log(2 * np.pi / isig[like]))
         best = int(np.argmax(w))
         out.append(dict(w=w, ll=ll, best=samples[best], max_prob=w[best], samples=samples, p=p, mats=mats,
                         resid=np.einsum("n,nm->m", w, np.array(resid2))))

@@ -196,8 +196,8 @@ def test_available_and_resident_bytes_read_proc(tmp_path):
 
 def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_path, monkeypatch):
     """Wired in: a budget below the interpreter's own footprint lowers what saves memory (in iteration 2 the E-step
-    batch to 1 particle: the batches the E-step forms), logs the estimate, what it lowered and the warning, and the
-    refinement still finishes."""
+    batch, as far as that saves anything: the batches the E-step forms), logs the estimate, what it lowered and the
+    warning, and the refinement still finishes."""
     from conftest import write_subset
     from cryorefine.cli import main
     from cryorefine.refine import expectation
@@ -219,8 +219,12 @@ def test_a_run_over_budget_lowers_the_batch_says_so_and_goes_on(small_set, tmp_p
     assert main(argv) == 0
     lines = [ln for ln in (tmp_path / "Refine3D" / "run.out").read_text().splitlines() if "estimated peak" in ln]
     assert len(lines) == 2 and all("WARNING: above the budget of 0.01 GiB" in ln and "going on" in ln for ln in lines)
-    assert "lowered --batch_size 64 -> 1" in lines[1]
-    assert batch_args[-2:] == [1, 1] and sizes[-1] == 1      # both halves of iteration 2
+    # lowered as far as it saves anything (after the CC iteration only the directions that received particles
+    # are searched, RELION's direction prior, so a few particles per batch already take little)
+    import re as _re
+    lowered = int(_re.search(r"lowered --batch_size 64 -> (\d+)", lines[1]).group(1))
+    assert lowered < 16 and batch_args[-2:] == [lowered, lowered]      # both halves of iteration 2
+    assert max(sizes[-2:]) <= lowered
     # after every iteration, the measured peak so far (this process: pytest with the run in it)
     import re
     peaks = [float(x) for x in re.findall(r" Memory: measured peak ([\d.]+) GiB so far",

@@ -147,7 +147,7 @@ def test_angular_and_shift_errors(small_rec, small_set, tmp_path, capsys):
     out = tmp_path / "err.mrc"
     assert _run(["--i", small_set / "truth.star", "--ctf", "--sym", "D2", "--o", out, "--angular_error", "6",
                  "--shift_error", "2"]) == 0
-    assert "poses perturbed: --angular_error 6 deg, --shift_error 2 A (random seed" in capsys.readouterr().err
+    assert "poses perturbed: --angular_error 6 deg, --shift_error 2 A (random seed" in capsys.readouterr().out
     ref, truth = mrcfile.read(small_rec), mrcfile.read(small_set / "truth.mrc")
     worse = mrcfile.read(out)
     assert fsc(worse, truth)[10:20].mean() < fsc(ref, truth)[10:20].mean() - 0.05

@@ -226,3 +226,30 @@ def test_relion_ctf_switches_reach_the_refinement(tiny: Path, small_set: Path, t
         text = (tmp_path / f"run_it00{it}_optimiser.star").read_text()
         value = re.search(r"_rlnSmallestChangesClasses\s+(\S+)", text).group(1)
         assert re.fullmatch(r"-?\d+", value), value
+
+
+def test_cc_iteration_updates_offsets_norms_and_directions_as_relion(tiny, small_set, tmp_path):
+    """maximizationOtherParameters after the cross-correlation iteration: σ_offset² = Σ|τ − prior|² / 2N of the hard
+    assignments, the norm average the mean norm correction, the direction pdf the histogram of the assigned
+    directions (at most N non-zero), the log-likelihood the mean correlation; σ² is not updated."""
+    from cryorefine.cli import main
+    out = tmp_path / "run"
+    assert main(["refine", "--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o", str(out),
+                 "--sym", "D2", "--particle_diameter", "150", "--ini_high", "50", "--auto_iter_max", "1",
+                 "--quiet"]) == 0
+    data = starfile.read(f"{out}_it001_data.star")["particles"]
+    for half in (1, 2):
+        blocks = starfile.read(f"{out}_it001_half{half}_model.star", always_dict=True)
+        general = blocks["model_general"]
+        mine = data[data["rlnRandomSubset"] == half]
+        tau2 = (mine["rlnOriginXAngst"] ** 2 + mine["rlnOriginYAngst"] ** 2).to_numpy()
+        assert float(general["rlnSigmaOffsetsAngst"]) == pytest.approx(np.sqrt(tau2.sum() / (2 * len(mine))),
+                                                                         rel=1e-5)
+        assert float(general["rlnNormCorrectionAverage"]) == pytest.approx(mine["rlnNormCorrection"].mean(), rel=1e-5)
+        assert float(general["rlnLogLikelihood"]) == pytest.approx(mine["rlnLogLikeliContribution"].mean(), abs=1e-5)
+        assert 0 < mine["rlnLogLikeliContribution"].max() <= 1          # correlations
+        pdf = blocks["model_pdf_orient_class_1"]["rlnOrientationDistribution"].to_numpy()
+        assert pdf.sum() == pytest.approx(1.0, abs=1e-4) and 0 < np.count_nonzero(pdf) <= len(mine)
+        start = starfile.read(f"{out}_it000_half{half}_model.star", always_dict=True)
+        np.testing.assert_array_equal(blocks["model_optics_group_1"]["rlnSigma2Noise"],
+                                      start["model_optics_group_1"]["rlnSigma2Noise"])

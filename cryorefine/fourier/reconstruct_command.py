@@ -81,8 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
 
 
-def _log(msg: str) -> None:
-    print(f"reconstruct: {msg}", file=sys.stderr, flush=True)
+def _log(msg: str, warning: bool = False) -> None:
+    """Progress on stdout (as relion_reconstruct), warnings and notes on stderr: an error that comes later is then
+    the only line there."""
+    print(f"reconstruct: {msg}", file=sys.stderr if warning else sys.stdout, flush=True)
 
 
 def kaiser_bessel_ft(w: NDArray, radius: float, alpha: float = BLOB_ALPHA, order: int = BLOB_ORDER) -> NDArray:
@@ -399,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     reducer = get_reducer()      # relion_reconstruct_mpi: every rank inserts every size-th particle
     if reducer.is_leader:
         for note in notes:
-            _log(note)
+            _log(note, warning=True)
         _log(f"{rows.size} particles, box {box}, {angpix:.4g} Å/px, sym {args.sym}, "
              f"{'CTF-corrected' if args.ctf else 'no CTF'}, r_max {bp.r_max:g} px"
              + (f", {reducer.size} MPI processes" if reducer.size > 1 else ""))

@@ -363,14 +363,18 @@ def expectation_batch(inp: BatchInputs, st: PassSettings, acc: HalfAccumulator, 
     out = Poses(**{f: np.zeros(nb) for f in ("rot", "tilt", "psi", "origin_x", "origin_y", "norm_correction",
                                                "log_likelihood", "max_prob")},
                 nr_significant=sig.count.astype(np.int64))
-    best_poses(out, inp, fs, fw, isig_f)
+    best_poses(out, inp, fs, fw, isig_f, st.cc_mode)
     batch_sums(acc, out, inp, st, fs, fw, backend)
     return out
 
 
-def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, isig: NDArray[np.float32]) -> None:
+def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, isig: NDArray[np.float32],
+               cc_mode: bool) -> None:
     """Write each particle's maximum-posterior pose, its probability and log-likelihood into `out`; ties go to the
-    first fine (translation, orientation) in index order."""
+    first fine (translation, orientation) in index order.
+
+    The log-likelihood is RELION's dLL: log W_sum − D_min − Σ_k log(2π σ²(k)) over the likelihood's pixels (the
+    Gaussian's normalisation, which differs between optics groups), or the best correlation in a CC iteration."""
     _, n_a, n_b = fw.w.shape
     best = segment_best(fw.w, fw.elem_off // (n_a * n_b), fs.layout.ph_row, fs.layout.p_row)
     k, a, b = np.unravel_index(best, fw.w.shape)
@@ -379,8 +383,12 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.rot[:], out.tilt[:], out.psi[:] = matrix_to_euler(fs.rot[o_best])
     tau = (inp.preshift_px + fs.t_fine[fs.layout.ph_row[k] + a]) * inp.angpix
     out.origin_x[:], out.origin_y[:] = tau[:, 0], tau[:, 1]
+    if cc_mode:         # D = −CC (spec §2.8): RELION's dLL = −D_min
+        out.log_likelihood[:] = -fw.dmin
+        return
     const = 0.5 * ((inp.x_fine.real ** 2 + inp.x_fine.imag ** 2) * isig[None, :]).sum(1)
-    out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const)
+    log_sigma2 = float(np.log(2.0 * np.pi / isig[isig > 0].astype(np.float64)).sum())
+    out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const) - log_sigma2
 
 
 _DENSE_FRACTION = 0.15              # weight-matrix density above which the sums are dense BLAS products
@@ -432,11 +440,10 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
             lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
             wc = dense_weight_rows(fw.w, by_p[lo:hi], blk_jt, lay.p_row, row_of, r0, r1, n_cols)
             vals = wc @ z
-            if not st.cc_mode:
-                q += wc.T @ p_c
+            q += wc.T @ p_c
         else:
             vals = np.zeros((r1 - r0, 2 * m), np.float32)
-            sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q, not st.cc_mode)
+            sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q)
         if dense:
             cw = colw[r0:r1].astype(np.float32)
             bp_w = cw @ bp_n
@@ -447,9 +454,8 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     acc.ll_sum += float(out.log_likelihood.sum())
     acc.pmax_sum += float(out.max_prob.sum())
     acc.count += nb
-    if st.cc_mode:
-        out.norm_correction[:] = inp.old_norm
-        return
+    # also in a CC iteration, as RELION's storeWeightedSums: its norm corrections, offsets and directions (hard
+    # assignments) update the model; σ² and the group scales it leaves alone (mstep)
     xs = real_pair(inp.x_fine[jt_img] * fs.phases[jt_t]) * q                                # Re(conj(X e) Q) pairs
     cross_k = np.add.reduceat(xs[:, 0::2] + xs[:, 1::2], offsets_of(jt_img, nb)[:-1], axis=0) * ctf
     norm_k = norm * ctf * ctf                                   # Σ_o w̄ |P|² CTF² per particle

@@ -288,8 +288,8 @@ def dense_weight_rows(w: np.ndarray, blocks: np.ndarray, blk_jt: np.ndarray, blk
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: int, z: np.ndarray,
-                p: np.ndarray, out: np.ndarray, q: np.ndarray, with_q: bool) -> None:
-    """out[r − r0] += Σ_e val_e z[col_e] over rows r0..r1 of the CSR matrix (ptr, col, val) and, with_q,
+                p: np.ndarray, out: np.ndarray, q: np.ndarray) -> None:
+    """out[r − r0] += Σ_e val_e z[col_e] over rows r0..r1 of the CSR matrix (ptr, col, val) and
     q[col_e] += val_e p[r − r0]: W @ Z and Wᵀ @ P of a chunk of rows, in place (for sparse W)."""
     n2 = z.shape[1]
     for r in numba.prange(r0, r1):
@@ -298,8 +298,6 @@ def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: 
             t = col[e]
             for i in range(n2):
                 out[r - r0, i] += v * z[t, i]
-    if not with_q:
-        return
     # the chunk's entries by column (counting sort), so that threads own rows of q
     n_cols = q.shape[0]
     cptr = np.zeros(n_cols + 1, np.int64)

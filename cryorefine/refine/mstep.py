@@ -84,15 +84,16 @@ def update_group_scales(acc: HalfAccumulator, counts: NDArray[np.int64]) -> NDAr
 
 def update_model_statistics(model: HalfModel, acc: HalfAccumulator, boxes: dict[int, int], group_counts,
                             do_norm: bool, do_scale: bool, min_sigma2_offset: float, cc_iteration: bool) -> HalfModel:
-    """All non-reconstruction M-step updates of one half; the CC iteration updates none of σ², scale."""
-    model = replace(model, ave_pmax=acc.pmax_sum / max(acc.count, 1), log_likelihood=acc.ll_sum)
-    if cc_iteration:
-        return model
-    model = replace(model, sigma2=update_noise(acc, boxes, model.sigma2),
-                    sigma_offset=update_offset_sigma(acc, model.sigma_offset, min_sigma2_offset))
+    """All non-reconstruction M-step updates of one half; the CC iteration (RELION's maximizationOtherParameters)
+    updates neither σ² nor the group scales, and its log-likelihood is the mean correlation."""
+    model = replace(model, ave_pmax=acc.pmax_sum / max(acc.count, 1),
+                    log_likelihood=acc.ll_sum / max(acc.count, 1) if cc_iteration else acc.ll_sum)
+    if not cc_iteration:
+        model = replace(model, sigma2=update_noise(acc, boxes, model.sigma2))
+    model = replace(model, sigma_offset=update_offset_sigma(acc, model.sigma_offset, min_sigma2_offset))
     if do_norm and acc.wsum > 0:
         model = replace(model, norm_average=acc.norm_sum / acc.wsum)
-    if do_scale and len(group_counts) > 1:
+    if do_scale and len(group_counts) > 1 and not cc_iteration:
         model = replace(model, group_scales=update_group_scales(acc, group_counts))
     if acc.pdf.size and acc.pdf.sum() > 0:
         model = replace(model, pdf_direction=acc.pdf / acc.pdf.sum())

@@ -64,6 +64,11 @@ def model_blocks(run, half: int | None, map_name: str) -> dict:
             out[:n] = np.asarray(a)[:n]
         return out
 
+    log_likelihood, ave_pmax = m.log_likelihood, m.ave_pmax
+    if half is None:    # the joined model's data statistics are over all particles, as RELION's final model
+        n = [int((run.data.subset == h).sum()) for h in (1, 2)]
+        log_likelihood = sum(hm.log_likelihood for hm in run.models)
+        ave_pmax = sum(hm.ave_pmax * k for hm, k in zip(run.models, n)) / max(sum(n), 1)
     ssnr = shells(m.ssnr)
     est = np.nonzero(ssnr[1:] < 1)[0]
     r_e = int(est[0]) if est.size else nsh - 1
@@ -76,7 +81,7 @@ def model_blocks(run, half: int | None, map_name: str) -> dict:
         "rlnTau2FudgeFactor": run.opts.tau2_fudge, "rlnNormCorrectionAverage": m.norm_average,
         "rlnSigmaOffsetsAngst": m.sigma_offset, "rlnOrientationalPriorMode": int(s.local_searches),
         "rlnSigmaPriorRotAngle": s.sigma_ang, "rlnSigmaPriorTiltAngle": s.sigma_ang,
-        "rlnSigmaPriorPsiAngle": s.sigma_ang, "rlnLogLikelihood": m.log_likelihood, "rlnAveragePmax": m.ave_pmax,
+        "rlnSigmaPriorPsiAngle": s.sigma_ang, "rlnLogLikelihood": log_likelihood, "rlnAveragePmax": ave_pmax,
     }
     classes = pd.DataFrame({
         "rlnReferenceImage": [map_name], "rlnClassDistribution": [1.0], "rlnAccuracyRotations": [c.acc_rot],
