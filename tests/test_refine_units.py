@@ -224,3 +224,35 @@ def test_resolution_angular_step_is_relions():
     assert resolution_angular_step(160.0, 1 / 53.3333) == pytest.approx(36.0)     # ceil(9.42) = 10
     assert resolution_angular_step(150.0, 1 / 10.0) == pytest.approx(360.0 / 48)  # ceil(47.1) = 48
     assert resolution_angular_step(5.0, 1 / 53.3333) == 360.0 and resolution_angular_step(150.0, 0.0) == 360.0
+
+
+def test_groups_are_numbered_as_relion_by_first_appearance_in_micrograph_order():
+    """ExpModel::read: particles stably sorted by rlnMicrographName, groups numbered by first appearance (not
+    alphabetically: RELION's --continue reads rlnGroupScaleCorrection by rlnGroupNumber)."""
+    from cryorefine.refine.data import particle_groups
+    df = pd.DataFrame({"rlnMicrographName": ["mic_3", "mic_1", "mic_2", "mic_1", "mic_3"],
+                       "rlnGroupName": ["grp_a", "grp_y", "grp_b", "grp_c", "grp_a"]})
+    names, group = particle_groups(df)
+    # sorted by micrograph: mic_1 (grp_y, grp_c), mic_2 (grp_b), mic_3 (grp_a, grp_a)
+    assert list(names) == ["grp_y", "grp_c", "grp_b", "grp_a"]
+    assert group.tolist() == [3, 0, 2, 1, 3]
+    names, group = particle_groups(df.drop(columns="rlnGroupName"))
+    assert list(names) == ["mic_1", "mic_2", "mic_3"] and group.tolist() == [2, 0, 1, 0, 2]
+
+
+def test_overall_fourier_completeness_is_relions_voxel_mean():
+    """calculateTotalFourierCoverage written out: voxels of the (2m−1)³ cube with int(|k|) <= m, shell 0 included."""
+    from cryorefine.refine.outputs import overall_fourier_completeness
+    rng = np.random.default_rng(3)
+    coverage = rng.uniform(0.5, 1.0, 12)
+    for m in (1, 2, 5, 9):
+        total = count = 0.0
+        for k in range(-(m - 1), m):
+            for i in range(-(m - 1), m):
+                for j in range(-(m - 1), m):
+                    r = int(np.sqrt(k * k + i * i + j * j))
+                    if r <= m:
+                        total += coverage[r]
+                        count += 1
+        assert overall_fourier_completeness(coverage, m) == pytest.approx(total / count, rel=1e-12)
+    assert overall_fourier_completeness(coverage, 0) == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 
 from cryorefine.errors import InputError
@@ -107,13 +108,7 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
         optics.append(OpticsGroup(o, b, p, (n0 * p0) / (b * p), model))
     optics_index = np.searchsorted(np.array(uniq), opt_numbers)
     ctf = ctf_params_from_table(table)
-    if "rlnGroupName" in df.columns:
-        names = df["rlnGroupName"].astype(str).to_numpy()
-    elif "rlnMicrographName" in df.columns:
-        names = df["rlnMicrographName"].astype(str).to_numpy()
-    else:
-        names = np.array(["group1"] * len(df))
-    group_names, group = np.unique(names, return_inverse=True)
+    group_names, group = particle_groups(df)
     subset = column(table, "rlnRandomSubset", 0).astype(np.int64)
     if np.any(subset != 0):
         check_half_sets(subset, path)
@@ -121,6 +116,24 @@ def load_particles(path: str, model_box: int | None, model_angpix: float | None,
         subset = np.random.default_rng(seed).integers(1, 3, size=len(df))
     return ParticleData(table, images, optics, optics_index, ctf, group.astype(np.int64),
                         [str(g) for g in group_names], subset, n0, p0)
+
+
+def particle_groups(df) -> tuple[NDArray, NDArray[np.int64]]:
+    """(group names, each particle's 0-based group): rlnGroupName, else the micrograph, numbered as RELION's
+    ExpModel::read does, by first appearance once the particles are (stably) sorted by micrograph name, so that a
+    model's rlnGroupNumber means the same group to relion_refine --continue."""
+    if "rlnGroupName" in df.columns:
+        names = df["rlnGroupName"].astype(str).to_numpy()
+    elif "rlnMicrographName" in df.columns:
+        names = df["rlnMicrographName"].astype(str).to_numpy()
+    else:
+        names = np.array(["group1"] * len(df))
+    order = (np.argsort(df["rlnMicrographName"].astype(str).to_numpy(), kind="stable")
+             if "rlnMicrographName" in df.columns else np.arange(len(df)))
+    codes, uniques = pd.factorize(names[order])
+    group = np.empty(len(df), np.int64)
+    group[order] = codes
+    return np.asarray(uniques), group
 
 
 def preshift(images: NDArray[np.float32], shifts_px: NDArray[np.int64]) -> NDArray[np.float32]:

@@ -49,6 +49,20 @@ def data_table(run) -> pd.DataFrame:
     return df
 
 
+def overall_fourier_completeness(coverage: np.ndarray, max_shell: int) -> float:
+    """RELION's calculateTotalFourierCoverage: the mean of the per-shell completeness over the voxels of the cube of
+    side 2·max_shell − 1 whose truncated radius int(|k|) is at most max_shell (0 when max_shell < 1)."""
+    if max_shell < 1:
+        return 0.0
+    c = np.arange(-(max_shell - 1), max_shell, dtype=np.float64)
+    plane = c[:, None] ** 2 + c[None, :] ** 2
+    counts = np.zeros(max_shell + 1)
+    for k in c:                  # plane by plane: the cube itself can be large at the final iteration
+        r = np.sqrt(plane + k * k).astype(np.int64)
+        counts += np.bincount(r[r <= max_shell], minlength=max_shell + 1)[:max_shell + 1]
+    return float((counts * coverage[:max_shell + 1]).sum() / counts.sum())
+
+
 def model_blocks(run, half: int | None, map_name: str) -> dict:
     """The tables of a `_model.star` file (spec §10.3); half None = the joined final model."""
     m = run.models[0 if half in (None, 1) else 1]
@@ -87,7 +101,7 @@ def model_blocks(run, half: int | None, map_name: str) -> dict:
         "rlnReferenceImage": [map_name], "rlnClassDistribution": [1.0], "rlnAccuracyRotations": [c.acc_rot],
         "rlnAccuracyTranslationsAngst": [c.acc_trans],
         "rlnEstimatedResolution": [box * angpix / max(r_e, 1)],
-        "rlnOverallFourierCompleteness": [float(np.mean(shells(m.coverage)[1:r_e + 1])) if r_e > 0 else 0.0],
+        "rlnOverallFourierCompleteness": [overall_fourier_completeness(shells(m.coverage), r_e)],
     })
     class1 = pd.DataFrame({
         "rlnSpectralIndex": r, "rlnResolution": res, "rlnAngstromResolution": ang, "rlnSsnrMap": ssnr,
