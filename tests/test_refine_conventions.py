@@ -231,7 +231,8 @@ def test_relion_ctf_switches_reach_the_refinement(tiny: Path, small_set: Path, t
 def test_cc_iteration_updates_offsets_norms_and_directions_as_relion(tiny, small_set, tmp_path):
     """maximizationOtherParameters after the cross-correlation iteration: σ_offset² = Σ|τ − prior|² / 2N of the hard
     assignments, the norm average the mean norm correction, the direction pdf the histogram of the assigned
-    directions (at most N non-zero), the log-likelihood the mean correlation; σ² is not updated."""
+    directions (at most N non-zero), the log-likelihood the mean correlation; σ² is not updated. The _data.star
+    columns the input lacked come in the order RELION's writer adds them."""
     from cryorefine.cli import main
     out = tmp_path / "run"
     assert main(["refine", "--i", str(tiny / "p.star"), "--ref", str(small_set / "reference.mrc"), "--o", str(out),
@@ -253,3 +254,8 @@ def test_cc_iteration_updates_offsets_norms_and_directions_as_relion(tiny, small
         start = starfile.read(f"{out}_it000_half{half}_model.star", always_dict=True)
         np.testing.assert_array_equal(blocks["model_optics_group_1"]["rlnSigma2Noise"],
                                       start["model_optics_group_1"]["rlnSigma2Noise"])
+    # the columns the input lacked, in the order RELION's writer adds them
+    added = [c for c in data.columns if c not in starfile.read(tiny / "p.star")["particles"].columns]
+    assert added == ["rlnGroupNumber", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                     "rlnOriginYAngst", "rlnClassNumber", "rlnNormCorrection", "rlnRandomSubset",
+                     "rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples"], added

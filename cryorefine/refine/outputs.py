@@ -34,18 +34,19 @@ def shell_table(box: int, angpix: float) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def data_table(run) -> pd.DataFrame:
-    """All input columns plus the refined pose and statistics columns (spec §10.2)."""
+    """All input columns plus the refined pose and statistics columns (spec §10.2); columns the input lacks are
+    added in the order RELION's writer adds them (ExpModel::read, then MlOptimiser's metadata)."""
     df = run.data.table.particles.copy()
     p = run.poses
+    df["rlnGroupNumber"] = run.data.group + 1
     df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = p.rot, p.tilt, p.psi
     df["rlnOriginXAngst"], df["rlnOriginYAngst"] = p.origin_x, p.origin_y
     df["rlnClassNumber"] = 1
     df["rlnNormCorrection"] = p.norm_correction
+    df["rlnRandomSubset"] = run.data.subset
     df["rlnLogLikeliContribution"] = p.log_likelihood
     df["rlnMaxValueProbDistribution"] = p.max_prob
     df["rlnNrOfSignificantSamples"] = p.nr_significant
-    df["rlnGroupNumber"] = run.data.group + 1
-    df["rlnRandomSubset"] = run.data.subset
     return df
 
 
