@@ -207,7 +207,8 @@ def test_pad_beyond_the_memory_is_one_line_naming_pad(sub40, tmp_path, capsys, m
 
 
 def test_image_number_beyond_its_stack_is_the_only_stderr_line(sub40, capsys):
-    """The progress line `reconstruct: 40 particles, box 64 ...` came before the error, two stderr lines."""
+    """The progress line `reconstruct: 40 particles, box 64 ...` came before the error, two stderr lines (progress
+    is on stdout now, as relion_reconstruct's)."""
     names = [f"{i + 1:06d}@sub40.mrcs" for i in range(40)]
     names[5] = "000041@sub40.mrcs"
     bad = _edited_star(sub40, "bad41.star", rlnImageName=names)

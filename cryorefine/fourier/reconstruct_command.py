@@ -204,19 +204,6 @@ def _check_memory(box: int, pad: int, r_max: float, gridding: bool) -> None:
                            f"(RELION's default padding is 2)")
 
 
-def _check_image_numbers(images, table, rows: NDArray[np.int64]) -> None:
-    """Read the highest-numbered image of every stack that `rows` use, so that an image number beyond its stack's end
-    (or a stack that cannot be read) stops the job before the first progress line: its error is the only stderr line."""
-    names = table.particles["rlnImageName"].iloc[rows].astype(str).str.partition("@")
-    has_at = (names[1] == "@").to_numpy()
-    # ParticleImages has checked the NNNNNN@ numbers (digits only); a bare name is a file of one image
-    number = np.where(has_at, names[0].str.strip(), "1").astype(np.int64)
-    stack = np.where(has_at, names[2], names[0])
-    last = pd.Series(number, index=rows).groupby(stack, sort=False).idxmax()
-    for row in last.to_numpy():
-        images.read(np.array([row]))
-
-
 def perturbed_poses(particles: pd.DataFrame, angular_error: float, shift_error: float,
                     rng: np.random.Generator) -> pd.DataFrame:
     """A copy with N(0, angular_error²) deg added to rlnAngleRot/Tilt/Psi and N(0, shift_error²) Å to
@@ -395,7 +382,6 @@ def run(args: argparse.Namespace) -> int:
     if args.maxres > 0:
         r_max = min(float(np.ceil(box * angpix / args.maxres)), box / 2)
     _check_memory(box, args.pad, box / 2 if r_max is None else r_max, args.dont_skip_gridding)
-    _check_image_numbers(images, table, rows)
     bp = bpmod.make_backprojector(box, pad=args.pad, r_max=r_max)
     from cryorefine.parallel.mpi import get_reducer
     reducer = get_reducer()      # relion_reconstruct_mpi: every rank inserts every size-th particle

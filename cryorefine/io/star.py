@@ -410,7 +410,7 @@ def resolve_image_path(fname: str, star_dir: Path) -> Path:
     return p
 
 
-def name_from_here(resolved: Path) -> str:
+def _name_from_here(resolved: Path) -> str:
     """A found image file as a name that opens from the current folder: relative when it lies below it, else absolute
     (RELION, cryoDRGN and cryoSPARC open image names from the current folder)."""
     rel = os.path.relpath(resolved)
@@ -432,7 +432,7 @@ def _names_from_here(path: Path, parts: pd.DataFrame) -> pd.DataFrame:
         if f and not p.is_absolute() and not p.exists():
             found = resolve_image_path(f, star_dir)
             if found.exists():
-                renamed[f] = name_from_here(found)
+                renamed[f] = _name_from_here(found)
     if not renamed:
         return parts
     parts = parts.copy()

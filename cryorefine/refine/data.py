@@ -122,14 +122,12 @@ def particle_groups(df) -> tuple[NDArray, NDArray[np.int64]]:
     """(group names, each particle's 0-based group): rlnGroupName, else the micrograph, numbered as RELION's
     ExpModel::read does, by first appearance once the particles are (stably) sorted by micrograph name, so that a
     model's rlnGroupNumber means the same group to relion_refine --continue."""
+    mics = df["rlnMicrographName"].astype(str).to_numpy() if "rlnMicrographName" in df.columns else None
     if "rlnGroupName" in df.columns:
         names = df["rlnGroupName"].astype(str).to_numpy()
-    elif "rlnMicrographName" in df.columns:
-        names = df["rlnMicrographName"].astype(str).to_numpy()
     else:
-        names = np.array(["group1"] * len(df))
-    order = (np.argsort(df["rlnMicrographName"].astype(str).to_numpy(), kind="stable")
-             if "rlnMicrographName" in df.columns else np.arange(len(df)))
+        names = mics if mics is not None else np.array(["group1"] * len(df))
+    order = np.argsort(mics, kind="stable") if mics is not None else np.arange(len(df))
     codes, uniques = pd.factorize(names[order])
     group = np.empty(len(df), np.int64)
     group[order] = codes
