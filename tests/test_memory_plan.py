@@ -12,10 +12,10 @@ from cryorefine.geometry.sampling import angular_step
 from cryorefine.refine import memory
 from cryorefine.refine.backend import cpu_backend
 from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, Significant, empty_accumulator,
-                                     fine_samples, fine_weights, inverse_sigma2)
+                                     fine_samples, fine_weights, inverse_sigma2, local_chunks)
 from cryorefine.refine.likelihood import coarse_scores, weighted_images
 from cryorefine.refine.memory import EStepLimits, IterationSizes
-from cryorefine.refine.orientations import make_grid, make_translations
+from cryorefine.refine.orientations import local_window, make_grid, make_translations
 from cryorefine.refine.pixels import pixel_set, shift_phases
 
 BOX, ANGPIX, NB = 16, 2.0, 3
@@ -263,3 +263,25 @@ def test_after_the_cc_iteration_the_plan_counts_a_probe_batch(small_set, tmp_pat
     n = acc.count
     assert 0 < n <= 64 and seen.blocks > 1              # one batch: the whole half
     assert (seen.blocks, seen.fine_rows, seen.columns) == (acc.n_blocks / n, acc.n_fine_rows / n, acc.n_columns / n)
+
+
+def test_local_cache_is_the_two_window_buffers_of_the_largest_chunk():
+    """Local searches: the two buffers of window projections the cache keeps, as the chunks the code makes fill them,
+    against cache_bytes (a batch's windows when they fit, half the chunk cap each when they do not)."""
+    proj, _, _, ps, _, _ = _batch()
+    grid = make_grid(3, "C1", angular_step(3), 1, 0.0, True)     # windows of 22.5 deg: few overlap
+    rng = np.random.default_rng(3)
+    nb = 12
+    win = local_window(grid, rng.uniform(-180, 180, nb), rng.uniform(0, 180, nb), rng.uniform(-180, 180, nb),
+                       2 * angular_step(4))
+    n_coarse = int(np.diff(win.offsets).max())
+    t = 5
+    for cap in (10 ** 9, 400 * 16 * ps.m):
+        cache = ProjectionCache(proj, grid, ps, ps, project)
+        for _ in range(2):                      # two batches of the same windows: both buffers get used
+            for j0, j1 in local_chunks(win, 16 * ps.m, 24 * t, cap):
+                cache.local_projections(np.unique(win.ids[win.offsets[j0]:win.offsets[j1]]))
+        held = sum(b.nbytes for b in (cache._held, cache._spare) if b is not None)
+        s = _sizes(local=True, n_half=nb, n_coarse=n_coarse, mc=ps.m, n_translations=t)
+        planned = memory.cache_bytes(s, EStepLimits(nb, local_chunk_bytes=cap))
+        assert 0.5 * planned < held <= planned

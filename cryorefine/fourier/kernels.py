@@ -136,15 +136,20 @@ _project_serial = njit(fastmath=True, cache=True)(_renamed(_project_impl, "_proj
 
 
 def project_points(ft3d: NDArray, rotations: NDArray, kx: NDArray, ky: NDArray, pad: int,
-                   r_max: float) -> NDArray[np.complex64]:
-    """Trilinear samples of the padded half-cube at pad·Aᵀ(kx, ky, 0); 0 where kx²+ky² > r_max² -> (n, m)."""
+                   r_max: float, out: NDArray | None = None) -> NDArray[np.complex64]:
+    """Trilinear samples of the padded half-cube at pad·Aᵀ(kx, ky, 0); 0 where kx²+ky² > r_max² -> (n, m), written
+    into `out` when given (C-contiguous, of ft3d's dtype)."""
     rotations = np.ascontiguousarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
     kx = np.ascontiguousarray(kx, dtype=np.float32).ravel()
     ky = np.ascontiguousarray(ky, dtype=np.float32).ravel()
     radius = half_cube_radius(ft3d.shape)
     # never sample beyond the stored sphere (its rim is only a trilinear neighbour)
     r_max = min(float(r_max), radius / pad)
-    out = np.empty((rotations.shape[0], kx.shape[0]), dtype=ft3d.dtype)
+    shape = (rotations.shape[0], kx.shape[0])
+    if out is None:
+        out = np.empty(shape, dtype=ft3d.dtype)
+    elif out.shape != shape or out.dtype != ft3d.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: need a C-contiguous {ft3d.dtype} array of shape {shape}")
     if out.size:
         kernel = _project_serial if out.size < _SERIAL_POINTS else _project
         kernel(ft3d, _plane_axes(rotations, float(pad)), kx, ky, r_max, out, *_tile_shape(rotations))

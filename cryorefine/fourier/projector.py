@@ -70,9 +70,11 @@ def make_projector(volume: NDArray, pad: int = 2, r_max: float | None = None) ->
     return Projector(ft3d=ft3d, pad=pad, ori_size=n, r_max=r_max)
 
 
-def project(projector: Projector, rotations: NDArray, kx: NDArray, ky: NDArray) -> NDArray[np.complex64]:
-    """Central-slice values V̂(Aᵀ(kx, ky, 0)) at float Fourier pixels of the N-box -> (n, m); 0 beyond r_max."""
-    return kernels.project_points(projector.ft3d, rotations, kx, ky, projector.pad, projector.r_max)
+def project(projector: Projector, rotations: NDArray, kx: NDArray, ky: NDArray,
+            out: NDArray | None = None) -> NDArray[np.complex64]:
+    """Central-slice values V̂(Aᵀ(kx, ky, 0)) at float Fourier pixels of the N-box -> (n, m) (into `out` when given);
+    0 beyond r_max."""
+    return kernels.project_points(projector.ft3d, rotations, kx, ky, projector.pad, projector.r_max, out)
 
 
 def grid_frequencies(size: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:

@@ -250,6 +250,12 @@ def _pixel_tree(order: int) -> cKDTree:
     return cKDTree(healpix.healpix_vectors(order))
 
 
+def nearest_pixels(order: int, dirs: ArrayLike) -> NDArray[np.int64]:
+    """NESTED pixel at `order` whose centre is nearest each unit direction (n, 3)."""
+    _, near = _pixel_tree(int(order)).query(np.asarray(dirs, dtype=np.float64).reshape(-1, 3), k=1)
+    return np.asarray(near, dtype=np.int64)
+
+
 def local_directions(order: int, prior_dirs: ArrayLike, max_angle_deg: float,
                      chunk: int = 4096) -> LocalCandidates:
     """Full-sphere pixels at `order` strictly within max_angle of each prior direction (n, 3), ascending pixel order.

@@ -30,6 +30,7 @@ class ParticleImages:
     def __init__(self, table: ParticleTable, max_open: int = 256) -> None:
         self.table = table
         self.max_open = max_open
+        self._checked: set[int] = set()       # stacks whose image size was checked against the optics table
         names = table.particles["rlnImageName"].astype(str)
         has_at = names.str.contains("@", regex=False).to_numpy()
         split = names.str.partition("@")
@@ -93,12 +94,14 @@ class ParticleImages:
             return m
         path = self._paths[sid]
         m = open_stack(path)
-        ny, nx = m.shape[1:]
-        require(ny == nx, f"{path}: images are {nx}x{ny}, not square")
-        boxes = np.unique(self.box[self._stack_id == sid])
-        boxes = boxes[boxes > 0]
-        require(boxes.size == 0 or (boxes.size == 1 and boxes[0] == nx),
-                f"{path}: image size {nx} does not match rlnImageSize {boxes.tolist()} in {self.table.path}")
+        if sid not in self._checked:     # batches in orientation order reopen stacks: check each once
+            ny, nx = m.shape[1:]
+            require(ny == nx, f"{path}: images are {nx}x{ny}, not square")
+            boxes = np.unique(self.box[self._stack_id == sid])
+            boxes = boxes[boxes > 0]
+            require(boxes.size == 0 or (boxes.size == 1 and boxes[0] == nx),
+                    f"{path}: image size {nx} does not match rlnImageSize {boxes.tolist()} in {self.table.path}")
+            self._checked.add(sid)
         self._maps[sid] = m
         while len(self._maps) > self.max_open:
             self._maps.popitem(last=False)

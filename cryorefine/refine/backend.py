@@ -22,7 +22,7 @@ class Backend:
 
     name: str
     make_projector: Callable      # (volume, pad, r_max) -> Projector
-    project: Callable             # (Projector, rotations (n,3,3), kx, ky) -> (n, m) complex64
+    project: Callable             # (Projector, rotations (n,3,3), kx, ky, out=None) -> (n, m) complex64
     insert: Callable              # (BackProjector, rotations, kx, ky, values (n,m), weights (n,m)) -> None
     coarse_significant: Callable  # likelihood.coarse_significant
     block_scores: Callable        # likelihood.block_scores: fine pass and local coarse pass (flattened blocks)

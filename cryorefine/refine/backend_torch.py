@@ -102,8 +102,9 @@ class TorchKernels:
         sign = torch.where(neg, -1.0, 1.0).to(x.dtype)
         return neg, x * sign, y * sign + off, z * sign + off
 
-    def project(self, proj: DeviceProjector, rotations, kx, ky) -> np.ndarray:
-        """Trilinear central-slice samples V̂(Aᵀ(kx, ky, 0)) -> (n, m) complex64; 0 beyond r_max."""
+    def project(self, proj: DeviceProjector, rotations, kx, ky, out: np.ndarray | None = None) -> np.ndarray:
+        """Trilinear central-slice samples V̂(Aᵀ(kx, ky, 0)) -> (n, m) complex64 (into `out` when given); 0 beyond
+        r_max."""
         rot = self._t(np.asarray(rotations, np.float64).reshape(-1, 3, 3))
         u = self._t(np.asarray(kx, np.float32).ravel()).double()
         v = self._t(np.asarray(ky, np.float32).ravel()).double()
@@ -113,7 +114,7 @@ class TorchKernels:
         r_max = min(float(proj.r_max), radius / proj.pad)
         inside = (u * u + v * v <= r_max * r_max)[None, :]
         flat = ft.reshape(-1)
-        out = torch.empty((rot.shape[0], u.shape[0]), dtype=torch.complex64, device=self.device)
+        res = torch.empty((rot.shape[0], u.shape[0]), dtype=torch.complex64, device=self.device)
         step = max(1, _MAX_POINTS // max(1, u.shape[0]))
         for s in range(0, rot.shape[0], step):
             neg, x, y, z = self._coords(rot[s:s + step], u, v, float(proj.pad), (d - 1) // 2)
@@ -133,8 +134,11 @@ class TorchKernels:
             c1 = (at(1, 0, 0) * gx + at(1, 0, 1) * fx) * gy + (at(1, 1, 0) * gx + at(1, 1, 1) * fx) * fy
             val = c0 * (1 - fz) + c1 * fz
             val = torch.where(neg, val.conj(), val)
-            out[s:s + step] = torch.where(ok, val, torch.zeros((), dtype=val.dtype, device=self.device))
-        return out.cpu().numpy()
+            res[s:s + step] = torch.where(ok, val, torch.zeros((), dtype=val.dtype, device=self.device))
+        if out is None:
+            return res.cpu().numpy()
+        out[...] = res.cpu().numpy()
+        return out
 
     # ---- insertion ----
     def insert(self, bp: bpm.BackProjector, rotations, kx, ky, values, weights) -> None:

@@ -16,8 +16,9 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import (dense_weight_rows, segment_best, segment_weights, sparse_row_sums,
-                                            sparse_sums, weight_marginals, weight_rows)
+from cryorefine.refine.fine_kernels import (column_cross, dense_weight_rows, segment_best, segment_weights,
+                                            shifted_pairs, sparse_row_sums, sparse_sums, weight_marginals,
+                                            weight_rows)
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
@@ -110,6 +111,9 @@ class ProjectionCache:
         self.coarse_ids: NDArray[np.int64] | None = None
         self.coarse: NDArray[np.complex64] | None = None
         self.pairs: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
+        self._coarse_rows: NDArray[np.int64] | None = None    # local searches: row of each of coarse_ids
+        self._spare: NDArray[np.complex64] | None = None      # local searches: the buffer the next call writes
+        self._held: NDArray[np.complex64] | None = None       # local searches: the buffer `coarse` lies in
         n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
         self.fine = None
         if not grid.local and n_fine * ps_fine.m * 8 <= max_bytes:
@@ -117,10 +121,7 @@ class ProjectionCache:
             self.have = np.zeros(n_fine, bool)
 
     def coarse_projections(self, ids: NDArray[np.int64]) -> NDArray[np.complex64]:
-        """Projections of coarse ids at the coarse size (cached when the same id set comes back)."""
-        if self.grid.local:
-            return self.project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
-                                self.ps_coarse.ky_model)
+        """Projections of coarse ids at the coarse size, global searches (cached when the same id set comes back)."""
         if self.coarse_ids is None or not np.array_equal(self.coarse_ids, ids):
             self.coarse_ids = ids
             self.coarse = self.project(self.proj, coarse_matrices(self.grid, ids), self.ps_coarse.kx_model,
@@ -128,11 +129,35 @@ class ProjectionCache:
             self.pairs = None
         return self.coarse
 
+    def local_projections(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.complex64], NDArray[np.int64]]:
+        """(projections, row of each id in them) of sorted distinct coarse ids of a local-search chunk at the coarse
+        size. Batches in orientation order share window orientations, so those the previous call also had are
+        copied, not projected again. Two buffers, each the size of a chunk, are used in turn (the previous call's
+        rows are read while the new ones are written) and kept, which spares the page faults of fresh arrays."""
+        ps, n = self.ps_coarse, len(ids)
+        old_ids = self.coarse_ids if self.coarse_ids is not None else np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(old_ids, ids), max(len(old_ids) - 1, 0))
+        hit = (old_ids[pos] == ids) if len(old_ids) else np.zeros(n, bool)
+        n_hit = int(np.count_nonzero(hit))
+        if self._spare is None or self._spare.shape[0] < n:
+            self._spare = np.empty((n, ps.m), np.complex64)
+        out = self._spare[:n]
+        row = np.empty(n, np.int64)
+        row[hit] = np.arange(n_hit)
+        row[~hit] = np.arange(n_hit, n)
+        if n_hit:
+            np.take(self.coarse, self._coarse_rows[pos[hit]], axis=0, out=out[:n_hit], mode="clip")  # unbuffered
+        if n_hit < n:
+            self.project(self.proj, coarse_matrices(self.grid, ids[~hit]), ps.kx_model, ps.ky_model,
+                         out=out[n_hit:])
+        self._spare, self._held = self._held, self._spare
+        self.coarse_ids, self._coarse_rows, self.coarse = ids, row, out
+        return out, row
+
     def coarse_pairs(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """(real pairs (U, 2mc), power |P|² (U, mc)) of the coarse projections (cached with them)."""
+        """(real pairs (U, 2mc), power |P|² (U, mc)) of the coarse projections of a global search (cached with
+        them)."""
         p_c = self.coarse_projections(ids)
-        if self.grid.local:
-            return real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32)
         if self.pairs is None:
             self.pairs = (real_pair(p_c), (p_c.real ** 2 + p_c.imag ** 2).astype(np.float32))
         return self.pairs
@@ -246,12 +271,22 @@ def global_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCach
     return Significant(j, t, ids[u], lp_off[j, t] + lp_dir[u], np.asarray(count, np.int64))
 
 
-def local_chunks(offsets: NDArray[np.int64], max_rows: int) -> list[tuple[int, int]]:
-    """Particle ranges [j0, j1) whose windows hold about max_rows candidates together (at least one particle)."""
-    out, j0, nb = [], 0, len(offsets) - 1
+def local_chunks(win: LocalWindow, per_id: int, per_candidate: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Particle ranges [j0, j1) whose windows take at most max_bytes together (at least one particle): per_id bytes
+    for each distinct orientation of the range, per_candidate for each (particle, orientation) candidate."""
+    offsets, nb = win.offsets, len(win.offsets) - 1
+    # distinct orientations of particles [0, j): a cheap first guess of a range's, refined below
+    _, first = np.unique(win.ids, return_index=True)
+    new_before = np.concatenate([[0], np.cumsum(np.bincount(np.searchsorted(offsets, first, side="right") - 1,
+                                                            minlength=nb))])
+    cost = new_before * per_id + offsets * per_candidate
+    out, j0 = [], 0
     while j0 < nb:
-        j1 = max(j0 + 1, int(np.searchsorted(offsets, offsets[j0] + max_rows, side="right")) - 1)
-        j1 = min(j1, nb)
+        j1 = min(nb, max(j0 + 1, int(np.searchsorted(cost, cost[j0] + max_bytes, side="right")) - 1))
+        # a range that starts later repeats orientations the guess counted before it
+        while j1 > j0 + 1 and (np.unique(win.ids[offsets[j0]:offsets[j1]]).size * per_id
+                               + (offsets[j1] - offsets[j0]) * per_candidate) > max_bytes:
+            j1 = j0 + (j1 - j0) // 2
         out.append((j0, j1))
         j0 = j1
     return out
@@ -270,14 +305,16 @@ def local_coarse_pass(inp: BatchInputs, st: PassSettings, cache: ProjectionCache
     owner = np.repeat(np.arange(nb), np.diff(win.offsets))
     parts = []
     count = np.zeros(nb, np.int64)
-    for j0, j1 in local_chunks(win.offsets, max(1, st.limits.local_chunk_bytes // ((8 + 8 * n_t) * mc))):
+    # per distinct orientation its projection and the previous chunk's kept by the cache; per candidate its
+    # scores, log-priors and weights over the translations
+    for j0, j1 in local_chunks(win, 2 * 8 * mc, 3 * 8 * n_t, st.limits.local_chunk_bytes):
         lo, hi = win.offsets[j0], win.offsets[j1]
         ids, inv = np.unique(win.ids[lo:hi], return_inverse=True)
-        p_pair = real_pair(cache.coarse_projections(ids))
+        p_c, row = cache.local_projections(ids)
         img = owner[lo:hi]
         # one block per candidate: all coarse translations (rows 0..T of ph) against its projection
-        layout = BlockLayout(img, np.zeros(hi - lo, np.int64), inv.ravel().astype(np.int64), n_t, 1)
-        d = backend.block_scores(xw, wn, ph, p_pair, layout, st.cc_mode)[:, :, 0]          # (K, T)
+        layout = BlockLayout(img, np.zeros(hi - lo, np.int64), row[inv.ravel()], n_t, 1)
+        d = backend.block_scores(xw, wn, ph, real_pair(p_c), layout, st.cc_mode)[:, :, 0]    # (K, T)
         acc.gflop += gflop_of_products(n_t, hi - lo, 2 * mc) + gflop_of_products(1, hi - lo, mc)
         lp = win.log_prior[lo:hi, None] + lp_off[img]                                        # (K, T)
         w, count[j0:j1], _, _ = segment_weights(d.ravel(), lp.ravel(), (win.offsets[j0:j1 + 1] - lo) * n_t,
@@ -418,7 +455,7 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     s = inp.scale[:, None].astype(np.float32)
     isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
     ctf = inp.ctf_fine
-    z = real_pair(inp.xnm_fine[jt_img] * fs.phases[jt_t] * (ctf * s * isig_bp)[jt_img])  # (J, 2mf)
+    z = shifted_pairs(inp.xnm_fine, fs.phases, ctf * s * isig_bp, jt_img, jt_t)            # (J, 2mf)
     bp_n = ctf * ctf * s * s * isig_bp                                                     # (B, mf)
     p_pair = real_pair(fs.p)
     n_rows, n_cols = len(rows), len(jt_key)
@@ -435,29 +472,29 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        p_c = p_pair[fs.p_rows[rows[r0:r1]]]
+        prow = fs.p_rows[rows[r0:r1]]
         if dense:
+            p_c = p_pair[prow]
             lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
             wc = dense_weight_rows(fw.w, by_p[lo:hi], blk_jt, lay.p_row, row_of, r0, r1, n_cols)
             vals = wc @ z
             q += wc.T @ p_c
         else:
             vals = np.zeros((r1 - r0, 2 * m), np.float32)
-            sparse_sums(ptr, col, val, r0, r1, z, p_c, vals, q)
+            sparse_sums(ptr, col, val, r0, r1, z, p_pair, prow, vals, q)
         if dense:
             cw = colw[r0:r1].astype(np.float32)
             bp_w = cw @ bp_n
             norm += cw.T @ (p_c[:, 0::2] ** 2 + p_c[:, 1::2] ** 2)
         else:
-            bp_w = sparse_row_sums(colw, r0, r1, bp_n, p_c, norm)
+            bp_w = sparse_row_sums(colw, r0, r1, bp_n, p_pair, prow, norm)
         backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), bp_w)
     acc.ll_sum += float(out.log_likelihood.sum())
     acc.pmax_sum += float(out.max_prob.sum())
     acc.count += nb
     # also in a CC iteration, as RELION's storeWeightedSums: its norm corrections, offsets and directions (hard
     # assignments) update the model; σ² and the group scales it leaves alone (mstep)
-    xs = real_pair(inp.x_fine[jt_img] * fs.phases[jt_t]) * q                                # Re(conj(X e) Q) pairs
-    cross_k = np.add.reduceat(xs[:, 0::2] + xs[:, 1::2], offsets_of(jt_img, nb)[:-1], axis=0) * ctf
+    cross_k = column_cross(inp.x_fine, fs.phases, q, offsets_of(jt_img, nb), jt_t) * ctf    # Re(conj(X e) Q)
     norm_k = norm * ctf * ctf                                   # Σ_o w̄ |P|² CTF² per particle
     sw = colw.sum(axis=0)
     xpow = inp.x_fine.real ** 2 + inp.x_fine.imag ** 2

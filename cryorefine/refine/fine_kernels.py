@@ -288,9 +288,10 @@ def dense_weight_rows(w: np.ndarray, blocks: np.ndarray, blk_jt: np.ndarray, blk
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: int, z: np.ndarray,
-                p: np.ndarray, out: np.ndarray, q: np.ndarray) -> None:
+                p: np.ndarray, prow: np.ndarray, out: np.ndarray, q: np.ndarray) -> None:
     """out[r − r0] += Σ_e val_e z[col_e] over rows r0..r1 of the CSR matrix (ptr, col, val) and
-    q[col_e] += val_e p[r − r0]: W @ Z and Wᵀ @ P of a chunk of rows, in place (for sparse W)."""
+    q[col_e] += val_e p[prow[r − r0]]: W @ Z and Wᵀ @ P of a chunk of rows, in place (for sparse W); p's rows are
+    read where they are (no gathered copy of the chunk)."""
     n2 = z.shape[1]
     for r in numba.prange(r0, r1):
         for e in range(ptr[r], ptr[r + 1]):
@@ -317,7 +318,7 @@ def sparse_sums(ptr: np.ndarray, col: np.ndarray, val: np.ndarray, r0: int, r1: 
     for t in numba.prange(n_cols):
         for e in range(cptr[t], cptr[t + 1]):
             v = cval[e]
-            o = crow[e]
+            o = prow[crow[e]]
             for i in range(n2):
                 q[t, i] += v * p[o, i]
 
@@ -343,12 +344,12 @@ def segment_best(w: np.ndarray, blk_off: np.ndarray, ph_row: np.ndarray, p_row: 
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def sparse_row_sums(colw: np.ndarray, r0: int, r1: int, bp_n: np.ndarray, p: np.ndarray,
+def sparse_row_sums(colw: np.ndarray, r0: int, r1: int, bp_n: np.ndarray, p: np.ndarray, prow: np.ndarray,
                     norm: np.ndarray) -> np.ndarray:
     """(colw[r0:r1] @ bp_n, and norm += colw[r0:r1]ᵀ @ |p|²) over the non-zero colw[r, j] only: the insertion
     weights of a chunk of orientation rows and the norm statistics Σ_o w̄ |P_o|², for a colw with about one image per
-    row (local searches), where the dense products would multiply B-fold zeros. p holds the chunk's rows as real
-    pairs (rows, 2m); bp_n (B, m); norm (B, m) in place."""
+    row (local searches), where the dense products would multiply B-fold zeros. Row r of the chunk is p[prow[r − r0]]
+    (real pairs, 2m); bp_n (B, m); norm (B, m) in place."""
     n_img, m = bp_n.shape
     out = np.zeros((r1 - r0, m), np.float32)
     for r in numba.prange(r0, r1):
@@ -361,6 +362,37 @@ def sparse_row_sums(colw: np.ndarray, r0: int, r1: int, bp_n: np.ndarray, p: np.
         for r in range(r0, r1):
             c = np.float32(colw[r, j])
             if c != 0.0:
+                o = prow[r - r0]
                 for i in range(m):
-                    norm[j, i] += c * (p[r - r0, 2 * i] * p[r - r0, 2 * i] + p[r - r0, 2 * i + 1] * p[r - r0, 2 * i + 1])
+                    norm[j, i] += c * (p[o, 2 * i] * p[o, 2 * i] + p[o, 2 * i + 1] * p[o, 2 * i + 1])
+    return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def shifted_pairs(x: np.ndarray, ph: np.ndarray, w: np.ndarray, img: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Real pairs (J, 2m) float32 of x[img[c]]·ph[t[c]]·w[img[c]] for each (particle, translation) column c: the
+    weighted shifted images Z of the weighted sums. x (B, m) complex64, ph (R, m) phase ramps, w (B, m) float32."""
+    m = x.shape[1]
+    out = np.empty((img.shape[0], 2 * m), np.float32)
+    for c in numba.prange(img.shape[0]):
+        j, r = img[c], t[c]
+        for i in range(m):
+            v = x[j, i] * ph[r, i] * w[j, i]
+            out[c, 2 * i] = v.real
+            out[c, 2 * i + 1] = v.imag
+    return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def column_cross(x: np.ndarray, ph: np.ndarray, q: np.ndarray, col_off: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(B, m) float32: Σ over particle j's columns c (col_off[j]:col_off[j+1]) of Re(conj(x[j]·ph[t[c]])·q[c]), the
+    cross term Σ_θ,t w̄ Re(conj(X e^{..}) P) of the σ², norm and scale statistics; q (J, 2m): pairs of Wᵀ @ P."""
+    nb, m = x.shape
+    out = np.zeros((nb, m), np.float32)
+    for j in numba.prange(nb):
+        for c in range(col_off[j], col_off[j + 1]):
+            r = t[c]
+            for i in range(m):
+                v = x[j, i] * ph[r, i]
+                out[j, i] += v.real * q[c, 2 * i] + v.imag * q[c, 2 * i + 1]
     return out

@@ -153,11 +153,11 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     # data.prepare_batch: the read images and their masked copy, both transforms (demodulate may copy both)
     prepare = b * (2 * no * no * F32 + 4 * no * (no // 2 + 1) * C64)
     if s.local:
-        # local_coarse_pass: candidates per chunk as the code sizes them, each with its projection (complex and
-        # real pairs), (T,) float64 scores, log-priors and weights; window ids/priors of the batch
-        per_candidate_cap = (8 + 8 * t) * mc
-        k = min(b * s.n_coarse, max(1, lim.local_chunk_bytes // max(1, per_candidate_cap)))
-        coarse = k * (2 * C64 * mc + t * 3 * F64) + b * s.n_coarse * 3 * I64 + b * t * mc * C64
+        # local_coarse_pass, in chunks of at most local_chunk_bytes (estep.local_chunks; their projections are in
+        # cache_bytes): per candidate (T,) float64 scores, log-priors and weights; window ids/priors of the batch;
+        # the shifted images of block_residuals
+        chunk = min(lim.local_chunk_bytes, b * s.n_coarse * t * 3 * F64)
+        coarse = chunk + b * s.n_coarse * 3 * I64 + b * t * mc * C64
     else:
         # global_coarse_pass: weighted images (B, T, 2mc) float32 with one complex temporary; coarse_scores: cross
         # float32 and the float64 residual (B, T, U), then the keep mask
@@ -181,11 +181,10 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     # block_scores' float64 residual (the cross terms are formed inside its kernel) and the per-block norms
     fine = fine_kept + n_sig * n_ab * F64 + n_sig * s.n_orientation_children * F32
     # batch_sums: the weight rows (col, val) of the sparse path, Σ_t w̄ per (orientation, particle) and its float32
-    # copy; z and q (J, 2mf) float32, and the larger of the chunk (as the code sizes it) and the three complex
-    # temporaries (J, mf) that form z or the cross term
+    # copy; z and q (J, 2mf) float32 (compiled kernels form z and the cross term without temporaries), and a chunk
+    # of rows as the code sizes it
     chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
-    sums = (fine_kept + n_sig * n_ab * 2 * F32 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64
-            + max(chunk, 3 * n_jt * mf * C64))
+    sums = fine_kept + n_sig * n_ab * 2 * F32 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64 + chunk
     # Significant: particle, translation, coarse id, log-prior per pair
     return dict(inputs=inputs, significant=n_sig * 4 * I64, prepare=prepare, coarse=coarse, fine=fine, sums=sums)
 
@@ -207,9 +206,14 @@ def cache_bytes(s: IterationSizes, lim: EStepLimits) -> int:
 
     The fine cache is allocated empty and only the rows batches project become resident, but a half's particles
     touch nearly all of it: on the small set (order 3, 73,728 fine orientations, 500 particles a half) the measured
-    peaks were those of the whole grid."""
+    peaks were those of the whole grid.
+
+    Local searches keep two buffers of window projections (ProjectionCache.local_projections), each as large as the
+    largest chunk's distinct orientations: at most half of local_chunk_bytes (estep.local_chunks counts two
+    projections per orientation), at most a batch's candidates."""
     if s.local:
-        return 0
+        per_buffer = min(lim.local_chunk_bytes // 2, min(lim.batch_size, s.n_half) * s.n_coarse * s.mc * C64)
+        return s.n_caches * 2 * per_buffer
     coarse = s.n_coarse * s.mc * (C64 + F32)
     return s.n_caches * (coarse + (s.n_fine_grid * s.mf * C64 if fine_cached(s, lim) else 0))
 

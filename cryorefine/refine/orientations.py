@@ -88,6 +88,23 @@ def coarse_direction_of(grid: OrientationGrid, ids: NDArray[np.int64]) -> NDArra
     return ids // grid.n_psi
 
 
+def orientation_order(rot: NDArray, tilt: NDArray, psi: NDArray, order: int) -> NDArray[np.int64]:
+    """Permutation that lists poses (deg) along a space-filling curve of orientation space, so that consecutive
+    particles have neighbouring orientations and a batch's windows and fine orientations overlap.
+
+    The curve is the octree of the orientation grid itself: a cell at HEALPix `order` (12 base pixels x 6 psi
+    sectors of 60 deg) splits into 4 NESTED child directions x 2 psi halves per level, and the key interleaves
+    those 3 bits per level (Morton order); ties keep their input order."""
+    pix = sampling.nearest_pixels(order, projection_direction(rot, tilt))
+    n_psi = 6 * 2 ** order
+    psi_bin = np.floor(np.mod(np.asarray(psi, np.float64), 360.0) * (n_psi / 360.0)).astype(np.int64) % n_psi
+    sub = pix & ((1 << (2 * order)) - 1)
+    key = (pix >> (2 * order)) * 6 + (psi_bin >> order)
+    for level in range(order - 1, -1, -1):
+        key = (key << 3) | (((sub >> (2 * level)) & 3) << 1) | ((psi_bin >> level) & 1)
+    return np.argsort(key, kind="stable").astype(np.int64)
+
+
 @dataclass
 class TranslationGrid:
     """Coarse translations (px of the optics group) centred on the pre-shifted image, with perturbation."""
