@@ -10,10 +10,9 @@ import math
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.spatial import cKDTree
 
-from cryorefine.geometry.healpix import healpix_vectors, npix
-from cryorefine.geometry.sampling import asymmetric_unit_directions, direction_vectors
+from cryorefine.geometry.healpix import npix
+from cryorefine.geometry.sampling import asymmetric_unit_directions, direction_vectors, nearest_pixels
 from cryorefine.geometry.symmetry import symmetry_order
 from cryorefine.report.bild import direction_counts
 
@@ -42,7 +41,7 @@ def lonlat_grid(counts: ArrayLike, sym: str, order: int, n_lon: int = 360,
     lat = -90.0 + (np.arange(n_lat) + 0.5) * 180.0 / n_lat
     lo, la = np.meshgrid(lon, lat)
     v = direction_vectors(lo.ravel(), 90.0 - la.ravel())
-    _, cell = cKDTree(healpix_vectors(order)).query(v)
+    cell = nearest_pixels(order, v)
     full = np.full(npix(order), np.nan)
     full[asymmetric_unit_directions(order, sym)] = np.asarray(counts, float)
     return lon, lat, full[cell].reshape(n_lat, n_lon)
