@@ -107,8 +107,23 @@ def block_residuals(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.n
                         xr, xi, cr, ci = xw[j, 2 * i], xw[j, 2 * i + 1], ph[r, 2 * i], ph[r, 2 * i + 1]
                         s[r, 2 * i] = xr * cr - xi * ci
                         s[r, 2 * i + 1] = xr * ci + xi * cr
-        for k in range(lo, hi):
+        k = lo
+        while k < hi:
             r0 = blk_ph[k]
+            if n_b == 1 and k + 1 < hi and blk_ph[k + 1] == r0:
+                # blocks of one projection each (a local window's candidates): two blocks make the 4 x 2 tile
+                q0, q1 = blk_p[k], blk_p[k + 1]
+                n0, n1 = norm[k, 0], norm[k + 1, 0]
+                for a in range(0, a_end, 4):
+                    v = _dots_4x2(s, r0 + a, p, q0, q1)
+                    for i in range(4):
+                        out[k, a + i, 0] = residual_value(v[2 * i], n0, cc_mode)
+                        out[k + 1, a + i, 0] = residual_value(v[2 * i + 1], n1, cc_mode)
+                for a in range(a_end, n_a):
+                    out[k, a, 0] = residual_value(_dot(s, r0 + a, p, q0), n0, cc_mode)
+                    out[k + 1, a, 0] = residual_value(_dot(s, r0 + a, p, q1), n1, cc_mode)
+                k += 2
+                continue
             for b in range(0, b_end, 2):
                 q = blk_p[k] + b
                 n0, n1 = norm[k, b], norm[k, b + 1]
@@ -126,6 +141,7 @@ def block_residuals(xw: np.ndarray, ph: np.ndarray, p: np.ndarray, img_off: np.n
             for b in range(n_b):
                 for a in range(a_end, n_a):
                     out[k, a, b] = residual_value(_dot(s, r0 + a, p, blk_p[k] + b), norm[k, b], cc_mode)
+            k += 1
     return out
 
 
