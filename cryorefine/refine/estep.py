@@ -16,9 +16,8 @@ from numpy.typing import NDArray
 from cryorefine.fourier.backprojector import BackProjector, make_backprojector
 from cryorefine.fourier.projector import Projector
 from cryorefine.geometry.euler import matrix_to_euler
-from cryorefine.refine.fine_kernels import (column_cross, dense_weight_rows, segment_best, segment_weights,
-                                            shifted_pairs, sparse_row_sums, sparse_sums, weight_marginals,
-                                            weight_rows)
+from cryorefine.refine.fine_kernels import (block_sums, column_cross, dense_weight_rows, segment_best,
+                                            segment_weights, shifted_pairs, sparse_row_sums, weight_marginals)
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
 from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
@@ -428,7 +427,9 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const) - log_sigma2
 
 
-_DENSE_FRACTION = 0.15              # weight-matrix density above which the sums are dense BLAS products
+# weight-matrix density above which the sums are dense BLAS products, else block_sums (medium's iteration 2, densities
+# 0.05-0.3: E-step 85.9-91.1 s at 0.35, 96.6 s at 0.15, 93.4 s with block_sums only; docs/benchmarks.md)
+_DENSE_FRACTION = 0.35
 
 
 def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSettings, fs: FineSamples,
@@ -439,7 +440,7 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     The posterior weights form a sparse matrix W̄ over (orientation o, particle-translation (j, t)). The values
     back-projected at o sum over the batch's particles, Σ_(j,t) W̄ X^nm_j e^{-2πik·t/N} s CTF_j/σ² = (W̄ @ Z)_o, so
     each orientation is inserted once per batch; Q = W̄ᵀ @ P gives the residual statistics, Σ_o w̄ Re(conj(X e) P)
-    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else a sparse kernel; in chunks of rows.
+    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else the block kernel (block_sums); in chunks of rows.
     """
     nb, ps_f, m = len(inp.rows), st.ps_fine, st.ps_fine.m
     _, n_a, n_b = fw.w.shape
@@ -460,12 +461,12 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     p_pair = real_pair(fs.p)
     n_rows, n_cols = len(rows), len(jt_key)
     dense = np.count_nonzero(fw.w) >= _DENSE_FRACTION * n_rows * n_cols
-    if dense:
-        # blocks by projection row, so that a chunk of rows visits only the blocks that reach it
-        by_p = np.argsort(lay.p_row, kind="stable")
-        p_sorted = lay.p_row[by_p]
-    else:
-        ptr, col, val = weight_rows(fw.w, blk_jt, lay.p_row, row_of, n_rows)
+    # blocks by projection row, so that a chunk of rows visits only the blocks that reach it
+    by_p = np.argsort(lay.p_row, kind="stable")
+    p_sorted = lay.p_row[by_p]
+    if not dense:       # runs of one parent orientation among the sorted blocks; each image's blocks
+        grp = np.concatenate([[0], np.flatnonzero(p_sorted[1:] != p_sorted[:-1]) + 1, [len(p_sorted)]])
+        img_off = offsets_of(lay.img, nb)
     q = np.zeros((n_cols, 2 * m), np.float32)
     norm = np.zeros((nb, m), np.float32)
     # orientation rows of the weighted sums (and of an insertion) at a time
@@ -473,15 +474,17 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         prow = fs.p_rows[rows[r0:r1]]
+        lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
         if dense:
             p_c = p_pair[prow]
-            lo, hi = np.searchsorted(p_sorted, [rows[r0] - n_b + 1, rows[r1 - 1] + 1])
             wc = dense_weight_rows(fw.w, by_p[lo:hi], blk_jt, lay.p_row, row_of, r0, r1, n_cols)
             vals = wc @ z
             q += wc.T @ p_c
         else:
             vals = np.zeros((r1 - r0, 2 * m), np.float32)
-            sparse_sums(ptr, col, val, r0, r1, z, p_pair, prow, vals, q)
+            g0, g1 = np.searchsorted(grp, [lo, hi])
+            block_sums(fw.w, blk_jt, lay.p_row, row_of, r0, r1, by_p, grp, g0, g1, img_off, z, p_pair, fs.p_rows,
+                       vals, q)
         if dense:
             cw = colw[r0:r1].astype(np.float32)
             bp_w = cw @ bp_n

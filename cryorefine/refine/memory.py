@@ -180,11 +180,11 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     fine_kept = n_fine * (own_rows + 9 * F64) + n_ph * mf * C64 + b * mf * (C64 + F32) + n_sig * n_ab * F64
     # block_scores' float64 residual (the cross terms are formed inside its kernel) and the per-block norms
     fine = fine_kept + n_sig * n_ab * F64 + n_sig * s.n_orientation_children * F32
-    # batch_sums: the weight rows (col, val) of the sparse path, Σ_t w̄ per (orientation, particle) and its float32
-    # copy; z and q (J, 2mf) float32 (compiled kernels form z and the cross term without temporaries), and a chunk
-    # of rows as the code sizes it
+    # batch_sums: the blocks in parent order (order, sorted rows, runs), Σ_t w̄ per (orientation, particle) and its
+    # float32 copy; z and q (J, 2mf) float32 (compiled kernels form z and the cross term without temporaries), and
+    # a chunk of rows as the code sizes it
     chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
-    sums = fine_kept + n_sig * n_ab * 2 * F32 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64 + chunk
+    sums = fine_kept + n_sig * 3 * I64 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64 + chunk
     # Significant: particle, translation, coarse id, log-prior per pair
     return dict(inputs=inputs, significant=n_sig * 4 * I64, prepare=prepare, coarse=coarse, fine=fine, sums=sums)
 
