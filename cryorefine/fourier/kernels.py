@@ -90,7 +90,7 @@ def _project_impl(flat, d, axes, kx, ky, inside, out, tile_rot, tile_pix, one, o
     float32); kx, ky are 0 where `inside` is 0 (beyond r_max).
 
     Indices are unsigned and the pixel loop innermost, which lets LLVM vectorise it (gathers where the CPU has them:
-    1.3x in local-window order, 2.2x in random order on AVX-512; docs/benchmarks.md, "Hot kernels")."""
+    docs/benchmarks.md, "Kernels on flat views and block sums")."""
     n = axes.shape[0]
     m = kx.shape[0]
     u1 = np.uint64(1)
@@ -351,8 +351,8 @@ def backproject_points(data: NDArray, weight: NDArray, rotations: NDArray, kx: N
     real = weight.dtype.type
     inside = pad * pad * (kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2) <= r2max
     kernel(data.view(real).reshape(-1), weight.reshape(-1), data.shape[0], axes.astype(real), kx.astype(real),
-           ky.astype(real), inside, values.view(real).reshape(shape[0], 2 * shape[1]), weights, real(r2max), bounds, *tiles,
-           real(1.0), real(off))
+           ky.astype(real), inside, values.view(real).reshape(shape[0], 2 * shape[1]), weights, real(r2max), bounds,
+           *tiles, real(1.0), real(off))
 
 
 @njit(cache=True)

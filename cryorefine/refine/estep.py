@@ -427,8 +427,8 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const) - log_sigma2
 
 
-# weight-matrix density above which the sums are dense BLAS products, else block_sums (medium's iteration 2, densities
-# 0.05-0.3: E-step 85.9-91.1 s at 0.35, 96.6 s at 0.15, 93.4 s with block_sums only; docs/benchmarks.md)
+# weight-matrix density above which the sums are dense BLAS products, else block_sums (medium's iteration 2: E-step
+# 85.9 and 91.1 s at 0.35, 96.6 s at 0.15, 93.4 s with block_sums only; docs/benchmarks.md)
 _DENSE_FRACTION = 0.35
 
 
@@ -440,7 +440,8 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     The posterior weights form a sparse matrix W̄ over (orientation o, particle-translation (j, t)). The values
     back-projected at o sum over the batch's particles, Σ_(j,t) W̄ X^nm_j e^{-2πik·t/N} s CTF_j/σ² = (W̄ @ Z)_o, so
     each orientation is inserted once per batch; Q = W̄ᵀ @ P gives the residual statistics, Σ_o w̄ Re(conj(X e) P)
-    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else the block kernel (block_sums); in chunks of rows.
+    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else the block kernel (block_sums); in chunks
+    of rows.
     """
     nb, ps_f, m = len(inp.rows), st.ps_fine, st.ps_fine.m
     _, n_a, n_b = fw.w.shape

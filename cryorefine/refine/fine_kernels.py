@@ -281,8 +281,9 @@ def block_sums(w: np.ndarray, blk_jt: np.ndarray, blk_p: np.ndarray, row_of: np.
 
     The weights are not gathered into a sparse matrix: a block's samples form a dense n_a x n_b tile, so four
     translations (or four orientations) share each pass over a row, a quarter of the loads and stores of one axpy
-    per weight (the CSR kernel this replaced: medium's iteration 2 E-step 133 -> 97 s). Rows: groups g0..g1 of the blocks in parent order (by_p[grp[g]:grp[g+1]],
-    one parent each) own their rows and run in parallel; q: images own their columns and run in parallel."""
+    per weight (the CSR kernel this replaced: medium's iteration 2 E-step 133 -> 97 s). Rows: groups g0..g1 of the
+    blocks in parent order (by_p[grp[g]:grp[g+1]], one parent each) own their rows and run in parallel; q: images
+    own their columns and run in parallel."""
     n_k, n_a, n_b = w.shape
     n2 = z.shape[1]
     for g in numba.prange(g0, g1):
