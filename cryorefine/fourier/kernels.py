@@ -232,13 +232,14 @@ def _splat_plane(dflat, wflat, pw, hw, wy0, wy1, gx, fx, vr, vi, w):
     dflat[p + u2 + u1] += vi * c11
 
 
-def _backproject_impl(dflat, wflat, d, axes, kx, ky, inside, values, weights, r2max, bounds, tile_rot, tile_pix, one,
+def _backproject_impl(dflat, wflat, d, axes, kx, ky, inside, values, weights, r2k, bounds, tile_rot, tile_pix, one,
                       off):
     """Trilinear splat; each slab [bounds[s], bounds[s+1]) of z-planes is written by one thread only (no atomics).
     Within a slab, tiles of rotations x pixels as in the projection kernel. dflat, wflat: the half-cubes flattened
     (data as re, im pairs), values (n, 2m) re, im pairs; only pixels with inside[j] go in (|ξ|² ≤ r2max, decided
-    per pixel: |ξ| = pad |k| for every rotation); `one`, `off` (centre index) and r2max of their real dtype, so that
-    float32 arithmetic stays float32; flat indices unsigned (no negative-index wrapping)."""
+    per pixel: |ξ| = pad |k| for every rotation), r2k = r2max / pad² their largest |k|² (the slab test); `one`,
+    `off` (centre index) and r2k of their real dtype, so that float32 arithmetic stays float32; flat indices
+    unsigned (no negative-index wrapping)."""
     n = axes.shape[0]
     m = kx.shape[0]
     nslab = bounds.shape[0] - 1
@@ -257,7 +258,7 @@ def _backproject_impl(dflat, wflat, d, axes, kx, ky, inside, values, weights, r2
             # the tile's slices lie within |z| <= zext of the centre plane: skip slabs they all miss
             zext = 0.0
             for i in range(ilo, ihi):
-                zext = max(zext, np.sqrt(r2max * (axes[i, 2] * axes[i, 2] + axes[i, 5] * axes[i, 5])) + 1.0)
+                zext = max(zext, np.sqrt(r2k * (axes[i, 2] * axes[i, 2] + axes[i, 5] * axes[i, 5])) + 1.0)
             if off + zext < zlo - 1 or off - zext >= zhi:
                 continue
             for tj in range(npt):
@@ -351,7 +352,7 @@ def backproject_points(data: NDArray, weight: NDArray, rotations: NDArray, kx: N
     real = weight.dtype.type
     inside = pad * pad * (kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2) <= r2max
     kernel(data.view(real).reshape(-1), weight.reshape(-1), data.shape[0], axes.astype(real), kx.astype(real),
-           ky.astype(real), inside, values.view(real).reshape(shape[0], 2 * shape[1]), weights, real(r2max), bounds,
+           ky.astype(real), inside, values.view(real).reshape(shape[0], 2 * shape[1]), weights, real(r2max / pad ** 2), bounds,
            *tiles, real(1.0), real(off))
 
 
