@@ -196,12 +196,16 @@ def _check_sums(acc, sums) -> None:
     assert acc.ll_sum == pytest.approx(sums["ll_sum"], rel=1e-5)
 
 
-@pytest.mark.parametrize("box, angpix, dense_fraction, chunk_bytes", [
-    (16, 2.0, 0.15, None), (18, 2.0, 0.15, None), (16, 2.0, 0.0, 4096), (16, 2.0, 2.0, 4096)],
-    ids=["model-box", "other-box", "dense-sums-in-row-chunks", "sparse-sums-in-row-chunks"])
-def test_estep_matches_brute_force(box, angpix, dense_fraction, chunk_bytes, monkeypatch):
-    # the weighted sums take dense products or the sparse kernel by the weights' density, over chunks of rows
+@pytest.mark.parametrize("box, angpix, dense_fraction, chunk_bytes, lattice_from", [
+    (16, 2.0, 0.15, None, 8.0), (18, 2.0, 0.15, None, 8.0), (16, 2.0, 0.0, 4096, 8.0),
+    (16, 2.0, 2.0, 4096, np.inf), (16, 2.0, 2.0, 4096, 0.0), (18, 2.0, 2.0, None, 0.0)],
+    ids=["model-box", "other-box", "dense-sums-in-row-chunks", "block-sums-in-row-chunks",
+         "lattice-sums-in-row-chunks", "lattice-sums-other-box"])
+def test_estep_matches_brute_force(box, angpix, dense_fraction, chunk_bytes, lattice_from, monkeypatch):
+    # the weighted sums take dense products, the translation-lattice kernel or the block kernel by the weights'
+    # density and translations per (orientation, particle), over chunks of rows
     monkeypatch.setattr(estep, "_DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(estep, "_LATTICE_TRANSLATIONS", lattice_from)
     proj, grid, tg, ps, inp, st, pdf = _problem(box, angpix, seed=box)
     if chunk_bytes is not None:
         st = replace(st, limits=replace(st.limits, sums_chunk_bytes=chunk_bytes))
@@ -311,3 +315,23 @@ def test_segment_weights_threshold_and_normalisation():
             np.testing.assert_allclose(w[seg], np.where(want_keep, w_all, 0.0), rtol=1e-12)
             assert log_wsum[s] == pytest.approx(np.log(np.exp(logw).sum()), rel=1e-12)
             assert dmin[s] == d[seg].min()
+
+
+def test_lattice_sums_do_not_depend_on_the_thread_count(monkeypatch):
+    """The lattice kernel sums its parts' cross terms in a fixed order: 1 and 2 threads give the same bits."""
+    import numba
+    monkeypatch.setattr(estep, "_DENSE_FRACTION", 2.0)
+    monkeypatch.setattr(estep, "_LATTICE_TRANSLATIONS", 0.0)
+    proj, grid, tg, ps, inp, st, pdf = _problem(16, 2.0, seed=16)
+    results = []
+    n_threads = numba.get_num_threads()
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+            acc = empty_accumulator(MODEL_BOX, 2, MODEL_BOX / 2, [16], 2, len(grid.dir_pix))
+            res = expectation_batch(inp, st, acc, cpu_backend())
+            results.append((acc.bp.data.copy(), acc.sigma2_num[0].copy(), res.norm_correction.copy()))
+    finally:
+        numba.set_num_threads(n_threads)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

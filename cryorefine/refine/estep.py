@@ -20,7 +20,9 @@ from cryorefine.refine.fine_kernels import (block_sums, column_cross, dense_weig
                                             segment_weights, shifted_pairs, sparse_row_sums, weight_marginals)
 from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset_log_prior, real_pair,
                                           residual_power, weighted_images)
-from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits
+from cryorefine.refine.lattice_sums import (balanced_parts, lattice_coordinates, lattice_sums, phase_tables,
+                                            pixel_rows)
+from cryorefine.refine.memory import FINE_CACHE_BYTES, LATTICE_PART_BYTES, LATTICE_PARTS, EStepLimits
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
@@ -430,6 +432,40 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
 # weight-matrix density above which the sums are dense BLAS products, else block_sums (medium's iteration 2: E-step
 # 85.9 and 91.1 s at 0.35, 96.6 s at 0.15, 93.4 s with block_sums only; docs/benchmarks.md)
 _DENSE_FRACTION = 0.35
+# significant translations per child orientation of each (particle, parent orientation) run of blocks, from which
+# the sums go through the translation lattice (lattice_sums: all children of a run at once, about L_v + 2 passes
+# over the pixels per child) instead of block_sums (2 passes per weight). Small set, both kernels on every batch of a
+# whole run: equal at 6-8, lattice 1.8x faster from 12, block_sums 1.4-2.2x faster below 3 (docs/benchmarks.md,
+# "Weighted sums through the translation lattice")
+_LATTICE_TRANSLATIONS = 8.0
+
+
+def _lattice_parts(nb: int, m: int, n_children: int) -> int:
+    """Number of parallel parts of lattice_sums, each with a (B, m·children) float32 cross-term buffer: a fixed
+    number (so that sums do not depend on the thread count), fewer when the buffers would exceed
+    LATTICE_PART_BYTES."""
+    return int(max(1, min(LATTICE_PARTS, LATTICE_PART_BYTES // max(1, nb * m * n_children * 4))))
+
+
+def _planes(z: NDArray[np.complex64]) -> NDArray[np.float32]:
+    """(B, 2, n) float32: the real and the imaginary parts of (B, n) z as separate planes."""
+    return np.ascontiguousarray(np.stack([z.real, z.imag], axis=1), np.float32)
+
+
+def _lattice_inputs(inp: BatchInputs, st: PassSettings, fs: FineSamples, bp_factor: NDArray[np.float32]) -> tuple:
+    """lattice_sums' arguments from the translation lattice to the images: (tu, tv, α_x, α_y, pixel row starts,
+    first kx, ky index, Z e_t₀, X e_t₀), the last two with each pixel repeated for the children of an orientation;
+    bp_factor = s·CTF/σ² of the back-projection (B, m)."""
+    ps = st.ps_fine
+    h = st.translations.step / 2 ** st.translations.oversampling
+    tu, tv, t0 = lattice_coordinates(fs.t_fine, h)
+    ax, ay = phase_tables(ps, h, int(tu.max()) + 1, int(tv.max()) + 1)
+    start, kx0, ky = pixel_rows(ps)
+    e0 = shift_phases(ps, t0[None, :])
+    n_ch = st.grid.n_children
+    zz = _planes(np.repeat(inp.xnm_fine * e0 * bp_factor, n_ch, axis=1))
+    xx = _planes(np.repeat(inp.x_fine * e0, n_ch, axis=1))
+    return tu, tv, ax, ay, start, kx0, ky - int(np.rint(ps.ky.min())), zz, xx
 
 
 def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSettings, fs: FineSamples,
@@ -440,8 +476,9 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     The posterior weights form a sparse matrix W̄ over (orientation o, particle-translation (j, t)). The values
     back-projected at o sum over the batch's particles, Σ_(j,t) W̄ X^nm_j e^{-2πik·t/N} s CTF_j/σ² = (W̄ @ Z)_o, so
     each orientation is inserted once per batch; Q = W̄ᵀ @ P gives the residual statistics, Σ_o w̄ Re(conj(X e) P)
-    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough, else the block kernel (block_sums); in chunks
-    of rows.
+    = Re(conj(X e) Q). Dense BLAS products when W̄ is dense enough; else, when each (orientation, particle) pair
+    has many significant translations, their phase sums on the translation lattice (lattice_sums), or the block
+    kernel (block_sums); in chunks of rows.
     """
     nb, ps_f, m = len(inp.rows), st.ps_fine, st.ps_fine.m
     _, n_a, n_b = fw.w.shape
@@ -457,18 +494,26 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     s = inp.scale[:, None].astype(np.float32)
     isig_bp = inverse_sigma2(st, ps_f, keep_dc=True)[None, :]
     ctf = inp.ctf_fine
-    z = shifted_pairs(inp.xnm_fine, fs.phases, ctf * s * isig_bp, jt_img, jt_t)            # (J, 2mf)
     bp_n = ctf * ctf * s * s * isig_bp                                                     # (B, mf)
     p_pair = real_pair(fs.p)
     n_rows, n_cols = len(rows), len(jt_key)
-    dense = np.count_nonzero(fw.w) >= _DENSE_FRACTION * n_rows * n_cols
+    nnz = np.count_nonzero(fw.w)
+    dense = nnz >= _DENSE_FRACTION * n_rows * n_cols
+    # (particle, parent orientation) runs of blocks: lattice_sums' unit of work, all children of the parent at once
+    n_runs = 1 + np.count_nonzero((lay.img[1:] != lay.img[:-1]) | (lay.p_row[1:] != lay.p_row[:-1]))
+    lattice = not dense and nnz >= _LATTICE_TRANSLATIONS * n_runs * n_b
     # blocks by projection row, so that a chunk of rows visits only the blocks that reach it
     by_p = np.argsort(lay.p_row, kind="stable")
     p_sorted = lay.p_row[by_p]
     if not dense:       # runs of one parent orientation among the sorted blocks; each image's blocks
         grp = np.concatenate([[0], np.flatnonzero(p_sorted[1:] != p_sorted[:-1]) + 1, [len(p_sorted)]])
         img_off = offsets_of(lay.img, nb)
-    q = np.zeros((n_cols, 2 * m), np.float32)
+    if lattice:
+        lat = _lattice_inputs(inp, st, fs, ctf * s * isig_bp)
+        cross_parts = np.zeros((_lattice_parts(nb, m, n_b), nb, m * n_b), np.float32)
+    else:
+        z = shifted_pairs(inp.xnm_fine, fs.phases, ctf * s * isig_bp, jt_img, jt_t)        # (J, 2mf)
+        q = np.zeros((n_cols, 2 * m), np.float32)
     norm = np.zeros((nb, m), np.float32)
     # orientation rows of the weighted sums (and of an insertion) at a time
     step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))
@@ -484,8 +529,13 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         else:
             vals = np.zeros((r1 - r0, 2 * m), np.float32)
             g0, g1 = np.searchsorted(grp, [lo, hi])
-            block_sums(fw.w, blk_jt, lay.p_row, row_of, r0, r1, by_p, grp, g0, g1, img_off, z, p_pair, fs.p_rows,
-                       vals, q)
+            if lattice:
+                lattice_sums(fw.w, lay.img, lay.ph_row, lay.p_row, row_of, r0, r1, by_p, grp,
+                             balanced_parts(grp, g0, g1, cross_parts.shape[0]), *lat, p_pair, fs.p_rows, vals,
+                             cross_parts)
+            else:
+                block_sums(fw.w, blk_jt, lay.p_row, row_of, r0, r1, by_p, grp, g0, g1, img_off, z, p_pair,
+                           fs.p_rows, vals, q)
         if dense:
             cw = colw[r0:r1].astype(np.float32)
             bp_w = cw @ bp_n
@@ -493,12 +543,15 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         else:
             bp_w = sparse_row_sums(colw, r0, r1, bp_n, p_pair, prow, norm)
         backend.insert(acc.bp, fs.rot[rows[r0:r1]], ps_f.kx_model, ps_f.ky_model, vals.view(np.complex64), bp_w)
+    if lattice:
+        cross_k = cross_parts.reshape(-1, nb, m, n_b).sum(axis=(0, 3)) * ctf
+    else:
+        cross_k = column_cross(inp.x_fine, fs.phases, q, offsets_of(jt_img, nb), jt_t) * ctf    # Re(conj(X e) Q)
     acc.ll_sum += float(out.log_likelihood.sum())
     acc.pmax_sum += float(out.max_prob.sum())
     acc.count += nb
     # also in a CC iteration, as RELION's storeWeightedSums: its norm corrections, offsets and directions (hard
     # assignments) update the model; σ² and the group scales it leaves alone (mstep)
-    cross_k = column_cross(inp.x_fine, fs.phases, q, offsets_of(jt_img, nb), jt_t) * ctf    # Re(conj(X e) Q)
     norm_k = norm * ctf * ctf                                   # Σ_o w̄ |P|² CTF² per particle
     sw = colw.sum(axis=0)
     xpow = inp.x_fine.real ** 2 + inp.x_fine.imag ** 2

@@ -37,6 +37,8 @@ LOCAL_CHUNK_BYTES = 256 * MIB
 SUMS_CHUNK_BYTES = 128 * MIB
 FINE_CACHE_BYTES = int(1.5e9)
 MIN_CHUNK_BYTES = 4 * MIB              # below this the chunks are so small that Python overhead dominates
+LATTICE_PARTS = 16                     # parallel parts of refine.lattice_sums, each with its cross-term buffer,
+LATTICE_PART_BYTES = 64 * MIB          # fewer when those buffers would take more than this together
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,12 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     # batch_sums: the blocks in parent order (order, sorted rows, runs), Σ_t w̄ per (orientation, particle) and its
     # float32 copy; z and q (J, 2mf) float32 (compiled kernels form z and the cross term without temporaries), and
     # a chunk of rows as the code sizes it
+    # (the lattice kernel has instead Z and X repeated for the children and its parts' cross terms: the larger of
+    # the two is counted)
     chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
-    sums = fine_kept + n_sig * 3 * I64 + n_fine * b * (F64 + F32) + 2 * n_jt * mf * C64 + chunk
+    per_child = b * mf * s.n_orientation_children
+    lattice = 2 * per_child * C64 + min(LATTICE_PART_BYTES, LATTICE_PARTS * per_child * F32)
+    sums = fine_kept + n_sig * 3 * I64 + n_fine * b * (F64 + F32) + max(2 * n_jt * mf * C64, lattice) + chunk
     # Significant: particle, translation, coarse id, log-prior per pair
     return dict(inputs=inputs, significant=n_sig * 4 * I64, prepare=prepare, coarse=coarse, fine=fine, sums=sums)
 
