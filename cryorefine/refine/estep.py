@@ -22,7 +22,7 @@ from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset
                                           residual_power, weighted_images)
 from cryorefine.refine.lattice_sums import (balanced_parts, lattice_coordinates, lattice_sums, phase_tables,
                                             pixel_rows)
-from cryorefine.refine.memory import FINE_CACHE_BYTES, LATTICE_PART_BYTES, LATTICE_PARTS, EStepLimits
+from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits, lattice_parts
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
@@ -440,13 +440,6 @@ _DENSE_FRACTION = 0.35
 _LATTICE_TRANSLATIONS = 8.0
 
 
-def _lattice_parts(nb: int, m: int, n_children: int) -> int:
-    """Number of parallel parts of lattice_sums, each with a (B, m·children) float32 cross-term buffer: a fixed
-    number (so that sums do not depend on the thread count), fewer when the buffers would exceed
-    LATTICE_PART_BYTES."""
-    return int(max(1, min(LATTICE_PARTS, LATTICE_PART_BYTES // max(1, nb * m * n_children * 4))))
-
-
 def _planes(z: NDArray[np.complex64]) -> NDArray[np.float32]:
     """(B, 2, n) float32: the real and the imaginary parts of (B, n) z as separate planes."""
     return np.ascontiguousarray(np.stack([z.real, z.imag], axis=1), np.float32)
@@ -505,15 +498,15 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
     # blocks by projection row, so that a chunk of rows visits only the blocks that reach it
     by_p = np.argsort(lay.p_row, kind="stable")
     p_sorted = lay.p_row[by_p]
-    if not dense:       # runs of one parent orientation among the sorted blocks; each image's blocks
+    if not dense:       # runs of one parent orientation among the sorted blocks
         grp = np.concatenate([[0], np.flatnonzero(p_sorted[1:] != p_sorted[:-1]) + 1, [len(p_sorted)]])
-        img_off = offsets_of(lay.img, nb)
     if lattice:
         lat = _lattice_inputs(inp, st, fs, ctf * s * isig_bp)
-        cross_parts = np.zeros((_lattice_parts(nb, m, n_b), nb, m * n_b), np.float32)
+        cross_parts = np.zeros((lattice_parts(nb, m, n_b), nb, m * n_b), np.float32)
     else:
         z = shifted_pairs(inp.xnm_fine, fs.phases, ctf * s * isig_bp, jt_img, jt_t)        # (J, 2mf)
         q = np.zeros((n_cols, 2 * m), np.float32)
+        img_off = offsets_of(lay.img, nb)          # each image's blocks, for block_sums
     norm = np.zeros((nb, m), np.float32)
     # orientation rows of the weighted sums (and of an insertion) at a time
     step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))

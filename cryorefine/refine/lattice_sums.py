@@ -14,7 +14,8 @@ T significant translations costs about L_v + 2 passes over its pixels instead of
 (docs/benchmarks.md, "Weighted sums through the translation lattice").
 
 Pixels are a PixelSet's unique half-plane list in rfft order: runs of one ky with consecutive kx (`pixel_rows`).
-Complex vectors are real pairs (likelihood.real_pair), as in fine_kernels.
+Projections and values are real pairs (likelihood.real_pair), as in fine_kernels; the phases follow
+pixels.shift_phases' convention.
 """
 
 from __future__ import annotations

@@ -189,10 +189,17 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     # the two is counted)
     chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
     per_child = b * mf * s.n_orientation_children
-    lattice = 2 * per_child * C64 + min(LATTICE_PART_BYTES, LATTICE_PARTS * per_child * F32)
+    lattice = 2 * per_child * C64 + lattice_parts(b, mf, s.n_orientation_children) * per_child * F32
     sums = fine_kept + n_sig * 3 * I64 + n_fine * b * (F64 + F32) + max(2 * n_jt * mf * C64, lattice) + chunk
     # Significant: particle, translation, coarse id, log-prior per pair
     return dict(inputs=inputs, significant=n_sig * 4 * I64, prepare=prepare, coarse=coarse, fine=fine, sums=sums)
+
+
+def lattice_parts(nb: int, m: int, n_children: int) -> int:
+    """Number of parallel parts of refine.lattice_sums, each with a (B, m·children) float32 cross-term buffer: a
+    fixed number (so that sums do not depend on the thread count), fewer when the buffers would exceed
+    LATTICE_PART_BYTES together."""
+    return int(max(1, min(LATTICE_PARTS, LATTICE_PART_BYTES // max(1, nb * m * n_children * F32))))
 
 
 def batch_bytes(s: IterationSizes, lim: EStepLimits) -> int:
