@@ -12,7 +12,7 @@ from cryorefine.geometry.sampling import angular_step
 from cryorefine.refine import memory
 from cryorefine.refine.backend import cpu_backend
 from cryorefine.refine.estep import (BatchInputs, PassSettings, ProjectionCache, Significant, empty_accumulator,
-                                     fine_samples, fine_weights, inverse_sigma2, local_chunks)
+                                     fine_samples, fine_weights, inverse_sigma2, lazy_zeros, local_chunks)
 from cryorefine.refine.likelihood import coarse_scores, weighted_images
 from cryorefine.refine.memory import EStepLimits, IterationSizes
 from cryorefine.refine.orientations import local_window, make_grid, make_translations
@@ -103,6 +103,32 @@ def test_cache_is_what_a_fully_used_projection_cache_holds():
     small_cap = EStepLimits(NB, fine_cache_bytes=cache.fine.nbytes - 1)
     assert ProjectionCache(proj, grid, ps, ps, project, small_cap.fine_cache_bytes).fine is None
     assert memory.cache_bytes(_sizes(), small_cap) == cache.coarse.nbytes + cache.pairs[1].nbytes
+
+
+def test_fine_cache_rows_are_the_expected_union_of_the_batches_rows():
+    """k batches of r distinct rows each out of G, drawn at random: the mean union over many trials."""
+    rng = np.random.default_rng(3)
+    g, n_half, b, per_particle = 2000, 90, 16, 11.0          # 6 batches of ceil(16 * 11) = 176 rows
+    s = _sizes(n_fine_grid=g, n_half=n_half, fine_rows=per_particle)
+    k, r = -(-n_half // b), int(np.ceil(b * per_particle))
+    unions = [np.unique(np.concatenate([rng.choice(g, r, replace=False) for _ in range(k)])).size
+              for _ in range(400)]
+    assert abs(memory.fine_cache_rows(s, EStepLimits(b)) - np.mean(unions)) < 0.01 * np.mean(unions)
+    # one batch that asks for the whole grid makes all of it resident
+    assert memory.fine_cache_rows(_sizes(), EStepLimits(NB)) == _sizes().n_fine_grid
+
+
+def test_lazy_zeros_makes_only_written_pages_resident():
+    """The fine cache's rows written here and there make their own pages resident, not 2 MiB around each."""
+    rss = memory.resident_bytes()
+    if rss is None:
+        return
+    a = lazy_zeros((20_000, 2_500), np.complex64)        # 400 MB
+    assert a.flags.writeable and not a[::997].any()
+    rows = np.arange(0, 20_000, 400)                     # 50 rows of 20 kB, 8 MB apart
+    a[rows] = 1
+    assert memory.resident_bytes() - rss < 16 * 2 ** 20
+    assert a.sum() == 50 * 2_500
 
 
 def test_batch_stages_are_the_buffers_of_a_tiny_batch():
@@ -285,3 +311,28 @@ def test_local_cache_is_the_two_window_buffers_of_the_largest_chunk():
         s = _sizes(local=True, n_half=nb, n_coarse=n_coarse, mc=ps.m, n_translations=t)
         planned = memory.cache_bytes(s, EStepLimits(nb, local_chunk_bytes=cap))
         assert 0.5 * planned < held <= planned
+
+
+def test_local_cache_counts_the_distinct_orientations_of_overlapping_windows():
+    """Neighbouring particles' windows overlap: the buffers hold a batch's distinct orientations, which the plan
+    takes from the windows of batches in the E-step's order (local_batch_windows), not the sum of the windows."""
+    from types import SimpleNamespace
+    proj, _, _, ps, _, _ = _batch()
+    grid = make_grid(3, "C1", angular_step(3), 1, 0.0, True)
+    rng = np.random.default_rng(5)
+    nb, sigma = 24, 2 * angular_step(4)
+    centres = rng.uniform([-180, 20, -180], [180, 160, 180], (3, 3))[rng.integers(0, 3, nb)]
+    rot, tilt, psi = (centres + rng.normal(0, 1.0, (nb, 3))).T
+    largest, distinct = memory.local_batch_windows(SimpleNamespace(rot=rot, tilt=tilt, psi=psi), np.arange(nb), grid,
+                                                   sigma, nb)
+    win = local_window(grid, rot, tilt, psi, sigma)
+    assert largest == np.diff(win.offsets).max()
+    assert distinct == np.unique(win.ids).size < win.ids.size / 2
+    cache = ProjectionCache(proj, grid, ps, ps, project)
+    for _ in range(2):                          # two batches of the same windows: both buffers get used
+        for j0, j1 in local_chunks(win, 16 * ps.m, 24 * 5, 10 ** 9):
+            cache.local_projections(np.unique(win.ids[win.offsets[j0]:win.offsets[j1]]))
+    held = sum(b.nbytes for b in (cache._held, cache._spare) if b is not None)
+    s = _sizes(local=True, n_half=nb, n_coarse=largest, mc=ps.m, n_translations=5)
+    assert memory.cache_bytes(replace(s, window_rows=distinct), EStepLimits(nb)) == held
+    assert memory.cache_bytes(s, EStepLimits(nb)) > 2 * held          # without the windows' overlap

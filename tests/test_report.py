@@ -371,6 +371,13 @@ def test_report_redraw_during_a_run_waits_for_the_previous_one():
     assert lines[-1] == " WARNING: could not write the report x_report.html: exit status -15"
     r.close(lines.append)                                # nothing left to wait for
     assert len(lines) == 2
+    assert r.maybe_refresh("x", lines.append)
+    r.close(lines.append, superseded=True)               # the final page comes next: stopped at once, silently
+    assert children[-1].done and children[-1].rc == -15 and len(lines) == 2
+    assert r.maybe_refresh("x", lines.append)
+    children[-1].done = True
+    r.close(lines.append, superseded=True)               # finished before: collected as usual
+    assert len(lines) == 2 and len(children) == 4
 
 
 def test_report_redraw_in_a_child_process_writes_the_page(stopped_run: Path, tmp_path: Path):
@@ -387,6 +394,20 @@ def test_report_redraw_in_a_child_process_writes_the_page(stopped_run: Path, tmp
     r.maybe_refresh(str(tmp_path / "none"), lines.append)
     r.close(lines.append)
     assert len(lines) == 1 and "could not write the report" in lines[0] and "none" in lines[0], lines
+
+
+def test_report_redraw_child_runs_only_on_idle_cores(tmp_path: Path):
+    """The background child takes the idle scheduling class where there is one (Linux), and nice 19."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os; from cryorefine.report import redraw_child; redraw_child(os.sys.argv[1]); "
+            "print(os.sched_getscheduler(0) if hasattr(os, 'SCHED_IDLE') else -1, os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    assert "could not write the report" in out[0]             # no such run: one warning line, no traceback
+    policy, nice = map(int, out[-1].split())
+    assert nice == 19 and policy == getattr(os, "SCHED_IDLE", -1)
 
 
 def test_report_of_a_run_whose_latest_data_star_is_cut_short(stopped_run, tmp_path, capsys):

@@ -8,6 +8,7 @@ children at the current size -> posterior weights -> best pose, and the weighted
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -22,7 +23,8 @@ from cryorefine.refine.likelihood import (BlockLayout, gflop_of_products, offset
                                           residual_power, weighted_images)
 from cryorefine.refine.lattice_sums import (balanced_parts, lattice_coordinates, lattice_sums, phase_tables,
                                             pixel_rows)
-from cryorefine.refine.memory import FINE_CACHE_BYTES, EStepLimits, lattice_parts
+from cryorefine.refine.memory import (DENSE_FRACTION, FINE_CACHE_BYTES, EStepLimits, lattice_parts,
+                                      sums_row_bytes)
 from cryorefine.refine.orientations import (LocalWindow, OrientationGrid, TranslationGrid, coarse_direction_of,
                                             coarse_matrices, fine_matrices)
 from cryorefine.refine.pixels import PixelSet, shift_phases
@@ -99,6 +101,19 @@ class BatchInputs:
     old_norm: NDArray[np.float64]       # (B,)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype) -> NDArray:
+    """Zeros whose memory pages become resident only when written (an anonymous map of 4 KiB pages).
+
+    For the fine-projection cache, whose rows the batches fill sparsely and in no order: numpy asks the kernel for
+    2 MiB pages for large arrays, and a row written anywhere in one makes the whole page resident and zeroed (small
+    set, iteration 7: 0.94 GB zeroed in 1.1 s for 0.30 GB of projections; written this way in 0.3 s, with a peak
+    0.32 GB lower; docs/benchmarks.md)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+
+
 class ProjectionCache:
     """Projections of one half's reference in one iteration, computed once and shared by all batches.
 
@@ -118,7 +133,7 @@ class ProjectionCache:
         n_fine = len(grid.dir_pix) * grid.n_psi * grid.n_children
         self.fine = None
         if not grid.local and n_fine * ps_fine.m * 8 <= max_bytes:
-            self.fine = np.empty((n_fine, ps_fine.m), np.complex64)
+            self.fine = lazy_zeros((n_fine, ps_fine.m), np.complex64)
             self.have = np.zeros(n_fine, bool)
 
     def coarse_projections(self, ids: NDArray[np.int64]) -> NDArray[np.complex64]:
@@ -429,9 +444,8 @@ def best_poses(out: Poses, inp: BatchInputs, fs: FineSamples, fw: FineWeights, i
     out.log_likelihood[:] = fw.log_wsum - (fw.dmin + const) - log_sigma2
 
 
-# weight-matrix density above which the sums are dense BLAS products, else block_sums (medium's iteration 2: E-step
-# 85.9 and 91.1 s at 0.35, 96.6 s at 0.15, 93.4 s with block_sums only; docs/benchmarks.md)
-_DENSE_FRACTION = 0.35
+# weight-matrix density above which the sums are dense BLAS products (memory.DENSE_FRACTION, which the plan uses too)
+_DENSE_FRACTION = DENSE_FRACTION
 # significant translations per child orientation of each (particle, parent orientation) run of blocks, from which
 # the sums go through the translation lattice (lattice_sums: all children of a run at once, about L_v + 2 passes
 # over the pixels per child) instead of block_sums (2 passes per weight). Small set, both kernels on every batch of a
@@ -509,7 +523,7 @@ def batch_sums(acc: HalfAccumulator, out: Poses, inp: BatchInputs, st: PassSetti
         img_off = offsets_of(lay.img, nb)          # each image's blocks, for block_sums
     norm = np.zeros((nb, m), np.float32)
     # orientation rows of the weighted sums (and of an insertion) at a time
-    step = max(1, st.limits.sums_chunk_bytes // (4 * (6 * m + (n_cols if dense else 0))))
+    step = max(1, st.limits.sums_chunk_bytes // sums_row_bytes(m, n_cols, dense))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         prow = fs.p_rows[rows[r0:r1]]

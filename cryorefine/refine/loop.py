@@ -45,7 +45,7 @@ def run_refinement(state: RunState) -> RunState:
     except BaseException:
         report.close(state.log.line, timeout=0.0)     # stopped: the page is not wanted, nor a wait for it
         raise
-    report.close(state.log.line)
+    report.close(state.log.line, superseded=True)       # the caller draws the final page next
     return state
 
 

@@ -15,10 +15,11 @@ import sys
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cryorefine.fourier.backprojector import memory_bytes as accumulator_bytes
 from cryorefine.fourier.kernels import half_cube_shape
-from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations
+from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations, orientation_order
 from cryorefine.refine.pixels import optics_size, pixel_set
 
 GIB = 2 ** 30
@@ -37,6 +38,10 @@ LOCAL_CHUNK_BYTES = 256 * MIB
 SUMS_CHUNK_BYTES = 128 * MIB
 FINE_CACHE_BYTES = int(1.5e9)
 MIN_CHUNK_BYTES = 4 * MIB              # below this the chunks are so small that Python overhead dominates
+# weight-matrix density (nonzero weights / (orientation rows x (particle, translation) columns)) above which
+# estep.batch_sums makes dense BLAS products (medium's iteration 2: E-step 85.9 and 91.1 s at 0.35, 96.6 s at 0.15,
+# 93.4 s with block_sums only; docs/benchmarks.md)
+DENSE_FRACTION = 0.35
 LATTICE_PARTS = 16                     # parallel parts of refine.lattice_sums, each with its cross-term buffer,
 LATTICE_PART_BYTES = 64 * MIB          # fewer when those buffers would take more than this together
 
@@ -79,6 +84,7 @@ class IterationSizes:
     final: bool = False
     fine_rows: float | None = None    # fine orientations projected per particle in the last E-step (None: unknown)
     columns: float | None = None      # (particle, fine translation) columns per particle in the last E-step
+    window_rows: int = 0              # local: most distinct window orientations of a batch (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -187,12 +193,22 @@ def batch_stages(s: IterationSizes, lim: EStepLimits) -> dict[str, int]:
     # a chunk of rows as the code sizes it
     # (the lattice kernel has instead Z and X repeated for the children and its parts' cross terms: the larger of
     # the two is counted)
-    chunk = min(lim.sums_chunk_bytes, n_fine * F32 * (6 * mf + n_jt))
+    # dense products only where the weights can be dense: nonzero weights planned against rows x columns, with a
+    # margin of 4 for the bounds n_fine and n_jt are
+    dense = n_sig * n_ab >= DENSE_FRACTION / 4 * n_fine * n_jt
+    chunk = min(lim.sums_chunk_bytes, n_fine * sums_row_bytes(mf, n_jt, dense))
     per_child = b * mf * s.n_orientation_children
     lattice = 2 * per_child * C64 + lattice_parts(b, mf, s.n_orientation_children) * per_child * F32
     sums = fine_kept + n_sig * 3 * I64 + n_fine * b * (F64 + F32) + max(2 * n_jt * mf * C64, lattice) + chunk
     # Significant: particle, translation, coarse id, log-prior per pair
     return dict(inputs=inputs, significant=n_sig * 4 * I64, prepare=prepare, coarse=coarse, fine=fine, sums=sums)
+
+
+def sums_row_bytes(m: int, n_cols: int, dense: bool) -> int:
+    """Bytes per orientation row of a weighted-sum chunk (estep.batch_sums): dense, the row's projections (2m),
+    values (2m), insertion weights and |P|² (m each) float32 and its weights over the columns; sparse, the values
+    (2m) and insertion weights (m)."""
+    return F32 * (6 * m + n_cols) if dense else F32 * 3 * m
 
 
 def lattice_parts(nb: int, m: int, n_children: int) -> int:
@@ -213,22 +229,41 @@ def fine_cached(s: IterationSizes, lim: EStepLimits) -> bool:
     return not s.local and s.n_fine_grid * s.mf * C64 <= lim.fine_cache_bytes
 
 
+def fine_cache_rows(s: IterationSizes, lim: EStepLimits) -> float:
+    """Expected rows of the fine cache that a half's batches make resident: k = ceil(n_half / b) batches, each
+    projecting r distinct fine orientations (the last E-step's count when known, else as many as its significant
+    pairs can reach) out of the grid's G, drawn as independent random subsets: G (1 - (1 - r/G)^k).
+
+    The cache is allocated lazily (refine.estep.lazy_zeros), so rows never projected take no memory; on the small
+    set's global iterations this was within 1 % of the union the batches projected (docs/benchmarks.md)."""
+    g = s.n_fine_grid
+    if g == 0:
+        return 0.0
+    b = max(1, min(lim.batch_size, s.n_half))
+    r = min(b * s.significant, s.n_grid) * s.n_orientation_children
+    if s.fine_rows is not None:
+        r = min(r, math.ceil(b * s.fine_rows))
+    k = math.ceil(s.n_half / b)
+    return g * (1.0 - (1.0 - min(r, g) / g) ** k)
+
+
 def cache_bytes(s: IterationSizes, lim: EStepLimits) -> int:
     """Bytes of one half's projection caches (refine.estep.ProjectionCache): global searches keep the coarse
-    projections (complex64 and |P|² float32) and the whole fine grid (complex64) unless it is above the cap.
-
-    The fine cache is allocated empty and only the rows batches project become resident, but a half's particles
-    touch nearly all of it: on the small set (order 3, 73,728 fine orientations, 500 particles a half) the measured
-    peaks were those of the whole grid.
+    projections (complex64 and |P|² float32) and the fine grid's projections (complex64) unless the grid is above
+    the cap, of which only the rows the batches project become resident (fine_cache_rows).
 
     Local searches keep two buffers of window projections (ProjectionCache.local_projections), each as large as the
     largest chunk's distinct orientations: at most half of local_chunk_bytes (estep.local_chunks counts two
-    projections per orientation), at most a batch's candidates."""
+    projections per orientation), at most a batch's distinct window orientations (local_batch_windows, when known;
+    else its candidates)."""
     if s.local:
-        per_buffer = min(lim.local_chunk_bytes // 2, min(lim.batch_size, s.n_half) * s.n_coarse * s.mc * C64)
-        return s.n_caches * 2 * per_buffer
+        rows = min(lim.batch_size, s.n_half) * s.n_coarse
+        if s.window_rows:
+            rows = min(rows, s.window_rows)
+        return s.n_caches * 2 * min(lim.local_chunk_bytes // 2, rows * s.mc * C64)
     coarse = s.n_coarse * s.mc * (C64 + F32)
-    return s.n_caches * (coarse + (s.n_fine_grid * s.mf * C64 if fine_cached(s, lim) else 0))
+    fine = round(fine_cache_rows(s, lim)) * s.mf * C64 if fine_cached(s, lim) else 0
+    return s.n_caches * (coarse + fine)
 
 
 def estimate_peak(s: IterationSizes, lim: EStepLimits) -> MemoryEstimate:
@@ -369,10 +404,11 @@ def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool,
     mc = pixel_set(og.box, csize_o, og.model_scale, og.mag).m
     n_t = len(make_translations(s.offset_range, s.offset_step, og.angpix, s.oversampling, s.perturb).coarse)
     n_grid = len(grid.dir_pix) * grid.n_psi
+    window_rows = 0
     if grid.local:
-        n = min(data.n, 256)
-        win = local_window(grid, state.poses.rot[:n], state.poses.tilt[:n], state.poses.psi[:n], s.sigma_ang)
-        n_coarse = int(np.diff(win.offsets).max())
+        # this process's share of half 1, as its E-step batches it
+        share = state.reducer.share(np.nonzero(data.subset == 1)[0])
+        n_coarse, window_rows = local_batch_windows(state.poses, share, grid, s.sigma_ang, opts.batch_size)
     else:
         n_coarse = max(int((m.pdf_direction > 0).sum()) for m in state.models) * grid.n_psi
     cap = n_t * n_coarse if opts.maxsig <= 0 else min(opts.maxsig, n_t * n_coarse)
@@ -388,7 +424,25 @@ def iteration_sizes(state, grid: OrientationGrid, rmax: float, cc: bool,
         n_fine_grid=0 if grid.local else n_grid * grid.n_children, n_grid=n_grid, local=grid.local,
         significant=expected_significant(state.poses.nr_significant, opts.batch_size, cap, cc, after_cc, seen),
         n_caches=len({o.optics_model.projection_key for o in data.optics}), final=c.has_converged,
-        fine_rows=seen.fine_rows if seen else None, columns=seen.columns if seen else None)
+        fine_rows=seen.fine_rows if seen else None, columns=seen.columns if seen else None, window_rows=window_rows)
+
+
+def local_batch_windows(poses, rows: NDArray, grid: OrientationGrid, sigma: float, batch: int,
+                        n_sample: int = 8) -> tuple[int, int]:
+    """(largest per-particle window, most distinct window orientations of one batch) of a local search, from
+    n_sample batches spread over `rows` in the E-step's orientation order (refine.expectation.expectation_half):
+    neighbours' windows overlap, so a batch projects far fewer orientations than its particles' windows add up to."""
+    if len(rows) == 0:
+        return 1, 0
+    rows = rows[orientation_order(poses.rot[rows], poses.tilt[rows], poses.psi[rows], grid.order)]
+    b = max(1, min(batch, len(rows)))
+    largest, distinct = 1, 0
+    for start in np.unique(np.linspace(0, len(rows) - b, n_sample).astype(np.int64)):
+        sel = rows[start:start + b]
+        win = local_window(grid, poses.rot[sel], poses.tilt[sel], poses.psi[sel], sigma)
+        largest = max(largest, int(np.diff(win.offsets).max()))
+        distinct = max(distinct, int(np.unique(win.ids).size))
+    return largest, distinct
 
 
 def budget_bytes(max_memory_gib: float | None, n_processes: int = 1) -> int:

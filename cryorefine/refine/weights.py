@@ -39,16 +39,19 @@ def threshold_with_max(logw: np.ndarray, mx: float, fraction: float, maxsig: int
     write = ew.size == n
     hist_w = np.zeros(_NBINS)
     hist_n = np.zeros(_NBINS, np.int64)
+    bins = np.empty(n, np.int16)           # each weight's bin (-1: below e^-88), for the crossing bin's pass
     total = 0.0
     for j in range(n):
         d = logw[j] - mx
         w = 0.0
+        k = -1
         if d > -88.0:
             w = np.exp(d)
             k = min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1)
             hist_w[k] += w
             hist_n[k] += 1
             total += w
+        bins[j] = k
         if write:
             ew[j] = w
     target = fraction * total
@@ -65,8 +68,7 @@ def threshold_with_max(logw: np.ndarray, mx: float, fraction: float, maxsig: int
     vals = np.empty(hist_n[k])
     m = 0
     for j in range(n):
-        d = logw[j] - mx
-        if d > -88.0 and min(int((d + 88.0) * (_NBINS / 88.0)), _NBINS - 1) == k:
+        if bins[j] == k:
             vals[m] = logw[j]
             m += 1
     vals = np.sort(vals[:m])[::-1]
