@@ -190,15 +190,20 @@ def segment_weights(d: np.ndarray, log_prior: np.ndarray, off: np.ndarray, cc_mo
             continue
         lw = np.empty(hi - lo)
         mx = -np.inf
-        e = lo
-        while e < hi:              # runs of samples sharing one prior: no integer division per sample
-            q = e // prior_every
-            stop = min(hi, (q + 1) * prior_every)
-            lp = log_prior[q]
-            for f in range(e, stop):
-                lw[f - lo] = -(d[f] - dmin[s]) + lp
-                mx = max(mx, lw[f - lo])
-            e = stop
+        if prior_every == 1:
+            for e in range(lo, hi):
+                lw[e - lo] = -(d[e] - dmin[s]) + log_prior[e]
+                mx = max(mx, lw[e - lo])
+        else:
+            e = lo
+            while e < hi:          # runs of samples sharing one prior: no integer division per sample
+                q = e // prior_every
+                stop = min(hi, (q + 1) * prior_every)
+                lp = log_prior[q]
+                for f in range(e, stop):
+                    lw[f - lo] = -(d[f] - dmin[s]) + lp
+                    mx = max(mx, lw[f - lo])
+                e = stop
         # w[lo:hi] takes exp(lw − mx) from the threshold's pass, then only the kept ones are scaled
         thr, cnt, wsum = threshold_with_max(lw, mx, fraction, maxsig, w[lo:hi])
         count[s] = cnt

@@ -35,7 +35,9 @@ BASELINE_BYTES = int(0.36 * GIB)
 
 # The E-step's default caps (see refine.estep): local coarse-pass chunks, weighted-sum chunks, fine-projection cache.
 LOCAL_CHUNK_BYTES = 256 * MIB
-SUMS_CHUNK_BYTES = 128 * MIB
+# (64 MiB: the rows a sparse chunk held before its rows were sized at their own 3m floats instead of the dense
+# path's 6m + columns, so that the tutorial's final iteration, peaking at 7.3 of its 8 GB, holds no more)
+SUMS_CHUNK_BYTES = 64 * MIB
 FINE_CACHE_BYTES = int(1.5e9)
 MIN_CHUNK_BYTES = 4 * MIB              # below this the chunks are so small that Python overhead dominates
 # weight-matrix density (nonzero weights / (orientation rows x (particle, translation) columns)) above which
