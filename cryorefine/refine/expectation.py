@@ -13,7 +13,7 @@ from cryorefine.refine.estep import (BatchInputs, HalfAccumulator, PassSettings,
                                      expectation_batch, global_coarse_pass, local_coarse_pass)
 from cryorefine.refine.memory import EStepLimits, EStepStats
 from cryorefine.refine.mstep import shell_power
-from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations, orientation_order
+from cryorefine.refine.orientations import OrientationGrid, in_orientation_order, local_window, make_translations
 from cryorefine.refine.pixels import optics_size, pixel_set
 from cryorefine.refine.state import HalfModel, Poses, RefineOptions, RunState
 
@@ -126,9 +126,7 @@ def expectation_half(state: RunState, half: int, proj: Projector, grid: Orientat
     if grid.local:
         # batches of neighbouring orientations share window projections, fine orientations and insertions (global
         # searches share the coarse set anyway, and keep file order: each stack is then read once)
-        poses = state.poses
-        rows_half = rows_half[orientation_order(poses.rot[rows_half], poses.tilt[rows_half], poses.psi[rows_half],
-                                                grid.order)]
+        rows_half = in_orientation_order(state.poses, rows_half, grid.order)
     with state.log.progress(f"E-step half {half}", len(rows_half)) as advance:
         for rows, inp, st in half_batches(state, half, rows_half, proj, grid, cc, rmax, limits, note=state.log.line):
             batch = expectation_batch(inp, st, acc, state.backend)

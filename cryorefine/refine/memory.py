@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from cryorefine.fourier.backprojector import memory_bytes as accumulator_bytes
 from cryorefine.fourier.kernels import half_cube_shape
-from cryorefine.refine.orientations import OrientationGrid, local_window, make_translations, orientation_order
+from cryorefine.refine.orientations import OrientationGrid, in_orientation_order, local_window, make_translations
 from cryorefine.refine.pixels import optics_size, pixel_set
 
 GIB = 2 ** 30
@@ -436,7 +436,7 @@ def local_batch_windows(poses, rows: NDArray, grid: OrientationGrid, sigma: floa
     neighbours' windows overlap, so a batch projects far fewer orientations than its particles' windows add up to."""
     if len(rows) == 0:
         return 1, 0
-    rows = rows[orientation_order(poses.rot[rows], poses.tilt[rows], poses.psi[rows], grid.order)]
+    rows = in_orientation_order(poses, rows, grid.order)
     b = max(1, min(batch, len(rows)))
     largest, distinct = 1, 0
     for start in np.unique(np.linspace(0, len(rows) - b, n_sample).astype(np.int64)):

@@ -105,6 +105,12 @@ def orientation_order(rot: NDArray, tilt: NDArray, psi: NDArray, order: int) -> 
     return np.argsort(key, kind="stable").astype(np.int64)
 
 
+
+def in_orientation_order(poses, rows: NDArray[np.int64], order: int) -> NDArray[np.int64]:
+    """rows (particle indices) sorted by orientation_order of their poses (deg): the order in which a local search
+    batches its particles, so that a batch's windows, fine orientations and insertions overlap."""
+    return rows[orientation_order(poses.rot[rows], poses.tilt[rows], poses.psi[rows], order)]
+
 @dataclass
 class TranslationGrid:
     """Coarse translations (px of the optics group) centred on the pre-shifted image, with perturbation."""
